@@ -1,0 +1,135 @@
+"""The one small interface every backend implements, and the values that cross it.
+
+A backend turns a :class:`GenerationRequest` into text, either all at once
+(:meth:`Backend.complete`) or as a stream of :class:`Chunk` (:meth:`Backend.stream`),
+and reports the token counts it actually processed. Backends know nothing of HTTP
+status codes, tenants or budgets: failures are raised as :class:`BackendError`
+subclasses that say *what* went wrong, and the gateway decides how to answer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One generation, already validated and stripped of everything gateway-specific."""
+
+    model: str
+    #: Chat messages as ``{"role": ..., "content": str}``; ``None`` for a plain completion.
+    messages: list[dict[str, str]] | None = None
+    #: Prompt of a plain completion; ``None`` for chat.
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    #: Opaque end-user id, forwarded to HTTP upstreams.
+    user: str | None = None
+    request_id: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Generation:
+    """The result of :meth:`Backend.complete`."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One piece of a stream. The last chunk carries ``finish_reason`` and ``usage``."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class Health:
+    ok: bool
+    detail: str = ""
+    info: dict[str, object] = field(default_factory=dict)
+
+
+class BackendError(Exception):
+    """Base of every failure a backend reports. The message is safe to show a client."""
+
+
+class BackendUnavailable(BackendError):
+    """Cannot take the request now: unreachable, overloaded, queue full or queue timeout."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackendTimeout(BackendError):
+    """The backend accepted the request but did not answer in time."""
+
+
+class BackendFailure(BackendError):
+    """The backend broke: an upstream 5xx, a malformed answer, a dropped connection."""
+
+
+class BackendRejected(BackendError):
+    """The backend refused this request as invalid (e.g. the prompt exceeds its context)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Backend(abc.ABC):
+    """A model server the gateway can send generations to.
+
+    Lifecycle: :meth:`start` once (load weights, open pools), then any number of
+    concurrent :meth:`complete`/:meth:`stream` calls, then :meth:`close` once.
+    """
+
+    #: The backend kind as written in policies (``llamacpp``, ``openai``).
+    kind: str = ""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @classmethod
+    def from_settings(cls, name: str, settings: dict[str, Any]) -> Backend:
+        """Build from a policy entry's settings (everything but ``kind``)."""
+        return cls(name, **settings)
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load models / open connections. Called before the backend serves."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything :meth:`start` acquired."""
+
+    @abc.abstractmethod
+    async def complete(self, request: GenerationRequest) -> Generation:
+        """Generate the whole answer."""
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Generate incrementally. Closing the iterator early (``aclose``) stops generation
+        and frees whatever the request held. The final chunk carries usage."""
+
+    @abc.abstractmethod
+    async def health(self) -> Health:
+        """Whether the backend can serve now."""

@@ -1,0 +1,245 @@
+"""In-process llama.cpp through llama-cpp-python.
+
+``slots`` llama.cpp contexts serve generations in parallel; each is driven by its own
+worker thread so the event loop never blocks. A request waits for a free slot in a
+bounded queue (``max_queue``) for at most ``queue_timeout_s``. The chat template is the
+one the GGUF carries (llama-cpp-python reads ``tokenizer.chat_template``) unless the
+policy names another.
+
+Each generation gets a :class:`_TokenTap`, called by llama.cpp after every sampled token:
+it counts prompt and completion tokens exactly (also for streams, where llama-cpp-python
+reports no usage) and returns True to stop generation once the request is cancelled, so
+a client that disconnects frees its slot within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .base import (
+    Backend,
+    BackendFailure,
+    BackendRejected,
+    BackendUnavailable,
+    Chunk,
+    Generation,
+    GenerationRequest,
+    Health,
+    Usage,
+)
+from .models import ModelError, resolve_model_path
+
+# OpenAI's sampling defaults, used when the client gives none (llama-cpp-python's differ).
+_DEFAULT_TEMPERATURE = 1.0
+_DEFAULT_TOP_P = 1.0
+_END = object()
+
+
+class _TokenTap:
+    """llama.cpp stopping criterion that counts tokens and honours cancellation."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.start_len: int | None = None
+        self.calls = 0
+
+    def __call__(self, input_ids: Any, logits: Any) -> bool:
+        # Called once per sampled token, with the prompt plus every token sampled so far
+        # (the newest not yet evaluated): the first call sees prompt + 1.
+        if self.start_len is None:
+            self.start_len = len(input_ids)
+        self.calls += 1
+        return self.cancelled.is_set()
+
+    def usage(self) -> Usage:
+        if self.start_len is None:
+            return Usage(0, 0)
+        return Usage(self.start_len - 1, self.calls)
+
+
+class LlamaCppBackend(Backend):
+    kind = "llamacpp"
+
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        slots: int = 1,
+        max_queue: int = 64,
+        queue_timeout_s: float = 30.0,
+        chat_format: str | None = None,
+    ):
+        super().__init__(name)
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.slots = slots
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.chat_format = chat_format
+        self._free: list[Any] = []
+        self._slot_sem: asyncio.Semaphore | None = None
+        self._waiting = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._loaded = False
+        self._error = ""
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise BackendUnavailable("llama-cpp-python is not installed: "
+                                     "pip install 'joulegate[llamacpp]'") from None
+        try:
+            path = await asyncio.to_thread(resolve_model_path, self.model)
+        except ModelError as exc:
+            self._error = str(exc)
+            raise
+        self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix=f"llamacpp-{self.name}")
+
+        def load() -> Any:
+            return llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx,
+                                   n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                                   chat_format=self.chat_format, verbose=False)
+
+        self._free = list(await asyncio.gather(*(asyncio.to_thread(load) for _ in range(self.slots))))
+        self._slot_sem = asyncio.Semaphore(self.slots)
+        self._loaded = True
+
+    async def close(self) -> None:
+        self._loaded = False
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
+            self._executor = None
+        for llm in self._free:
+            with contextlib.suppress(Exception):
+                llm.close()
+        self._free = []
+
+    # -- slots --------------------------------------------------------------------------
+
+    async def _acquire(self) -> Any:
+        if not self._loaded or self._slot_sem is None:
+            raise BackendUnavailable(f"backend '{self.name}' is not loaded")
+        sem = self._slot_sem
+        if sem.locked() and self._waiting >= self.max_queue:
+            raise BackendUnavailable(f"backend '{self.name}' is busy: {self._waiting} requests "
+                                     "already queued", retry_after_s=self.queue_timeout_s)
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                await sem.acquire()
+        except TimeoutError:
+            raise BackendUnavailable(f"backend '{self.name}' had no free slot within "
+                                     f"{self.queue_timeout_s:g} s", retry_after_s=1.0) from None
+        finally:
+            self._waiting -= 1
+        return self._free.pop()
+
+    def _release(self, llm: Any) -> None:
+        self._free.append(llm)
+        assert self._slot_sem is not None
+        self._slot_sem.release()
+
+    def _submit(self, work: Callable[[Any], Any], llm: Any) -> asyncio.Future:
+        """Run ``work(llm)`` on a worker thread; the slot returns when the thread is done,
+        even if the awaiting task is cancelled first."""
+        loop = asyncio.get_running_loop()
+        assert self._executor is not None
+        future = self._executor.submit(work, llm)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, llm))
+        return asyncio.wrap_future(future, loop=loop)
+
+    # -- generation ---------------------------------------------------------------------
+
+    def _call(self, llm: Any, req: GenerationRequest, tap: _TokenTap, stream: bool) -> Any:
+        import llama_cpp
+
+        kwargs: dict[str, Any] = dict(
+            max_tokens=req.max_tokens,
+            temperature=_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=_DEFAULT_TOP_P if req.top_p is None else req.top_p,
+            stop=req.stop or [],
+            seed=req.seed,
+            stream=stream,
+            stopping_criteria=llama_cpp.StoppingCriteriaList([tap]),
+        )
+        try:
+            if req.messages is not None:
+                return llm.create_chat_completion(messages=req.messages, **kwargs)
+            return llm.create_completion(prompt=req.prompt or "", **kwargs)
+        except ValueError as exc:  # llama-cpp-python: prompt longer than the context window
+            raise BackendRejected(str(exc), param="messages" if req.messages else "prompt") from None
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        llm = await self._acquire()
+        tap = _TokenTap()
+
+        def work(llm: Any) -> Any:
+            return self._call(llm, request, tap, stream=False)
+
+        try:
+            out = await self._submit(work, llm)
+        except asyncio.CancelledError:
+            tap.cancelled.set()
+            raise
+        except (RuntimeError, OSError) as exc:
+            raise BackendFailure(f"llama.cpp failed: {exc}") from None
+        choice = out["choices"][0]
+        text = choice["message"]["content"] if request.messages is not None else choice["text"]
+        return Generation(text=text or "", finish_reason=choice.get("finish_reason") or "stop",
+                          usage=tap.usage())
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        llm = await self._acquire()
+        tap = _TokenTap()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def work(llm: Any) -> None:
+            try:
+                for part in self._call(llm, request, tap, stream=True):
+                    loop.call_soon_threadsafe(queue.put_nowait, part)
+                    if tap.cancelled.is_set():
+                        break
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        done = self._submit(work, llm)
+        finish: str | None = None
+        try:
+            while (part := await queue.get()) is not _END:
+                if isinstance(part, BackendRejected):
+                    raise part
+                if isinstance(part, BaseException):
+                    raise BackendFailure(f"llama.cpp failed: {part}")
+                choice = part["choices"][0]
+                if request.messages is not None:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                else:
+                    text = choice.get("text") or ""
+                finish = choice.get("finish_reason") or finish
+                if text:
+                    yield Chunk(text=text)
+            await done
+            yield Chunk(finish_reason=finish or "stop", usage=tap.usage())
+        finally:
+            tap.cancelled.set()  # no-op when finished; stops generation when abandoned
+
+    async def health(self) -> Health:
+        if not self._loaded:
+            return Health(False, self._error or "model not loaded")
+        busy = self.slots - len(self._free)
+        return Health(True, "ok", {"slots": self.slots, "busy": busy, "queued": self._waiting})

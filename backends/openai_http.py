@@ -1,0 +1,247 @@
+"""Any OpenAI-compatible HTTP upstream (vLLM, llama.cpp server, TGI, OpenAI itself).
+
+One pooled :class:`httpx.AsyncClient` per backend. Three timeouts: connect, first byte
+(response headers, and for streams the first SSE event), and total. Upstream failures
+become :mod:`backends.base` errors; the upstream's own error text is kept when it is a
+client mistake (4xx) and replaced by a neutral message otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from .base import (
+    Backend,
+    BackendFailure,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    Chunk,
+    Generation,
+    GenerationRequest,
+    Health,
+    Usage,
+)
+
+
+def _resolve_secret(value: str | None) -> str | None:
+    if value and value.startswith("env:"):
+        return os.environ.get(value[4:]) or None
+    return value
+
+
+class OpenAIBackend(Backend):
+    kind = "openai"
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        api_key: str | None = None,
+        connect_s: float = 5.0,
+        first_byte_s: float = 60.0,
+        total_s: float = 600.0,
+        max_connections: int = 256,
+    ):
+        super().__init__(name)
+        self.base_url = base_url.rstrip("/")
+        self.first_byte_s = first_byte_s
+        self.total_s = total_s
+        self._connect_s = connect_s
+        self._max_connections = max_connections
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        key = _resolve_secret(api_key)
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        self._headers = headers
+        self._client: httpx.AsyncClient | None = None
+        self._chat_url = f"{self.base_url}/chat/completions"
+        self._completions_url = f"{self.base_url}/completions"
+
+    @classmethod
+    def from_settings(cls, name: str, settings: dict[str, Any]) -> OpenAIBackend:
+        settings = dict(settings)
+        timeouts = settings.pop("timeouts", None) or {}
+        return cls(name, **settings, **timeouts)
+
+    async def start(self) -> None:
+        # read/write/pool timeouts are enforced by our own deadlines below.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=self._connect_s),
+            limits=httpx.Limits(max_connections=self._max_connections,
+                                max_keepalive_connections=self._max_connections),
+            headers=self._headers,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # -- request building -------------------------------------------------------------
+
+    def _body(self, req: GenerationRequest, stream: bool) -> bytes:
+        body: dict[str, Any] = {"model": req.model}
+        if req.messages is not None:
+            body["messages"] = req.messages
+        else:
+            body["prompt"] = req.prompt
+        for key in ("max_tokens", "temperature", "top_p", "stop", "seed", "user"):
+            value = getattr(req, key)
+            if value is not None:
+                body[key] = value
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return orjson.dumps(body)
+
+    def _url(self, req: GenerationRequest) -> str:
+        return self._chat_url if req.is_chat else self._completions_url
+
+    async def _send(self, req: GenerationRequest, stream: bool, deadline: float) -> httpx.Response:
+        """Send and wait for the response headers (the first byte)."""
+        if self._client is None:
+            raise BackendUnavailable(f"backend '{self.name}' is not started")
+        request = self._client.build_request("POST", self._url(req), content=self._body(req, stream))
+        budget = min(self.first_byte_s, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(budget):
+                response = await self._client.send(request, stream=True)
+        except TimeoutError:
+            raise BackendTimeout(f"upstream '{self.name}' sent no response within "
+                                 f"{budget:.3g} s") from None
+        except httpx.ConnectTimeout:
+            raise BackendUnavailable(f"upstream '{self.name}' did not accept a connection within "
+                                     f"{self._connect_s:g} s") from None
+        except (httpx.ConnectError, httpx.PoolTimeout) as exc:
+            raise BackendUnavailable(f"upstream '{self.name}' is unreachable "
+                                     f"({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            raise BackendFailure(f"upstream '{self.name}' failed: {type(exc).__name__}") from None
+        if response.status_code >= 400:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    raw = await response.aread()
+            except (TimeoutError, httpx.HTTPError):
+                raw = b""
+            finally:
+                await response.aclose()
+            raise self._status_error(response.status_code, raw)
+        return response
+
+    def _status_error(self, status: int, raw: bytes) -> Exception:
+        detail = ""
+        try:
+            err = orjson.loads(raw).get("error")
+            detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        if status in (429, 503):
+            return BackendUnavailable(f"upstream '{self.name}' is overloaded (HTTP {status})")
+        if status == 504:
+            return BackendTimeout(f"upstream '{self.name}' timed out (HTTP 504)")
+        if status in (400, 413, 422) and detail:
+            return BackendRejected(f"upstream '{self.name}' rejected the request: {detail[:500]}")
+        # 401/403/404 mean the gateway's own upstream settings are wrong, not the client's.
+        return BackendFailure(f"upstream '{self.name}' answered HTTP {status}")
+
+    # -- the interface ------------------------------------------------------------------
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        deadline = time.monotonic() + self.total_s
+        response = await self._send(request, stream=False, deadline=deadline)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                raw = await response.aread()
+        except TimeoutError:
+            raise BackendTimeout(f"upstream '{self.name}' did not finish within "
+                                 f"{self.total_s:g} s") from None
+        except httpx.HTTPError as exc:
+            raise BackendFailure(f"upstream '{self.name}' failed mid-response: "
+                                 f"{type(exc).__name__}") from None
+        finally:
+            await response.aclose()
+        try:
+            data = orjson.loads(raw)
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if request.is_chat else choice["text"]
+            usage = data.get("usage") or {}
+            return Generation(
+                text=text or "",
+                finish_reason=choice.get("finish_reason") or "stop",
+                usage=Usage(int(usage.get("prompt_tokens") or 0),
+                            int(usage.get("completion_tokens") or 0)),
+            )
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+            raise BackendFailure(f"upstream '{self.name}' sent a malformed completion") from None
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        deadline = time.monotonic() + self.total_s
+        response = await self._send(request, stream=True, deadline=deadline)
+        lines = response.aiter_lines()
+        first_deadline = min(deadline, time.monotonic() + self.first_byte_s)
+        finish: str | None = None
+        usage: Usage | None = None
+        text_chunks = 0
+        alive = False  # any event seen yet: the first-byte deadline applies until then
+        try:
+            while True:
+                limit = deadline if alive else first_deadline
+                try:
+                    async with asyncio.timeout(max(limit - time.monotonic(), 0.001)):
+                        line = await anext(lines)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    what = "completion" if alive else "first token"
+                    raise BackendTimeout(f"upstream '{self.name}' did not send its {what} "
+                                         "in time") from None
+                except httpx.HTTPError as exc:
+                    raise BackendFailure(f"upstream '{self.name}' failed mid-stream: "
+                                         f"{type(exc).__name__}") from None
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                alive = True
+                try:
+                    event = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise BackendFailure(f"upstream '{self.name}' sent a malformed event") from None
+                if "error" in event:
+                    raise BackendFailure(f"upstream '{self.name}' reported an error mid-stream")
+                if event.get("usage"):
+                    u = event["usage"]
+                    usage = Usage(int(u.get("prompt_tokens") or 0),
+                                  int(u.get("completion_tokens") or 0))
+                for choice in event.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") if request.is_chat else choice.get("text")
+                    finish = choice.get("finish_reason") or finish
+                    if text:
+                        text_chunks += 1
+                        yield Chunk(text=text)
+        finally:
+            await response.aclose()
+        # Without upstream usage, one content event is about one token.
+        yield Chunk(finish_reason=finish or "stop", usage=usage or Usage(0, text_chunks))
+
+    async def health(self) -> Health:
+        if self._client is None:
+            return Health(False, "not started")
+        try:
+            async with asyncio.timeout(min(self.first_byte_s, 5.0)):
+                response = await self._client.get(f"{self.base_url}/models")
+        except (TimeoutError, httpx.HTTPError) as exc:
+            return Health(False, f"unreachable: {type(exc).__name__}")
+        if response.status_code != 200:
+            return Health(False, f"GET /models answered HTTP {response.status_code}")
+        return Health(True, "ok")

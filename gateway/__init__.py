@@ -1,0 +1,1 @@
+"""joulegate: an OpenAI-compatible gateway that routes by difficulty inside joule budgets."""

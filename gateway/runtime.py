@@ -1,0 +1,158 @@
+"""The gateway's live state: one immutable :class:`Snapshot` of policy + backends at a time.
+
+A request takes the current snapshot once (:meth:`Runtime.acquire`) and uses it to the
+end, so a reload never changes the rules under a request in flight. :meth:`Runtime.reload`
+builds the next snapshot beside the current one, reusing every backend whose settings did
+not change (no model is loaded twice), and swaps it in only when all of it is ready; a bad
+file or a backend that fails to start leaves the old snapshot serving. Backends the new
+policy dropped are closed once the last request using them has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends import Backend, create_backend
+from policies import Policy, PolicyError, PolicyIssue, TierSpec, load_policy, resolve_key_ref
+
+from .auth import KeyIndex
+
+log = logging.getLogger("joulegate")
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """Everything one request needs, fixed for the request's lifetime."""
+
+    version: int
+    policy: Policy
+    backends: dict[str, Backend]
+    tenant_keys: KeyIndex
+    admin_keys: KeyIndex
+    #: tier name → tier, and concrete model name → tier.
+    tiers: dict[str, TierSpec]
+    models: dict[str, TierSpec]
+    in_flight: int = 0
+    retired: bool = False
+
+    def backend_for(self, tier: TierSpec) -> Backend:
+        return self.backends[tier.backend]
+
+
+def index_keys(policy: Policy, source: str) -> tuple[KeyIndex, KeyIndex]:
+    """Tenant and admin key indexes; an ``env:`` reference to an unset variable is an error."""
+    issues: list[PolicyIssue] = []
+
+    def resolve(path: str):
+        def _resolve(ref: str) -> str:
+            try:
+                return resolve_key_ref(ref)
+            except KeyError as exc:
+                issues.append(PolicyIssue(path, f"environment variable {exc.args[0]} is unset or "
+                                                f"empty, so key reference '{ref}' has no key"))
+                return "00" * 32
+        return _resolve
+
+    tenants = KeyIndex((resolve(f"tenants.{name}.keys")(ref), name)
+                       for name, spec in policy.tenants.items() for ref in spec.keys)
+    admin = KeyIndex((resolve("admin.keys")(ref), "admin") for ref in policy.admin.keys)
+    if issues:
+        raise PolicyError(source, issues)
+    return tenants, admin
+
+
+class Runtime:
+    """Owns the current snapshot and the backends' lifecycle."""
+
+    def __init__(self, policy_path: str | Path):
+        self.policy_path = Path(policy_path)
+        self._current: Snapshot | None = None
+        self._retired: list[Snapshot] = []
+        self._reload_lock = asyncio.Lock()
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def current(self) -> Snapshot:
+        if self._current is None:
+            raise RuntimeError("runtime not started")
+        return self._current
+
+    # -- request side -----------------------------------------------------------------
+
+    def acquire(self) -> Snapshot:
+        """The snapshot a new request uses; pair with :meth:`release`."""
+        snap = self.current
+        snap.in_flight += 1
+        return snap
+
+    def release(self, snap: Snapshot) -> None:
+        snap.in_flight -= 1
+        if snap.retired and snap.in_flight == 0:
+            self._collect()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the policy and start every backend. Raises on any failure."""
+        self._current = await self._build(load_policy(self.policy_path), version=1)
+
+    async def reload(self) -> Snapshot:
+        """Swap in the policy file's current content, or raise and keep the old one."""
+        async with self._reload_lock:
+            old = self.current
+            new = await self._build(load_policy(self.policy_path), version=old.version + 1,
+                                    reuse=old)
+            self._current = new
+            old.retired = True
+            self._retired.append(old)
+            if old.in_flight == 0:
+                self._collect()
+            log.info("policy reloaded from %s (version %d)", self.policy_path, new.version)
+            return new
+
+    async def close(self) -> None:
+        live = {id(b): b for s in [self._current, *self._retired] if s for b in s.backends.values()}
+        await asyncio.gather(*(b.close() for b in live.values()), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        self._current = None
+        self._retired.clear()
+
+    async def _build(self, policy: Policy, version: int, reuse: Snapshot | None = None) -> Snapshot:
+        tenant_keys, admin_keys = index_keys(policy, str(self.policy_path))
+        backends: dict[str, Backend] = {}
+        fresh: list[Backend] = []
+        for name, spec in policy.backends.items():
+            if reuse is not None and reuse.policy.backends.get(name) == spec:
+                backends[name] = reuse.backends[name]
+                continue
+            settings = spec.model_dump(exclude={"kind"})
+            backend = create_backend(name, spec.kind, settings)
+            backends[name] = backend
+            fresh.append(backend)
+        results = await asyncio.gather(*(b.start() for b in fresh), return_exceptions=True)
+        failures = [(b, r) for b, r in zip(fresh, results) if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.gather(*(b.close() for b in fresh), return_exceptions=True)
+            raise PolicyError(str(self.policy_path), [
+                PolicyIssue(f"backends.{b.name}", f"failed to start: {r}") for b, r in failures])
+        tiers = {t.name: t for t in policy.ordered_tiers()}
+        return Snapshot(version=version, policy=policy, backends=backends,
+                        tenant_keys=tenant_keys, admin_keys=admin_keys, tiers=tiers,
+                        models={t.model: t for t in tiers.values()})
+
+    def _collect(self) -> None:
+        """Close backends that only drained, retired snapshots still referenced."""
+        busy = [s for s in self._retired if s.in_flight > 0]
+        keep = {id(b) for s in [self.current, *busy] for b in s.backends.values()}
+        drained = [s for s in self._retired if s.in_flight == 0]
+        self._retired = busy
+        doomed = {id(b): b for s in drained for b in s.backends.values() if id(b) not in keep}
+        for backend in doomed.values():
+            task = asyncio.get_running_loop().create_task(backend.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            log.info("backend '%s' closed after reload", backend.name)

@@ -1,0 +1,192 @@
+"""The policy file's schema: backends, tiers, tenants, server and admin settings.
+
+Every model forbids unknown keys, so a typo in a YAML file is an error rather than a
+silently ignored setting. Cross references (a tier naming a backend, a tenant naming
+tiers) are checked by :meth:`Policy.reference_issues` so that the loader can report every
+mistake in one pass, each with its key path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_KEY_REF = re.compile(r"^(sha256:[0-9a-f]{64}|env:[A-Za-z_][A-Za-z0-9_]*)$")
+
+#: The model name that asks the gateway to choose the tier.
+AUTO_MODEL = "auto"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def key_digest(key: str) -> str:
+    """Hex sha256 of an API key, the only form in which policies store keys."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def resolve_key_ref(ref: str, environ: Mapping[str, str] | None = None) -> str:
+    """The sha256 hex digest a key reference stands for.
+
+    ``sha256:<hex>`` is returned as is; ``env:VAR`` hashes the key held in ``$VAR``.
+    Raises ``KeyError`` naming the variable when it is unset or empty.
+    """
+    kind, _, value = ref.partition(":")
+    if kind == "sha256":
+        return value
+    secret = (os.environ if environ is None else environ).get(value)
+    if not secret:
+        raise KeyError(value)
+    return key_digest(secret)
+
+
+def _check_key_ref(value: str) -> str:
+    if not _KEY_REF.match(value):
+        raise ValueError(
+            "a key must be written as 'sha256:<64 lowercase hex digits>' "
+            "(see `joulegate keys hash`) or 'env:VARIABLE'; plain keys are not stored in policies"
+        )
+    return value
+
+
+KeyRefStr = Annotated[str, AfterValidator(_check_key_ref)]
+
+
+class ServerSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    #: Larger request bodies are refused with 413 before they are parsed.
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    #: One structured log line per request (tenant, tier, tokens, latency). Never prompt text.
+    access_log: bool = True
+
+
+class AdminSpec(_Strict):
+    #: Keys for ``/admin/*``; separate from tenant keys. No keys: admin endpoints answer 404.
+    keys: list[KeyRefStr] = Field(default_factory=list)
+
+
+class LlamaCppBackendSpec(_Strict):
+    """In-process llama.cpp (llama-cpp-python) serving one GGUF model."""
+
+    kind: Literal["llamacpp"]
+    #: A catalog name (``joulegate models``) or a path to a ``.gguf`` file.
+    model: str = Field(min_length=1)
+    n_ctx: int = Field(4096, ge=128, le=1 << 20)
+    #: CPU threads per slot; default: all cores.
+    n_threads: int | None = Field(None, ge=1, le=1024)
+    #: Parallel generations (one llama.cpp context each; the weights are shared through mmap).
+    slots: int = Field(1, ge=1, le=64)
+    #: Requests allowed to wait for a slot; beyond it the backend answers 503 at once.
+    max_queue: int = Field(64, ge=0, le=100_000)
+    #: Longest wait for a slot before the request fails with 503.
+    queue_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Override the chat template the GGUF carries (a llama-cpp-python chat format name).
+    chat_format: str | None = None
+
+
+class TimeoutsSpec(_Strict):
+    connect_s: float = Field(5.0, gt=0, le=600)
+    #: Until the upstream's response headers (non-streaming: the whole body) or first SSE event.
+    first_byte_s: float = Field(60.0, gt=0, le=3600)
+    total_s: float = Field(600.0, gt=0, le=86400)
+
+
+class OpenAIBackendSpec(_Strict):
+    """Any OpenAI-compatible HTTP upstream: vLLM, llama.cpp server, TGI, OpenAI itself."""
+
+    kind: Literal["openai"]
+    #: Base URL including the API prefix, e.g. ``http://10.0.0.5:8000/v1``.
+    base_url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    #: Literal key, or ``env:VAR``. Sent as ``Authorization: Bearer``.
+    api_key: str | None = None
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    max_connections: int = Field(256, ge=1, le=100_000)
+
+
+BackendSpec = Annotated[Union[LlamaCppBackendSpec, OpenAIBackendSpec], Field(discriminator="kind")]
+
+
+class TierSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    #: Name of an entry under ``backends``.
+    backend: str
+    #: The concrete model name: what clients may pin, what responses report, and what an
+    #: HTTP backend is asked for upstream.
+    model: str = Field(min_length=1, max_length=256)
+    #: Relative energy cost (cheapest tier lowest). Tiers are ordered by it.
+    cost: float = Field(gt=0)
+
+
+class TenantSpec(_Strict):
+    keys: list[KeyRefStr] = Field(min_length=1)
+    #: Tiers this tenant may use; omitted: all tiers.
+    tiers: list[str] | None = None
+    #: The tier ``model: "auto"`` resolves to (until difficulty routing chooses).
+    default_tier: str
+
+
+class Policy(_Strict):
+    version: Literal[1]
+    server: ServerSpec = ServerSpec()
+    admin: AdminSpec = AdminSpec()
+    backends: dict[Annotated[str, Field(pattern=NAME_PATTERN)], BackendSpec] = Field(min_length=1)
+    tiers: list[TierSpec] = Field(min_length=1)
+    tenants: dict[Annotated[str, Field(pattern=NAME_PATTERN)], TenantSpec] = Field(min_length=1)
+
+    def ordered_tiers(self) -> list[TierSpec]:
+        """Tiers from cheapest to most expensive."""
+        return sorted(self.tiers, key=lambda t: t.cost)
+
+    def tenant_tiers(self, tenant: str) -> list[TierSpec]:
+        """The tiers a tenant may use, cheapest first."""
+        allowed = self.tenants[tenant].tiers
+        return [t for t in self.ordered_tiers() if allowed is None or t.name in allowed]
+
+    def reference_issues(self) -> list[tuple[str, str]]:
+        """Mistakes that span entries, as ``(key path, message)`` pairs; empty when consistent."""
+        issues: list[tuple[str, str]] = []
+        tier_names: set[str] = set()
+        model_names: dict[str, str] = {}
+        for i, tier in enumerate(self.tiers):
+            where = f"tiers[{i}]"
+            if tier.name == AUTO_MODEL or tier.model == AUTO_MODEL:
+                issues.append((where, f"'{AUTO_MODEL}' is reserved for gateway routing"))
+            if tier.name in tier_names:
+                issues.append((f"{where}.name", f"duplicate tier name '{tier.name}'"))
+            tier_names.add(tier.name)
+            if tier.backend not in self.backends:
+                issues.append((f"{where}.backend", f"unknown backend '{tier.backend}'; "
+                               f"expected one of: {', '.join(sorted(self.backends))}"))
+            if tier.model in model_names and model_names[tier.model] != tier.name:
+                issues.append((f"{where}.model", f"model '{tier.model}' is already served by tier "
+                               f"'{model_names[tier.model]}'; a pinned model must name one tier"))
+            model_names.setdefault(tier.model, tier.name)
+        for i, tier in enumerate(self.tiers):
+            if tier.model != tier.name and tier.model in tier_names:
+                issues.append((f"tiers[{i}].model", f"'{tier.model}' is another tier's name; "
+                               "a model name must not shadow a tier"))
+        seen_keys: dict[str, str] = {}
+        for name, tenant in self.tenants.items():
+            where = f"tenants.{name}"
+            allowed = tenant.tiers if tenant.tiers is not None else sorted(tier_names)
+            for j, t in enumerate(tenant.tiers or []):
+                if t not in tier_names:
+                    issues.append((f"{where}.tiers[{j}]", f"unknown tier '{t}'; expected one of: "
+                                   f"{', '.join(t.name for t in self.ordered_tiers())}"))
+            if tenant.default_tier not in allowed:
+                issues.append((f"{where}.default_tier", f"'{tenant.default_tier}' is not one of this "
+                               f"tenant's tiers ({', '.join(allowed)})"))
+            for j, k in enumerate(tenant.keys):
+                if k in seen_keys:
+                    issues.append((f"{where}.keys[{j}]", f"the same key is also given to tenant "
+                                   f"'{seen_keys[k]}'; a key must identify one tenant"))
+                seen_keys.setdefault(k, name)
+        return issues

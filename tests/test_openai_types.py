@@ -1,0 +1,101 @@
+"""Request validation: every mistake is a 400 in the OpenAI error shape naming the field."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.errors import APIError
+from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse_request
+
+pytestmark = pytest.mark.unit
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def error_of(body, cls=ChatCompletionRequest) -> dict:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    with pytest.raises(APIError) as info:
+        parse_request(cls, raw)
+    assert info.value.status == 400
+    err = info.value.body()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    return err
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "auto"),
+    ("logprobs", True),
+    ("response_format", {"type": "json_object"}),
+    ("frequency_penalty", 0.5),
+])
+def test_unsupported_fields_are_named(field, value):
+    err = error_of({"model": "auto", "messages": MSGS, field: value})
+    assert err["param"] == field and err["code"] == "unsupported_parameter"
+    assert f"'{field}'" in err["message"]
+
+
+def test_n_greater_than_one():
+    err = error_of({"model": "auto", "messages": MSGS, "n": 2})
+    assert err["param"] == "n" and "n=1" in err["message"]
+    assert parse_request(ChatCompletionRequest, orjson.dumps(
+        {"model": "auto", "messages": MSGS, "n": 1})).n == 1
+
+
+def test_image_part_names_its_message():
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                         {"type": "image_url", "image_url": {"url": "x"}}]}]
+    err = error_of({"model": "auto", "messages": msgs})
+    assert err["param"] == "messages[0].content" and "image_url" in err["message"]
+
+
+def test_types_and_ranges():
+    assert error_of({"model": "auto", "messages": MSGS, "temperature": "hot"})["code"] == "invalid_type"
+    assert error_of({"model": "auto", "messages": MSGS, "temperature": 2.5})["param"] == "temperature"
+    assert error_of({"model": "auto", "messages": MSGS, "max_tokens": 0})["param"] == "max_tokens"
+    assert error_of({"model": "auto", "messages": MSGS, "stream": "yes"})["code"] == "invalid_type"
+    assert error_of({"model": "auto", "messages": MSGS, "stop": ["a"] * 5})["param"] == "stop"
+    assert error_of({"model": "auto", "messages": []})["param"] == "messages"
+    assert error_of({"model": "auto", "messages": [{"role": "tool", "content": "x"}]})["param"] == \
+        "messages[0].role"
+
+
+def test_malformed_bodies():
+    assert error_of(b"{not json")["code"] == "invalid_json"
+    assert error_of(b"[1, 2]")["code"] == "invalid_json"
+    assert error_of({"messages": MSGS})["code"] == "missing_required_parameter"
+
+
+def test_stream_options_need_stream():
+    err = error_of({"model": "auto", "messages": MSGS, "stream_options": {"include_usage": True}})
+    assert err["param"] == "stream_options"
+
+
+def test_conflicting_token_limits():
+    err = error_of({"model": "a", "messages": MSGS, "max_tokens": 5, "max_completion_tokens": 6})
+    assert err["param"] == "max_tokens"
+
+
+def test_valid_chat_becomes_generation_request():
+    req = parse_request(ChatCompletionRequest, orjson.dumps({
+        "model": "auto", "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "seed": 3,
+        "stop": "END", "user": "u1", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                  {"type": "text", "text": "b"}]}]}))
+    assert req.include_usage
+    gen = req.to_generation("m", "rid")
+    assert gen.messages == [{"role": "system", "content": "be brief"},
+                            {"role": "user", "content": "a\nb"}]
+    assert (gen.max_tokens, gen.temperature, gen.top_p, gen.seed, gen.stop, gen.user) == \
+        (7, 0, 0.5, 3, ["END"], "u1")
+
+
+def test_completion_request():
+    req = parse_request(CompletionRequest, b'{"model": "auto", "prompt": "def f():"}')
+    gen = req.to_generation("m", "r")
+    assert gen.prompt == "def f():" and gen.max_tokens == 16 and not gen.is_chat
+    assert error_of({"model": "a", "prompt": ["x", "y"]}, CompletionRequest)["param"] == "prompt"
+    assert error_of({"model": "a", "prompt": "x", "echo": True}, CompletionRequest)["param"] == "echo"
