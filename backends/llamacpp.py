@@ -6,10 +6,10 @@ bounded queue (``max_queue``) for at most ``queue_timeout_s``. The chat template
 one the GGUF carries (llama-cpp-python reads ``tokenizer.chat_template``) unless the
 policy names another.
 
-Each generation gets a :class:`_TokenTap`, called by llama.cpp after every sampled token:
-it counts prompt and completion tokens exactly (also for streams, where llama-cpp-python
-reports no usage) and returns True to stop generation once the request is cancelled, so
-a client that disconnects frees its slot within one token.
+Each generation gets a :class:`_TokenTap` that the model's token loop updates: it counts
+prompt and completion tokens exactly (also for streams, where llama-cpp-python reports no
+usage), and once the request is cancelled the loop stops, so a client that disconnects
+frees its slot within one token.
 """
 
 from __future__ import annotations
@@ -42,25 +42,45 @@ _END = object()
 
 
 class _TokenTap:
-    """llama.cpp stopping criterion that counts tokens and honours cancellation."""
+    """Per-request token counts and cancellation flag, read by :class:`_CountingLlama`."""
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
-        self.start_len: int | None = None
-        self.calls = 0
-
-    def __call__(self, input_ids: Any, logits: Any) -> bool:
-        # Called once per sampled token, with the prompt plus every token sampled so far
-        # (the newest not yet evaluated): the first call sees prompt + 1.
-        if self.start_len is None:
-            self.start_len = len(input_ids)
-        self.calls += 1
-        return self.cancelled.is_set()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
     def usage(self) -> Usage:
-        if self.start_len is None:
-            return Usage(0, 0)
-        return Usage(self.start_len - 1, self.calls)
+        return Usage(self.prompt_tokens, self.completion_tokens)
+
+
+def _counting_llama(llama_cpp: Any) -> type:
+    """A ``Llama`` whose ``generate`` (the loop every completion and chat call runs) counts
+    tokens and stops early once the request is cancelled.
+
+    Counting here is exact for streams too: the prompt is the token list llama.cpp
+    evaluates, and a completion token is every generated token except the end-of-generation
+    one, which is what llama-cpp-python's own non-streaming ``usage`` reports.
+    """
+
+    class CountingLlama(llama_cpp.Llama):
+        tap: _TokenTap | None = None
+
+        def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
+            tap = self.tap
+            inner = super().generate(tokens, *args, **kwargs)
+            if tap is None:
+                yield from inner
+                return
+            tap.prompt_tokens = len(tokens)
+            vocab = self._model.vocab
+            for token in inner:
+                if tap.cancelled.is_set():
+                    return
+                if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                    tap.completion_tokens += 1
+                yield token
+
+    return CountingLlama
 
 
 class LlamaCppBackend(Backend):
@@ -107,8 +127,10 @@ class LlamaCppBackend(Backend):
             raise
         self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix=f"llamacpp-{self.name}")
 
+        llama_class = _counting_llama(llama_cpp)
+
         def load() -> Any:
-            return llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx,
+            return llama_class(model_path=str(path), n_ctx=self.n_ctx,
                                    n_threads=self.n_threads, n_threads_batch=self.n_threads,
                                    chat_format=self.chat_format, verbose=False)
 
@@ -163,8 +185,7 @@ class LlamaCppBackend(Backend):
     # -- generation ---------------------------------------------------------------------
 
     def _call(self, llm: Any, req: GenerationRequest, tap: _TokenTap, stream: bool) -> Any:
-        import llama_cpp
-
+        llm.tap = tap
         kwargs: dict[str, Any] = dict(
             max_tokens=req.max_tokens,
             temperature=_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
@@ -172,7 +193,6 @@ class LlamaCppBackend(Backend):
             stop=req.stop or [],
             seed=req.seed,
             stream=stream,
-            stopping_criteria=llama_cpp.StoppingCriteriaList([tap]),
         )
         try:
             if req.messages is not None:

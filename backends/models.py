@@ -70,7 +70,7 @@ def cache_dir() -> Path:
 
 def _chunk_files(model: CatalogModel) -> list[Path]:
     files: list[Path] = []
-    for index, (module, dist) in enumerate(zip(model.packages, model.distributions()), start=1):
+    for module, dist in zip(model.packages, model.distributions()):
         try:
             installed = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -84,10 +84,10 @@ def _chunk_files(model: CatalogModel) -> list[Path]:
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise ModelError(f"package {dist} is installed but its module '{module}' is missing")
-        data = Path(next(iter(spec.submodule_search_locations))) / "data" / f"part{index:02d}.bin"
-        if not data.is_file():
-            raise ModelError(f"package {dist} has no chunk file {data.name}")
-        files.append(data)
+        found = sorted((Path(next(iter(spec.submodule_search_locations))) / "data").glob("part*.bin"))
+        if len(found) != 1:
+            raise ModelError(f"package {dist} should hold one data/partNN.bin, found {len(found)}")
+        files.append(found[0])
     return files
 
 

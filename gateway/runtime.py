@@ -135,6 +135,9 @@ class Runtime:
             fresh.append(backend)
         results = await asyncio.gather(*(b.start() for b in fresh), return_exceptions=True)
         failures = [(b, r) for b, r in zip(fresh, results) if isinstance(r, BaseException)]
+        for backend, result in zip(fresh, results):
+            if not isinstance(result, BaseException):
+                log.info("backend '%s' (%s) started", backend.name, backend.kind)
         if failures:
             await asyncio.gather(*(b.close() for b in fresh), return_exceptions=True)
             raise PolicyError(str(self.policy_path), [

@@ -1,0 +1,132 @@
+"""Shared helpers: free ports, real gateway processes, the real Qwen 0.5B GGUF."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from policies import key_digest
+
+SMALL_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+SMALL_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
+KEYS = {"acme": "sk-test-acme", "globex": "sk-test-globex"}
+ADMIN_KEY = "sk-test-admin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def tenant(name: str, **extra) -> dict:
+    return {"keys": ["sha256:" + key_digest(KEYS[name])], **extra}
+
+
+def llamacpp_policy(**server) -> dict:
+    """One tier on the real Qwen 0.5B: one slot, short queue timeout, small body limit."""
+    return {
+        "version": 1,
+        "server": {"max_body_bytes": 4096, **server},
+        "admin": {"keys": ["sha256:" + key_digest(ADMIN_KEY)]},
+        "backends": {"q05": {"kind": "llamacpp", "model": SMALL_MODEL, "n_ctx": 2048, "slots": 1,
+                             "max_queue": 8, "queue_timeout_s": 60, "n_threads": 2}},
+        "tiers": [{"name": "small", "backend": "q05", "model": SMALL_MODEL_ID, "cost": 1.0}],
+        "tenants": {"acme": tenant("acme", default_tier="small"),
+                    "globex": tenant("globex", default_tier="small")},
+    }
+
+
+class Gateway:
+    """A real ``joulegate serve`` process on a loopback port."""
+
+    def __init__(self, policy: dict, workdir: Path, env: dict[str, str] | None = None):
+        self.policy_path = workdir / "policy.yaml"
+        self.log_path = workdir / "gateway.log"
+        self.write_policy(policy)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def write_policy(self, policy: dict) -> None:
+        self.policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+
+    def start(self, timeout: float = 180) -> Gateway:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(self.policy_path),
+             "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=self._env,
+            start_new_session=True)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, interval=0.2, what="gateway start")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def client(self, who: str = "acme"):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEYS[who], max_retries=0,
+                             timeout=120)
+
+    def backend_info(self, name: str) -> dict:
+        return httpx.get(f"{self.url}/readyz", timeout=10).json()["backends"][name]
+
+
+@pytest.fixture(scope="session")
+def small_model_path() -> Path:
+    from backends.models import resolve_model_path
+
+    return resolve_model_path(SMALL_MODEL)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, small_model_path) -> Iterator[Gateway]:
+    gw = Gateway(llamacpp_policy(), tmp_path_factory.mktemp("gw")).start()
+    yield gw
+    gw.stop()
