@@ -206,7 +206,10 @@ class LlamaCppBackend(Backend):
         tap = _TokenTap()
 
         def work(llm: Any) -> Any:
-            return self._call(llm, request, tap, stream=False)
+            try:
+                return self._call(llm, request, tap, stream=False)
+            finally:
+                llm.tap = None
 
         try:
             out = await self._submit(work, llm)
@@ -235,6 +238,7 @@ class LlamaCppBackend(Backend):
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
+                llm.tap = None
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
         done = self._submit(work, llm)

@@ -125,7 +125,7 @@ def main() -> int:
     policy.parent.mkdir(parents=True, exist_ok=True)
     policy.write_text(policy_yaml())
     joulegate = [str(Path(sys.executable).parent / "joulegate"), "serve", "--policy", str(policy),
-                 "--port", "8000", "--workers", str(args.workers), "--log-level", "warning"]
+                 "--port", "8000", "--workers", str(args.workers)]  # default logging: access log on
     gw_env = {"PROXY_BASE_URL": "http://127.0.0.1:8000/v1", "PROXY_API_KEY": KEY,
               "MODEL": "fake-model", "PROXY_VERSION": "joulegate 0.1.0"}
     modes = [False] if args.no_stream else [False, True]

@@ -142,9 +142,11 @@ async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call, backend: Ba
     chunks = backend.stream(generation)
     try:
         first = await anext(chunks)
-    except BackendError as exc:
+    except BaseException as exc:  # incl. cancellation while waiting for a slot or prefill
         await chunks.aclose()
-        raise from_backend_error(exc) from None
+        if isinstance(exc, BackendError):
+            raise from_backend_error(exc) from None
+        raise
     call.first_token_s = time.perf_counter() - call.started
     events = _sse_events(runtime, snap, call, chunks, first, tier.model, chat, include_usage)
     return StreamingResponse(events, media_type="text/event-stream",

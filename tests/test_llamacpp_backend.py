@@ -1,0 +1,78 @@
+"""The llama.cpp backend in-process with the real Qwen 0.5B: slots, queue, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backends import BackendRejected, BackendUnavailable, GenerationRequest
+from backends.llamacpp import LlamaCppBackend
+
+from .conftest import SMALL_MODEL
+
+pytestmark = pytest.mark.e2e
+
+LONG = GenerationRequest(model="m", messages=[{"role": "user", "content": "Count from 1 to 500."}],
+                         max_tokens=1000, temperature=0)
+SHORT = GenerationRequest(model="m", prompt="def f():", max_tokens=2, temperature=0)
+
+
+async def _with_backend(body, **settings):
+    backend = LlamaCppBackend("q", SMALL_MODEL, n_ctx=1024, n_threads=2, slots=1, **settings)
+    await backend.start()
+    try:
+        await body(backend)
+    finally:
+        await backend.close()
+
+
+async def _hold_slot(backend):
+    """Start a long stream and return it once it produced its first token."""
+    stream = backend.stream(LONG)
+    first = await anext(stream)
+    assert first.text
+    return stream
+
+
+def test_queue_timeout_and_full_queue(small_model_path):
+    async def body(backend):
+        stream = await _hold_slot(backend)
+        with pytest.raises(BackendUnavailable, match="no free slot within 0.3 s") as info:
+            await backend.complete(SHORT)
+        assert info.value.retry_after_s is not None
+        waiter = asyncio.create_task(backend.complete(SHORT))  # takes the single queue place
+        await asyncio.sleep(0.05)
+        assert (await backend.health()).info["queued"] == 1
+        with pytest.raises(BackendUnavailable, match="1 requests already queued"):
+            await backend.complete(SHORT)
+        await stream.aclose()  # cancelling the stream frees the slot for the waiter
+        result = await waiter
+        assert result.usage.completion_tokens == 2
+        health = await backend.health()
+        assert health.info == {"slots": 1, "busy": 0, "queued": 0}
+
+    asyncio.run(_with_backend(body, max_queue=1, queue_timeout_s=0.3))
+
+
+def test_cancelled_request_frees_its_slot(small_model_path):
+    async def body(backend):
+        task = asyncio.create_task(backend.complete(LONG))
+        await asyncio.sleep(1.0)
+        assert (await backend.health()).info["busy"] == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        result = await asyncio.wait_for(backend.complete(SHORT), timeout=30)
+        assert result.usage.completion_tokens == 2
+
+    asyncio.run(_with_backend(body, queue_timeout_s=60))
+
+
+def test_prompt_over_context_is_rejected(small_model_path):
+    async def body(backend):
+        with pytest.raises(BackendRejected, match="context window"):
+            await backend.complete(GenerationRequest(model="m", prompt="7" * 1500, max_tokens=2))
+        assert (await backend.health()).info["busy"] == 0
+
+    asyncio.run(_with_backend(body))
