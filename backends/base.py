@@ -16,6 +16,12 @@ from typing import Any
 
 
 @dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
 class GenerationRequest:
     """One generation, already validated and stripped of everything gateway-specific."""
 
@@ -32,16 +38,13 @@ class GenerationRequest:
     #: Opaque end-user id, forwarded to HTTP upstreams.
     user: str | None = None
     request_id: str = ""
+    #: Tokens processed so far, updated by the backend while it works (from its worker
+    #: thread for in-process backends); energy attribution reads it on every tick.
+    progress: Usage = field(default_factory=lambda: Usage())
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -39,18 +39,22 @@ from .models import ModelError, resolve_model_path
 _DEFAULT_TEMPERATURE = 1.0
 _DEFAULT_TOP_P = 1.0
 _END = object()
+#: llama.cpp's model loading is not thread-safe: two ``Llama(...)`` constructions in two
+#: threads of one process deadlocked here (about 2 starts in 3, holding the GIL), so every
+#: load in the process takes this lock. Generation on loaded models is unaffected.
+_LOAD_LOCK = threading.Lock()
 
 
 class _TokenTap:
-    """Per-request token counts and cancellation flag, read by :class:`_CountingLlama`."""
+    """A request's live token counts (its ``progress``) and cancellation flag, read and
+    written by the model's token loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Usage) -> None:
         self.cancelled = threading.Event()
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self.progress = progress
 
     def usage(self) -> Usage:
-        return Usage(self.prompt_tokens, self.completion_tokens)
+        return Usage(self.progress.prompt_tokens, self.progress.completion_tokens)
 
 
 def _counting_llama(llama_cpp: Any) -> type:
@@ -71,13 +75,14 @@ def _counting_llama(llama_cpp: Any) -> type:
             if tap is None:
                 yield from inner
                 return
-            tap.prompt_tokens = len(tokens)
+            progress = tap.progress
+            progress.prompt_tokens = len(tokens)
             vocab = self._model.vocab
             for token in inner:
                 if tap.cancelled.is_set():
                     return
                 if not llama_cpp.llama_vocab_is_eog(vocab, token):
-                    tap.completion_tokens += 1
+                    progress.completion_tokens += 1
                 yield token
 
     return CountingLlama
@@ -129,12 +134,14 @@ class LlamaCppBackend(Backend):
 
         llama_class = _counting_llama(llama_cpp)
 
-        def load() -> Any:
-            return llama_class(model_path=str(path), n_ctx=self.n_ctx,
-                                   n_threads=self.n_threads, n_threads_batch=self.n_threads,
-                                   chat_format=self.chat_format, verbose=False)
+        def load_slots() -> list[Any]:
+            with _LOAD_LOCK:
+                return [llama_class(model_path=str(path), n_ctx=self.n_ctx,
+                                    n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                                    chat_format=self.chat_format, verbose=False)
+                        for _ in range(self.slots)]
 
-        self._free = list(await asyncio.gather(*(asyncio.to_thread(load) for _ in range(self.slots))))
+        self._free = await asyncio.to_thread(load_slots)
         self._slot_sem = asyncio.Semaphore(self.slots)
         self._loaded = True
 
@@ -203,7 +210,7 @@ class LlamaCppBackend(Backend):
 
     async def complete(self, request: GenerationRequest) -> Generation:
         llm = await self._acquire()
-        tap = _TokenTap()
+        tap = _TokenTap(request.progress)
 
         def work(llm: Any) -> Any:
             try:
@@ -225,7 +232,7 @@ class LlamaCppBackend(Backend):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         llm = await self._acquire()
-        tap = _TokenTap()
+        tap = _TokenTap(request.progress)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 

@@ -178,12 +178,11 @@ class OpenAIBackend(Backend):
             choice = data["choices"][0]
             text = choice["message"]["content"] if request.is_chat else choice["text"]
             usage = data.get("usage") or {}
-            return Generation(
-                text=text or "",
-                finish_reason=choice.get("finish_reason") or "stop",
-                usage=Usage(int(usage.get("prompt_tokens") or 0),
-                            int(usage.get("completion_tokens") or 0)),
-            )
+            progress = request.progress
+            progress.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            progress.completion_tokens = int(usage.get("completion_tokens") or 0)
+            return Generation(text=text or "", finish_reason=choice.get("finish_reason") or "stop",
+                              usage=Usage(progress.prompt_tokens, progress.completion_tokens))
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
             raise BackendFailure(f"upstream '{self.name}' sent a malformed completion") from None
 
@@ -193,6 +192,7 @@ class OpenAIBackend(Backend):
         first_deadline = min(deadline, time.monotonic() + self.first_byte_s)
         finish: str | None = None
         usage: Usage | None = None
+        progress = request.progress
         text_chunks = 0
         complete = False
         alive = False  # any event seen yet: the first-byte deadline applies until then
@@ -229,12 +229,16 @@ class OpenAIBackend(Backend):
                     u = event["usage"]
                     usage = Usage(int(u.get("prompt_tokens") or 0),
                                   int(u.get("completion_tokens") or 0))
+                    progress.prompt_tokens = usage.prompt_tokens
+                    progress.completion_tokens = usage.completion_tokens
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
                     text = delta.get("content") if request.is_chat else choice.get("text")
                     finish = choice.get("finish_reason") or finish
                     if text:
                         text_chunks += 1
+                        if usage is None:
+                            progress.completion_tokens = text_chunks  # ~1 token per event
                         yield Chunk(text=text)
         finally:
             if complete:

@@ -58,11 +58,13 @@ def create_app(policy_path: str | Path | None = None) -> FastAPI:
 
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        saver = loop.create_task(_save_calibration(runtime))
         snap = runtime.current
         log.info("joulegate serving policy %s: tiers %s", path, ", ".join(snap.tiers))
         try:
             yield
         finally:
+            saver.cancel()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             await runtime.close()
@@ -89,6 +91,11 @@ def create_app(policy_path: str | Path | None = None) -> FastAPI:
                  "tier": tier.name if tier else None, "backend": tier.backend if tier else None}
                 for model_id, tier in tenant_models(snap, tenant)]
         return _json({"object": "list", "data": data})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body, content_type = request.app.state.runtime.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -124,6 +131,17 @@ def _admin(runtime: Runtime, request: Request) -> None:
     if len(snap.admin_keys) == 0:
         raise NotFound("not found")  # admin API disabled: no admin keys in the policy
     authenticate(snap.admin_keys, request.headers.get("authorization"))
+
+
+async def _save_calibration(runtime: Runtime, every_s: float = 30.0) -> None:
+    """Persist the calibration table while it changes (and once more at shutdown)."""
+    while True:
+        await asyncio.sleep(every_s)
+        if runtime.calibration.dirty:
+            try:
+                await asyncio.to_thread(runtime.calibration.save)
+            except OSError as exc:
+                log.warning("cannot save the calibration table: %s", exc)
 
 
 async def _reload_logged(runtime: Runtime) -> None:

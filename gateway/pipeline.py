@@ -6,8 +6,13 @@
 2. authenticate the key → tenant;
 3. read (size-limited) and validate the body;
 4. pick the tier (:mod:`gateway.routing`);
-5. call the backend, whole or streamed;
-6. answer in the OpenAI format, with ``X-Joulegate-Tier``, and write one access-log line.
+5. open the request's energy share on the tier's device (:mod:`gateway.energy`);
+6. call the backend, whole or streamed;
+7. close the share: the joules measured (or estimated) for this request, on every path
+   (success, backend failure, client disconnect), so no joule is lost or counted twice;
+8. answer in the OpenAI format with ``usage.energy_joules`` / ``energy_source`` and the
+   ``X-Joulegate-*`` headers; then metrics, calibration and one access-log line
+   (:meth:`Call.record`).
 
 For a stream, steps 5-6 wait for the backend's first chunk before sending headers, so a
 backend that cannot serve still gets a proper HTTP error status; after that, a failure
@@ -33,7 +38,9 @@ from policies import TierSpec
 
 from . import openai_types as wire
 from .auth import authenticate
+from .energy import RequestEnergy
 from .errors import APIError, BodyTooLarge, InvalidRequest, from_backend_error
+from .metrics import bound
 from .routing import pick_tier
 from .runtime import Runtime, Snapshot
 
@@ -44,7 +51,7 @@ _SSE_DONE = b"data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Call:
-    """What the access log records about one request."""
+    """One request's facts, gathered along the way and recorded once at the end."""
 
     request_id: str
     endpoint: str
@@ -58,18 +65,52 @@ class Call:
     completion_tokens: int = 0
     first_token_s: float | None = None
     error: str | None = None
+    energy: RequestEnergy | None = None
+    joules: float = 0.0
 
-    def log(self) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        access_log.info(orjson.dumps({
-            "request_id": self.request_id, "endpoint": self.endpoint, "tenant": self.tenant,
-            "tier": self.tier, "stream": self.stream, "status": self.status,
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "latency_s": round(time.perf_counter() - self.started, 6),
-            "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
-            "error": self.error,
-        }).decode())
+    def settle_energy(self) -> float:
+        """Close the energy share (idempotent) and take the backend's final token counts."""
+        if self.energy is not None:
+            self.joules = self.energy.finish()
+        return self.joules
+
+    def usage(self) -> dict:
+        extra = None
+        if self.energy is not None:
+            extra = {"energy_joules": round(self.joules, 6), "energy_source": self.energy.source}
+        return wire.usage_dict(self.prompt_tokens, self.completion_tokens, extra)
+
+    def record(self, runtime: Runtime, snap: Snapshot) -> None:
+        """Metrics, calibration and the access log; called exactly once per request."""
+        self.settle_energy()
+        m = runtime.metrics
+        tenant = bound(self.tenant, snap.policy.tenants)
+        tier = bound(self.tier, snap.tiers)
+        elapsed = time.perf_counter() - self.started
+        m.requests.labels(tenant, tier, str(self.status)).inc()
+        if self.energy is not None:
+            m.energy.labels(tenant, tier, self.energy.source).inc(self.joules)
+            m.tokens.labels(tenant, tier, "prompt").inc(self.prompt_tokens)
+            m.tokens.labels(tenant, tier, "completion").inc(self.completion_tokens)
+            m.duration.labels(tier).observe(elapsed)
+            if self.first_token_s is not None:
+                m.ttft.labels(tier).observe(self.first_token_s)
+            if self.completion_tokens > 0:
+                m.joules_per_token.labels(tier).observe(self.joules / self.completion_tokens)
+            if self.status == 200 and self.tier is not None:
+                runtime.calibration.update(self.tier, self.prompt_tokens,
+                                           self.completion_tokens, self.joules)
+        if snap.policy.server.access_log and access_log.isEnabledFor(logging.INFO):
+            access_log.info(orjson.dumps({
+                "request_id": self.request_id, "endpoint": self.endpoint, "tenant": self.tenant,
+                "tier": self.tier, "stream": self.stream, "status": self.status,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "energy_joules": round(self.joules, 6),
+                "energy_source": self.energy.source if self.energy else None,
+                "latency_s": round(elapsed, 6),
+                "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
+                "error": self.error,
+            }).decode())
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -106,6 +147,8 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
         call.tier = tier.name
         backend = snap.backend_for(tier)
         generation = body.to_generation(tier.model, call.request_id)
+        call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
+                                          scale=tier.cost)
         headers = {"x-joulegate-tier": tier.name, "x-request-id": call.request_id}
         if body.stream:
             response = await _open_stream(runtime, snap, call, backend, generation, tier, chat,
@@ -114,26 +157,53 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
             return response
         try:
             result = await backend.complete(generation)
-        except BackendError as exc:
-            raise from_backend_error(exc) from None
+        finally:
+            _take_tokens(call, generation)
+            call.settle_energy()
         call.prompt_tokens = result.usage.prompt_tokens
         call.completion_tokens = result.usage.completion_tokens
-        usage = wire.usage_dict(call.prompt_tokens, call.completion_tokens)
+        headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
+        headers["x-joulegate-energy-source"] = call.energy.source
         build = wire.chat_completion if chat else wire.text_completion
         payload = build(_response_id(call, chat), call.created, tier.model, result.text,
-                        result.finish_reason, usage)
+                        result.finish_reason, call.usage())
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+    except BackendError as exc:
+        err = from_backend_error(exc)
+        call.status, call.error = err.status, err.code or err.type
+        raise err from None
     except APIError as exc:
         call.status, call.error = exc.status, exc.code or exc.type
         raise
     finally:
         if not handed_off:
             runtime.release(snap)
-            call.log()
+            call.record(runtime, snap)
+
+
+def _take_tokens(call: Call, generation: GenerationRequest) -> None:
+    """The tokens the backend processed so far (also when it failed part-way)."""
+    call.prompt_tokens = generation.progress.prompt_tokens
+    call.completion_tokens = generation.progress.completion_tokens
 
 
 def _response_id(call: Call, chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + call.request_id
+
+
+class _SSEResponse(StreamingResponse):
+    """A stream whose cleanup runs when the response ends, however it ends: also when the
+    client is gone before the first byte, when the body generator never even starts."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup, **kwargs):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
 
 
 async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call, backend: Backend,
@@ -142,24 +212,38 @@ async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call, backend: Ba
     chunks = backend.stream(generation)
     try:
         first = await anext(chunks)
-    except BaseException as exc:  # incl. cancellation while waiting for a slot or prefill
+    except BaseException:  # incl. cancellation while waiting for a slot or prefill
         await chunks.aclose()
-        if isinstance(exc, BackendError):
-            raise from_backend_error(exc) from None
-        raise
+        _take_tokens(call, generation)
+        raise  # handle_generation maps a BackendError and records the call
     call.first_token_s = time.perf_counter() - call.started
-    events = _sse_events(runtime, snap, call, chunks, first, tier.model, chat, include_usage)
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={**headers, "cache-control": "no-cache"})
+    ended = False  # the stream reached [DONE] or an error event
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal ended
+        async for event in _sse_events(call, chunks, first, tier.model, chat, include_usage):
+            yield event
+        ended = True
+
+    async def cleanup() -> None:
+        await chunks.aclose()  # stops generation and frees the slot if still running
+        if not ended and call.status == 200:
+            call.status, call.error = 499, "client_disconnected"
+        if call.status != 200:  # failed or abandoned: charge the tokens actually processed
+            _take_tokens(call, generation)
+        runtime.release(snap)
+        call.record(runtime, snap)
+
+    return _SSEResponse(events(), cleanup, media_type="text/event-stream",
+                        headers={**headers, "cache-control": "no-cache"})
 
 
 def _event(payload: dict) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def _sse_events(runtime: Runtime, snap: Snapshot, call: Call, chunks: AsyncIterator[Chunk],
-                      first: Chunk, model: str, chat: bool, include_usage: bool
-                      ) -> AsyncIterator[bytes]:
+async def _sse_events(call: Call, chunks: AsyncIterator[Chunk], first: Chunk, model: str,
+                      chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
     rid, created = _response_id(call, chat), call.created
     try:
         if chat:
@@ -179,18 +263,11 @@ async def _sse_events(runtime: Runtime, snap: Snapshot, call: Call, chunks: Asyn
                              else wire.text_chunk(rid, created, model, "", finish))
                 break
             chunk = await anext(chunks, None)
+        call.settle_energy()
         if include_usage:
-            usage = wire.usage_dict(call.prompt_tokens, call.completion_tokens)
-            yield _event(wire.usage_chunk(rid, created, model, chat, usage))
+            yield _event(wire.usage_chunk(rid, created, model, chat, call.usage()))
         yield _SSE_DONE
     except BackendError as exc:
         err = from_backend_error(exc)
         call.status, call.error = err.status, err.code or err.type
         yield _event(err.body())
-    except (asyncio.CancelledError, GeneratorExit):
-        call.status, call.error = 499, "client_disconnected"
-        raise
-    finally:
-        await chunks.aclose()
-        runtime.release(snap)
-        call.log()

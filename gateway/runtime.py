@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from backends import Backend, create_backend
 from policies import Policy, PolicyError, PolicyIssue, TierSpec, load_policy, resolve_key_ref
 
 from .auth import KeyIndex
+from .energy import Calibration, EnergyAccounting, EnergyDevice, Reading
+from .metrics import Metrics
 
 log = logging.getLogger("joulegate")
 
@@ -35,6 +38,8 @@ class Snapshot:
     #: tier name → tier, and concrete model name → tier.
     tiers: dict[str, TierSpec]
     models: dict[str, TierSpec]
+    #: backend name → the energy device it draws on.
+    energy: dict[str, EnergyDevice]
     in_flight: int = 0
     retired: bool = False
 
@@ -64,11 +69,20 @@ def index_keys(policy: Policy, source: str) -> tuple[KeyIndex, KeyIndex]:
     return tenants, admin
 
 
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "joulegate"
+
+
 class Runtime:
-    """Owns the current snapshot and the backends' lifecycle."""
+    """Owns the current snapshot, the backends' lifecycle, and what outlives a policy
+    version: metrics, energy devices and the calibration table."""
 
     def __init__(self, policy_path: str | Path):
         self.policy_path = Path(policy_path)
+        self.metrics = Metrics()
+        self.energy = EnergyAccounting(on_tick=self._on_energy_tick)
+        self.calibration: Calibration = Calibration()
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
         self._reload_lock = asyncio.Lock()
@@ -97,7 +111,16 @@ class Runtime:
 
     async def start(self) -> None:
         """Load the policy and start every backend. Raises on any failure."""
-        self._current = await self._build(load_policy(self.policy_path), version=1)
+        policy = load_policy(self.policy_path)
+        state = Path(policy.state_dir).expanduser() if policy.state_dir else default_state_dir()
+        self.calibration = Calibration(state / "calibration.json")
+        self._current = await self._build(policy, version=1)
+
+    def _on_energy_tick(self, device: EnergyDevice, reading: Reading, idle_j: float) -> None:
+        for dev, watts in reading.watts.items():
+            self.metrics.power.labels(device.name, dev).set(watts)
+        if idle_j > 0:
+            self.metrics.idle_energy.labels(device.name).inc(idle_j)
 
     async def reload(self) -> Snapshot:
         """Swap in the policy file's current content, or raise and keep the old one."""
@@ -116,6 +139,8 @@ class Runtime:
     async def close(self) -> None:
         live = {id(b): b for s in [self._current, *self._retired] if s for b in s.backends.values()}
         await asyncio.gather(*(b.close() for b in live.values()), return_exceptions=True)
+        self.energy.close()
+        self.calibration.save()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self._current = None
@@ -123,13 +148,18 @@ class Runtime:
 
     async def _build(self, policy: Policy, version: int, reuse: Snapshot | None = None) -> Snapshot:
         tenant_keys, admin_keys = index_keys(policy, str(self.policy_path))
+        try:
+            devices = self.energy.devices_for(policy)
+        except ValueError as exc:
+            path, _, message = str(exc).partition(": ")
+            raise PolicyError(str(self.policy_path), [PolicyIssue(path, message)]) from None
         backends: dict[str, Backend] = {}
         fresh: list[Backend] = []
         for name, spec in policy.backends.items():
             if reuse is not None and reuse.policy.backends.get(name) == spec:
                 backends[name] = reuse.backends[name]
                 continue
-            settings = spec.model_dump(exclude={"kind"})
+            settings = spec.model_dump(exclude={"kind", "energy"})
             backend = create_backend(name, spec.kind, settings)
             backends[name] = backend
             fresh.append(backend)
@@ -143,9 +173,12 @@ class Runtime:
             raise PolicyError(str(self.policy_path), [
                 PolicyIssue(f"backends.{b.name}", f"failed to start: {r}") for b, r in failures])
         tiers = {t.name: t for t in policy.ordered_tiers()}
+        for tier in tiers.values():
+            self.calibration.seed(tier.name, tier.joules_per_prompt_token,
+                                  tier.joules_per_output_token)
         return Snapshot(version=version, policy=policy, backends=backends,
                         tenant_keys=tenant_keys, admin_keys=admin_keys, tiers=tiers,
-                        models={t.model: t for t in tiers.values()})
+                        models={t.model: t for t in tiers.values()}, energy=devices)
 
     def _collect(self) -> None:
         """Close backends that only drained, retired snapshots still referenced."""

@@ -73,6 +73,37 @@ class AdminSpec(_Strict):
     keys: list[KeyRefStr] = Field(default_factory=list)
 
 
+class EnergySpec(_Strict):
+    """How a backend's energy is measured (see docs/energy.md)."""
+
+    #: ``auto`` picks the best readable meter: nvml, then rapl, then estimated (in-process
+    #: llama.cpp), or prometheus when ``prometheus_url`` is set, else estimated (HTTP).
+    meter: Literal["auto", "nvml", "rapl", "prometheus", "estimated"] = "auto"
+    #: Seconds between meter readings; energy between two readings is split across the
+    #: requests active in it.
+    interval_s: float = Field(0.5, gt=0, le=60)
+    #: Work of one prefill token relative to one generated token, for splitting.
+    prefill_weight: float = Field(0.1, ge=0, le=100)
+    #: Spread idle energy over the next requests as overhead (it is reported either way).
+    spread_idle: bool = False
+    #: nvml: GPU indices this backend runs on (tensor parallel: several).
+    gpus: list[int] = Field(default_factory=lambda: [0])
+    #: rapl: powercap root (for tests and containers that mount it elsewhere).
+    rapl_root: str = "/sys/class/powercap"
+    #: prometheus: the exporter's /metrics URL and the series to read, e.g.
+    #: ``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0"}`` (several matches are summed).
+    prometheus_url: str | None = None
+    prometheus_series: str = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+    #: What the series measures: a cumulative counter in mJ or J, or power in W.
+    prometheus_unit: Literal["mJ", "J", "W"] = "mJ"
+    #: estimated, in-process: watts drawn per fully busy CPU core, and a constant idle draw.
+    watts_per_core: float = Field(12.0, ge=0, le=1000)
+    idle_watts: float = Field(0.0, ge=0, le=100_000)
+    #: estimated, HTTP upstream: joules per prompt token and per generated token.
+    joules_per_prompt_token: float = Field(0.005, ge=0)
+    joules_per_output_token: float = Field(0.05, ge=0)
+
+
 class LlamaCppBackendSpec(_Strict):
     """In-process llama.cpp (llama-cpp-python) serving one GGUF model."""
 
@@ -90,6 +121,7 @@ class LlamaCppBackendSpec(_Strict):
     queue_timeout_s: float = Field(30.0, gt=0, le=3600)
     #: Override the chat template the GGUF carries (a llama-cpp-python chat format name).
     chat_format: str | None = None
+    energy: EnergySpec = EnergySpec()
 
 
 class TimeoutsSpec(_Strict):
@@ -109,6 +141,7 @@ class OpenAIBackendSpec(_Strict):
     api_key: str | None = None
     timeouts: TimeoutsSpec = TimeoutsSpec()
     max_connections: int = Field(256, ge=1, le=100_000)
+    energy: EnergySpec = EnergySpec()
 
 
 BackendSpec = Annotated[Union[LlamaCppBackendSpec, OpenAIBackendSpec], Field(discriminator="kind")]
@@ -123,6 +156,10 @@ class TierSpec(_Strict):
     model: str = Field(min_length=1, max_length=256)
     #: Relative energy cost (cheapest tier lowest). Tiers are ordered by it.
     cost: float = Field(gt=0)
+    #: Seeds of this tier's calibration (joules per prompt / generated token) until
+    #: measured requests refine them.
+    joules_per_prompt_token: float = Field(0.01, ge=0)
+    joules_per_output_token: float = Field(0.5, ge=0)
 
 
 class TenantSpec(_Strict):
@@ -135,6 +172,8 @@ class TenantSpec(_Strict):
 
 class Policy(_Strict):
     version: Literal[1]
+    #: Where calibration and other state persist; default ``~/.local/state/joulegate``.
+    state_dir: str | None = None
     server: ServerSpec = ServerSpec()
     admin: AdminSpec = AdminSpec()
     backends: dict[Annotated[str, Field(pattern=NAME_PATTERN)], BackendSpec] = Field(min_length=1)

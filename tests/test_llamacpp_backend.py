@@ -13,9 +13,13 @@ from .conftest import SMALL_MODEL
 
 pytestmark = pytest.mark.e2e
 
-LONG = GenerationRequest(model="m", messages=[{"role": "user", "content": "Count from 1 to 500."}],
-                         max_tokens=1000, temperature=0)
-SHORT = GenerationRequest(model="m", prompt="def f():", max_tokens=2, temperature=0)
+def LONG() -> GenerationRequest:  # a request object per generation: it carries its progress
+    return GenerationRequest(model="m", messages=[{"role": "user", "content": "Count to 500."}],
+                             max_tokens=1000, temperature=0)
+
+
+def SHORT() -> GenerationRequest:
+    return GenerationRequest(model="m", prompt="def f():", max_tokens=2, temperature=0)
 
 
 async def _with_backend(body, **settings):
@@ -29,7 +33,7 @@ async def _with_backend(body, **settings):
 
 async def _hold_slot(backend):
     """Start a long stream and return it once it produced its first token."""
-    stream = backend.stream(LONG)
+    stream = backend.stream(LONG())
     first = await anext(stream)
     assert first.text
     return stream
@@ -39,13 +43,13 @@ def test_queue_timeout_and_full_queue(small_model_path):
     async def body(backend):
         stream = await _hold_slot(backend)
         with pytest.raises(BackendUnavailable, match="no free slot within 0.3 s") as info:
-            await backend.complete(SHORT)
+            await backend.complete(SHORT())
         assert info.value.retry_after_s is not None
-        waiter = asyncio.create_task(backend.complete(SHORT))  # takes the single queue place
+        waiter = asyncio.create_task(backend.complete(SHORT()))  # takes the single queue place
         await asyncio.sleep(0.05)
         assert (await backend.health()).info["queued"] == 1
         with pytest.raises(BackendUnavailable, match="1 requests already queued"):
-            await backend.complete(SHORT)
+            await backend.complete(SHORT())
         await stream.aclose()  # cancelling the stream frees the slot for the waiter
         result = await waiter
         assert result.usage.completion_tokens == 2
@@ -57,14 +61,17 @@ def test_queue_timeout_and_full_queue(small_model_path):
 
 def test_cancelled_request_frees_its_slot(small_model_path):
     async def body(backend):
-        task = asyncio.create_task(backend.complete(LONG))
+        long = LONG()
+        task = asyncio.create_task(backend.complete(long))
         await asyncio.sleep(1.0)
         assert (await backend.health()).info["busy"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        result = await asyncio.wait_for(backend.complete(SHORT), timeout=30)
+        result = await asyncio.wait_for(backend.complete(SHORT()), timeout=30)
         assert result.usage.completion_tokens == 2
+        # generation stopped at the cancel: far below the 1000 tokens it asked for
+        assert 1 <= long.progress.completion_tokens < 200
 
     asyncio.run(_with_backend(body, queue_timeout_s=60))
 

@@ -1,0 +1,12 @@
+"""Energy accounting: meters (one small class per kind), attribution, calibration.
+
+See ``docs/energy.md`` for the method and its error sources.
+"""
+
+from .accounting import EnergyAccounting
+from .attribution import EnergyDevice, RequestEnergy
+from .calibration import Calibration
+from .meter import Meter, MeterUnavailable, Reading
+
+__all__ = ["Calibration", "EnergyAccounting", "EnergyDevice", "Meter", "MeterUnavailable",
+           "Reading", "RequestEnergy"]

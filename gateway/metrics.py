@@ -1,0 +1,65 @@
+"""Prometheus metrics, served at ``GET /metrics``.
+
+Each app owns its metrics in a private registry (no module-level state). With several
+uvicorn workers, ``joulegate serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers
+start; prometheus-client then keeps each worker's values in memory-mapped files and
+:meth:`Metrics.exposition` merges them. Label values are bounded: tenants and tiers come
+from the policy, anything else is ``other``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+OTHER = "other"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_JPT_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
+
+
+def bound(value: str | None, allowed) -> str:
+    """``value`` if the policy knows it, else ``other`` (keeps label cardinality bounded)."""
+    return value if value is not None and value in allowed else OTHER
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        r = self.registry = CollectorRegistry()
+        self.energy = Counter("joulegate_energy_joules", "Energy attributed to requests, joules.",
+                              ["tenant", "tier", "source"], registry=r)
+        self.idle_energy = Counter("joulegate_idle_energy_joules",
+                                   "Energy a device used while no request was active, joules.",
+                                   ["backend"], registry=r)
+        self.power = Gauge("joulegate_power_watts", "Current power from the energy meters.",
+                           ["backend", "device"], registry=r, multiprocess_mode="mostrecent")
+        self.joules_per_token = Histogram("joulegate_joules_per_token",
+                                          "Per request: joules / output tokens.", ["tier"],
+                                          buckets=_JPT_BUCKETS, registry=r)
+        self.tokens = Counter("joulegate_tokens", "Tokens processed.", ["tenant", "tier", "kind"],
+                              registry=r)
+        self.requests = Counter("joulegate_requests", "Requests answered.",
+                                ["tenant", "tier", "status"], registry=r)
+        self.duration = Histogram("joulegate_request_duration_seconds",
+                                  "Request latency to the last byte.", ["tier"],
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("joulegate_time_to_first_token_seconds",
+                              "Streaming: latency to the first token.", ["tier"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format of every metric (merged across worker processes)."""
+        if self.multiprocess:
+            merged = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,155 @@
+"""Attribution on scripted meter readings: the split and the invariant."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from backends import Usage
+from gateway.energy import Calibration, Meter, Reading
+from gateway.energy.attribution import EnergyDevice
+from gateway.energy.estimated import TokenPriceMeter
+
+pytestmark = pytest.mark.unit
+
+
+class ScriptedMeter(Meter):
+    """Readings set by the test: the meter boundary, scripted."""
+
+    kind = "scripted"
+
+    def __init__(self) -> None:
+        self.joules = 0.0
+
+    def read(self) -> Reading:
+        return Reading(self.joules, {"dev0": 100.0})
+
+
+def device(**kw) -> tuple[EnergyDevice, ScriptedMeter]:
+    meter = ScriptedMeter()
+    dev = EnergyDevice("d", meter, prompt_weight=kw.pop("prompt_weight", 0.5), **kw)
+    dev.start()
+    return dev, meter
+
+
+def test_overlapping_requests_split_by_work():
+    dev, meter = device()
+    a, b = Usage(), Usage()
+    share_a = dev.open(a)
+    meter.joules = 10  # only A active: all 10 J to A
+    a.prompt_tokens, a.completion_tokens = 20, 5  # work 20*0.5 + 5 = 15
+    dev.tick()
+    share_b = dev.open(b)  # B opens: the tick at its start charges the interval to A
+    a.completion_tokens += 10  # A: work 10
+    b.prompt_tokens, b.completion_tokens = 40, 10  # B: work 40*0.5 + 10 = 30
+    meter.joules = 50  # 40 J to split 10:30
+    dev.tick()
+    assert share_a.joules == pytest.approx(10 + 10)
+    assert share_b.joules == pytest.approx(30)
+    meter.joules = 56  # no work in this interval: equal split between the two
+    assert dev.close_share(share_a) == pytest.approx(23)
+    meter.joules = 60  # A gone: B alone
+    b.completion_tokens += 1
+    assert dev.close_share(share_b) == pytest.approx(37)
+    assert dev.close_share(share_b) == pytest.approx(37)  # idempotent
+    meter.joules = 65  # nobody active: idle
+    dev.tick()
+    assert dev.totals.idle_j == pytest.approx(5)
+    assert dev.check_invariant() == pytest.approx(0, abs=1e-9)
+
+
+def test_idle_before_a_request_is_not_charged_to_it():
+    dev, meter = device()
+    meter.joules = 100  # idle since start, never ticked
+    usage = Usage()
+    share = dev.open(usage)
+    usage.completion_tokens = 3
+    meter.joules = 104
+    assert dev.close_share(share) == pytest.approx(4)
+    assert dev.totals.idle_j == pytest.approx(100)
+
+
+def test_spread_idle_moves_idle_into_the_next_requests():
+    dev, meter = device(spread_idle=True)
+    meter.joules = 8
+    dev.tick()
+    usage = Usage()
+    share = dev.open(usage)
+    usage.completion_tokens = 1
+    meter.joules = 10
+    assert dev.close_share(share) == pytest.approx(10)  # 2 J own + 8 J idle overhead
+    assert dev.totals.idle_j == pytest.approx(8) and dev.totals.idle_spread_j == pytest.approx(8)
+    assert dev.check_invariant() == pytest.approx(0, abs=1e-9)
+
+
+def test_tier_scale_weights_work():
+    dev, meter = device()
+    small, big = Usage(), Usage()
+    s_small, s_big = dev.open(small, scale=1.0), dev.open(big, scale=3.0)
+    small.completion_tokens = big.completion_tokens = 10
+    meter.joules = 40
+    dev.tick()
+    assert (s_small.joules, s_big.joules) == (pytest.approx(10), pytest.approx(30))
+
+
+def test_invariant_holds_under_random_concurrency():
+    rng = random.Random(7)
+    dev, meter = device(spread_idle=False)
+    open_shares: list[tuple[Usage, object]] = []
+    closed_total = 0.0
+    for _ in range(2000):
+        action = rng.random()
+        if action < 0.2:
+            usage = Usage()
+            open_shares.append((usage, dev.open(usage, scale=rng.choice([1.0, 1.7]))))
+        elif action < 0.35 and open_shares:
+            _, share = open_shares.pop(rng.randrange(len(open_shares)))
+            closed_total += dev.close_share(share)
+        else:
+            for usage, _ in open_shares:
+                if rng.random() < 0.7:
+                    usage.completion_tokens += rng.randint(0, 3)
+                    usage.prompt_tokens += rng.choice([0, 0, 0, rng.randint(1, 200)])
+            meter.joules += rng.uniform(0, 5)
+            if rng.random() < 0.5:
+                dev.tick()
+    for _, share in open_shares:
+        closed_total += dev.close_share(share)
+    meter.joules += 1.0
+    dev.tick()
+    assert closed_total + dev.totals.idle_j == pytest.approx(meter.joules, rel=1e-9)
+    assert dev.check_invariant() < 1e-6
+
+
+def test_token_price_device_charges_exactly_the_price():
+    meter = TokenPriceMeter(0.01, 0.2)
+    dev = EnergyDevice("up", meter, prompt_weight=0.01, output_weight=0.2)
+    dev.start()
+    a, b = Usage(), Usage()
+    sa, sb = dev.open(a), dev.open(b)
+    a.prompt_tokens, a.completion_tokens = 100, 10
+    b.prompt_tokens, b.completion_tokens = 10, 50
+    assert dev.close_share(sa) == pytest.approx(100 * 0.01 + 10 * 0.2)
+    assert dev.close_share(sb) == pytest.approx(10 * 0.01 + 50 * 0.2)
+    assert dev.source == "estimated"
+
+
+def test_calibration_learns_and_persists(tmp_path):
+    path = tmp_path / "cal.json"
+    cal = Calibration(path)
+    cal.seed("small", 0.01, 0.5)
+    assert cal.per_token("small") == pytest.approx((0.01, 0.5))
+    rng = random.Random(3)
+    for _ in range(400):
+        p, o = rng.randint(10, 400), rng.randint(1, 200)
+        cal.update("small", p, o, 0.03 * p + 1.2 * o)
+    a, b = cal.per_token("small")
+    assert a == pytest.approx(0.03, rel=0.1) and b == pytest.approx(1.2, rel=0.01)
+    assert cal.predict("small", 100, 50) == pytest.approx(0.03 * 100 + 1.2 * 50, rel=0.03)
+    cal.save()
+    again = Calibration(path)
+    again.seed("small", 0.01, 0.5)  # seeds update, learning is kept
+    assert again.per_token("small") == pytest.approx((a, b))
+    path.write_text("{broken")
+    assert Calibration(path).per_token("small") == (0.0, 0.0)
