@@ -54,11 +54,20 @@ def ensure_default_keys() -> dict[str, str]:
     return keys
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every upstream request at INFO: noise, and work on the hot path.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+def log_config(level: str) -> dict:
+    """uvicorn's logging set-up plus joulegate's loggers. Passed to uvicorn so that every
+    worker process applies it (a worker is a fresh interpreter)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["joulegate"] = {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+    config["handlers"]["joulegate"] = {"class": "logging.StreamHandler", "formatter": "joulegate",
+                                       "stream": "ext://sys.stderr"}
+    config["loggers"]["joulegate"] = {"handlers": ["joulegate"], "level": level.upper(),
+                                      "propagate": False}
+    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -66,7 +75,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import POLICY_ENV, create_app
 
-    _configure_logging(args.log_level)
     path = Path(args.policy) if args.policy else DEFAULT_POLICY_PATH
     try:
         policy = load_policy(path)
@@ -82,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or policy.server.host
     port = args.port if args.port is not None else policy.server.port
     options = dict(host=host, port=port, loop="uvloop", http="httptools", access_log=False,
-                   log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
+                   log_level=args.log_level.lower(), log_config=log_config(args.log_level),
+                   timeout_graceful_shutdown=10)
     if args.workers > 1:
         os.environ[POLICY_ENV] = str(path.resolve())
         # Workers keep their metrics in files here; GET /metrics merges them.

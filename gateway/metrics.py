@@ -10,6 +10,7 @@ from the policy, anything else is ``other``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +30,16 @@ _JPT_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
 def bound(value: str | None, allowed) -> str:
     """``value`` if the policy knows it, else ``other`` (keeps label cardinality bounded)."""
     return value if value is not None and value in allowed else OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    energy: Counter
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    duration: Histogram
+    ttft: Histogram
+    joules_per_token: Histogram
 
 
 class Metrics:
@@ -55,6 +66,23 @@ class Metrics:
         self.ttft = Histogram("joulegate_time_to_first_token_seconds",
                               "Streaming: latency to the first token.", ["tier"],
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self._children: dict[tuple[str, str, str], RequestMetrics] = {}
+
+    def for_request(self, tenant: str, tier: str, source: str) -> RequestMetrics:
+        """The labelled children one request updates, cached per label combination (the
+        combinations are bounded by the policy, so the cache is too)."""
+        key = (tenant, tier, source)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = RequestMetrics(
+                energy=self.energy.labels(tenant, tier, source),
+                prompt_tokens=self.tokens.labels(tenant, tier, "prompt"),
+                completion_tokens=self.tokens.labels(tenant, tier, "completion"),
+                duration=self.duration.labels(tier),
+                ttft=self.ttft.labels(tier),
+                joules_per_token=self.joules_per_token.labels(tier),
+            )
+        return children
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (merged across worker processes)."""

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -89,14 +89,15 @@ class Call:
         elapsed = time.perf_counter() - self.started
         m.requests.labels(tenant, tier, str(self.status)).inc()
         if self.energy is not None:
-            m.energy.labels(tenant, tier, self.energy.source).inc(self.joules)
-            m.tokens.labels(tenant, tier, "prompt").inc(self.prompt_tokens)
-            m.tokens.labels(tenant, tier, "completion").inc(self.completion_tokens)
-            m.duration.labels(tier).observe(elapsed)
+            c = m.for_request(tenant, tier, self.energy.source)
+            c.energy.inc(self.joules)
+            c.prompt_tokens.inc(self.prompt_tokens)
+            c.completion_tokens.inc(self.completion_tokens)
+            c.duration.observe(elapsed)
             if self.first_token_s is not None:
-                m.ttft.labels(tier).observe(self.first_token_s)
+                c.ttft.observe(self.first_token_s)
             if self.completion_tokens > 0:
-                m.joules_per_token.labels(tier).observe(self.joules / self.completion_tokens)
+                c.joules_per_token.observe(self.joules / self.completion_tokens)
             if self.status == 200 and self.tier is not None:
                 runtime.calibration.update(self.tier, self.prompt_tokens,
                                            self.completion_tokens, self.joules)
@@ -133,7 +134,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> Response:
     """Serve ``POST /v1/chat/completions`` (``chat``) or ``POST /v1/completions``."""
-    call = Call(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+    call = Call(request_id=(request.headers.get("x-request-id") or "")[:128] or os.urandom(16).hex(),
                 endpoint="chat" if chat else "completions")
     snap = runtime.acquire()
     handed_off = False  # a streaming response releases the snapshot when it ends

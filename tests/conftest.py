@@ -62,7 +62,8 @@ def llamacpp_policy(**server) -> dict:
 class Gateway:
     """A real ``joulegate serve`` process on a loopback port."""
 
-    def __init__(self, policy: dict, workdir: Path, env: dict[str, str] | None = None):
+    def __init__(self, policy: dict, workdir: Path, env: dict[str, str] | None = None,
+                 workers: int = 1):
         self.policy_path = workdir / "policy.yaml"
         self.log_path = workdir / "gateway.log"
         self.write_policy(policy)
@@ -70,6 +71,7 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.workers = workers
 
     def write_policy(self, policy: dict) -> None:
         self.policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
@@ -78,7 +80,7 @@ class Gateway:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(self.policy_path),
-             "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=self._env,
+             "--port", str(self.port), "--workers", str(self.workers)], stdout=log, stderr=subprocess.STDOUT, env=self._env,
             start_new_session=True)
 
         def up() -> bool:

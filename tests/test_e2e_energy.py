@@ -127,3 +127,29 @@ def test_calibration_is_persisted_and_printed(tmp_path, small_model_path):
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("small "))
     assert float(row.split()[3]) == pytest.approx(3, rel=0.02)  # effective requests
+
+
+def test_metrics_merge_across_workers(tmp_path, small_model_path):
+    gw = Gateway(llamacpp_policy(), tmp_path, workers=2).start()
+    try:
+        wait_until(lambda: gw.log().count("Application startup complete") == 2, 120, 0.2,
+                   "both workers")
+        reported = 0.0
+        for _ in range(6):  # new connections: the kernel spreads them over both workers
+            with httpx.Client() as client:
+                resp = client.post(f"{gw.url}/v1/chat/completions", timeout=60,
+                                   headers={"authorization": f"Bearer {KEYS['acme']}"},
+                                   json={"model": "auto", "messages": HELLO, "max_tokens": 2})
+            assert resp.status_code == 200
+            reported += resp.json()["usage"]["energy_joules"]
+        ids = {json.loads(x.split(" joulegate.access ", 1)[1])["request_id"] for x in
+               gw.log().splitlines() if " joulegate.access " in x}
+        assert len(ids) == 6  # every worker writes its access log
+        for _ in range(3):  # every scrape, whichever worker answers it, sees all six
+            samples = scrape(gw)
+            assert value(samples, "joulegate_requests_total", tenant="acme", tier="small",
+                         status="200") == 6
+            assert value(samples, "joulegate_energy_joules_total", tenant="acme", tier="small",
+                         source="estimated") == pytest.approx(reported, abs=6e-6)
+    finally:
+        gw.stop()
