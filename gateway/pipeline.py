@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from backends import Backend, BackendError, Chunk, GenerationRequest
 from policies import TierSpec
@@ -192,18 +192,55 @@ def _response_id(call: Call, chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + call.request_id
 
 
-class _SSEResponse(StreamingResponse):
-    """A stream whose cleanup runs when the response ends, however it ends: also when the
-    client is gone before the first byte, when the body generator never even starts."""
+class _SSEResponse(Response):
+    """A server-sent-events response that owns its cleanup.
 
-    def __init__(self, content: AsyncIterator[bytes], cleanup, **kwargs):
-        super().__init__(content, **kwargs)
+    It streams ``content`` and, beside it, watches ``receive`` for the client's
+    disconnect, which cancels the stream at once (the backend stops generating). The
+    cleanup runs when the response ends, however it ends: also when the client is gone
+    before the first byte, when the body generator never even starts. (Starlette's
+    StreamingResponse does the watching with an anyio task group per stream, which cost
+    ~17% of the CPU of a streamed request through a fast upstream.)
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup, headers: dict[str, str]):
+        super().__init__(None, headers={**headers, "cache-control": "no-cache"})
+        # Response adds "content-length: 0" for an empty body; a stream has no length.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self._content = content
         self._cleanup = cleanup
 
     async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.current_task()
+        finished = False
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not finished:
+                disconnected = True
+                streaming.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async for event in self._content:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            streaming.uncancel()  # we cancelled ourselves: the client left, nothing to raise
         finally:
+            finished = True
+            watcher.cancel()
+            await self._content.aclose()
             await self._cleanup()
 
 
@@ -235,8 +272,7 @@ async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call, backend: Ba
         runtime.release(snap)
         call.record(runtime, snap)
 
-    return _SSEResponse(events(), cleanup, media_type="text/event-stream",
-                        headers={**headers, "cache-control": "no-cache"})
+    return _SSEResponse(events(), cleanup, headers)
 
 
 def _event(payload: dict) -> bytes:
@@ -245,30 +281,41 @@ def _event(payload: dict) -> bytes:
 
 async def _sse_events(call: Call, chunks: AsyncIterator[Chunk], first: Chunk, model: str,
                       chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE byte stream. Events known at the same moment go out as one write: the role
+    event with the first token, and the finish, usage and ``[DONE]`` events together."""
     rid, created = _response_id(call, chat), call.created
+    parts: list[bytes] = []
+    if chat:
+        parts.append(_event(wire.chat_chunk(rid, created, model,
+                                            {"role": "assistant", "content": ""}, None)))
+    chunk: Chunk | None = first
     try:
-        if chat:
-            yield _event(wire.chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
-                                         None))
-        chunk: Chunk | None = first
-        while chunk is not None:
+        while True:
+            if chunk is None:  # the backend ended without a finish reason
+                chunk = Chunk(finish_reason="stop")
             if chunk.text:
-                yield _event(wire.chat_chunk(rid, created, model, {"content": chunk.text}, None)
-                             if chat else wire.text_chunk(rid, created, model, chunk.text, None))
+                parts.append(_event(
+                    wire.chat_chunk(rid, created, model, {"content": chunk.text}, None) if chat
+                    else wire.text_chunk(rid, created, model, chunk.text, None)))
             if chunk.usage is not None:
                 call.prompt_tokens = chunk.usage.prompt_tokens
                 call.completion_tokens = chunk.usage.completion_tokens
             if chunk.finish_reason is not None:
                 finish = chunk.finish_reason
-                yield _event(wire.chat_chunk(rid, created, model, {}, finish) if chat
-                             else wire.text_chunk(rid, created, model, "", finish))
-                break
+                parts.append(_event(wire.chat_chunk(rid, created, model, {}, finish) if chat
+                                    else wire.text_chunk(rid, created, model, "", finish)))
+                call.settle_energy()
+                if include_usage:
+                    parts.append(_event(wire.usage_chunk(rid, created, model, chat, call.usage())))
+                parts.append(_SSE_DONE)
+                yield b"".join(parts)
+                return
+            if parts:
+                yield b"".join(parts)
+                parts = []
             chunk = await anext(chunks, None)
-        call.settle_energy()
-        if include_usage:
-            yield _event(wire.usage_chunk(rid, created, model, chat, call.usage()))
-        yield _SSE_DONE
     except BackendError as exc:
         err = from_backend_error(exc)
         call.status, call.error = err.status, err.code or err.type
-        yield _event(err.body())
+        parts.append(_event(err.body()))
+        yield b"".join(parts)
