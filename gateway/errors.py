@@ -61,11 +61,6 @@ class AuthenticationError(APIError):
         super().__init__(message, headers={"www-authenticate": "Bearer"})
 
 
-class PermissionDenied(APIError):
-    status = 403
-    type = "permission_error"
-
-
 class NotFound(APIError):
     status = 404
     code = "not_found"
@@ -74,11 +69,6 @@ class NotFound(APIError):
 class BodyTooLarge(APIError):
     status = 413
     code = "request_too_large"
-
-
-class RateLimited(APIError):
-    status = 429
-    type = "rate_limit_error"
 
 
 class UpstreamError(APIError):

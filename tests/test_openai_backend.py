@@ -125,25 +125,19 @@ def test_completions_through_http_upstream(gw):
     assert resp.choices[0].text and resp.usage.completion_tokens == 5
 
 
-def test_upstream_down_is_503(gw):
-    for stream in (False, True):
-        with pytest.raises(openai.APIStatusError) as info:
-            result = gw.client().chat.completions.create(model="down", messages=HELLO,
-                                                         max_tokens=4, stream=stream)
-            list(result) if stream else None
-        assert info.value.status_code == 503
-        assert info.value.body["code"] == "service_unavailable"
-        assert "unreachable" in info.value.body["message"]
-
-
-def test_upstream_hanging_is_504(gw):
-    for stream in (False, True):
-        with pytest.raises(openai.APIStatusError) as info:
-            result = gw.client().chat.completions.create(model="hang", messages=HELLO,
-                                                         max_tokens=4, stream=stream)
-            list(result) if stream else None
-        assert info.value.status_code == 504
-        assert info.value.body["code"] == "upstream_timeout"
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tier,status,code,words", [
+    ("down", 503, "service_unavailable", "unreachable"),  # nothing listens on the port
+    ("hang", 504, "upstream_timeout", "within"),          # accepts, never answers
+])
+def test_broken_upstreams(gw, tier, status, code, words, stream):
+    with pytest.raises(openai.APIStatusError) as info:
+        result = gw.client().chat.completions.create(model=tier, messages=HELLO, max_tokens=4,
+                                                     stream=stream)
+        list(result) if stream else None
+    assert info.value.status_code == status
+    assert info.value.body["code"] == code
+    assert words in info.value.body["message"]
 
 
 def test_readiness_reports_the_broken_upstreams(gw):
