@@ -66,6 +66,22 @@ class Metrics:
         self.ttft = Histogram("joulegate_time_to_first_token_seconds",
                               "Streaming: latency to the first token.", ["tier"],
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.budget_remaining = Gauge("joulegate_budget_remaining_joules",
+                                      "Joules left in the current period of a budget window.",
+                                      ["tenant", "window"], registry=r,
+                                      multiprocess_mode="mostrecent")
+        self.budget_reserved = Gauge("joulegate_budget_reserved_joules",
+                                     "Joules held by a tenant's requests in flight.", ["tenant"],
+                                     registry=r, multiprocess_mode="mostrecent")
+        self.budget_rejections = Counter("joulegate_budget_rejections",
+                                         "Requests refused (or served unmetered) by budgets.",
+                                         ["tenant", "reason"], registry=r)
+        self.budget_degradations = Counter("joulegate_budget_degradations",
+                                           "Requests moved to a cheaper tier by their budget.",
+                                           ["tenant", "from", "to"], registry=r)
+        self.budget_soft_warnings = Counter("joulegate_budget_soft_warnings",
+                                            "Responses past a budget's soft threshold.",
+                                            ["tenant", "window"], registry=r)
         self._children: dict[tuple[str, str, str], RequestMetrics] = {}
 
     def for_request(self, tenant: str, tier: str, source: str) -> RequestMetrics:

@@ -6,11 +6,14 @@
 2. authenticate the key → tenant;
 3. read (size-limited) and validate the body;
 4. pick the tier (:mod:`gateway.routing`);
-5. open the request's energy share on the tier's device (:mod:`gateway.energy`);
-6. call the backend, whole or streamed;
-7. close the share: the joules measured (or estimated) for this request, on every path
-   (success, backend failure, client disconnect), so no joule is lost or counted twice;
-8. answer in the OpenAI format with ``usage.energy_joules`` / ``energy_source`` and the
+5. reserve its predicted joules against the tenant's budgets, degrading to a cheaper tier
+   or refusing with 429 when they do not fit (:mod:`gateway.budgets`);
+6. open the request's energy share on the tier's device (:mod:`gateway.energy`);
+7. call the backend, whole or streamed;
+8. close the share: the joules measured (or estimated) for this request, on every path
+   (success, backend failure, client disconnect), and settle the reservation with them,
+   so no joule is lost or counted twice (:func:`finish`);
+9. answer in the OpenAI format with ``usage.energy_joules`` / ``energy_source`` and the
    ``X-Joulegate-*`` headers; then metrics, calibration and one access-log line
    (:meth:`Call.record`).
 
@@ -38,6 +41,7 @@ from policies import TierSpec
 
 from . import openai_types as wire
 from .auth import authenticate
+from .budgets.guard import Admission
 from .energy import RequestEnergy
 from .errors import APIError, BodyTooLarge, InvalidRequest, from_backend_error
 from .metrics import bound
@@ -67,6 +71,9 @@ class Call:
     error: str | None = None
     energy: RequestEnergy | None = None
     joules: float = 0.0
+    admission: Admission | None = None
+    #: The ledger's key for this request: never the client's X-Request-Id, which may repeat.
+    ledger_id: str = field(default_factory=lambda: os.urandom(12).hex())
 
     def settle_energy(self) -> float:
         """Close the energy share (idempotent) and take the backend's final token counts."""
@@ -146,11 +153,20 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
         call.stream = body.stream
         tier = pick_tier(snap, call.tenant, body.model)
         call.tier = tier.name
-        backend = snap.backend_for(tier)
         generation = body.to_generation(tier.model, call.request_id)
+        admission = call.admission = await runtime.budgets.admit(
+            snap.policy, call.tenant, tier, call.ledger_id, generation)
+        tier = admission.tier
+        call.tier = tier.name
+        generation.model, generation.max_tokens = tier.model, admission.max_tokens
+        backend = snap.backend_for(tier)
         call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
                                           scale=tier.cost)
         headers = {"x-joulegate-tier": tier.name, "x-request-id": call.request_id}
+        if admission.degraded_from:
+            headers["x-joulegate-degraded"] = f"{admission.degraded_from}->{tier.name}"
+        if admission.warning:
+            headers["x-joulegate-budget-warning"] = admission.warning
         if body.stream:
             response = await _open_stream(runtime, snap, call, backend, generation, tier, chat,
                                           body.include_usage, headers)
@@ -179,7 +195,17 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
     finally:
         if not handed_off:
             runtime.release(snap)
-            call.record(runtime, snap)
+            await finish(runtime, snap, call)
+
+
+async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
+    """The request's last step: its joules settle the budget reservation, then metrics,
+    calibration and the access log. Runs exactly once per request, on every path."""
+    joules = call.settle_energy()
+    if call.admission is not None and call.tenant is not None:
+        await runtime.budgets.settle(snap.policy, call.tenant, call.ledger_id, call.admission,
+                                     joules)
+    call.record(runtime, snap)
 
 
 def _take_tokens(call: Call, generation: GenerationRequest) -> None:
@@ -270,7 +296,7 @@ async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call, backend: Ba
         if call.status != 200:  # failed or abandoned: charge the tokens actually processed
             _take_tokens(call, generation)
         runtime.release(snap)
-        call.record(runtime, snap)
+        await finish(runtime, snap, call)
 
     return _SSEResponse(events(), cleanup, headers)
 

@@ -20,6 +20,8 @@ from backends import Backend, create_backend
 from policies import Policy, PolicyError, PolicyIssue, TierSpec, load_policy, resolve_key_ref
 
 from .auth import KeyIndex
+from .budgets import EmbeddedLedger, Ledger
+from .budgets.guard import BudgetGuard
 from .energy import Calibration, EnergyAccounting, EnergyDevice, Reading
 from .metrics import Metrics
 
@@ -83,6 +85,7 @@ class Runtime:
         self.metrics = Metrics()
         self.energy = EnergyAccounting(on_tick=self._on_energy_tick)
         self.calibration: Calibration = Calibration()
+        self.budgets: BudgetGuard | None = None
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
         self._reload_lock = asyncio.Lock()
@@ -114,7 +117,21 @@ class Runtime:
         policy = load_policy(self.policy_path)
         state = Path(policy.state_dir).expanduser() if policy.state_dir else default_state_dir()
         self.calibration = Calibration(state / "calibration.json")
+        self.budgets = self._budget_guard(policy, state)
         self._current = await self._build(policy, version=1)
+        self.budgets.start()
+
+    def _budget_guard(self, policy: Policy, state: Path) -> BudgetGuard:
+        spec = policy.ledger
+        if spec.kind == "redis":
+            from .budgets.redis_ledger import RedisLedger
+
+            ledger: Ledger = RedisLedger(spec.url or "")
+        else:
+            ledger = EmbeddedLedger(Path(spec.path).expanduser() if spec.path
+                                    else state / "ledger.sqlite")
+        return BudgetGuard(ledger, spec.reservation_ttl_s, spec.on_unavailable == "fail_open",
+                           self.metrics, self.calibration)
 
     def _on_energy_tick(self, device: EnergyDevice, reading: Reading, idle_j: float) -> None:
         for dev, watts in reading.watts.items():
@@ -128,6 +145,8 @@ class Runtime:
             old = self.current
             new = await self._build(load_policy(self.policy_path), version=old.version + 1,
                                     reuse=old)
+            if new.policy.ledger != old.policy.ledger:
+                log.warning("ledger settings changed: they take effect at the next restart")
             self._current = new
             old.retired = True
             self._retired.append(old)
@@ -141,6 +160,8 @@ class Runtime:
         await asyncio.gather(*(b.close() for b in live.values()), return_exceptions=True)
         self.energy.close()
         self.calibration.save()
+        if self.budgets is not None:
+            await self.budgets.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self._current = None

@@ -162,12 +162,49 @@ class TierSpec(_Strict):
     joules_per_output_token: float = Field(0.5, ge=0)
 
 
+class BudgetSpec(_Strict):
+    window: Literal["1m", "1h", "1d", "7d", "30d", "calendar-month"]
+    joules: float = Field(gt=0)
+    #: Past this share of the window's budget, responses carry X-Joulegate-Budget-Warning.
+    soft_pct: float = Field(80.0, gt=0, le=100)
+
+
+class LedgerSpec(_Strict):
+    """Where budget spend is kept."""
+
+    #: ``embedded``: a SQLite file (one host; safe across its worker processes).
+    #: ``redis``: shared by every gateway replica (required beyond one host).
+    kind: Literal["embedded", "redis"] = "embedded"
+    #: embedded: the file; default ``<state_dir>/ledger.sqlite``.
+    path: str | None = None
+    #: redis: the server, e.g. ``redis://redis:6379/0``.
+    url: str | None = None
+    #: When Redis cannot be reached: ``fail_closed`` answers 503; ``fail_open`` serves,
+    #: keeps the spend locally and records it in Redis once it is back.
+    on_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
+    #: A reservation neither settled nor released by then (a crashed gateway) returns to
+    #: the budget.
+    reservation_ttl_s: float = Field(600.0, gt=0, le=86400)
+
+
 class TenantSpec(_Strict):
     keys: list[KeyRefStr] = Field(min_length=1)
     #: Tiers this tenant may use; omitted: all tiers.
     tiers: list[str] | None = None
     #: The tier ``model: "auto"`` resolves to (until difficulty routing chooses).
     default_tier: str
+    #: Joule budgets, all enforced at once.
+    budgets: list[BudgetSpec] = Field(default_factory=list)
+    #: When a request's predicted joules do not fit: ``degrade`` to the most capable
+    #: cheaper tier (of ``degrade_ladder``) whose prediction fits, else 429; ``reject``: 429.
+    on_exhausted: Literal["degrade", "reject"] = "degrade"
+    #: Tiers to degrade through; default: the tenant's tiers.
+    degrade_ladder: list[str] | None = None
+    #: Cap on max_tokens when degrading.
+    degrade_max_tokens: int | None = Field(None, ge=1)
+    #: max_tokens assumed (and enforced) for budgeted requests that give none, so that a
+    #: reservation bounds what the request may spend.
+    default_max_tokens: int = Field(1024, ge=1, le=1 << 20)
 
 
 class Policy(_Strict):
@@ -176,6 +213,7 @@ class Policy(_Strict):
     state_dir: str | None = None
     server: ServerSpec = ServerSpec()
     admin: AdminSpec = AdminSpec()
+    ledger: LedgerSpec = LedgerSpec()
     backends: dict[Annotated[str, Field(pattern=NAME_PATTERN)], BackendSpec] = Field(min_length=1)
     tiers: list[TierSpec] = Field(min_length=1)
     tenants: dict[Annotated[str, Field(pattern=NAME_PATTERN)], TenantSpec] = Field(min_length=1)
@@ -223,9 +261,18 @@ class Policy(_Strict):
             if tenant.default_tier not in allowed:
                 issues.append((f"{where}.default_tier", f"'{tenant.default_tier}' is not one of this "
                                f"tenant's tiers ({', '.join(allowed)})"))
+            for j, t in enumerate(tenant.degrade_ladder or []):
+                if t not in allowed:
+                    issues.append((f"{where}.degrade_ladder[{j}]", f"'{t}' is not one of this "
+                                   f"tenant's tiers ({', '.join(allowed)})"))
+            windows = [b.window for b in tenant.budgets]
+            if len(set(windows)) != len(windows):
+                issues.append((f"{where}.budgets", "each window may have one budget"))
             for j, k in enumerate(tenant.keys):
                 if k in seen_keys:
                     issues.append((f"{where}.keys[{j}]", f"the same key is also given to tenant "
                                    f"'{seen_keys[k]}'; a key must identify one tenant"))
                 seen_keys.setdefault(k, name)
+        if self.ledger.kind == "redis" and not self.ledger.url:
+            issues.append(("ledger.url", "a redis ledger needs url (e.g. redis://host:6379/0)"))
         return issues

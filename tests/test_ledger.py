@@ -199,6 +199,18 @@ def test_spend_survives_a_restart(ledgers):
     ledgers.run(body)
 
 
+def test_record_without_reservation_is_idempotent(ledgers):
+    async def body():
+        ledger = ledgers.new()
+        assert await ledger.record("acme", "offline-1", 30.0, LIMITS, now=NOW)
+        assert not await ledger.record("acme", "offline-1", 30.0, LIMITS, now=NOW)
+        states = await ledger.status("acme", LIMITS, now=NOW)
+        assert [(s.spent, s.reserved) for s in states] == [(30.0, 0.0)] * 2
+        assert not await ledger.settle("acme", "offline-1", 30.0)  # already counted
+
+    ledgers.run(body)
+
+
 def test_redis_down_is_reported():
     async def body():
         ledger = RedisLedger(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)

@@ -125,6 +125,22 @@ class EmbeddedLedger(Ledger):
     async def release(self, tenant: str, request_id: str) -> bool:
         return self._finish(tenant, request_id, None)
 
+    async def record(self, tenant: str, request_id: str, joules: float, limits: list[Limit],
+                     now: float) -> bool:
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM reservations WHERE request_id=?",
+                                (request_id,)).fetchone():
+                return False
+            states = [self._bucket(tenant, limit, now) for limit in limits]
+            for state in states:
+                self._db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE tenant=? "
+                                 "AND window=? AND period_start=?",
+                                 (joules, tenant, state.window, state.period_start))
+            periods = [[s.window, s.period_start] for s in states]
+            self._db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'settled')",
+                             (request_id, tenant, joules, json.dumps(periods), now))
+        return True
+
     async def status(self, tenant: str, limits: list[Limit],
                      now: float | None = None) -> list[WindowState]:
         now = time.time() if now is None else now

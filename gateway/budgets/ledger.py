@@ -77,6 +77,12 @@ class Ledger(abc.ABC):
         """Return the reservation unspent (the request never ran). False if unknown/done."""
 
     @abc.abstractmethod
+    async def record(self, tenant: str, request_id: str, joules: float, limits: list[Limit],
+                     now: float) -> bool:
+        """Spend ``joules`` at time ``now`` without a reservation (spend counted while the
+        ledger was unreachable). Idempotent by request id: False if already known."""
+
+    @abc.abstractmethod
     async def status(self, tenant: str, limits: list[Limit],
                      now: float | None = None) -> list[WindowState]:
         """Each window's current period: spent, reserved, granted, remaining."""

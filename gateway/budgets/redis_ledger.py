@@ -90,6 +90,20 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """
 
+# KEYS: reservation key, bucket keys...  ARGV: joules, keep, then per bucket: period end.
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local held = {}
+for i = 2, #KEYS do
+  redis.call('HINCRBYFLOAT', KEYS[i], 'spent', ARGV[1])
+  redis.call('EXPIREAT', KEYS[i], math.floor(tonumber(ARGV[1 + i]) + tonumber(ARGV[2])))
+  held[#held + 1] = KEYS[i]
+end
+redis.call('HSET', KEYS[1], 'joules', ARGV[1], 'periods', table.concat(held, ';'), 'state', 'settled')
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
+return 1
+"""
+
 # KEYS: active set, bucket keys...  ARGV: now, prefix.
 _STATUS = _EXPIRE + """
 expire_stale(KEYS[1], tonumber(ARGV[1]), ARGV[2])
@@ -134,6 +148,7 @@ class RedisLedger(Ledger):
         self._reserve, self._finish, self._status = register(_RESERVE), register(_FINISH), \
             register(_STATUS)
         self._expire, self._adjust = register(_EXPIRE_ONLY), register(_ADJUST)
+        self._record = register(_RECORD)
 
     async def _call(self, script, keys: list[str], args: list) -> object:
         try:
@@ -180,6 +195,14 @@ class RedisLedger(Ledger):
 
     async def release(self, tenant: str, request_id: str) -> bool:
         return await self._done(tenant, request_id, "")
+
+    async def record(self, tenant: str, request_id: str, joules: float, limits: list[Limit],
+                     now: float) -> bool:
+        prefix = _prefix(tenant)
+        buckets = list(self._buckets(tenant, limits, now))
+        out = await self._call(self._record, [f"{prefix}r:{request_id}", *(b[0] for b in buckets)],
+                               [repr(float(joules)), _KEEP_S, *(b[3] for b in buckets)])
+        return int(out) == 1
 
     async def status(self, tenant: str, limits: list[Limit],
                      now: float | None = None) -> list[WindowState]:

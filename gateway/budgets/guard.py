@@ -1,0 +1,203 @@
+"""Admission under joule budgets: reserve before a request runs, settle after.
+
+:meth:`BudgetGuard.admit` predicts the request's joules from the tier's calibration
+(estimated prompt tokens x J/prompt token + max_tokens x J/output token) and reserves
+them against every window of the tenant's budgets. If they do not fit and the tenant
+degrades, it tries the cheaper tiers of its ladder, most capable first (with
+``degrade_max_tokens``); if nothing fits, the request gets 429 with ``Retry-After`` set
+to when the refusing window's period ends. :meth:`BudgetGuard.settle` records the joules
+the request actually used; a settle that cannot reach the ledger is queued and retried,
+so no joule is lost. With ``fail_open``, requests admitted while the ledger is down are
+served and their spend is recorded (idempotently) once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from backends import GenerationRequest
+from policies import Policy, TenantSpec, TierSpec
+
+from ..energy import Calibration
+from ..errors import APIError, ServiceUnavailable
+from ..metrics import Metrics
+from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
+
+log = logging.getLogger("joulegate.budgets")
+
+
+class BudgetExhausted(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "budget_exhausted"
+
+
+def estimate_prompt_tokens(generation: GenerationRequest) -> int:
+    """About 4 characters per token, plus a few tokens of chat framing per message."""
+    if generation.messages is not None:
+        return sum(len(m["content"]) // 4 + 4 for m in generation.messages)
+    return len(generation.prompt or "") // 4 + 1
+
+
+@dataclass
+class Admission:
+    tier: TierSpec
+    max_tokens: int | None
+    reservation: Reservation | None = None
+    degraded_from: str | None = None
+    warning: str | None = None
+    #: fail_open while the ledger was unreachable: spend is recorded later.
+    offline: bool = False
+
+
+class BudgetGuard:
+    def __init__(self, ledger: Ledger, ttl_s: float, fail_open: bool, metrics: Metrics,
+                 calibration: Calibration):
+        self.ledger = ledger
+        self.ttl_s = ttl_s
+        self.fail_open = fail_open
+        self.metrics = metrics
+        self.calibration = calibration
+        self._pending: list[tuple] = []  # settles/records waiting for the ledger
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._reconcile())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._flush()
+        if self._pending:
+            log.error("%d budget settles could not reach the ledger before shutdown",
+                      len(self._pending))
+        await self.ledger.close()
+
+    @staticmethod
+    def limits(spec: TenantSpec) -> list[Limit]:
+        return [Limit(b.window, b.joules) for b in spec.budgets]
+
+    # -- admission ----------------------------------------------------------------------
+
+    async def admit(self, policy: Policy, tenant: str, tier: TierSpec, request_id: str,
+                    generation: GenerationRequest, pinned: bool = False) -> Admission:
+        spec = policy.tenants[tenant]
+        max_tokens = generation.max_tokens
+        if not spec.budgets:
+            return Admission(tier, max_tokens)
+        max_tokens = max_tokens or spec.default_max_tokens
+        limits = self.limits(spec)
+        prompt = estimate_prompt_tokens(generation)
+        candidates = [(tier, max_tokens)]
+        if spec.on_exhausted == "degrade":
+            ladder = set(spec.degrade_ladder or [t.name for t in policy.tenant_tiers(tenant)])
+            cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
+            candidates += [(t, cap) for t in reversed(policy.ordered_tiers())
+                           if t.name in ladder and t.cost < tier.cost]
+        refused: Reservation | None = None
+        for candidate, tokens in candidates:
+            joules = self.calibration.predict(candidate.name, prompt, tokens)
+            try:
+                reservation = await self.ledger.reserve(tenant, request_id, joules, limits,
+                                                        self.ttl_s)
+            except LedgerUnavailable as exc:
+                return self._ledger_down(tenant, tier, max_tokens, exc)
+            self._gauges(tenant, reservation.windows)
+            if reservation.ok:
+                admission = Admission(candidate, tokens, reservation,
+                                      tier.name if candidate is not tier else None,
+                                      self._warning(tenant, spec, reservation.windows))
+                if admission.degraded_from:
+                    self.metrics.budget_degradations.labels(tenant, tier.name,
+                                                            candidate.name).inc()
+                return admission
+            refused = refused or reservation
+        assert refused is not None and refused.short is not None
+        self.metrics.budget_rejections.labels(tenant, "exhausted").inc()
+        short = refused.short
+        retry = max(1, int(refused.retry_after_s(time.time()) + 0.999))
+        raise BudgetExhausted(
+            f"tenant '{tenant}' has {max(short.remaining, 0):.1f} J left of its "
+            f"{short.limit + short.granted:g} J budget for the {short.window} window; this "
+            f"request needs about {refused.joules:.1f} J. The window frees in {retry} s.",
+            headers={"retry-after": str(retry)})
+
+    def _ledger_down(self, tenant: str, tier: TierSpec, max_tokens: int | None,
+                     exc: Exception) -> Admission:
+        if self.fail_open:
+            self.metrics.budget_rejections.labels(tenant, "ledger_down_served").inc()
+            log.warning("budget ledger unavailable (%s): serving %s under fail_open", exc, tenant)
+            return Admission(tier, max_tokens, offline=True)
+        self.metrics.budget_rejections.labels(tenant, "ledger_down").inc()
+        raise ServiceUnavailable(f"the budget ledger is unavailable ({exc}); requests of "
+                                 f"budgeted tenants are refused (fail_closed)",
+                                 code="ledger_unavailable", headers={"retry-after": "5"})
+
+    def _warning(self, tenant: str, spec: TenantSpec, windows: list[WindowState]) -> str | None:
+        notes = []
+        for budget, state in zip(spec.budgets, windows):
+            total = state.limit + state.granted
+            used = (state.spent + state.reserved) / total * 100 if total > 0 else 100.0
+            if used >= budget.soft_pct:
+                notes.append(f"{budget.window}={used:.0f}%")
+                self.metrics.budget_soft_warnings.labels(tenant, budget.window).inc()
+        return ", ".join(notes) or None
+
+    def _gauges(self, tenant: str, windows: list[WindowState]) -> None:
+        for state in windows:
+            self.metrics.budget_remaining.labels(tenant, state.window).set(state.remaining)
+        if windows:
+            self.metrics.budget_reserved.labels(tenant).set(windows[0].reserved)
+
+    # -- settling -----------------------------------------------------------------------
+
+    async def settle(self, policy: Policy, tenant: str, request_id: str, admission: Admission,
+                     joules: float) -> None:
+        if admission.reservation is not None:
+            op = ("settle", tenant, request_id, joules)
+        elif admission.offline:
+            op = ("record", tenant, request_id, joules,
+                  self.limits(policy.tenants[tenant]), time.time())
+        else:
+            return
+        try:
+            await self._apply(op)
+        except LedgerUnavailable:
+            self._pending.append(op)
+
+    async def _apply(self, op: tuple) -> None:
+        if op[0] == "settle":
+            await self.ledger.settle(*op[1:])
+        else:
+            await self.ledger.record(*op[1:])
+
+    async def _flush(self) -> None:
+        while self._pending:
+            try:
+                await self._apply(self._pending[0])
+            except LedgerUnavailable:
+                return
+            self._pending.pop(0)
+
+    async def _reconcile(self, every_s: float = 1.0, expire_every: int = 30) -> None:
+        """Retry queued settles every second; sweep expired reservations every 30 s (each
+        tenant's own are also swept on its next reservation)."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(every_s)
+            ticks += 1
+            if self._pending:
+                await self._flush()
+            if ticks % expire_every == 0:
+                with contextlib.suppress(LedgerUnavailable):
+                    await self.ledger.expire()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
