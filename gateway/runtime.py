@@ -20,7 +20,7 @@ from backends import Backend, create_backend
 from policies import Policy, PolicyError, PolicyIssue, TierSpec, load_policy, resolve_key_ref
 
 from .auth import KeyIndex
-from .budgets import EmbeddedLedger, Ledger
+from .budgets import open_ledger
 from .budgets.guard import BudgetGuard
 from .energy import Calibration, EnergyAccounting, EnergyDevice, Reading
 from .metrics import Metrics
@@ -123,15 +123,8 @@ class Runtime:
 
     def _budget_guard(self, policy: Policy, state: Path) -> BudgetGuard:
         spec = policy.ledger
-        if spec.kind == "redis":
-            from .budgets.redis_ledger import RedisLedger
-
-            ledger: Ledger = RedisLedger(spec.url or "")
-        else:
-            ledger = EmbeddedLedger(Path(spec.path).expanduser() if spec.path
-                                    else state / "ledger.sqlite")
-        return BudgetGuard(ledger, spec.reservation_ttl_s, spec.on_unavailable == "fail_open",
-                           self.metrics, self.calibration)
+        return BudgetGuard(open_ledger(spec, state), spec.reservation_ttl_s,
+                           spec.on_unavailable == "fail_open", self.metrics, self.calibration)
 
     def _on_energy_tick(self, device: EnergyDevice, reading: Reading, idle_j: float) -> None:
         for dev, watts in reading.watts.items():

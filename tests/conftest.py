@@ -132,3 +132,79 @@ def gateway(tmp_path_factory, small_model_path) -> Iterator[Gateway]:
     gw = Gateway(llamacpp_policy(), tmp_path_factory.mktemp("gw")).start()
     yield gw
     gw.stop()
+
+
+SHARED_BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+
+
+class FakeUpstream:
+    """The fast fake OpenAI upstream from ../shared/bench (fixed usage: 12 + 12 tokens)."""
+
+    def __init__(self, delay_ms: int = 0):
+        script = SHARED_BENCH / "fake_upstream.py"
+        if not script.is_file():
+            raise AssertionError(f"missing {script}: tests run with ../shared beside the checkout")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = subprocess.Popen([sys.executable, str(script), "--port", str(self.port),
+                                      "--delay-ms", str(delay_ms)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{self.url}/models", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 30, 0.05, "fake upstream")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port (no persistence)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind",
+                                      "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+                                          capture_output=True, text=True).stdout.strip() == "PONG",
+                   20, 0.05, "redis-server")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def priced_policy(upstream_url: str, tenant_extra: dict, ledger: dict | None = None) -> dict:
+    """Tiers `big` (2 J/token) and `small` (1 J/token) on one fake upstream, priced per token,
+    with calibration seeds equal to the prices."""
+
+    def tier(name, backend, price, cost):
+        return {"name": name, "backend": backend, "model": f"{name}-model", "cost": cost,
+                "joules_per_prompt_token": price, "joules_per_output_token": price}
+
+    def backend(price):
+        return {"kind": "openai", "base_url": upstream_url,
+                "energy": {"meter": "estimated", "joules_per_prompt_token": price,
+                           "joules_per_output_token": price}}
+
+    policy = {
+        "version": 1,
+        "admin": {"keys": ["sha256:" + key_digest(ADMIN_KEY)]},
+        "backends": {"up-big": backend(2.0), "up-small": backend(1.0)},
+        "tiers": [tier("big", "up-big", 2.0, 2.0), tier("small", "up-small", 1.0, 1.0)],
+        "tenants": {"acme": tenant("acme", default_tier="big", **tenant_extra),
+                    "globex": tenant("globex", default_tier="big")},
+    }
+    if ledger:
+        policy["ledger"] = ledger
+    return policy
