@@ -120,8 +120,10 @@ class BudgetGuard:
             refused = refused or reservation
         assert refused is not None and refused.short is not None
         self.metrics.budget_rejections.labels(tenant, "exhausted").inc()
-        short = refused.short
-        retry = max(1, int(refused.retry_after_s(time.time()) + 0.999))
+        # The request fits again once every short window has reset: name the last of them.
+        short = max((w for w in refused.windows if w.remaining < refused.joules),
+                    key=lambda w: w.period_end)
+        retry = max(1, int(short.period_end - time.time() + 0.999))
         raise BudgetExhausted(
             f"tenant '{tenant}' has {max(short.remaining, 0):.1f} J left of its "
             f"{short.limit + short.granted:g} J budget for the {short.window} window; this "
