@@ -152,11 +152,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_energy(args: argparse.Namespace) -> int:
     from .energy import Calibration
 
-    try:
-        policy, state = _policy_state(args.policy)
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    policy, state = _policy_state(args.policy)
     cal = Calibration(state / "calibration.json")
     for tier in policy.ordered_tiers():
         cal.seed(tier.name, tier.joules_per_prompt_token, tier.joules_per_output_token)
@@ -171,10 +167,15 @@ def cmd_energy(args: argparse.Namespace) -> int:
 
 
 def _policy_state(policy_file: str | None):
-    from .runtime import default_state_dir
+    """The policy (default: the embedded one) and its state folder; exit 2 if invalid."""
+    from .runtime import state_dir
 
-    policy = load_policy(policy_file or DEFAULT_POLICY_PATH)
-    return policy, (Path(policy.state_dir).expanduser() if policy.state_dir else default_state_dir())
+    try:
+        policy = load_policy(policy_file or DEFAULT_POLICY_PATH)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    return policy, state_dir(policy)
 
 
 def cmd_budget_show(args: argparse.Namespace) -> int:
@@ -182,11 +183,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
 
     from .budgets import LedgerUnavailable, Limit, open_ledger
 
-    try:
-        policy, state = _policy_state(args.policy)
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    policy, state = _policy_state(args.policy)
     spec = policy.tenants.get(args.tenant)
     if spec is None:
         print(f"no tenant '{args.tenant}' in the policy", file=sys.stderr)

@@ -71,7 +71,11 @@ def index_keys(policy: Policy, source: str) -> tuple[KeyIndex, KeyIndex]:
     return tenants, admin
 
 
-def default_state_dir() -> Path:
+def state_dir(policy: Policy) -> Path:
+    """Where calibration and the embedded ledger live: the policy's ``state_dir``, else
+    ``$XDG_STATE_HOME/joulegate`` (``~/.local/state/joulegate``)."""
+    if policy.state_dir:
+        return Path(policy.state_dir).expanduser()
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "joulegate"
 
@@ -115,7 +119,7 @@ class Runtime:
     async def start(self) -> None:
         """Load the policy and start every backend. Raises on any failure."""
         policy = load_policy(self.policy_path)
-        state = Path(policy.state_dir).expanduser() if policy.state_dir else default_state_dir()
+        state = state_dir(policy)
         self.calibration = Calibration(state / "calibration.json")
         self.budgets = self._budget_guard(policy, state)
         self._current = await self._build(policy, version=1)
