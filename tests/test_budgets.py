@@ -86,6 +86,9 @@ def test_reject_with_retry_after_and_exact_spend(gateway_for):
     (window,) = body["windows"]
     assert window["spent_joules"] == pytest.approx(spent) and window["reserved_joules"] == 0
     assert window["remaining_joules"] == pytest.approx(4.0)
+    gauge = 'joulegate_budget_remaining_joules{tenant="acme",window="1d"} 4.0'
+    wait_until(lambda: gauge in httpx.get(f"{gw.url}/metrics").text, 5, 0.2, "gauge refresh")
+    assert 'joulegate_budget_reserved_joules{tenant="acme"} 0.0' in httpx.get(f"{gw.url}/metrics").text
 
 
 def test_degrade_to_a_cheaper_tier_then_reject(gateway_for):

@@ -64,6 +64,8 @@ class BudgetGuard:
         self.calibration = calibration
         self._pending: list[tuple] = []  # settles/records waiting for the ledger
         self._task: asyncio.Task | None = None
+        #: Budgeted tenants seen so far (bounded by the policy), whose gauges are refreshed.
+        self._watched: dict[str, list[Limit]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._reconcile())
@@ -92,7 +94,7 @@ class BudgetGuard:
         if not spec.budgets:
             return Admission(tier, max_tokens)
         max_tokens = max_tokens or spec.default_max_tokens
-        limits = self.limits(spec)
+        limits = self._watched[tenant] = self.limits(spec)
         prompt = estimate_prompt_tokens(generation)
         candidates = [(tier, max_tokens)]
         if spec.on_exhausted == "degrade":
@@ -188,14 +190,18 @@ class BudgetGuard:
             self._pending.pop(0)
 
     async def _reconcile(self, every_s: float = 1.0, expire_every: int = 30) -> None:
-        """Retry queued settles every second; sweep expired reservations every 30 s (each
-        tenant's own are also swept on its next reservation)."""
+        """Every second: retry queued settles and refresh the budget gauges of the tenants
+        seen; every 30 s: sweep expired reservations (each tenant's own are also swept on
+        its next reservation)."""
         ticks = 0
         while True:
             await asyncio.sleep(every_s)
             ticks += 1
             if self._pending:
                 await self._flush()
+            for tenant, limits in list(self._watched.items()):
+                with contextlib.suppress(LedgerUnavailable):
+                    self._gauges(tenant, await self.ledger.status(tenant, limits))
             if ticks % expire_every == 0:
                 with contextlib.suppress(LedgerUnavailable):
                     await self.ledger.expire()
