@@ -30,11 +30,13 @@ KEY = "sk-bench-joulegate"
 UPSTREAM_PORT = 18080
 
 
-def policy_yaml() -> str:
+def policy_yaml(budgeted: bool = False) -> str:
     import hashlib
 
     digest = hashlib.sha256(KEY.encode()).hexdigest()
+    budget = "\n    budgets: [{window: 1d, joules: 1.0e12}]" if budgeted else ""
     return f"""version: 1
+state_dir: {RESULTS / "runs" / "state"}
 backends:
   fake:
     kind: openai
@@ -44,7 +46,7 @@ tiers:
 tenants:
   bench:
     keys: ["sha256:{digest}"]
-    default_tier: fake
+    default_tier: fake{budget}
 """
 
 
@@ -112,6 +114,8 @@ def main() -> int:
     parser.add_argument("--proxy-cpus", default="0", help="taskset list for the gateway ('' = unpinned)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
     parser.add_argument("--litellm", action="store_true", help="also measure the LiteLLM proxy")
+    parser.add_argument("--budgeted", action="store_true",
+                        help="give the tenant a joule budget (embedded ledger in the path)")
     parser.add_argument("--litellm-venv", default=str(Path(os.environ.get("TMPDIR", "/tmp")) /
                                                       "bench-venvs" / "litellm"))
     args = parser.parse_args()
@@ -123,7 +127,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     policy = RESULTS / "runs" / "overhead-policy.yaml"
     policy.parent.mkdir(parents=True, exist_ok=True)
-    policy.write_text(policy_yaml())
+    policy.write_text(policy_yaml(args.budgeted))
     joulegate = [str(Path(sys.executable).parent / "joulegate"), "serve", "--policy", str(policy),
                  "--port", "8000", "--workers", str(args.workers)]  # default logging: access log on
     gw_env = {"PROXY_BASE_URL": "http://127.0.0.1:8000/v1", "PROXY_API_KEY": KEY,
@@ -132,8 +136,9 @@ def main() -> int:
     results: dict[str, dict] = {}
     for stream in modes:
         mode = "stream" if stream else "json"
-        run = run_compare(bench, "joulegate", stream, args, joulegate, gw_env)
-        results[f"joulegate:{mode}"] = summarize(run)
+        label = "joulegate+budget" if args.budgeted else "joulegate"
+        run = run_compare(bench, label, stream, args, joulegate, gw_env)
+        results[f"{label}:{mode}"] = summarize(run)
         if args.litellm:
             venv = Path(args.litellm_venv)
             ensure_litellm(venv)
