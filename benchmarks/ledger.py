@@ -48,6 +48,13 @@ async def run(ledger, ops: int, concurrency: int) -> dict:
     return {"pairs_per_s": ops / wall, "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3}
 
 
+async def once(ledger, ops: int, concurrency: int) -> dict:
+    try:
+        return await run(ledger, ops, concurrency)
+    finally:
+        await ledger.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,14 +76,7 @@ def main() -> int:
             for name, make in (("embedded (SQLite)", lambda: EmbeddedLedger(Path(tmp) / "l.sqlite")),
                                ("redis (Lua, loopback)", lambda: RedisLedger(f"redis://127.0.0.1:{port}/0"))):
                 for conc in args.concurrency:
-                    async def once():
-                        ledger = make()
-                        try:
-                            return await run(ledger, args.ops, conc)
-                        finally:
-                            await ledger.close()
-
-                    rows.append((name, conc, asyncio.run(once())))
+                    rows.append((name, conc, asyncio.run(once(make(), args.ops, conc))))
     finally:
         redis.terminate()
     table = ("| ledger | concurrency | reserve+settle pairs/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n"

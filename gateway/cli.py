@@ -181,7 +181,8 @@ def _policy_state(policy_file: str | None):
 def cmd_budget_show(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .budgets import LedgerUnavailable, Limit, open_ledger
+    from .budgets import LedgerUnavailable, open_ledger
+    from .budgets.guard import BudgetGuard
 
     policy, state = _policy_state(args.policy)
     spec = policy.tenants.get(args.tenant)
@@ -195,7 +196,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     async def show() -> list:
         ledger = open_ledger(policy.ledger, state)
         try:
-            return await ledger.status(args.tenant, [Limit(b.window, b.joules) for b in spec.budgets])
+            return await ledger.status(args.tenant, BudgetGuard.limits(spec))
         finally:
             await ledger.close()
 

@@ -88,7 +88,7 @@ class BudgetGuard:
     # -- admission ----------------------------------------------------------------------
 
     async def admit(self, policy: Policy, tenant: str, tier: TierSpec, request_id: str,
-                    generation: GenerationRequest, pinned: bool = False) -> Admission:
+                    generation: GenerationRequest) -> Admission:
         spec = policy.tenants[tenant]
         max_tokens = generation.max_tokens
         if not spec.budgets:

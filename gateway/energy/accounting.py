@@ -50,7 +50,7 @@ def _meter_for(backend: str, kind: str, spec: EnergySpec) -> tuple[str, Callable
         rapl = RaplMeter(spec.rapl_root)
         try:
             rapl.start()
-            return f"rapl:{spec.rapl_root}", lambda: RaplMeter(spec.rapl_root)
+            return f"rapl:{spec.rapl_root}", lambda: rapl  # the probe is the meter
         except MeterUnavailable as exc:
             log.info("energy for '%s': RAPL not usable (%s); estimating from CPU time",
                      backend, exc)
