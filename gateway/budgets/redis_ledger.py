@@ -138,12 +138,17 @@ def _prefix(tenant: str) -> str:
 
 
 class RedisLedger(Ledger):
-    def __init__(self, url: str, timeout_s: float = 2.0):
+    def __init__(self, url: str, timeout_s: float = 2.0, max_connections: int = 64):
         import redis.asyncio as aioredis
 
         self._errors = (aioredis.ConnectionError, aioredis.TimeoutError)
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
-                                              socket_connect_timeout=timeout_s)
+        # A blocking pool: a burst beyond max_connections waits (up to timeout_s) for a free
+        # connection; redis-py's default pool refuses it ("Too many connections") instead.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._pool = pool
+        self._redis = aioredis.Redis(connection_pool=pool)
         register = self._redis.register_script
         self._reserve, self._finish, self._status = register(_RESERVE), register(_FINISH), \
             register(_STATUS)
@@ -241,3 +246,4 @@ class RedisLedger(Ledger):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.aclose()
