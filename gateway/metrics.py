@@ -24,6 +24,7 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 _JPT_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
 
 
@@ -82,6 +83,17 @@ class Metrics:
         self.budget_soft_warnings = Counter("joulegate_budget_soft_warnings",
                                             "Responses past a budget's soft threshold.",
                                             ["tenant", "window"], registry=r)
+        self.route_decisions = Counter("joulegate_route_decisions",
+                                       "Tier choices: gate, capacity, budget, pinned or capped.",
+                                       ["tenant", "tier", "reason"], registry=r)
+        self.difficulty = Histogram("joulegate_difficulty_score",
+                                    "Difficulty scores of routed (model: auto) requests.",
+                                    ["tenant"], buckets=_SCORE_BUCKETS, registry=r)
+        self.capacity_fraction = Gauge("joulegate_capacity_fraction",
+                                       "Realised share of a tenant's routed requests (or joules) "
+                                       "on a capacity-limited tier, over its window.",
+                                       ["tenant", "tier"], registry=r,
+                                       multiprocess_mode="mostrecent")
         self._children: dict[tuple[str, str, str], RequestMetrics] = {}
 
     def for_request(self, tenant: str, tier: str, source: str) -> RequestMetrics:
@@ -99,6 +111,14 @@ class Metrics:
                 joules_per_token=self.joules_per_token.labels(tier),
             )
         return children
+
+    def record_route(self, tenant: str, decision) -> None:
+        """Count a routing decision (:class:`gateway.routing.Decision`)."""
+        self.route_decisions.labels(tenant, decision.tier.name, decision.reason).inc()
+        if decision.difficulty is not None:
+            self.difficulty.labels(tenant).observe(decision.difficulty.score)
+        for window, _ in decision.entries:
+            self.capacity_fraction.labels(tenant, window.tier).set(window.fraction())
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (merged across worker processes)."""

@@ -5,7 +5,8 @@
 1. take the current policy snapshot (held until the response is finished);
 2. authenticate the key → tenant;
 3. read (size-limited) and validate the body;
-4. pick the tier (:mod:`gateway.routing`);
+4. pick the tier: pinned, or scored for difficulty and gated under budget pressure and
+   capacity (:mod:`gateway.routing`);
 5. reserve its predicted joules against the tenant's budgets, degrading to a cheaper tier
    or refusing with 429 when they do not fit (:mod:`gateway.budgets`);
 6. open the request's energy share on the tier's device (:mod:`gateway.energy`);
@@ -41,11 +42,11 @@ from policies import TierSpec
 
 from . import openai_types as wire
 from .auth import authenticate
-from .budgets.guard import Admission
+from .budgets.guard import Admission, estimate_prompt_tokens
 from .energy import RequestEnergy
 from .errors import APIError, BodyTooLarge, InvalidRequest, from_backend_error
 from .metrics import bound
-from .routing import pick_tier
+from .routing import MAX_TIER_HEADER, Decision, pick_tier
 from .runtime import Runtime, Snapshot
 
 access_log = logging.getLogger("joulegate.access")
@@ -72,6 +73,7 @@ class Call:
     energy: RequestEnergy | None = None
     joules: float = 0.0
     admission: Admission | None = None
+    route: Decision | None = None
     #: The ledger's key for this request: never the client's X-Request-Id, which may repeat.
     ledger_id: str = field(default_factory=lambda: os.urandom(12).hex())
 
@@ -151,9 +153,11 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
             wire.ChatCompletionRequest if chat else wire.CompletionRequest,
             await read_body(request, snap.policy.server.max_body_bytes))
         call.stream = body.stream
-        tier = pick_tier(snap, call.tenant, body.model)
+        generation = body.to_generation(body.model, call.request_id)
+        decision = call.route = _route(runtime, snap, call.tenant, body.model, generation,
+                                       request.headers.get(MAX_TIER_HEADER))
+        tier = decision.tier
         call.tier = tier.name
-        generation = body.to_generation(tier.model, call.request_id)
         admission = call.admission = await runtime.budgets.admit(
             snap.policy, call.tenant, tier, call.ledger_id, generation)
         tier = admission.tier
@@ -163,6 +167,8 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
         call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
                                           scale=tier.cost)
         headers = {"x-joulegate-tier": tier.name, "x-request-id": call.request_id}
+        if decision.difficulty is not None:
+            headers["x-joulegate-difficulty"] = f"{decision.difficulty.score:.3f}"
         if admission.degraded_from:
             headers["x-joulegate-degraded"] = f"{admission.degraded_from}->{tier.name}"
         if admission.warning:
@@ -202,10 +208,30 @@ async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
     """The request's last step: its joules settle the budget reservation, then metrics,
     calibration and the access log. Runs exactly once per request, on every path."""
     joules = call.settle_energy()
+    if call.route is not None:
+        call.route.settle(joules)
     if call.admission is not None and call.tenant is not None:
         await runtime.budgets.settle(snap.policy, call.tenant, call.ledger_id, call.admission,
                                      joules)
     call.record(runtime, snap)
+
+
+def _route(runtime: Runtime, snap: Snapshot, tenant: str, model: str,
+           generation: GenerationRequest, max_tier: str | None) -> Decision:
+    """Pick the tier and count the decision (see :mod:`gateway.routing`)."""
+    spec = snap.policy.tenants[tenant]
+    prompt_tokens: list[int] = []
+
+    def predict(tier: TierSpec) -> float:
+        if not prompt_tokens:
+            prompt_tokens.append(estimate_prompt_tokens(generation))
+        return runtime.calibration.predict(tier.name, prompt_tokens[0],
+                                           generation.max_tokens or spec.default_max_tokens)
+
+    decision = pick_tier(snap, tenant, model, generation, max_tier, runtime.capacity,
+                         runtime.budgets.remaining_fraction(tenant), predict)
+    runtime.metrics.record_route(tenant, decision)
+    return decision
 
 
 def _take_tokens(call: Call, generation: GenerationRequest) -> None:

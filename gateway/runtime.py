@@ -17,13 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends import Backend, create_backend
-from policies import Policy, PolicyError, PolicyIssue, TierSpec, load_policy, resolve_key_ref
+from policies import (
+    Policy,
+    PolicyError,
+    PolicyIssue,
+    RoutingSpec,
+    TierSpec,
+    load_policy,
+    resolve_key_ref,
+)
 
 from .auth import KeyIndex
 from .budgets import open_ledger
 from .budgets.guard import BudgetGuard
 from .energy import Calibration, EnergyAccounting, EnergyDevice, Reading
 from .metrics import Metrics
+from .routing import CapacityTracker, DifficultyEstimator, create_estimator
 
 log = logging.getLogger("joulegate")
 
@@ -42,6 +51,9 @@ class Snapshot:
     models: dict[str, TierSpec]
     #: backend name → the energy device it draws on.
     energy: dict[str, EnergyDevice]
+    #: tenant → its routing settings in force; estimator name → estimator.
+    routing: dict[str, RoutingSpec]
+    estimators: dict[str, DifficultyEstimator]
     in_flight: int = 0
     retired: bool = False
 
@@ -90,6 +102,7 @@ class Runtime:
         self.energy = EnergyAccounting(on_tick=self._on_energy_tick)
         self.calibration: Calibration = Calibration()
         self.budgets: BudgetGuard | None = None
+        self.capacity = CapacityTracker()
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
         self._reload_lock = asyncio.Lock()
@@ -171,6 +184,7 @@ class Runtime:
         except ValueError as exc:
             path, _, message = str(exc).partition(": ")
             raise PolicyError(str(self.policy_path), [PolicyIssue(path, message)]) from None
+        routing, estimators = self._routing(policy, reuse)
         backends: dict[str, Backend] = {}
         fresh: list[Backend] = []
         for name, spec in policy.backends.items():
@@ -196,7 +210,31 @@ class Runtime:
                                   tier.joules_per_output_token)
         return Snapshot(version=version, policy=policy, backends=backends,
                         tenant_keys=tenant_keys, admin_keys=admin_keys, tiers=tiers,
-                        models={t.model: t for t in tiers.values()}, energy=devices)
+                        models={t.model: t for t in tiers.values()}, energy=devices,
+                        routing=routing, estimators=estimators)
+
+    def _routing(self, policy: Policy, reuse: Snapshot | None):
+        """Each tenant's routing settings and the estimators they name (built once each)."""
+        routing = {name: policy.tenant_routing(name) for name in policy.tenants}
+        estimators: dict[str, DifficultyEstimator] = {}
+        issues = []
+        for tenant, spec in routing.items():
+            name = spec.estimator or "learned"
+            if name in estimators:
+                continue
+            if reuse is not None and name in reuse.estimators:
+                estimators[name] = reuse.estimators[name]
+                continue
+            try:
+                estimators[name] = create_estimator(name)
+            except ValueError as exc:
+                where = "routing" if (policy.tenants[tenant].routing is None
+                                      or policy.tenants[tenant].routing.estimator is None) \
+                    else f"tenants.{tenant}.routing"
+                issues.append(PolicyIssue(f"{where}.estimator", str(exc)))
+        if issues:
+            raise PolicyError(str(self.policy_path), issues)
+        return routing, estimators
 
     def _collect(self) -> None:
         """Close backends that only drained, retired snapshots still referenced."""

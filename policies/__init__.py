@@ -3,9 +3,12 @@
 from .loader import DEFAULT_POLICY_PATH, PolicyError, PolicyIssue, load_policy, parse_policy
 from .schema import (
     AUTO_MODEL,
+    DEFAULT_ROUTING,
+    CapacitySpec,
     LlamaCppBackendSpec,
     OpenAIBackendSpec,
     Policy,
+    RoutingSpec,
     TenantSpec,
     TierSpec,
     key_digest,
@@ -13,7 +16,7 @@ from .schema import (
 )
 
 __all__ = [
-    "AUTO_MODEL", "DEFAULT_POLICY_PATH", "LlamaCppBackendSpec", "OpenAIBackendSpec", "Policy",
-    "PolicyError", "PolicyIssue", "TenantSpec", "TierSpec", "key_digest", "load_policy",
-    "parse_policy", "resolve_key_ref",
+    "AUTO_MODEL", "DEFAULT_POLICY_PATH", "DEFAULT_ROUTING", "CapacitySpec", "LlamaCppBackendSpec",
+    "OpenAIBackendSpec", "Policy", "PolicyError", "PolicyIssue", "RoutingSpec", "TenantSpec",
+    "TierSpec", "key_digest", "load_policy", "parse_policy", "resolve_key_ref",
 ]

@@ -81,6 +81,10 @@ def _walk(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:
             path += f"[{key}]" if isinstance(key, int) else f".{key}"
             current = args[-1]
         elif origin in (typing.Union, types.UnionType):
+            present = [a for a in args if a is not type(None)]
+            if len(present) == 1:  # `X | None`: pydantic adds no tag for the optional
+                current = present[0]
+                continue
             tag = parts.pop(0)  # pydantic puts the discriminator value in loc
             current = next((a for a in args if _literal_kind(a) == tag), None)
         else:

@@ -187,12 +187,52 @@ class LedgerSpec(_Strict):
     reservation_ttl_s: float = Field(600.0, gt=0, le=86400)
 
 
+class CapacitySpec(_Strict):
+    """Mixture-of-Depths style capacity of a costly tier: at most ``fraction`` of a tenant's
+    requests (``by: requests``) or of its joules (``by: joules``) in the last ``window_s``
+    seconds may use it; the hardest requests take it."""
+
+    fraction: float = Field(gt=0, le=1)
+    by: Literal["requests", "joules"] = "requests"
+    window_s: float = Field(300.0, gt=0, le=86400)
+
+
+class RoutingSpec(_Strict):
+    """How ``model: "auto"`` picks a tier. Every key is optional; a tenant's ``routing``
+    overrides the policy's key by key."""
+
+    #: Difficulty estimator: ``heuristic`` or ``learned`` (see `joulegate route`).
+    estimator: str | None = Field(None, pattern=NAME_PATTERN)
+    #: Tier name → the lowest difficulty score that may use it. The cheapest tier needs
+    #: none; a costlier tier without a threshold is never chosen by the gate (only pinned).
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = None
+    #: Tier name → capacity (tiers above the cheapest).
+    capacity: dict[str, CapacitySpec] | None = None
+    #: Budget pressure: points ``[remaining budget fraction, threshold raise]``; between
+    #: them the raise is interpolated linearly. ``[]`` turns pressure off.
+    pressure: list[Annotated[list[Annotated[float, Field(ge=0, le=1)]],
+                             Field(min_length=2, max_length=2)]] | None = None
+
+    def merged(self, override: RoutingSpec | None) -> RoutingSpec:
+        if override is None:
+            return self
+        return self.model_copy(update={k: v for k, v in override if v is not None})
+
+
+#: The policy-wide routing defaults when a policy gives none.
+DEFAULT_ROUTING = RoutingSpec(estimator="learned", thresholds={}, capacity={},
+                              pressure=[[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]])
+
+
 class TenantSpec(_Strict):
     keys: list[KeyRefStr] = Field(min_length=1)
     #: Tiers this tenant may use; omitted: all tiers.
     tiers: list[str] | None = None
-    #: The tier ``model: "auto"`` resolves to (until difficulty routing chooses).
+    #: The tier ``model: "auto"`` starts from: easy requests run on it, and the gate moves a
+    #: request up only to costlier tiers that have a threshold (``routing.thresholds``).
     default_tier: str
+    #: Per-tenant routing overrides (estimator, thresholds, capacity, pressure).
+    routing: RoutingSpec | None = None
     #: Joule budgets, all enforced at once.
     budgets: list[BudgetSpec] = Field(default_factory=list)
     #: When a request's predicted joules do not fit: ``degrade`` to the most capable
@@ -217,6 +257,13 @@ class Policy(_Strict):
     backends: dict[Annotated[str, Field(pattern=NAME_PATTERN)], BackendSpec] = Field(min_length=1)
     tiers: list[TierSpec] = Field(min_length=1)
     tenants: dict[Annotated[str, Field(pattern=NAME_PATTERN)], TenantSpec] = Field(min_length=1)
+    #: Difficulty routing defaults for every tenant (see RoutingSpec).
+    routing: RoutingSpec | None = None
+
+    def tenant_routing(self, tenant: str) -> RoutingSpec:
+        """The routing settings in force for a tenant: built-in defaults, then the policy's,
+        then the tenant's, key by key."""
+        return DEFAULT_ROUTING.merged(self.routing).merged(self.tenants[tenant].routing)
 
     def ordered_tiers(self) -> list[TierSpec]:
         """Tiers from cheapest to most expensive."""
@@ -226,6 +273,22 @@ class Policy(_Strict):
         """The tiers a tenant may use, cheapest first."""
         allowed = self.tenants[tenant].tiers
         return [t for t in self.ordered_tiers() if allowed is None or t.name in allowed]
+
+    def _routing_issues(self, where: str, spec: RoutingSpec | None,
+                        tiers: list[str]) -> list[tuple[str, str]]:
+        if spec is None:
+            return []
+        issues = []
+        for key in ("thresholds", "capacity"):
+            for tier in getattr(spec, key) or {}:
+                if tier not in tiers:
+                    issues.append((f"{where}.{key}.{tier}", f"'{tier}' is not a tier here; expected "
+                                   f"one of: {', '.join(tiers)}"))
+        points = [p[0] for p in spec.pressure or []]
+        if points != sorted(points, reverse=True) or len(set(points)) != len(points):
+            issues.append((f"{where}.pressure", "points must go from more remaining budget to "
+                           "less, e.g. [[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]]"))
+        return issues
 
     def reference_issues(self) -> list[tuple[str, str]]:
         """Mistakes that span entries, as ``(key path, message)`` pairs; empty when consistent."""
@@ -273,6 +336,11 @@ class Policy(_Strict):
                     issues.append((f"{where}.keys[{j}]", f"the same key is also given to tenant "
                                    f"'{seen_keys[k]}'; a key must identify one tenant"))
                 seen_keys.setdefault(k, name)
+        issues += self._routing_issues("routing", self.routing, sorted(tier_names))
+        for name, tenant in self.tenants.items():
+            allowed = tenant.tiers if tenant.tiers is not None else sorted(tier_names)
+            issues += self._routing_issues(f"tenants.{name}.routing", tenant.routing,
+                                           [t for t in allowed if t in tier_names])
         if self.ledger.kind == "redis" and not self.ledger.url:
             issues.append(("ledger.url", "a redis ledger needs url (e.g. redis://host:6379/0)"))
         return issues

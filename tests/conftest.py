@@ -202,7 +202,7 @@ def priced_policy(upstream_url: str, tenant_extra: dict, ledger: dict | None = N
         "admin": {"keys": ["sha256:" + key_digest(ADMIN_KEY)]},
         "backends": {"up-big": backend(2.0), "up-small": backend(1.0)},
         "tiers": [tier("big", "up-big", 2.0, 2.0), tier("small", "up-small", 1.0, 1.0)],
-        "tenants": {"acme": tenant("acme", default_tier="big", **tenant_extra),
+        "tenants": {"acme": tenant("acme", **{"default_tier": "big", **tenant_extra}),
                     "globex": tenant("globex", default_tier="big")},
     }
     if ledger:

@@ -23,5 +23,6 @@ def test_wheel_contains_every_module_and_the_default_policy(tmp_path):
                 for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts}
     assert expected and expected <= names, sorted(expected - names)
     assert "policies/default.yaml" in names
+    assert "gateway/routing/router_model.json" in names  # the learned estimator
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "joulegate = gateway.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

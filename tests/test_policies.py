@@ -54,7 +54,7 @@ def test_unknown_key_names_path_and_allowed_keys():
 
 def test_unknown_top_level_key():
     assert issues(lambda d: d.update(tennants={})) == [
-        "tennants: unknown key; expected one of: version, state_dir, server, admin, ledger, backends, tiers, tenants"]
+        "tennants: unknown key; expected one of: version, state_dir, server, admin, ledger, backends, tiers, tenants, routing"]
 
 
 def test_missing_key():

@@ -66,6 +66,8 @@ class BudgetGuard:
         self._task: asyncio.Task | None = None
         #: Budgeted tenants seen so far (bounded by the policy), whose gauges are refreshed.
         self._watched: dict[str, list[Limit]] = {}
+        #: tenant → the smallest remaining fraction over its windows, as last seen.
+        self._remaining: dict[str, float] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._reconcile())
@@ -153,9 +155,19 @@ class BudgetGuard:
                 self.metrics.budget_soft_warnings.labels(tenant, budget.window).inc()
         return ", ".join(notes) or None
 
+    def remaining_fraction(self, tenant: str) -> float | None:
+        """The tenant's least remaining budget fraction (over its windows) as last seen by
+        an admission or the once-a-second refresh; ``None`` before the first."""
+        return self._remaining.get(tenant)
+
     def _gauges(self, tenant: str, windows: list[WindowState]) -> None:
+        fractions = []
         for state in windows:
             self.metrics.budget_remaining.labels(tenant, state.window).set(state.remaining)
+            total = state.limit + state.granted
+            fractions.append(max(state.remaining, 0.0) / total if total > 0 else 0.0)
+        if fractions:
+            self._remaining[tenant] = min(fractions)
         if windows:
             self.metrics.budget_reserved.labels(tenant).set(windows[0].reserved)
 

@@ -1,0 +1,264 @@
+"""Difficulty estimators, the gate, capacity windows, budget pressure, the label benchmark."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from backends import GenerationRequest
+from gateway.routing import CapacityTracker, create_estimator
+from gateway.routing.capacity import CapacityWindow
+from gateway.routing.estimators import MODEL_FILE, HeuristicEstimator, LearnedEstimator
+from gateway.routing.features import RequestText, extract
+from gateway.routing.tiers import RouteContext, pressure_raise, route
+from gateway.routing.train import default_data_dir, routing_curve, train
+from gateway.runtime import Runtime
+from policies import CapacitySpec, PolicyError, RoutingSpec, TierSpec, parse_policy
+
+pytestmark = pytest.mark.unit
+
+EASY = "What is the capital of France?"
+HARD = ("Prove step by step that the algorithm below terminates, then derive its worst-case "
+        "complexity and compare it with a heap-based design. Statement 1 | every call shrinks "
+        "the input. Statement 2 | the loop invariant holds after each iteration.\n"
+        "```python\ndef f(xs):\n    return sorted(xs)[::2]\n```\n" + "Consider the edge cases. " * 30)
+
+
+def chat(text: str, **kw) -> GenerationRequest:
+    return GenerationRequest(model="auto", messages=[{"role": "user", "content": text}], **kw)
+
+
+@pytest.mark.parametrize("name", ["heuristic", "learned"])
+def test_estimators_score_in_unit_interval_and_rank_hard_above_easy(name):
+    est = create_estimator(name)
+    easy, hard = est.score(chat(EASY)), est.score(chat(HARD))
+    assert 0.0 <= easy.score < hard.score <= 1.0
+    assert set(easy.features) == set(extract(RequestText.of(chat(EASY))))
+
+
+def test_unknown_estimator_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown difficulty estimator 'bert'.*heuristic, learned"):
+        create_estimator("bert")
+
+
+def test_features_see_the_last_user_turn_and_the_conversation_depth():
+    req = GenerationRequest(model="auto", messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "x" * 3000},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": EASY}])
+    text = RequestText.of(req)
+    assert text.last == EASY and text.turns == 2 and text.has_system
+    assert text.context_chars == 3000 + len("be brief") + len("ok")
+    features = extract(text)
+    assert features["turns"] > 0 and features["context"] > 0 and features["system"] == 1.0
+
+
+def test_huge_prompts_are_scanned_in_bounded_windows():
+    huge = chat("How many primes are there below 10? " * 50_000)
+    features = extract(RequestText.of(huge))
+    assert features["length"] == 1.0  # length is measured on the whole prompt
+    assert 0 <= HeuristicEstimator().score(huge).score <= 1
+
+
+def test_learned_scores_keep_their_order_outside_the_training_range():
+    est = LearnedEstimator.load()
+    low, high = est.quantiles[0], est.quantiles[-1]
+    assert 0 < est.to_score(low / 2) < est.to_score(low) <= est.TAIL
+    assert 1 - est.TAIL <= est.to_score(high) < est.to_score((high + 1) / 2) < 1.0
+    mids = [est.to_score(p) for p in est.quantiles]
+    assert mids == sorted(mids)
+
+
+@pytest.mark.bench
+def test_router_train_rebuilds_the_shipped_artefact_byte_for_byte(tmp_path):
+    data = default_data_dir()
+    if not (data / "mmlu").is_dir():
+        pytest.fail(f"routing data not found at {data} (../shared beside the checkout, as in CI)")
+    out = tmp_path / "router_model.json"
+    train(data, out)
+    assert out.read_bytes() == MODEL_FILE.read_bytes()
+
+
+# -- the label benchmark's metric ---------------------------------------------------------
+
+def test_apgr_random_is_one_half_and_an_oracle_is_far_above():
+    rng = random.Random(3)
+    weak = [rng.random() < 0.6 for _ in range(500)]
+    strong = [w or rng.random() < 0.5 for w in weak]
+    assert routing_curve("random", [0.0] * 500, weak, strong).apgr == pytest.approx(0.5)
+    oracle = [float(s and not w) for w, s in zip(weak, strong)]
+    curve = routing_curve("oracle", oracle, weak, strong)
+    need = sum(oracle) / 500
+    assert curve.apgr > 0.85 and curve.cpt50 == pytest.approx(0.5 * need)
+    assert max(curve.quality) == pytest.approx(sum(strong) / 500)  # reached at `need`
+    worst = routing_curve("anti", [-x for x in oracle], weak, strong)
+    assert worst.apgr < 0.5
+
+
+def test_apgr_by_hand():
+    # weak right on 0,1; strong right on 1,2,3. Order by score: 2, 3, 0, 1.
+    weak, strong = [True, True, False, False], [False, True, True, True]
+    curve = routing_curve("r", [0.1, 0.0, 0.9, 0.8], weak, strong)
+    assert curve.fractions == [0, 0.25, 0.5, 0.75, 1.0]
+    assert curve.quality == [0.5, 0.75, 1.0, 0.75, 0.75]
+    # PGR = (q - 0.5) / 0.25: 0, 1, 2, 1, 1 -> trapezoid area 0.25 * (0.5 + 1.5 + 1.5 + 1)
+    assert curve.apgr == pytest.approx(1.125)
+    assert curve.cpt50 == pytest.approx(0.125) and curve.cpt80 == pytest.approx(0.2)
+
+
+# -- capacity ------------------------------------------------------------------------------
+
+def test_capacity_by_requests_keeps_the_share_and_gives_it_to_the_hardest():
+    window = CapacityWindow(CapacitySpec(fraction=0.125, window_s=1000))
+    rng = random.Random(7)
+    admitted = []
+    for i in range(2000):
+        score = rng.random()
+        ok = window.admits(score, 1.0, now=i * 0.1)
+        window.record(score, ok, 1.0, now=i * 0.1)
+        if ok:
+            admitted.append(score)
+        assert window.fraction(now=i * 0.1) <= 0.125 + 1 / (i + 1) + 1e-9
+    assert 0.09 < len(admitted) / 2000 <= 0.125
+    assert min(admitted[20:]) > 0.7  # after warm-up only the hardest requests got it
+
+
+def test_capacity_by_joules_bounds_the_share_of_energy():
+    window = CapacityWindow(CapacitySpec(fraction=0.25, by="joules", window_s=1000))
+    rng = random.Random(11)
+    for i in range(1000):
+        score, joules = rng.random(), rng.uniform(1, 50)
+        ok = window.admits(score, joules, now=float(i))
+        entry = window.record(score, ok, joules, now=float(i))
+        window.settle(entry, joules * 1.1)  # measured differs from predicted
+    assert 0.15 < window.fraction(now=999.0) <= 0.25 + 1e-9
+
+
+def test_capacity_window_forgets_old_requests():
+    window = CapacityWindow(CapacitySpec(fraction=0.5, window_s=10))
+    for i in range(10):
+        window.record(0.9, True, 1.0, now=float(i))
+    assert window.fraction(now=9.0) == 1.0
+    assert window.fraction(now=100.0) == 0.0
+    assert window.quantile_threshold(now=100.0) is None
+
+
+def test_capacity_tracker_resets_a_window_when_its_settings_change():
+    tracker = CapacityTracker()
+    a = tracker.window("t", "big", CapacitySpec(fraction=0.5))
+    assert tracker.window("t", "big", CapacitySpec(fraction=0.5)) is a
+    assert tracker.window("t", "big", CapacitySpec(fraction=0.25)) is not a
+
+
+# -- pressure and the gate ----------------------------------------------------------------
+
+def test_pressure_curve_interpolates_and_is_flat_beyond_its_points():
+    curve = [[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]]
+    assert pressure_raise(curve, None) == 0.0
+    assert pressure_raise(curve, 0.9) == 0.0
+    assert pressure_raise(curve, 0.3) == pytest.approx(0.15)
+    assert pressure_raise(curve, 0.05) == pytest.approx(0.65)
+    assert pressure_raise(curve, 0.0) == 1.0
+    assert pressure_raise([], 0.0) == 0.0
+
+
+TIERS = [TierSpec(name="small", backend="b", model="s", cost=1),
+         TierSpec(name="mid", backend="b", model="m", cost=2),
+         TierSpec(name="big", backend="b", model="g", cost=4)]
+
+
+class FixedScore(HeuristicEstimator):
+    def __init__(self, score: float):
+        self.value = score
+
+    def score_text(self, text):
+        from gateway.routing import Difficulty
+        return Difficulty(self.value, {})
+
+
+def ctx(score, remaining=None, **routing):
+    spec = RoutingSpec(thresholds={"mid": 0.4, "big": 0.8},
+                       pressure=[[0.5, 0.0], [0.0, 0.5]], **routing)
+    return RouteContext("t", TIERS, TIERS[0], spec, FixedScore(score), remaining)
+
+
+@pytest.mark.parametrize("score,tier", [(0.1, "small"), (0.4, "mid"), (0.79, "mid"), (0.95, "big")])
+def test_gate_picks_the_costliest_tier_whose_threshold_the_score_reaches(score, tier):
+    d = route(ctx(score), chat("x"), CapacityTracker(), lambda t: 1.0)
+    assert (d.tier.name, d.reason) == (tier, "gate")
+    assert d.difficulty.score == score
+
+
+def test_budget_pressure_raises_thresholds_smoothly():
+    assert route(ctx(0.85, remaining=0.6), chat("x"), CapacityTracker(), lambda t: 1).tier.name == "big"
+    d = route(ctx(0.85, remaining=0.4), chat("x"), CapacityTracker(), lambda t: 1)  # raise 0.1
+    assert (d.tier.name, d.reason) == ("mid", "budget")
+    d = route(ctx(0.85, remaining=0.0), chat("x"), CapacityTracker(), lambda t: 1)  # raise 0.5
+    assert (d.tier.name, d.reason) == ("small", "budget")
+
+
+def test_capacity_demotes_to_the_next_tier_and_says_so():
+    tracker = CapacityTracker()
+    c = ctx(0.95, capacity={"big": CapacitySpec(fraction=0.25)})
+    reasons = [route(c, chat("x"), tracker, lambda t: 1.0) for _ in range(8)]
+    assert [d.tier.name for d in reasons].count("big") == 2
+    assert {(d.tier.name, d.reason) for d in reasons} == {("big", "gate"), ("mid", "capacity")}
+
+
+def test_max_tier_caps_the_choice():
+    d = route(ctx(0.95), chat("x"), CapacityTracker(), lambda t: 1.0, max_tier=TIERS[1])
+    assert (d.tier.name, d.reason) == ("mid", "capped")
+    d = route(ctx(0.5), chat("x"), CapacityTracker(), lambda t: 1.0, max_tier=TIERS[1])
+    assert (d.tier.name, d.reason) == ("mid", "gate")
+
+
+def test_no_gated_tier_means_no_scoring():
+    c = RouteContext("t", TIERS, TIERS[0], RoutingSpec(thresholds={}), FixedScore(0.99), None)
+    d = route(c, chat("x"), CapacityTracker(), lambda t: 1.0)
+    assert (d.tier.name, d.reason, d.difficulty) == ("small", "gate", None)
+
+
+# -- policy --------------------------------------------------------------------------------
+
+def base_policy(**extra) -> dict:
+    policy = {"version": 1,
+              "backends": {"b": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+              "tiers": [{"name": "small", "backend": "b", "model": "s", "cost": 1},
+                        {"name": "big", "backend": "b", "model": "g", "cost": 2}],
+              "tenants": {"t": {"keys": ["env:X"], "default_tier": "small"}}}
+    policy.update(extra)
+    return policy
+
+
+def problems(policy: dict) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(policy, "p.yaml")
+    return [f"{i.path}: {i.message}" for i in info.value.issues]
+
+
+def test_routing_settings_merge_key_by_key():
+    policy = parse_policy(base_policy(routing={"thresholds": {"big": 0.6}}) | {
+        "tenants": {"t": {"keys": ["env:X"], "default_tier": "small",
+                          "routing": {"estimator": "heuristic"}}}}, "p.yaml")
+    spec = policy.tenant_routing("t")
+    assert spec.estimator == "heuristic" and spec.thresholds == {"big": 0.6}
+    assert spec.pressure == [[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]]  # built-in default
+
+
+def test_routing_mistakes_are_reported_with_their_paths():
+    assert problems(base_policy(routing={"thresholds": {"big": 1.5}})) == [
+        "routing.thresholds.big: Input should be less than or equal to 1 (got 1.5)"]
+    found = problems(base_policy(routing={"thresholds": {"huge": 0.5},
+                                          "capacity": {"bigg": {"fraction": 0.1}},
+                                          "pressure": [[0.1, 0.2], [0.5, 0.0]]}))
+    assert "routing.thresholds.huge: 'huge' is not a tier here; expected one of: big, small" in found
+    assert any(p.startswith("routing.capacity.bigg:") for p in found)
+    assert any(p.startswith("routing.pressure:") and "more remaining budget to less" in p
+               for p in found)
+
+
+def test_an_unknown_estimator_refuses_the_policy(tmp_path, monkeypatch):
+    monkeypatch.setenv("X", "k")
+    policy = parse_policy(base_policy(routing={"estimator": "bert"}), "p.yaml")
+    with pytest.raises(PolicyError, match="routing.estimator: unknown difficulty estimator 'bert'"):
+        Runtime(tmp_path / "p.yaml")._routing(policy, None)

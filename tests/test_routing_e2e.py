@@ -1,0 +1,129 @@
+"""Difficulty routing through a real gateway process, with the OpenAI SDK as the client.
+
+The tiers run on the fast fake upstream (../shared/bench), priced per token, so every
+test is about the routing decision, not about a model.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+import pytest
+
+from .conftest import KEYS, FakeUpstream, Gateway, priced_policy
+
+pytestmark = pytest.mark.e2e
+
+EASY = "Say hello in one short sentence."
+HARD = ("Prove step by step that the algorithm below terminates, then derive its worst-case "
+        "complexity and compare it with a heap-based design. Statement 1 | every call shrinks "
+        "the input. Statement 2 | the loop invariant holds after each iteration.\n"
+        "```python\ndef f(xs):\n    return sorted(xs)[::2]\n```\n" + "Consider the edge cases. " * 30)
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    up = FakeUpstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def gateway_for(tmp_path, upstream):
+    made: list[Gateway] = []
+
+    def make(routing: dict, **tenant_extra) -> Gateway:
+        work = tmp_path / f"gw{len(made)}"
+        work.mkdir()
+        policy = priced_policy(upstream.url, {"default_tier": "small", **tenant_extra})
+        policy["routing"] = {"estimator": "heuristic", "thresholds": {"big": 0.45}, **routing}
+        policy["state_dir"] = str(work / "state")
+        gw = Gateway(policy, work)
+        made.append(gw)
+        return gw.start()
+
+    yield make
+    for gw in made:
+        gw.stop()
+
+
+def ask(client: openai.OpenAI, prompt: str, model: str = "auto", **headers):
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=12,
+        extra_headers=headers or None)
+    return raw.headers, raw.parse()
+
+
+def metric(gw: Gateway, name: str, **labels) -> float:
+    text = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_auto_sends_easy_prompts_to_small_and_hard_ones_to_big(gateway_for):
+    gw = gateway_for({})
+    client = gw.client()
+    headers, easy = ask(client, EASY)
+    assert headers["x-joulegate-tier"] == "small" and easy.model == "small-model"
+    assert float(headers["x-joulegate-difficulty"]) < 0.45
+    headers, hard = ask(client, HARD)
+    assert headers["x-joulegate-tier"] == "big" and hard.model == "big-model"
+    assert float(headers["x-joulegate-difficulty"]) >= 0.45
+    assert hard.usage.model_extra["energy_joules"] > 0
+    assert metric(gw, "joulegate_route_decisions_total", tenant="acme", tier="small", reason="gate") == 1
+    assert metric(gw, "joulegate_route_decisions_total", tenant="acme", tier="big", reason="gate") == 1
+    assert metric(gw, "joulegate_difficulty_score_count", tenant="acme") == 2
+
+
+def test_pins_and_the_max_tier_header(gateway_for):
+    gw = gateway_for({})
+    client = gw.client()
+    headers, _ = ask(client, EASY, model="big")
+    assert headers["x-joulegate-tier"] == "big" and "x-joulegate-difficulty" not in headers
+    headers, _ = ask(client, HARD, model="big-model")  # the concrete model name pins too
+    assert headers["x-joulegate-tier"] == "big"
+    headers, _ = ask(client, HARD, **{"X-Joulegate-Max-Tier": "small"})
+    assert headers["x-joulegate-tier"] == "small"
+    assert metric(gw, "joulegate_route_decisions_total", tier="big", reason="pinned") == 2
+    assert metric(gw, "joulegate_route_decisions_total", tier="small", reason="capped") == 1
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        ask(client, HARD, **{"X-Joulegate-Max-Tier": "huge"})
+    err = bad.value.body
+    assert err["param"] == "X-Joulegate-Max-Tier" and err["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        ask(client, EASY, model="big", **{"X-Joulegate-Max-Tier": "small"})
+    assert bad.value.body["code"] == "above_max_tier" and bad.value.body["param"] == "model"
+    # Refused requests cost nothing and spend nothing.
+    assert metric(gw, "joulegate_energy_joules_total", tenant="acme") == pytest.approx(
+        2 * 48 + 24, rel=0.01)
+
+
+def test_capacity_keeps_big_to_its_share_of_requests(gateway_for):
+    gw = gateway_for({"capacity": {"big": {"fraction": 0.25, "window_s": 600}}})
+    client = gw.client()
+    tiers = [ask(client, HARD)[0]["x-joulegate-tier"] for _ in range(12)]
+    assert 1 <= tiers.count("big") <= 3
+    assert metric(gw, "joulegate_route_decisions_total", tier="small", reason="capacity") >= 9
+    assert 0 < metric(gw, "joulegate_capacity_fraction", tenant="acme", tier="big") <= 0.25
+
+
+def test_budget_pressure_moves_hard_prompts_down_before_the_budget_runs_out(gateway_for):
+    # No raise while more than 90% of the budget is left, then thresholds rise past 1.
+    gw = gateway_for({"pressure": [[0.9, 0.0], [0.89, 1.0]]},
+                     budgets=[{"window": "1d", "joules": 1000}])
+    client = gw.client()
+    tiers = [ask(client, HARD)[0]["x-joulegate-tier"] for _ in range(6)]
+    assert tiers[0] == "big" and tiers[-1] == "small"
+    first_small = tiers.index("small")
+    assert set(tiers[first_small:]) == {"small"}
+    assert metric(gw, "joulegate_route_decisions_total", tier="small", reason="budget") >= 1
+    budget = httpx.get(f"{gw.url}/v1/models", timeout=10,
+                       headers={"authorization": f"Bearer {KEYS['acme']}"})
+    assert budget.status_code == 200  # the tenant is still served: nothing was refused
