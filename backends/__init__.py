@@ -28,6 +28,7 @@ from .base import (
 KINDS: dict[str, str] = {
     "llamacpp": "backends.llamacpp:LlamaCppBackend",
     "openai": "backends.openai_http:OpenAIBackend",
+    "vllm": "backends.vllm:VLLMBackend",
 }
 
 

@@ -136,3 +136,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> Health:
         """Whether the backend can serve now."""
+
+    def saturated(self) -> bool:
+        """A load hint for routing: True when new requests would only queue (default: never)."""
+        return False

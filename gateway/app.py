@@ -107,7 +107,9 @@ def create_app(policy_path: str | Path | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        body, content_type = request.app.state.runtime.metrics.exposition()
+        runtime: Runtime = request.app.state.runtime
+        runtime.metrics.record_backend_load(runtime.current.backends)
+        body, content_type = runtime.metrics.exposition()
         return Response(body, media_type=content_type)
 
     @app.get("/healthz")

@@ -94,6 +94,19 @@ class Metrics:
                                        "on a capacity-limited tier, over its window.",
                                        ["tenant", "tier"], registry=r,
                                        multiprocess_mode="mostrecent")
+        self.fallbacks = Counter("joulegate_fallbacks",
+                                 "Requests retried on another tier after their tier failed "
+                                 "before answering.", ["tenant", "from", "to"], registry=r)
+        self.backend_waiting = Gauge("joulegate_backend_waiting_requests",
+                                     "Requests queued in an upstream server (vLLM).", ["backend"],
+                                     registry=r, multiprocess_mode="mostrecent")
+        self.backend_running = Gauge("joulegate_backend_running_requests",
+                                     "Requests running in an upstream server (vLLM).", ["backend"],
+                                     registry=r, multiprocess_mode="mostrecent")
+        self.backend_token_rate = Gauge("joulegate_backend_tokens_per_second",
+                                        "Upstream server's token throughput (all its clients).",
+                                        ["backend", "kind"], registry=r,
+                                        multiprocess_mode="mostrecent")
         self._children: dict[tuple[str, str, str], RequestMetrics] = {}
 
     def for_request(self, tenant: str, tier: str, source: str) -> RequestMetrics:
@@ -119,6 +132,18 @@ class Metrics:
             self.difficulty.labels(tenant).observe(decision.difficulty.score)
         for window, _ in decision.entries:
             self.capacity_fraction.labels(tenant, window.tier).set(window.fraction())
+
+    def record_backend_load(self, backends: dict) -> None:
+        """Queue depth and token rates of backends that report load (vLLM), as last scraped."""
+        for name, backend in backends.items():
+            load = getattr(backend, "load", None)
+            if load is None:
+                continue
+            now = load()
+            self.backend_waiting.labels(name).set(now.waiting)
+            self.backend_running.labels(name).set(now.running)
+            self.backend_token_rate.labels(name, "prompt").set(now.prompt_tokens_per_s)
+            self.backend_token_rate.labels(name, "generation").set(now.generation_tokens_per_s)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (merged across worker processes)."""

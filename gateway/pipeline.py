@@ -37,7 +37,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from backends import Backend, BackendError, Chunk, GenerationRequest
+from backends import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Chunk,
+    GenerationRequest,
+    Usage,
+)
 from policies import TierSpec
 
 from . import openai_types as wire
@@ -46,10 +54,11 @@ from .budgets.guard import Admission, estimate_prompt_tokens
 from .energy import RequestEnergy
 from .errors import APIError, BodyTooLarge, InvalidRequest, from_backend_error
 from .metrics import bound
-from .routing import MAX_TIER_HEADER, Decision, pick_tier
+from .routing import MAX_TIER_HEADER, Decision, fallback_tier, pick_tier
 from .runtime import Runtime, Snapshot
 
 access_log = logging.getLogger("joulegate.access")
+log = logging.getLogger("joulegate")
 
 _SSE_DONE = b"data: [DONE]\n\n"
 
@@ -72,6 +81,8 @@ class Call:
     error: str | None = None
     energy: RequestEnergy | None = None
     joules: float = 0.0
+    #: Joules of earlier attempts on tiers that failed before answering (fallback).
+    spent_before: float = 0.0
     admission: Admission | None = None
     route: Decision | None = None
     #: The ledger's key for this request: never the client's X-Request-Id, which may repeat.
@@ -80,7 +91,7 @@ class Call:
     def settle_energy(self) -> float:
         """Close the energy share (idempotent) and take the backend's final token counts."""
         if self.energy is not None:
-            self.joules = self.energy.finish()
+            self.joules = self.spent_before + self.energy.finish()
         return self.joules
 
     def usage(self) -> dict:
@@ -163,26 +174,46 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
         tier = admission.tier
         call.tier = tier.name
         generation.model, generation.max_tokens = tier.model, admission.max_tokens
-        backend = snap.backend_for(tier)
-        call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
-                                          scale=tier.cost)
-        headers = {"x-joulegate-tier": tier.name, "x-request-id": call.request_id}
+        headers = {"x-request-id": call.request_id}
         if decision.difficulty is not None:
             headers["x-joulegate-difficulty"] = f"{decision.difficulty.score:.3f}"
         if admission.degraded_from:
             headers["x-joulegate-degraded"] = f"{admission.degraded_from}->{tier.name}"
         if admission.warning:
             headers["x-joulegate-budget-warning"] = admission.warning
-        if body.stream:
-            response = await _open_stream(runtime, snap, call, backend, generation, tier, chat,
-                                          body.include_usage, headers)
-            handed_off = True
-            return response
-        try:
-            result = await backend.complete(generation)
-        finally:
-            _take_tokens(call, generation)
-            call.settle_energy()
+        tried = [tier]
+        while True:  # one pass per tier tried: the first, then fallbacks
+            backend = snap.backend_for(tier)
+            call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
+                                              scale=tier.cost)
+            headers["x-joulegate-tier"] = tier.name
+            try:
+                if body.stream:
+                    response = await _open_stream(runtime, snap, call, backend, generation, tier,
+                                                  chat, body.include_usage, headers)
+                    handed_off = True
+                    return response
+                try:
+                    result = await backend.complete(generation)
+                finally:
+                    _take_tokens(call, generation)
+                    call.settle_energy()
+                break
+            except (BackendUnavailable, BackendTimeout) as exc:
+                # Nothing reached the client yet: the next tier of the ladder may answer.
+                fallback = fallback_tier(snap, call.tenant, decision, tried)
+                if fallback is None:
+                    raise
+                call.spent_before = call.settle_energy()  # the failed attempt's joules count
+                runtime.metrics.fallbacks.labels(call.tenant, tier.name, fallback.name).inc()
+                log.warning("tier '%s' failed before answering (%s); falling back to '%s'",
+                            tier.name, exc, fallback.name)
+                tier = fallback
+                tried.append(tier)
+                call.tier = tier.name
+                generation.model = tier.model
+                generation.progress = Usage()
+                headers["x-joulegate-fallback"] = "->".join(t.name for t in tried)
         call.prompt_tokens = result.usage.prompt_tokens
         call.completion_tokens = result.usage.completion_tokens
         headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _KEY_REF = re.compile(r"^(sha256:[0-9a-f]{64}|env:[A-Za-z_][A-Za-z0-9_]*)$")
@@ -144,7 +144,59 @@ class OpenAIBackendSpec(_Strict):
     energy: EnergySpec = EnergySpec()
 
 
-BackendSpec = Annotated[Union[LlamaCppBackendSpec, OpenAIBackendSpec], Field(discriminator="kind")]
+class ManagedVLLMSpec(_Strict):
+    """Launch and supervise a local vLLM server for this backend (single node)."""
+
+    #: Model path or name for ``--model`` (a local directory: nothing is downloaded).
+    model: str = Field(min_length=1)
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    #: Extra vLLM arguments, e.g. ``["--max-model-len", "4096", "--dtype", "bfloat16"]``.
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Python of the environment vLLM is installed in (default: the gateway's).
+    python: str | None = None
+    start_timeout_s: float = Field(600.0, gt=0, le=7200)
+    stop_timeout_s: float = Field(20.0, gt=0, le=600)
+    log_file: str | None = None
+
+
+class VLLMBackendSpec(_Strict):
+    """vLLM's OpenAI server: one URL, several replicas, or a managed local server."""
+
+    kind: Literal["vllm"]
+    #: One server, e.g. ``http://vllm-moe:8000/v1`` ...
+    base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    #: ... or several replicas of the same model (least-outstanding balancing).
+    replicas: list[Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")]] | None = None
+    managed: ManagedVLLMSpec | None = None
+    api_key: str | None = None
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    max_connections: int = Field(256, ge=1, le=100_000)
+    #: Seconds between scrapes of each replica's /metrics.
+    metrics_interval_s: float = Field(2.0, gt=0, le=300)
+    #: Routing skips this backend's tiers while every replica has at least this many
+    #: waiting requests (vllm:num_requests_waiting); unset: never.
+    max_waiting: int | None = Field(None, ge=0)
+    #: Retries on another replica before the first byte (unreachable, overloaded, too slow).
+    retries: int = Field(1, ge=0, le=10)
+    #: A replica failing this many times in a row is ejected for eject_s (doubling).
+    eject_after: int = Field(3, ge=1, le=1000)
+    eject_s: float = Field(30.0, gt=0, le=3600)
+    energy: EnergySpec = EnergySpec()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VLLMBackendSpec:
+        given = [k for k in ("base_url", "replicas", "managed") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of base_url, replicas or managed"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+
+BackendSpec = Annotated[Union[LlamaCppBackendSpec, OpenAIBackendSpec, VLLMBackendSpec],
+                        Field(discriminator="kind")]
 
 
 class TierSpec(_Strict):
@@ -213,6 +265,13 @@ class RoutingSpec(_Strict):
     pressure: list[Annotated[list[Annotated[float, Field(ge=0, le=1)]],
                              Field(min_length=2, max_length=2)]] | None = None
 
+    #: When a tier's backend cannot take a request (down, overloaded, no first token in
+    #: time) before anything reached the client: ``auto`` retries ``model: "auto"``
+    #: requests on the next tier of the ladder, ``all`` pinned ones too, ``off`` never.
+    fallback: Literal["off", "auto", "all"] | None = None
+    #: The ladder, most preferred first; default: the tenant's tiers from costliest down.
+    fallback_ladder: list[str] | None = None
+
     def merged(self, override: RoutingSpec | None) -> RoutingSpec:
         if override is None:
             return self
@@ -221,7 +280,7 @@ class RoutingSpec(_Strict):
 
 #: The policy-wide routing defaults when a policy gives none.
 DEFAULT_ROUTING = RoutingSpec(estimator="learned", thresholds={}, capacity={},
-                              pressure=[[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]])
+                              pressure=[[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]], fallback="auto")
 
 
 class TenantSpec(_Strict):
@@ -279,6 +338,10 @@ class Policy(_Strict):
         if spec is None:
             return []
         issues = []
+        for j, tier in enumerate(spec.fallback_ladder or []):
+            if tier not in tiers:
+                issues.append((f"{where}.fallback_ladder[{j}]", f"'{tier}' is not a tier here; "
+                               f"expected one of: {', '.join(tiers)}"))
         for key in ("thresholds", "capacity"):
             for tier in getattr(spec, key) or {}:
                 if tier not in tiers:

@@ -70,7 +70,7 @@ def test_wrong_type_and_range():
 
 def test_unknown_backend_kind():
     found = issues(lambda d: d["backends"].update(x={"kind": "tgi"}))
-    assert found == ["backends.x: unknown backend kind 'tgi'; expected one of: 'llamacpp', 'openai'"]
+    assert found == ["backends.x: unknown backend kind 'tgi'; expected one of: 'llamacpp', 'openai', 'vllm'"]
 
 
 def test_plain_key_is_refused():

@@ -262,3 +262,22 @@ def test_an_unknown_estimator_refuses_the_policy(tmp_path, monkeypatch):
     policy = parse_policy(base_policy(routing={"estimator": "bert"}), "p.yaml")
     with pytest.raises(PolicyError, match="routing.estimator: unknown difficulty estimator 'bert'"):
         Runtime(tmp_path / "p.yaml")._routing(policy, None)
+
+
+def test_a_saturated_tier_is_skipped_for_the_next_cheaper_one():
+    c = ctx(0.95)
+    c = RouteContext(c.tenant, c.tiers, c.default, c.routing, c.estimator, None,
+                     saturated=lambda tier: tier.name == "big")
+    d = route(c, chat("x"), CapacityTracker(), lambda t: 1.0)
+    assert (d.tier.name, d.reason) == ("mid", "load")
+
+
+def test_among_equal_cost_tiers_the_one_predicted_cheapest_is_tried_first():
+    twins = [TIERS[0], TierSpec(name="moe-a", backend="a", model="a", cost=3),
+             TierSpec(name="moe-b", backend="b", model="b", cost=3)]
+    spec = RoutingSpec(thresholds={"moe-a": 0.5, "moe-b": 0.5})
+    joules = {"small": 1.0, "moe-a": 9.0, "moe-b": 4.0}
+    c = RouteContext("t", twins, twins[0], spec, FixedScore(0.9), None)
+    assert route(c, chat("x"), CapacityTracker(), lambda t: joules[t.name]).tier.name == "moe-b"
+    joules["moe-b"] = 12.0  # b got costlier per token than a
+    assert route(c, chat("x"), CapacityTracker(), lambda t: joules[t.name]).tier.name == "moe-a"

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import KEYS, FakeUpstream, Gateway, priced_policy
+from .conftest import ADMIN_KEY, KEYS, FakeUpstream, Gateway, priced_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -127,3 +127,40 @@ def test_budget_pressure_moves_hard_prompts_down_before_the_budget_runs_out(gate
     budget = httpx.get(f"{gw.url}/v1/models", timeout=10,
                        headers={"authorization": f"Bearer {KEYS['acme']}"})
     assert budget.status_code == 200  # the tenant is still served: nothing was refused
+
+
+def test_a_tier_that_cannot_answer_falls_back_down_the_ladder(gateway_for, upstream):
+    from .conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    gw = gateway_for({})
+    policy = yaml_policy(gw)
+    policy["backends"]["up-big"]["base_url"] = dead
+    gw.write_policy(policy)
+    assert httpx.post(f"{gw.url}/admin/reload", timeout=30,
+                      headers={"authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+    client = gw.client()
+    headers, reply = ask(client, HARD)
+    assert headers["x-joulegate-tier"] == "small" and headers["x-joulegate-fallback"] == "big->small"
+    assert reply.model == "small-model"
+    with pytest.raises(openai.InternalServerError) as pinned:  # pinned: no fallback by default
+        ask(client, HARD, model="big")
+    assert pinned.value.status_code == 503
+    stream = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": HARD}],
+                                            max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].model == "small-model"
+    assert metric(gw, "joulegate_fallbacks_total", tenant="acme", **{"from": "big", "to": "small"}) == 2
+
+    policy["routing"]["fallback"] = "all"
+    gw.write_policy(policy)
+    httpx.post(f"{gw.url}/admin/reload", timeout=30, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    headers, _ = ask(client, HARD, model="big")
+    assert headers["x-joulegate-tier"] == "small"
+
+
+def yaml_policy(gw: Gateway) -> dict:
+    import yaml
+
+    return yaml.safe_load(gw.policy_path.read_text())

@@ -37,13 +37,14 @@ def _meter_for(backend: str, kind: str, spec: EnergySpec) -> tuple[str, Callable
         return f"nvml:{','.join(map(str, spec.gpus))}", lambda: NvmlMeter(spec.gpus)
     if choice == "rapl":
         return f"rapl:{spec.rapl_root}", lambda: RaplMeter(spec.rapl_root)
-    if choice == "prometheus" or (choice == "auto" and kind == "openai" and spec.prometheus_url):
+    http = kind in ("openai", "vllm")  # the model runs elsewhere: no local meter applies
+    if choice == "prometheus" or (choice == "auto" and http and spec.prometheus_url):
         if not spec.prometheus_url:
             raise MeterUnavailable("meter 'prometheus' needs prometheus_url")
         return (f"prometheus:{spec.prometheus_url}:{spec.prometheus_series}",
                 lambda: PrometheusMeter(spec.prometheus_url, spec.prometheus_series,
                                         spec.prometheus_unit, spec.interval_s))
-    if kind == "openai":
+    if http:
         return f"tokens:{backend}", lambda: TokenPriceMeter(spec.joules_per_prompt_token,
                                                             spec.joules_per_output_token)
     if choice == "auto":

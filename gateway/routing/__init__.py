@@ -10,7 +10,8 @@
 
 from .capacity import CapacityTracker
 from .estimators import ESTIMATORS, Difficulty, DifficultyEstimator, create_estimator
-from .tiers import MAX_TIER_HEADER, Decision, pick_tier, tenant_models
+from .tiers import MAX_TIER_HEADER, Decision, fallback_tier, pick_tier, tenant_models
 
 __all__ = ["ESTIMATORS", "MAX_TIER_HEADER", "CapacityTracker", "Decision", "Difficulty",
-           "DifficultyEstimator", "create_estimator", "pick_tier", "tenant_models"]
+           "DifficultyEstimator", "create_estimator", "fallback_tier", "pick_tier",
+           "tenant_models"]

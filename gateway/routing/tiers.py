@@ -9,12 +9,16 @@
   (``budget``), and a tier with a capacity admits only the hardest share of the tenant's
   recent requests (``capacity``); a demoted request tries the next cheaper candidate.
 - The ``X-Joulegate-Max-Tier`` header caps the choice (``capped`` when it lowered it).
+- A tier whose backend reports itself saturated (a vLLM queue over its limit) is skipped
+  (``load``); among candidates of equal cost, the one predicted to spend the fewest joules
+  on this request (its measured joules per token) is tried first.
 
 With no candidate above the default tier, nothing is scored (no cost on that path).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +38,7 @@ MAX_TIER_HEADER = "x-joulegate-max-tier"
 @dataclass(slots=True)
 class Decision:
     tier: TierSpec
-    #: gate, capacity, budget, pinned or capped.
+    #: gate, capacity, budget, load, pinned or capped.
     reason: str
     difficulty: Difficulty | None = None
     #: Capacity-window entries to settle with the request's measured joules.
@@ -80,6 +84,8 @@ class RouteContext:
     estimator: DifficultyEstimator
     #: The tenant's least remaining budget fraction, or None when it has no budget.
     remaining: float | None
+    #: Whether a tier's backend is saturated now (load-aware routing).
+    saturated: Callable[[TierSpec], bool] = lambda tier: False
 
 
 def route(ctx: RouteContext, generation: GenerationRequest, capacity: CapacityTracker,
@@ -88,8 +94,8 @@ def route(ctx: RouteContext, generation: GenerationRequest, capacity: CapacityTr
     if max_tier is not None and ctx.default.cost > max_tier.cost:
         return Decision(max_tier, "capped")
     thresholds = ctx.routing.thresholds or {}
-    candidates = [t for t in reversed(ctx.tiers)
-                  if t.cost > ctx.default.cost and t.name in thresholds]
+    candidates = sorted((t for t in ctx.tiers if t.cost > ctx.default.cost and t.name in thresholds),
+                        key=lambda t: (-t.cost, predict_joules(t)))
     if not candidates:
         return Decision(ctx.default, "gate")
     difficulty = ctx.estimator.score(generation)
@@ -104,6 +110,9 @@ def route(ctx: RouteContext, generation: GenerationRequest, capacity: CapacityTr
             continue
         if score < thresholds[tier.name] + lift:
             reason = "budget"
+            continue
+        if ctx.saturated(tier):
+            reason = "load"
             continue
         spec = (ctx.routing.capacity or {}).get(tier.name)
         if spec is not None and not capacity.window(ctx.tenant, tier.name, spec).admits(
@@ -133,6 +142,24 @@ def pin(tiers: dict[str, TierSpec], models: dict[str, TierSpec], allowed: list[s
     return Decision(tier, "pinned")
 
 
+def fallback_tier(snap: Snapshot, tenant: str, decision: Decision,
+                  tried: list[TierSpec]) -> TierSpec | None:
+    """The tier to retry on after ``tried[-1]`` could not take the request, or None."""
+    routing = snap.routing[tenant]
+    mode = routing.fallback or "off"
+    if mode == "off" or (decision.reason == "pinned" and mode != "all"):
+        return None
+    allowed = [t.name for t in snap.policy.tenant_tiers(tenant)]
+    ladder = routing.fallback_ladder or list(reversed(allowed))
+    current = tried[-1].name
+    after = ladder[ladder.index(current) + 1:] if current in ladder else ladder
+    done = {t.name for t in tried}
+    for name in after:
+        if name in allowed and name not in done:
+            return snap.tiers[name]
+    return None
+
+
 def tenant_models(snap: Snapshot, tenant: str) -> list[tuple[str, TierSpec | None]]:
     """``(id, tier)`` for every model id the tenant may name: ``auto``, tiers, concrete models."""
     out: list[tuple[str, TierSpec | None]] = [(AUTO_MODEL, None)]
@@ -157,5 +184,6 @@ def pick_tier(snap: Snapshot, tenant: str, model: str, generation: GenerationReq
     routing = snap.routing[tenant]
     ctx = RouteContext(tenant, snap.policy.tenant_tiers(tenant), snap.tiers[spec.default_tier],
                        routing, snap.estimators[routing.estimator or "learned"],
-                       remaining if spec.budgets else None)
+                       remaining if spec.budgets else None,
+                       saturated=lambda tier: snap.backend_for(tier).saturated())
     return route(ctx, generation, capacity, predict_joules, max_tier)

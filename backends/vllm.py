@@ -1,0 +1,357 @@
+"""vLLM's OpenAI server, one or several replicas, load-aware.
+
+Builds on :class:`backends.openai_http.OpenAIBackend` (one per replica) and adds:
+
+- **Load**: every ``metrics_interval_s`` each replica's ``/metrics`` is scraped
+  (``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``,
+  ``vllm:generation_tokens_total``, ``vllm:kv_cache_usage_perc`` when present) into a
+  :class:`Load`: queue depth and token rates, for routing (skip a saturated tier) and for
+  energy attribution (the server's own token counts on that device).
+- **Balancing**: least outstanding requests among the replicas in service.
+- **Ejection**: a replica that fails ``eject_after`` times in a row is taken out for
+  ``eject_s`` seconds (doubling while it keeps failing its health check, up to ten times).
+- **Retries**: a request that fails before its first byte (unreachable, overloaded, no
+  first token in time) is retried on another replica, up to ``retries`` times; after the
+  first byte, failures reach the caller.
+- **Managed mode**: with ``managed`` settings the backend launches a local vLLM server and
+  supervises it (:mod:`backends.vllm_managed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Chunk,
+    Generation,
+    GenerationRequest,
+    Health,
+)
+from .openai_http import OpenAIBackend
+
+log = logging.getLogger("joulegate.backends.vllm")
+
+_RETRYABLE = (BackendUnavailable, BackendTimeout)
+
+
+@dataclass(slots=True)
+class Load:
+    """A replica's (or a backend's summed) load, as last scraped."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float | None = None
+    prompt_tokens_total: float = 0.0
+    generation_tokens_total: float = 0.0
+    #: tokens per second over the last scrape interval
+    prompt_tokens_per_s: float = 0.0
+    generation_tokens_per_s: float = 0.0
+    scraped_at: float = 0.0
+
+
+def parse_vllm_metrics(text: str) -> dict[str, float]:
+    """Sum each ``vllm:*`` sample we use over its label sets (engines, models)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting",
+              "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+              "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
+
+
+class Replica:
+    def __init__(self, backend: OpenAIBackend, metrics_url: str):
+        self.backend = backend
+        self.url = backend.base_url
+        self.metrics_url = metrics_url
+        self.outstanding = 0
+        self.served = 0
+        self.failures = 0  # consecutive
+        self.ejected_until = 0.0
+        self.ejections = 0
+        #: Ejected: back in service only after its cool-down and a good health check.
+        self.ejected = False
+        self.load = Load()
+
+    def in_service(self, now: float) -> bool:
+        return not self.ejected
+
+    def succeeded(self) -> None:
+        self.served += 1
+        self.failures = 0
+        self.ejections = 0
+
+    def failed(self, eject_after: int, eject_s: float) -> bool:
+        """Count a failure; True when this one ejects the replica."""
+        self.failures += 1
+        if self.failures >= eject_after and not self.ejected:
+            self.eject(eject_s)
+            return True
+        return False
+
+    def eject(self, eject_s: float) -> None:
+        """Out for a cool-down that doubles with each ejection in a row (up to 2**10)."""
+        self.ejected = True
+        self.ejections += 1
+        self.ejected_until = time.monotonic() + eject_s * 2 ** min(self.ejections - 1, 10)
+        self.failures = 0
+
+    async def probe(self, eject_s: float) -> None:
+        """After the cool-down: back in service if healthy, else ejected again (longer)."""
+        if time.monotonic() < self.ejected_until:
+            return
+        if (await self.backend.health()).ok:
+            self.ejected = False
+            log.info("replica %s back in service", self.url)
+        else:
+            self.eject(eject_s)
+
+    def info(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {"url": self.url, "outstanding": self.outstanding, "served": self.served,
+                "in_service": self.in_service(now),
+                "running": self.load.running, "waiting": self.load.waiting,
+                "kv_cache_usage": self.load.kv_cache_usage,
+                "generation_tokens_per_s": round(self.load.generation_tokens_per_s, 3)}
+
+
+class VLLMBackend(Backend):
+    kind = "vllm"
+
+    def __init__(self, name: str, base_url: str | None = None, replicas: list[str] | None = None,
+                 api_key: str | None = None, timeouts: dict | None = None,
+                 max_connections: int = 256, metrics_interval_s: float = 2.0,
+                 max_waiting: int | None = None, retries: int = 1, eject_after: int = 3,
+                 eject_s: float = 30.0, managed: dict | None = None):
+        super().__init__(name)
+        self.metrics_interval_s = metrics_interval_s
+        self.max_waiting = max_waiting
+        self.retries = retries
+        self.eject_after = eject_after
+        self.eject_s = eject_s
+        self.managed = None
+        if managed is not None:
+            from .vllm_managed import ManagedServer
+
+            self.managed = ManagedServer(name, **managed)
+            base_url = self.managed.base_url
+        urls = list(replicas or []) or ([base_url] if base_url else [])
+        if not urls:
+            raise ValueError(f"backend '{name}': give base_url, replicas or managed")
+        self.replicas = [
+            Replica(OpenAIBackend(f"{name}[{i}]" if len(urls) > 1 else name, url, api_key,
+                                  max_connections=max_connections, **(timeouts or {})),
+                    _metrics_url(url))
+            for i, url in enumerate(urls)]
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    def from_settings(cls, name: str, settings: dict[str, Any]) -> VLLMBackend:
+        return cls(name, **settings)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.managed is not None:
+            await self.managed.start()
+        for r in self.replicas:
+            await r.backend.start()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        await self.scrape()
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for r in self.replicas:
+            await r.backend.close()
+        if self._session is not None:
+            await self._session.close()
+        if self.managed is not None:
+            await self.managed.stop()
+
+    # -- load ---------------------------------------------------------------------------
+
+    async def scrape(self) -> None:
+        """Read every replica's /metrics once (failures leave the last reading)."""
+        await asyncio.gather(*(self._scrape(r) for r in self.replicas))
+
+    async def _scrape(self, replica: Replica) -> None:
+        if self._session is None:
+            return
+        try:
+            async with self._session.get(replica.metrics_url) as resp:
+                if resp.status != 200:
+                    return
+                values = parse_vllm_metrics(await resp.text())
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        now = time.monotonic()
+        old = replica.load
+        load = Load(
+            running=values.get("vllm:num_requests_running", 0.0),
+            waiting=values.get("vllm:num_requests_waiting", 0.0),
+            kv_cache_usage=values.get("vllm:kv_cache_usage_perc",
+                                      values.get("vllm:gpu_cache_usage_perc")),
+            prompt_tokens_total=values.get("vllm:prompt_tokens_total", 0.0),
+            generation_tokens_total=values.get("vllm:generation_tokens_total", 0.0),
+            scraped_at=now)
+        if old.scraped_at and now > old.scraped_at:
+            dt = now - old.scraped_at
+            # A restarted server's counters start again from 0: no rate for that interval.
+            load.prompt_tokens_per_s = max(load.prompt_tokens_total - old.prompt_tokens_total, 0) / dt
+            load.generation_tokens_per_s = max(
+                load.generation_tokens_total - old.generation_tokens_total, 0) / dt
+        replica.load = load
+
+    def load(self) -> Load:
+        """The replicas in service, summed."""
+        now = time.monotonic()
+        total = Load()
+        for r in self.replicas:
+            if not r.in_service(now):
+                continue
+            total.running += r.load.running
+            total.waiting += r.load.waiting
+            total.prompt_tokens_total += r.load.prompt_tokens_total
+            total.generation_tokens_total += r.load.generation_tokens_total
+            total.prompt_tokens_per_s += r.load.prompt_tokens_per_s
+            total.generation_tokens_per_s += r.load.generation_tokens_per_s
+            total.scraped_at = max(total.scraped_at, r.load.scraped_at)
+        return total
+
+    def saturated(self) -> bool:
+        """True when every replica in service has at least ``max_waiting`` queued requests
+        (or none is in service)."""
+        if self.max_waiting is None:
+            return False
+        now = time.monotonic()
+        live = [r for r in self.replicas if r.in_service(now)]
+        return not live or all(r.load.waiting >= self.max_waiting for r in live)
+
+    async def _watch(self) -> None:
+        """Scrape metrics; probe ejected replicas whose cool-down ended."""
+        while True:
+            await asyncio.sleep(self.metrics_interval_s)
+            await self.scrape()
+            await asyncio.gather(*(r.probe(self.eject_s) for r in self.replicas if r.ejected))
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _pick(self, tried: set[int]) -> tuple[int, Replica] | None:
+        now = time.monotonic()
+        live = [(i, r) for i, r in enumerate(self.replicas) if i not in tried and r.in_service(now)]
+        if not live:
+            return None
+        return min(live, key=lambda ir: (ir[1].outstanding, ir[1].load.waiting, ir[0]))
+
+    def _unavailable(self) -> BackendUnavailable:
+        return BackendUnavailable(f"backend '{self.name}': no replica in service", retry_after_s=5)
+
+    def _note_failure(self, replica: Replica, exc: BaseException) -> None:
+        if replica.failed(self.eject_after, self.eject_s):
+            log.warning("backend '%s': replica %s ejected for %.0f s after repeated failures (%s)",
+                        self.name, replica.url, replica.ejected_until - time.monotonic(), exc)
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        tried: set[int] = set()
+        last: BackendError | None = None
+        for _ in range(self.retries + 1):
+            picked = self._pick(tried)
+            if picked is None:
+                break
+            index, replica = picked
+            tried.add(index)
+            replica.outstanding += 1
+            try:
+                result = await replica.backend.complete(request)
+            except _RETRYABLE as exc:
+                self._note_failure(replica, exc)
+                last = exc
+                continue
+            except BackendError as exc:
+                self._note_failure(replica, exc)
+                raise
+            finally:
+                replica.outstanding -= 1
+            replica.succeeded()
+            return result
+        raise last or self._unavailable()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        tried: set[int] = set()
+        last: BackendError | None = None
+        for _ in range(self.retries + 1):
+            picked = self._pick(tried)
+            if picked is None:
+                break
+            index, replica = picked
+            tried.add(index)
+            replica.outstanding += 1
+            chunks = replica.backend.stream(request)
+            try:
+                try:
+                    first = await anext(chunks)
+                except _RETRYABLE as exc:  # nothing sent yet: another replica may serve it
+                    self._note_failure(replica, exc)
+                    last = exc
+                    continue
+                except StopAsyncIteration:
+                    return
+                replica.succeeded()
+                yield first
+                async for chunk in chunks:
+                    yield chunk
+                return
+            except BackendError as exc:
+                self._note_failure(replica, exc)
+                raise
+            finally:
+                replica.outstanding -= 1
+                await chunks.aclose()
+        raise last or self._unavailable()
+
+    async def health(self) -> Health:
+        if self.managed is not None and not self.managed.ready:
+            return Health(False, f"managed vLLM server: {self.managed.state}",
+                          {"managed": self.managed.info()})
+        results = await asyncio.gather(*(r.backend.health() for r in self.replicas))
+        now = time.monotonic()
+        ok = [h.ok and r.in_service(now) for r, h in zip(self.replicas, results)]
+        load = self.load()
+        info: dict[str, object] = {
+            "replicas": [r.info() for r in self.replicas], "waiting": load.waiting,
+            "running": load.running, "saturated": self.saturated()}
+        if self.managed is not None:
+            info["managed"] = self.managed.info()
+        if any(ok):
+            return Health(True, f"{sum(ok)}/{len(ok)} replicas in service", info)
+        return Health(False, "no replica in service", info)
+
+
+def _metrics_url(base_url: str) -> str:
+    """vLLM serves /metrics at the root, beside the /v1 API."""
+    root = base_url.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[:-3]
+    return root + "/metrics"
