@@ -160,6 +160,7 @@ class VLLMBackend(Backend):
                                   max_connections=max_connections, **(timeouts or {})),
                     _metrics_url(url))
             for i, url in enumerate(urls)]
+        self._rotation = 0
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
 
@@ -263,7 +264,11 @@ class VLLMBackend(Backend):
         live = [(i, r) for i, r in enumerate(self.replicas) if i not in tried and r.in_service(now)]
         if not live:
             return None
-        return min(live, key=lambda ir: (ir[1].outstanding, ir[1].load.waiting, ir[0]))
+        # Fewest outstanding, then shortest server queue; ties rotate, so an idle pool
+        # spreads sequential requests instead of always using the first replica.
+        n, start = len(self.replicas), self._rotation
+        self._rotation = (self._rotation + 1) % n
+        return min(live, key=lambda ir: (ir[1].outstanding, ir[1].load.waiting, (ir[0] - start) % n))
 
     def _unavailable(self) -> BackendUnavailable:
         return BackendUnavailable(f"backend '{self.name}': no replica in service", retry_after_s=5)

@@ -208,3 +208,77 @@ def priced_policy(upstream_url: str, tenant_extra: dict, ledger: dict | None = N
     if ledger:
         policy["ledger"] = ledger
     return policy
+
+
+# -- vLLM -------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+VLLM_VENV = Path(os.environ.get("JOULEGATE_VLLM_VENV", REPO / ".venv-vllm"))
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
+TINY_MOE_NAME = "tiny-qwen3-moe"
+
+
+def vllm_env(cache: Path) -> dict[str, str]:
+    """vLLM on CPU: a small KV cache, caches in the test's folder, never a hub download."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache / "vllm"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> Path:
+    """The tiny Qwen3-MoE checkpoint, built here with transformers (tests/tiny_moe.py)."""
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} missing: scripts/vllm-venv creates it (scripts/test runs it)")
+    out = tmp_path_factory.mktemp("tiny-moe") / TINY_MOE_NAME
+    subprocess.run([str(VLLM_PYTHON), str(REPO / "tests" / "tiny_moe.py"), str(out)], check=True,
+                   capture_output=True, timeout=300)
+    return out
+
+
+class VLLMServer:
+    """A real vLLM OpenAI server (vllm-cpu) on a loopback port, serving ``model``."""
+
+    def __init__(self, model: Path, workdir: Path, args: list[str] | None = None,
+                 port: int | None = None):
+        self.model, self.workdir, self.args = model, workdir, list(args or [])
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = workdir / f"vllm-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                str(self.model), "--served-model-name", TINY_MOE_NAME, "--host", "127.0.0.1",
+                "--port", str(self.port), "--max-model-len", "2048", "--dtype", "bfloat16",
+                *self.args]
+
+    def start(self, timeout: float = 400) -> VLLMServer:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=vllm_env(self.workdir), start_new_session=True)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vLLM exited with {self.proc.returncode}:\n"
+                                     + self.log_path.read_text(errors="replace")[-4000:])
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, 0.5, "vLLM start")
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()

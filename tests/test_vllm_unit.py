@@ -1,0 +1,85 @@
+"""The `vllm` backend's pieces that need no server: metrics parsing, settings, ejection."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.vllm import Replica, VLLMBackend, _metrics_url, parse_vllm_metrics
+from policies import PolicyError, parse_policy
+
+pytestmark = pytest.mark.unit
+
+SCRAPE = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 5.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+# TYPE vllm:prompt_tokens counter
+vllm:prompt_tokens_total{engine="0",model_name="m"} 1200.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 340.0
+# TYPE other_metric gauge
+other_metric 7.0
+"""
+
+
+def test_vllm_metrics_are_summed_over_engines():
+    values = parse_vllm_metrics(SCRAPE)
+    assert values == {"vllm:num_requests_running": 4.0, "vllm:num_requests_waiting": 5.0,
+                      "vllm:kv_cache_usage_perc": 0.25, "vllm:prompt_tokens_total": 1200.0,
+                      "vllm:generation_tokens_total": 340.0}
+
+
+def test_metrics_live_beside_the_api_prefix():
+    assert _metrics_url("http://h:8000/v1") == "http://h:8000/metrics"
+    assert _metrics_url("http://h:8000/v1/") == "http://h:8000/metrics"
+    assert _metrics_url("http://h:8000") == "http://h:8000/metrics"
+
+
+def test_saturation_needs_every_replica_in_service_to_queue():
+    b = VLLMBackend("b", replicas=["http://a:1/v1", "http://b:1/v1"], max_waiting=2)
+    b.replicas[0].load.waiting, b.replicas[1].load.waiting = 5, 1
+    assert not b.saturated()
+    b.replicas[1].eject(30)
+    assert b.saturated()  # the one left in service is over the limit
+    assert not VLLMBackend("c", base_url="http://c:1/v1").saturated()  # no limit set
+
+
+def test_ejection_after_consecutive_failures_with_doubling_cool_down():
+    r = Replica.__new__(Replica)
+    r.__init__(VLLMBackend("b", base_url="http://a:1/v1").replicas[0].backend, "http://a:1/metrics")
+    assert not r.failed(3, 10) and not r.failed(3, 10)
+    r.succeeded()  # a success resets the count
+    assert not r.failed(3, 10) and not r.failed(3, 10) and r.failed(3, 10)
+    assert r.ejected and not r.in_service(0)
+    first = r.ejected_until
+    r.eject(10)
+    assert r.ejected_until - first == pytest.approx(10, abs=0.5)  # 20 s after, not 10
+
+
+def test_idle_replicas_take_turns():
+    b = VLLMBackend("b", replicas=["http://a:1/v1", "http://b:1/v1", "http://c:1/v1"])
+    picks = [b._pick(set())[0] for _ in range(6)]
+    assert sorted(picks) == [0, 0, 1, 1, 2, 2]
+    b.replicas[0].outstanding = 2
+    assert {b._pick(set())[0] for _ in range(4)} == {1, 2}
+
+
+def policy(backend: dict) -> dict:
+    return {"version": 1, "backends": {"v": {"kind": "vllm", **backend}},
+            "tiers": [{"name": "moe", "backend": "v", "model": "m", "cost": 1}],
+            "tenants": {"t": {"keys": ["env:X"], "default_tier": "moe"}}}
+
+
+def test_a_vllm_backend_needs_exactly_one_source():
+    for bad, got in (({}, ""), ({"base_url": "http://a:1/v1", "replicas": ["http://b:1/v1"]},
+                                " (got base_url, replicas)")):
+        with pytest.raises(PolicyError) as info:
+            parse_policy(policy(bad), "p.yaml")
+        assert [f"{i.path}: {i.message}" for i in info.value.issues] == [
+            f"backends.v: give exactly one of base_url, replicas or managed{got}"]
+    spec = parse_policy(policy({"managed": {"model": "/models/x", "port": 8100}}), "p.yaml")
+    assert spec.backends["v"].managed.port == 8100
