@@ -44,6 +44,8 @@ from .openai_http import OpenAIBackend
 log = logging.getLogger("joulegate.backends.vllm")
 
 _RETRYABLE = (BackendUnavailable, BackendTimeout)
+#: Work of a prompt token relative to a generated one, for the gateway's share of a server.
+PREFILL_WEIGHT = 0.1
 
 
 @dataclass(slots=True)
@@ -89,9 +91,18 @@ class Replica:
         #: Ejected: back in service only after its cool-down and a good health check.
         self.ejected = False
         self.load = Load()
+        #: Tokens of the gateway's own requests on this replica (prompt, generated).
+        self.own_tokens = [0, 0]
+        self._own_at_scrape = (0, 0)
+        #: The gateway's share of the server's token work over the last scrape interval.
+        self.own_fraction = 1.0
 
     def in_service(self, now: float) -> bool:
         return not self.ejected
+
+    def count(self, request: GenerationRequest) -> None:
+        self.own_tokens[0] += request.progress.prompt_tokens
+        self.own_tokens[1] += request.progress.completion_tokens
 
     def succeeded(self) -> None:
         self.served += 1
@@ -217,6 +228,14 @@ class VLLMBackend(Backend):
             prompt_tokens_total=values.get("vllm:prompt_tokens_total", 0.0),
             generation_tokens_total=values.get("vllm:generation_tokens_total", 0.0),
             scraped_at=now)
+        own = tuple(replica.own_tokens)
+        if old.scraped_at:
+            server_work = (max(load.prompt_tokens_total - old.prompt_tokens_total, 0) * PREFILL_WEIGHT
+                           + max(load.generation_tokens_total - old.generation_tokens_total, 0))
+            own_work = ((own[0] - replica._own_at_scrape[0]) * PREFILL_WEIGHT
+                        + own[1] - replica._own_at_scrape[1])
+            replica.own_fraction = min(own_work / server_work, 1.0) if server_work > 0 else 1.0
+        replica._own_at_scrape = own
         if old.scraped_at and now > old.scraped_at:
             dt = now - old.scraped_at
             # A restarted server's counters start again from 0: no rate for that interval.
@@ -240,6 +259,13 @@ class VLLMBackend(Backend):
             total.generation_tokens_per_s += r.load.generation_tokens_per_s
             total.scraped_at = max(total.scraped_at, r.load.scraped_at)
         return total
+
+    def own_fraction(self) -> float:
+        """The gateway's share of its servers' token work over the last scrape interval (1.0
+        when it is their only client); energy attribution charges only this share of a
+        device's energy to the gateway's requests."""
+        fractions = [(r.own_fraction, r.load.generation_tokens_per_s + 1e-9) for r in self.replicas]
+        return sum(f * w for f, w in fractions) / sum(w for _, w in fractions)
 
     def saturated(self) -> bool:
         """True when every replica in service has at least ``max_waiting`` queued requests
@@ -299,6 +325,7 @@ class VLLMBackend(Backend):
                 raise
             finally:
                 replica.outstanding -= 1
+                replica.count(request)
             replica.succeeded()
             return result
         raise last or self._unavailable()
@@ -334,6 +361,7 @@ class VLLMBackend(Backend):
             finally:
                 replica.outstanding -= 1
                 await chunks.aclose()
+                replica.count(request)
         raise last or self._unavailable()
 
     async def health(self) -> Health:

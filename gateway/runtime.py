@@ -92,6 +92,19 @@ def state_dir(policy: Policy) -> Path:
     return Path(base) / "joulegate"
 
 
+def _share_devices(backends: dict[str, Backend], devices: dict[str, EnergyDevice]) -> None:
+    """A device metered as a whole (a GPU's counter) but serving other clients too (a shared
+    vLLM server) charges the gateway only its share of the server's token work."""
+    users: dict[int, list[str]] = {}
+    for name, device in devices.items():
+        users.setdefault(id(device), []).append(name)
+    for name, backend in backends.items():
+        device = devices[name]
+        own = getattr(backend, "own_fraction", None)
+        if own is not None and device.source == "measured" and users[id(device)] == [name]:
+            device.own_fraction = own
+
+
 class Runtime:
     """Owns the current snapshot, the backends' lifecycle, and what outlives a policy
     version: metrics, energy devices and the calibration table."""
@@ -204,6 +217,7 @@ class Runtime:
             await asyncio.gather(*(b.close() for b in fresh), return_exceptions=True)
             raise PolicyError(str(self.policy_path), [
                 PolicyIssue(f"backends.{b.name}", f"failed to start: {r}") for b, r in failures])
+        _share_devices(backends, devices)
         tiers = {t.name: t for t in policy.ordered_tiers()}
         for tier in tiers.values():
             self.calibration.seed(tier.name, tier.joules_per_prompt_token,

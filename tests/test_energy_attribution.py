@@ -153,3 +153,23 @@ def test_calibration_learns_and_persists(tmp_path):
     assert again.per_token("small") == pytest.approx((a, b))
     path.write_text("{broken")
     assert Calibration(path).per_token("small") == (0.0, 0.0)
+
+
+def test_a_shared_device_charges_only_the_gateways_share_of_its_work():
+    dev, meter = device()
+    own = {"fraction": 1.0}
+    dev.own_fraction = lambda: own["fraction"]
+    a = Usage()
+    share = dev.open(a)
+    a.completion_tokens = 10
+    meter.joules = 100  # the server did only our work: all ours
+    dev.tick()
+    own["fraction"] = 0.25  # other clients did three quarters of the server's tokens
+    a.completion_tokens = 20
+    meter.joules = 200
+    dev.tick()
+    own["fraction"] = 7.0  # a lumpy counter reading never charges more than the delta
+    meter.joules = 220
+    assert dev.close_share(share) == pytest.approx(100 + 25 + 20)
+    assert dev.totals.foreign_j == pytest.approx(75)
+    assert dev.check_invariant() == pytest.approx(0, abs=1e-9)

@@ -83,3 +83,37 @@ def test_a_vllm_backend_needs_exactly_one_source():
             f"backends.v: give exactly one of base_url, replicas or managed{got}"]
     spec = parse_policy(policy({"managed": {"model": "/models/x", "port": 8100}}), "p.yaml")
     assert spec.backends["v"].managed.port == 8100
+
+
+def test_the_gateways_share_of_a_server_comes_from_its_token_counters():
+    import asyncio
+
+    from backends import GenerationRequest
+
+    b = VLLMBackend("b", base_url="http://a:1/v1")
+    r = b.replicas[0]
+    texts = iter([SCRAPE, SCRAPE.replace("340.0", "440.0").replace("1200.0", "1200.0")])
+
+    class Session:  # the HTTP boundary: two scrapes of a server's /metrics
+        def get(self, url):
+            class Resp:
+                status = 200
+
+                async def text(self):
+                    return next(texts)
+
+                async def __aenter__(self):
+                    return self
+
+                async def __aexit__(self, *exc):
+                    return False
+            return Resp()
+
+    b._session = Session()
+    asyncio.run(b.scrape())
+    req = GenerationRequest(model="m", prompt="x")
+    req.progress.completion_tokens = 25  # ours: 25 of the server's 100 new tokens
+    r.count(req)
+    asyncio.run(b.scrape())
+    assert r.own_fraction == pytest.approx(0.25)
+    assert b.own_fraction() == pytest.approx(0.25)

@@ -14,8 +14,13 @@ request is *idle* energy: reported separately, and optionally carried over to th
 interval that has work (``spread_idle``). Ticks run on a timer and at the start and end
 of every request, so a request is charged exactly for the intervals it was active in.
 
-Invariant, at any tick: sum of all requests' joules + idle joules not spread
-== the meter's total since the device started (:meth:`EnergyDevice.check_invariant`).
+A device that also serves other clients (a shared vLLM server) can say which fraction of
+its recent token work was the gateway's (``own_fraction``, from the server's own token
+counters); only that fraction of each interval's energy goes to the gateway's requests,
+the rest is *foreign* and reported apart.
+
+Invariant, at any tick: sum of all requests' joules + idle joules not spread + foreign
+joules == the meter's total since the device started (:meth:`EnergyDevice.check_invariant`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class DeviceTotals:
     attributed_j: float = 0.0
     idle_j: float = 0.0
     idle_spread_j: float = 0.0
+    foreign_j: float = 0.0
 
 
 class EnergyDevice:
@@ -75,6 +81,8 @@ class EnergyDevice:
         self._idle_pending = 0.0
         self._task: asyncio.Task | None = None
         self.last_reading = Reading(0.0)
+        #: The gateway's fraction of the device's recent work, when others share it.
+        self.own_fraction: Callable[[], float] | None = None
 
     @property
     def source(self) -> str:
@@ -146,6 +154,10 @@ class EnergyDevice:
                 self._idle_pending += delta
         else:
             pool = delta
+            if self.own_fraction is not None:
+                own = min(max(self.own_fraction(), 0.0), 1.0)
+                totals.foreign_j += pool * (1.0 - own)
+                pool *= own
             if self.spread_idle and total_work > 0:
                 pool += self._idle_pending
                 totals.idle_spread_j += self._idle_pending
@@ -161,7 +173,7 @@ class EnergyDevice:
     def check_invariant(self) -> float:
         """|requests + unspread idle - meter| (should be ~0, up to float rounding)."""
         t = self.totals
-        return abs(t.attributed_j + (t.idle_j - t.idle_spread_j) - t.meter_j)
+        return abs(t.attributed_j + (t.idle_j - t.idle_spread_j) + t.foreign_j - t.meter_j)
 
 
 @dataclass(eq=False)
