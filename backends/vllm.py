@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,15 +304,19 @@ class VLLMBackend(Backend):
             log.warning("backend '%s': replica %s ejected for %.0f s after repeated failures (%s)",
                         self.name, replica.url, replica.ejected_until - time.monotonic(), exc)
 
-    async def complete(self, request: GenerationRequest) -> Generation:
+    def _attempts(self) -> Iterator[Replica]:
+        """The replicas to try one request on: the best first, then others (retries)."""
         tried: set[int] = set()
-        last: BackendError | None = None
         for _ in range(self.retries + 1):
             picked = self._pick(tried)
             if picked is None:
-                break
-            index, replica = picked
-            tried.add(index)
+                return
+            tried.add(picked[0])
+            yield picked[1]
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        last: BackendError | None = None
+        for replica in self._attempts():
             replica.outstanding += 1
             try:
                 result = await replica.backend.complete(request)
@@ -331,14 +335,8 @@ class VLLMBackend(Backend):
         raise last or self._unavailable()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        tried: set[int] = set()
         last: BackendError | None = None
-        for _ in range(self.retries + 1):
-            picked = self._pick(tried)
-            if picked is None:
-                break
-            index, replica = picked
-            tried.add(index)
+        for replica in self._attempts():
             replica.outstanding += 1
             chunks = replica.backend.stream(request)
             try:

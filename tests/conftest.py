@@ -163,6 +163,33 @@ class FakeUpstream:
         self.proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def upstream():
+    """The fast fake upstream, shared by a test module."""
+    up = FakeUpstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def gateways(tmp_path):
+    """``make(policy)`` starts a gateway on that policy (state in its own folder); all of
+    them are stopped after the test."""
+    made: list[Gateway] = []
+
+    def make(policy: dict) -> Gateway:
+        work = tmp_path / f"gw{len(made)}"
+        work.mkdir()
+        policy["state_dir"] = str(work / "state")
+        gw = Gateway(policy, work)
+        made.append(gw)
+        return gw.start()
+
+    yield make
+    for gw in made:
+        gw.stop()
+
+
 class RedisServer:
     """A real redis-server on a free loopback port (no persistence)."""
 

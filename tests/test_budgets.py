@@ -40,30 +40,13 @@ def admin(gw: Gateway, method: str, path: str, **kw) -> httpx.Response:
                          headers={"authorization": f"Bearer {ADMIN_KEY}"}, **kw)
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    up = FakeUpstream()
-    yield up
-    up.stop()
-
-
 @pytest.fixture
-def gateway_for(tmp_path, upstream):
+def gateway_for(upstream, gateways):
     """Starts gateways with budgets for tenant acme on the priced tiers; stops them after."""
-    made: list[Gateway] = []
-
     def make(tenant_extra: dict, ledger: dict | None = None) -> Gateway:
-        work = tmp_path / f"gw{len(made)}"
-        work.mkdir()
-        policy = priced_policy(upstream.url, tenant_extra, ledger)
-        policy["state_dir"] = str(work / "state")
-        gw = Gateway(policy, work)
-        made.append(gw)
-        return gw.start()
+        return gateways(priced_policy(upstream.url, tenant_extra, ledger))
 
-    yield make
-    for gw in made:
-        gw.stop()
+    return make
 
 
 def test_reject_with_retry_after_and_exact_spend(gateway_for):

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import ADMIN_KEY, KEYS, FakeUpstream, Gateway, priced_policy
+from .conftest import ADMIN_KEY, KEYS, Gateway, priced_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -23,30 +23,14 @@ HARD = ("Prove step by step that the algorithm below terminates, then derive its
         "```python\ndef f(xs):\n    return sorted(xs)[::2]\n```\n" + "Consider the edge cases. " * 30)
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    up = FakeUpstream()
-    yield up
-    up.stop()
-
-
 @pytest.fixture
-def gateway_for(tmp_path, upstream):
-    made: list[Gateway] = []
-
+def gateway_for(upstream, gateways):
     def make(routing: dict, **tenant_extra) -> Gateway:
-        work = tmp_path / f"gw{len(made)}"
-        work.mkdir()
         policy = priced_policy(upstream.url, {"default_tier": "small", **tenant_extra})
         policy["routing"] = {"estimator": "heuristic", "thresholds": {"big": 0.45}, **routing}
-        policy["state_dir"] = str(work / "state")
-        gw = Gateway(policy, work)
-        made.append(gw)
-        return gw.start()
+        return gateways(policy)
 
-    yield make
-    for gw in made:
-        gw.stop()
+    return make
 
 
 def ask(client: openai.OpenAI, prompt: str, model: str = "auto", **headers):

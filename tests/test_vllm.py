@@ -23,7 +23,6 @@ from backends.vllm import VLLMBackend
 from .conftest import (
     TINY_MOE_NAME,
     VLLM_PYTHON,
-    FakeUpstream,
     Gateway,
     VLLMServer,
     free_port,
@@ -46,13 +45,6 @@ def vllm_server(tiny_moe, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def small_upstream():
-    up = FakeUpstream()
-    yield up
-    up.stop()
-
-
 def moe_policy(small_url: str, vllm_backend: dict) -> dict:
     policy = priced_policy(small_url, {"default_tier": "small"})
     policy["backends"] = {"up-small": policy["backends"]["up-small"], "vmoe": vllm_backend}
@@ -65,9 +57,9 @@ def moe_policy(small_url: str, vllm_backend: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gateway(vllm_server, small_upstream, tmp_path_factory):
+def gateway(vllm_server, upstream, tmp_path_factory):
     work = tmp_path_factory.mktemp("gw")
-    policy = moe_policy(small_upstream.url, {
+    policy = moe_policy(upstream.url, {
         "kind": "vllm", "base_url": vllm_server.url, "metrics_interval_s": 0.3,
         "max_waiting": 1, "retries": 0,
         "energy": {"meter": "estimated", "joules_per_prompt_token": 0.05,
@@ -215,11 +207,11 @@ def test_replicas_least_outstanding_and_ejection(vllm_server, llama_server):
     asyncio.run(body())
 
 
-def test_managed_mode_starts_restarts_and_stops_vllm(tiny_moe, small_upstream, tmp_path):
+def test_managed_mode_starts_restarts_and_stops_vllm(tiny_moe, upstream, tmp_path):
     port = free_port()
     env = {k: v for k, v in vllm_env(tmp_path).items() if k not in os.environ or k.startswith(
         ("VLLM", "TORCH", "HF_", "TRANSFORMERS", "DO_NOT"))}
-    policy = moe_policy(small_upstream.url, {
+    policy = moe_policy(upstream.url, {
         "kind": "vllm", "metrics_interval_s": 0.5,
         "managed": {"model": str(tiny_moe), "served_model_name": TINY_MOE_NAME, "port": port,
                     "python": str(VLLM_PYTHON), "env": env,
