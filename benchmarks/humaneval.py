@@ -59,8 +59,20 @@ def completion_request(problem: dict, model: str) -> dict:
             "stop": STOPS}
 
 
+def function_body(completion: str) -> str:
+    """The completion up to its first top-level line: the function's body. Models often go
+    on with example asserts, prose or a code fence after the function; the API's four
+    stops cannot cover them all (the Codex paper also stops at "\n#")."""
+    kept = []
+    for line in completion.split("\n"):
+        if line.strip() and not line[0].isspace() and kept:
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
 def run_tests(problem: dict, completion: str) -> tuple[bool, str]:
-    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    program = f"{problem['prompt']}{function_body(completion)}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.py"
         path.write_text(program)
@@ -144,6 +156,19 @@ def scores_for(estimator_name: str, todo: list[dict]) -> list[float]:
     return out
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    """Re-run the tests on the cached completions (after a change to the harness)."""
+    by_id = {p["task_id"]: p for p in problems()}
+    for tier in args.tiers.split(","):
+        rows = load_cache(tier)
+        for row in rows.values():
+            row["passed"], row["detail"] = run_tests(by_id[row["task_id"]], row["completion"])
+        cache_path(tier).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        print(f"{tier}: {len(rows)} problems, pass@1 "
+              f"{sum(r['passed'] for r in rows.values()) / max(len(rows), 1):.3f}")
+    return 0
+
+
 def cmd_curve(args: argparse.Namespace) -> int:
     small, full = load_cache("small"), load_cache("full")
     todo = [p for p in problems() if p["task_id"] in small and p["task_id"] in full]
@@ -209,8 +234,8 @@ def _plot(curves: dict, small: tuple, full: tuple, oracle: float, out: Path) -> 
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.plot([small[0] / 1000, full[0] / 1000], [100 * small[1], 100 * full[1]], "k--",
             label="random routing (expected)")
-    ax.plot([small[0] / 1000], [100 * small[1]], "o", color="tab:blue", label="always small")
-    ax.plot([full[0] / 1000], [100 * full[1]], "o", color="tab:red", label="always full")
+    ax.plot([small[0] / 1000], [100 * small[1]], "s", color="black", markersize=8, label="always small")
+    ax.plot([full[0] / 1000], [100 * full[1]], "D", color="black", markersize=8, label="always full")
     for name, curve in curves.items():
         curve = sorted(curve)
         ax.plot([j / 1000 for j, _ in curve], [100 * p for _, p in curve], "o-", label=f"auto ({name})")
@@ -236,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     collect.add_argument("--tiers", default="small,full")
     collect.add_argument("--limit", type=int, default=0, help="first N problems only")
     collect.set_defaults(func=cmd_collect)
+    rescore = sub.add_parser("rescore", help="re-run the tests on the cached completions")
+    rescore.add_argument("--tiers", default="small,full")
+    rescore.set_defaults(func=cmd_rescore)
     curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
     curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")
     curve.set_defaults(func=cmd_curve)
