@@ -9,6 +9,7 @@ on one set of subjects or tasks transfers to others.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from backends import GenerationRequest
 
 #: Pattern features look at most this many characters (head and tail) of the last turn,
 #: so scoring stays well under a millisecond for any prompt size.
-SCAN_CHARS = 8192
+SCAN_CHARS = 4096
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z']+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_MATH_SYMBOL = re.compile(r"[=^√∑∫≤≥±×÷]|\\frac|\\sqrt|\*\*|\d ?[-+*/] ?\d")
+_MATH_SYMBOL = re.compile(r"[=^√∑∫≤≥±×÷]")
+_MATH_MARKS = ("\\frac", "\\sqrt", "**")
+_ARITHMETIC = re.compile(r"\d ?[-+*/] ?\d")
 _LOGIC_SYMBOL = re.compile(r"[⊃∨∧≡→↔¬∀∃∈⊆∪∩]")
 _UNIT = re.compile(r"\d ?(?:kg|g|mg|m|cm|mm|km|s|ms|K|J|kJ|W|V|A|N|Pa|mol|L|mL|Hz|eV|°C|°F|%|\$)\b")
 _OPTION = re.compile(r"^\s*\(?[A-Ja-j][.)]\s+(.*)$", re.M)
@@ -41,14 +44,13 @@ _STEP_WORDS = {"first", "then", "next", "finally", "afterwards", "prove", "deriv
 _COMPUTE_WORDS = {"calculate", "compute", "solve", "determine", "estimate", "find"}
 _COMPUTE_PHRASES = ("how many", "how much", "what is the value", "what is the probability",
                     "expected value", "show that", "explain why", "step by step")
-_NEGATION_WORDS = {"NOT", "EXCEPT", "LEAST", "incorrect", "false", "False"}
+_NEGATION_WORDS = {"not", "except", "least", "incorrect", "false"}
+#: Emphasised negations ("NOT", "EXCEPT") and plain "incorrect"/"false", case as written.
+_NEGATION_MARKS = ("NOT ", "EXCEPT", "LEAST", "incorrect", "false", "False")
 _LOGIC_WORDS = {"iff", "valid", "invalid", "entails", "entailment", "implies", "tautology",
                 "tautologous", "contradiction", "premise", "premises", "conclusion"}
+_PHRASE_STARTS = {p.split()[0] for p in _COMPUTE_PHRASES}
 _CODE_MARKS = ("```", "{", "};", "=>", "#include", "):\n", "();")
-#: word → its category, for one dictionary lookup per word.
-_CATEGORY = {w: c for c, group in (("math", _MATH_WORDS), ("logic", _LOGIC_WORDS),
-                                    ("code", _CODE_WORDS), ("compute", _COMPUTE_WORDS),
-                                    ("steps", _STEP_WORDS)) for w in group}
 _OPEN_ENDED = {"why", "how", "explain", "describe", "write"}
 _LOOKUP = {"what", "which", "who", "when", "where", "is", "are", "does", "do", "can", "list", "give",
            "translate", "summarise", "summarize", "should"}
@@ -91,9 +93,16 @@ def _scan(text: str) -> str:
     return text[:half] + "\n" + text[-half:]
 
 
+@functools.cache
+def _inverse_log1p(full: float) -> float:
+    return 1.0 / math.log1p(full)
+
+
 def _log_scaled(value: float, full: float) -> float:
     """log1p(value) / log1p(full), clipped to [0, 1]: 0 at 0, 1 at ``full`` and beyond."""
-    return min(math.log1p(max(value, 0.0)) / math.log1p(full), 1.0)
+    if value <= 0:
+        return 0.0
+    return min(math.log1p(value) * _inverse_log1p(full), 1.0)
 
 
 def _overlap(options: list[str]) -> float:
@@ -107,17 +116,20 @@ def extract(text: RequestText) -> dict[str, float]:
     """Named features of a request, each in [0, 1]."""
     body = _scan(text.last)
     lower = body.lower()
-    words = _WORD.findall(body)
-    n_words = max(len(words), 1)
-    lowered = [w.lower() for w in words]
-    categories = [_CATEGORY.get(w) for w in lowered]
-    steps, compute, code = categories.count("steps"), categories.count("compute"), categories.count("code")
-    logic, maths = categories.count("logic"), categories.count("math")
-    negation = sum(1 for w in words if w in _NEGATION_WORDS)
-    long_words = sum(1 for w in words if len(w) >= 10)
-    capitalised = sum(1 for w in words if w[0].isupper())
-    chars = sum(map(len, words))
-    compute += sum(lower.count(p) for p in _COMPUTE_PHRASES)
+    lowered = _WORD.findall(lower)
+    n_words = max(len(lowered), 1)
+    vocabulary = set(lowered)  # distinct words: set operations run in C
+    steps = len(vocabulary & _STEP_WORDS)
+    compute = len(vocabulary & _COMPUTE_WORDS)
+    code = len(vocabulary & _CODE_WORDS)
+    logic = len(vocabulary & _LOGIC_WORDS)
+    maths = len(vocabulary & _MATH_WORDS)
+    negation = sum(body.count(w) for w in _NEGATION_MARKS) if vocabulary & _NEGATION_WORDS else 0
+    lengths = list(map(len, lowered))
+    long_words = sum(1 for n in lengths if n >= 10)
+    chars = sum(lengths)
+    if vocabulary & _PHRASE_STARTS:
+        compute += sum(lower.count(p) for p in _COMPUTE_PHRASES)
     code += sum(body.count(m) for m in _CODE_MARKS)
     options = _OPTION.findall(body)
     option_chars = [len(o) for o in options]
@@ -135,10 +147,11 @@ def extract(text: RequestText) -> dict[str, float]:
         "lines": _log_scaled(body.count("\n"), 100),
         "word_length": min(chars / n_words / 10, 1.0),
         "long_words": long_words / n_words,
-        "capitalised": capitalised / n_words,
         "numbers": _log_scaled(len(numbers), 40),
         "number_density": min(len(numbers) / n_words, 1.0),
-        "math": _log_scaled(len(_MATH_SYMBOL.findall(body)) + maths, 20),
+        "math": _log_scaled(len(_MATH_SYMBOL.findall(body)) + maths
+                            + sum(body.count(m) for m in _MATH_MARKS)
+                            + (len(_ARITHMETIC.findall(body)) if numbers else 0), 20),
         "units": _log_scaled(len(_UNIT.findall(body)), 10) if numbers else 0.0,
         "code": _log_scaled(code, 10),
         "steps": _log_scaled(steps, 6),
@@ -161,8 +174,3 @@ def extract(text: RequestText) -> dict[str, float]:
         "system": 1.0 if text.has_system else 0.0,
         "max_tokens": _log_scaled(text.max_tokens or 0, 4096),
     }
-
-
-def words(text: RequestText, limit: int = 400) -> list[str]:
-    """Lower-cased word tokens of the last turn (first ``limit``), for bag-of-words models."""
-    return [w.lower() for w in _WORD.findall(_scan(text.last))[:limit]]
