@@ -108,6 +108,7 @@ class Metrics:
                                         ["backend", "kind"], registry=r,
                                         multiprocess_mode="mostrecent")
         self._children: dict[tuple[str, str, str], RequestMetrics] = {}
+        self._decisions: dict[tuple[str, str, str], object] = {}
 
     def for_request(self, tenant: str, tier: str, source: str) -> RequestMetrics:
         """The labelled children one request updates, cached per label combination (the
@@ -127,7 +128,11 @@ class Metrics:
 
     def record_route(self, tenant: str, decision) -> None:
         """Count a routing decision (:class:`gateway.routing.Decision`)."""
-        self.route_decisions.labels(tenant, decision.tier.name, decision.reason).inc()
+        key = (tenant, decision.tier.name, decision.reason)
+        child = self._decisions.get(key)  # bounded: tenants x tiers x reasons of the policy
+        if child is None:
+            child = self._decisions[key] = self.route_decisions.labels(*key)
+        child.inc()
         if decision.difficulty is not None:
             self.difficulty.labels(tenant).observe(decision.difficulty.score)
         for window, _ in decision.entries:
