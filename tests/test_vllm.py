@@ -109,22 +109,29 @@ def test_a_saturated_vllm_queue_is_skipped(gateway, vllm_server):
     def flood():
         with httpx.Client(timeout=120) as c:
             while not stop.is_set():
-                c.post(f"{vllm_server.url}/completions",
-                       json={"model": TINY_MOE_NAME, "prompt": "energy", "max_tokens": 600,
-                             "ignore_eos": True})
+                try:
+                    c.post(f"{vllm_server.url}/completions",
+                           json={"model": TINY_MOE_NAME, "prompt": "energy", "max_tokens": 600,
+                                 "ignore_eos": True})
+                except httpx.HTTPError:
+                    pass  # keep the queue full regardless
 
     threads = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
     try:
-        # /metrics, not /readyz: readyz also probes every upstream, slow under this flood.
-        wait_until(lambda: metric(gateway, "joulegate_backend_waiting_requests", backend="vmoe") >= 1,
-                   60, 0.1, "vLLM queue to fill")
-        raw = gateway.client().chat.completions.with_raw_response.create(
-            model="auto", messages=[{"role": "user", "content": HARD}], max_tokens=4)
-        assert raw.headers["x-joulegate-tier"] == "small"
+        tiers = []
+        for _ in range(3):  # the queue is scraped every 0.3 s: it may empty in between
+            # /metrics, not /readyz: readyz also probes every upstream, slow under this flood.
+            wait_until(lambda: metric(gateway, "joulegate_backend_waiting_requests",
+                                      backend="vmoe") >= 1, 60, 0.1, "vLLM queue to fill")
+            raw = gateway.client().chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": HARD}], max_tokens=4)
+            tiers.append(raw.headers["x-joulegate-tier"])
+            if tiers[-1] == "small":
+                break
+        assert tiers[-1] == "small", tiers
         assert metric(gateway, "joulegate_route_decisions_total", tier="small", reason="load") == 1
-        assert metric(gateway, "joulegate_backend_waiting_requests", backend="vmoe") >= 1
     finally:
         stop.set()
         for t in threads:
