@@ -29,21 +29,31 @@ class SlowSSE:
         self.cut_off = threading.Event()
         self.finished = threading.Event()
         self._loop = asyncio.new_event_loop()
+        self._stopping: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        wait_until(lambda: self._listening, 10, 0.05, "slow SSE server")
-
-    _listening = False
+        wait_until(lambda: self._stopping is not None, 10, 0.05, "slow SSE server")
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port))
-        self._listening = True
         try:
-            self._loop.run_until_complete(server.serve_forever())
-        except RuntimeError:  # stop() stopped the loop
-            pass
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        stopping = asyncio.Event()
+        self._stopping = stopping
+        await stopping.wait()
+        server.close()
+        # Finish every connection handler while the loop is still open: a handler left
+        # suspended would be closed by the garbage collector after the loop is gone.
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -69,7 +79,9 @@ class SlowSSE:
             writer.close()
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._stopping is not None
+        self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(10)
 
 
 @pytest.mark.parametrize("kind", ["openai", "vllm"])
