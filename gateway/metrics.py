@@ -36,6 +36,7 @@ def bound(value: str | None, allowed) -> str:
 @dataclass(frozen=True, slots=True)
 class RequestMetrics:
     energy: Counter
+    backend_energy: Counter
     prompt_tokens: Counter
     completion_tokens: Counter
     duration: Histogram
@@ -49,6 +50,10 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.energy = Counter("joulegate_energy_joules", "Energy attributed to requests, joules.",
                               ["tenant", "tier", "source"], registry=r)
+        self.backend_energy = Counter("joulegate_backend_energy_joules",
+                                      "Energy attributed to requests, by the backend that served "
+                                      "them, joules (its rate is the backend's power).",
+                                      ["backend", "source"], registry=r)
         self.idle_energy = Counter("joulegate_idle_energy_joules",
                                    "Energy a device used while no request was active, joules.",
                                    ["backend"], registry=r)
@@ -71,6 +76,14 @@ class Metrics:
                                       "Joules left in the current period of a budget window.",
                                       ["tenant", "window"], registry=r,
                                       multiprocess_mode="mostrecent")
+        self.budget_limit = Gauge("joulegate_budget_limit_joules",
+                                  "A budget window's joules for the current period (granted "
+                                  "top-ups included).", ["tenant", "window"], registry=r,
+                                  multiprocess_mode="mostrecent")
+        self.budget_soft_ratio = Gauge("joulegate_budget_soft_threshold_ratio",
+                                       "Share of a budget window's joules past which responses "
+                                       "carry a warning (soft_pct / 100).", ["tenant", "window"],
+                                       registry=r, multiprocess_mode="mostrecent")
         self.budget_reserved = Gauge("joulegate_budget_reserved_joules",
                                      "Joules held by a tenant's requests in flight.", ["tenant"],
                                      registry=r, multiprocess_mode="mostrecent")
@@ -107,17 +120,21 @@ class Metrics:
                                         "Upstream server's token throughput (all its clients).",
                                         ["backend", "kind"], registry=r,
                                         multiprocess_mode="mostrecent")
-        self._children: dict[tuple[str, str, str], RequestMetrics] = {}
+        self.backend_up = Gauge("joulegate_backend_up",
+                                "1 when the backend's last health probe passed, else 0.",
+                                ["backend"], registry=r, multiprocess_mode="mostrecent")
+        self._children: dict[tuple[str, str, str, str], RequestMetrics] = {}
         self._decisions: dict[tuple[str, str, str], object] = {}
 
-    def for_request(self, tenant: str, tier: str, source: str) -> RequestMetrics:
+    def for_request(self, tenant: str, tier: str, source: str, backend: str) -> RequestMetrics:
         """The labelled children one request updates, cached per label combination (the
         combinations are bounded by the policy, so the cache is too)."""
-        key = (tenant, tier, source)
+        key = (tenant, tier, source, backend)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = RequestMetrics(
                 energy=self.energy.labels(tenant, tier, source),
+                backend_energy=self.backend_energy.labels(backend, source),
                 prompt_tokens=self.tokens.labels(tenant, tier, "prompt"),
                 completion_tokens=self.tokens.labels(tenant, tier, "completion"),
                 duration=self.duration.labels(tier),
@@ -149,6 +166,14 @@ class Metrics:
             self.backend_running.labels(name).set(now.running)
             self.backend_token_rate.labels(name, "prompt").set(now.prompt_tokens_per_s)
             self.backend_token_rate.labels(name, "generation").set(now.generation_tokens_per_s)
+
+    def record_health(self, health: dict, gone: set[str]) -> None:
+        """``joulegate_backend_up`` from the latest probes (backend name → Health); the series
+        of backends a reload removed are dropped."""
+        for name, result in health.items():
+            self.backend_up.labels(name).set(1 if result.ok else 0)
+        for name in gone:
+            self.backend_up.remove(name)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (merged across worker processes)."""

@@ -53,7 +53,7 @@ from .auth import authenticate
 from .budgets.guard import Admission, estimate_prompt_tokens
 from .energy import RequestEnergy
 from .errors import APIError, BodyTooLarge, InvalidRequest, from_backend_error
-from .metrics import bound
+from .metrics import OTHER, bound
 from .routing import MAX_TIER_HEADER, Decision, fallback_tier, pick_tier
 from .runtime import Runtime, Snapshot
 
@@ -109,8 +109,11 @@ class Call:
         elapsed = time.perf_counter() - self.started
         m.requests.labels(tenant, tier, str(self.status)).inc()
         if self.energy is not None:
-            c = m.for_request(tenant, tier, self.energy.source)
+            spec = snap.tiers.get(tier)
+            c = m.for_request(tenant, tier, self.energy.source,
+                              spec.backend if spec is not None else OTHER)
             c.energy.inc(self.joules)
+            c.backend_energy.inc(self.joules)
             c.prompt_tokens.inc(self.prompt_tokens)
             c.completion_tokens.inc(self.completion_tokens)
             c.duration.observe(elapsed)

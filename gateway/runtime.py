@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends import Backend, create_backend
+from backends import Backend, Health, create_backend
 from policies import (
     Policy,
     PolicyError,
@@ -120,6 +120,7 @@ class Runtime:
         self._retired: list[Snapshot] = []
         self._reload_lock = asyncio.Lock()
         self._closing: set[asyncio.Task] = set()
+        self._health_task: asyncio.Task | None = None
 
     @property
     def current(self) -> Snapshot:
@@ -149,7 +150,9 @@ class Runtime:
         self.calibration = Calibration(state / "calibration.json")
         self.budgets = self._budget_guard(policy, state)
         self._current = await self._build(policy, version=1)
+        self.budgets.watch(policy)
         self.budgets.start()
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
 
     def _budget_guard(self, policy: Policy, state: Path) -> BudgetGuard:
         spec = policy.ledger
@@ -171,6 +174,8 @@ class Runtime:
             if new.policy.ledger != old.policy.ledger:
                 log.warning("ledger settings changed: they take effect at the next restart")
             self._current = new
+            if self.budgets is not None:
+                self.budgets.watch(new.policy)
             old.retired = True
             self._retired.append(old)
             if old.in_flight == 0:
@@ -178,7 +183,26 @@ class Runtime:
             log.info("policy reloaded from %s (version %d)", self.policy_path, new.version)
             return new
 
+    async def _watch_health(self) -> None:
+        """Probe every backend of the current snapshot every ``server.health_interval_s``
+        and export the results as ``joulegate_backend_up``. (``/readyz`` probes afresh.)"""
+        reported: set[str] = set()
+        while True:
+            snap = self.current
+            names = list(snap.backends)
+            results = await asyncio.gather(*(snap.backends[n].health() for n in names),
+                                           return_exceptions=True)
+            health = {n: r if isinstance(r, Health) else Health(False, str(r))
+                      for n, r in zip(names, results)}
+            self.metrics.record_health(health, reported - set(names))
+            reported = set(names)
+            await asyncio.sleep(snap.policy.server.health_interval_s)
+
     async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
         live = {id(b): b for s in [self._current, *self._retired] if s for b in s.backends.values()}
         await asyncio.gather(*(b.close() for b in live.values()), return_exceptions=True)
         self.energy.close()

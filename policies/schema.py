@@ -66,6 +66,8 @@ class ServerSpec(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     #: One structured log line per request (tenant, tier, tokens, latency). Never prompt text.
     access_log: bool = True
+    #: Seconds between background health probes of every backend (``joulegate_backend_up``).
+    health_interval_s: float = Field(10.0, gt=0, le=3600)
 
 
 class AdminSpec(_Strict):

@@ -83,6 +83,20 @@ class BudgetGuard:
                       len(self._pending))
         await self.ledger.close()
 
+    def watch(self, policy: Policy) -> None:
+        """Refresh the budget gauges of every budgeted tenant of ``policy`` from now on, not
+        only of tenants seen since start (dashboards and alerts see idle tenants too)."""
+        self._watched = {name: self.limits(spec) for name, spec in policy.tenants.items()
+                         if spec.budgets}
+        for name, spec in policy.tenants.items():
+            if spec.budgets:
+                # Counters start at zero, so the first refusal is an increase a rate() sees.
+                for reason in ("exhausted", "ledger_down", "ledger_down_served"):
+                    self.metrics.budget_rejections.labels(name, reason)
+            for budget in spec.budgets:
+                self.metrics.budget_soft_ratio.labels(name, budget.window).set(
+                    budget.soft_pct / 100)
+
     @staticmethod
     def limits(spec: TenantSpec) -> list[Limit]:
         return [Limit(b.window, b.joules) for b in spec.budgets]
@@ -165,6 +179,7 @@ class BudgetGuard:
         for state in windows:
             self.metrics.budget_remaining.labels(tenant, state.window).set(state.remaining)
             total = state.limit + state.granted
+            self.metrics.budget_limit.labels(tenant, state.window).set(total)
             fractions.append(max(state.remaining, 0.0) / total if total > 0 else 0.0)
         if fractions:
             self._remaining[tenant] = min(fractions)
