@@ -41,6 +41,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
+def answers_ok(proc: subprocess.Popen, url: str, what: str, log: str = "") -> bool:
+    """Whether the server process ``proc`` answers ``url`` with 200; fails if it has exited."""
+    if proc.poll() is not None:
+        raise AssertionError(f"{what} exited with {proc.returncode}:\n{log}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def tenant(name: str, **extra) -> dict:
     return {"keys": ["sha256:" + key_digest(KEYS[name])], **extra}
 
@@ -83,15 +93,9 @@ class Gateway:
              "--port", str(self.port), "--workers", str(self.workers)], stdout=log, stderr=subprocess.STDOUT, env=self._env,
             start_new_session=True)
 
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout, interval=0.2, what="gateway start")
+        wait_until(lambda: answers_ok(self.proc, f"{self.url}/healthz", "gateway",
+                                      self.log() if self.proc.poll() is not None else ""),
+                   timeout, interval=0.2, what="gateway start")
         return self
 
     def log(self) -> str:
