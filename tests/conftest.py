@@ -41,14 +41,26 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
-def answers_ok(proc: subprocess.Popen, url: str, what: str, log: str = "") -> bool:
-    """Whether the server process ``proc`` answers ``url`` with 200; fails if it has exited."""
+def answers_ok(proc: subprocess.Popen, url: str, what: str, log=lambda: "") -> bool:
+    """Whether the server process ``proc`` answers ``url`` with 200; fails, showing
+    ``log()``, if it has exited."""
     if proc.poll() is not None:
-        raise AssertionError(f"{what} exited with {proc.returncode}:\n{log}")
+        raise AssertionError(f"{what} exited with {proc.returncode}:\n{log()}")
     try:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def stop_process_group(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``timeout`` seconds."""
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def tenant(name: str, **extra) -> dict:
@@ -93,8 +105,7 @@ class Gateway:
              "--port", str(self.port), "--workers", str(self.workers)], stdout=log, stderr=subprocess.STDOUT, env=self._env,
             start_new_session=True)
 
-        wait_until(lambda: answers_ok(self.proc, f"{self.url}/healthz", "gateway",
-                                      self.log() if self.proc.poll() is not None else ""),
+        wait_until(lambda: answers_ok(self.proc, f"{self.url}/healthz", "gateway", self.log),
                    timeout, interval=0.2, what="gateway start")
         return self
 
@@ -106,13 +117,7 @@ class Gateway:
         self.proc.send_signal(sig)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, 20)
 
     def client(self, who: str = "acme"):
         import openai
@@ -154,13 +159,8 @@ class FakeUpstream:
                                       "--delay-ms", str(delay_ms)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        def up() -> bool:
-            try:
-                return httpx.get(f"{self.url}/models", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 30, 0.05, "fake upstream")
+        wait_until(lambda: answers_ok(self.proc, f"{self.url}/models", "fake upstream"), 30, 0.05,
+                   "fake upstream")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -289,16 +289,9 @@ class VLLMServer:
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=vllm_env(self.workdir), start_new_session=True)
 
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vLLM exited with {self.proc.returncode}:\n"
-                                     + self.log_path.read_text(errors="replace")[-4000:])
-            try:
-                return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout, 0.5, "vLLM start")
+        wait_until(lambda: answers_ok(
+            self.proc, f"http://127.0.0.1:{self.port}/health", "vLLM",
+            lambda: self.log_path.read_text(errors="replace")[-4000:]), timeout, 0.5, "vLLM start")
         return self
 
     def kill(self) -> None:
@@ -307,9 +300,4 @@ class VLLMServer:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process_group(self.proc, 30)

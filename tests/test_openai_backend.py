@@ -16,7 +16,7 @@ import pytest
 
 from policies import key_digest
 
-from .conftest import KEYS, Gateway, free_port, wait_until
+from .conftest import KEYS, Gateway, answers_ok, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,14 +35,8 @@ def upstream(tmp_path_factory, small_model_path):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
 
-    def up():
-        assert proc.poll() is None, "llama_cpp.server exited"
-        try:
-            return httpx.get(f"{url}/models", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, 180, 0.2, "llama_cpp.server start")
+    wait_until(lambda: answers_ok(proc, f"{url}/models", "llama_cpp.server"), 180, 0.2,
+               "llama_cpp.server start")
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
