@@ -119,12 +119,11 @@ def create_app(policy_path: str | Path | None = None) -> FastAPI:
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
         snap = request.app.state.runtime.current
-        names = list(snap.backends)
-        results = await asyncio.gather(*(snap.backends[n].health() for n in names))
-        ready = all(h.ok for h in results)
+        health = await Runtime.probe(snap)
+        ready = all(h.ok for h in health.values())
         return _json({"status": "ready" if ready else "not ready", "policy_version": snap.version,
                       "backends": {n: {"ok": h.ok, "detail": h.detail, **h.info}
-                                   for n, h in zip(names, results)}},
+                                   for n, h in health.items()}},
                      status=200 if ready else 503)
 
     @app.post("/admin/reload")

@@ -183,19 +183,24 @@ class Runtime:
             log.info("policy reloaded from %s (version %d)", self.policy_path, new.version)
             return new
 
+    @staticmethod
+    async def probe(snap: Snapshot) -> dict[str, Health]:
+        """Every backend's health now, probed concurrently; a probe that raises is a failure."""
+        names = list(snap.backends)
+        results = await asyncio.gather(*(snap.backends[n].health() for n in names),
+                                       return_exceptions=True)
+        return {n: r if isinstance(r, Health) else Health(False, str(r))
+                for n, r in zip(names, results)}
+
     async def _watch_health(self) -> None:
         """Probe every backend of the current snapshot every ``server.health_interval_s``
         and export the results as ``joulegate_backend_up``. (``/readyz`` probes afresh.)"""
         reported: set[str] = set()
         while True:
             snap = self.current
-            names = list(snap.backends)
-            results = await asyncio.gather(*(snap.backends[n].health() for n in names),
-                                           return_exceptions=True)
-            health = {n: r if isinstance(r, Health) else Health(False, str(r))
-                      for n, r in zip(names, results)}
-            self.metrics.record_health(health, reported - set(names))
-            reported = set(names)
+            health = await self.probe(snap)
+            self.metrics.record_health(health, reported - health.keys())
+            reported = set(health)
             await asyncio.sleep(snap.policy.server.health_interval_s)
 
     async def close(self) -> None:
