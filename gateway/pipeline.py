@@ -168,12 +168,14 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
             await read_body(request, snap.policy.server.max_body_bytes))
         call.stream = body.stream
         generation = body.to_generation(body.model, call.request_id)
+        # Routing's joule predictions and the budget reservation price the same prompt.
+        prompt_tokens = estimate_prompt_tokens(generation)
         decision = call.route = _route(runtime, snap, call.tenant, body.model, generation,
-                                       request.headers.get(MAX_TIER_HEADER))
+                                       request.headers.get(MAX_TIER_HEADER), prompt_tokens)
         tier = decision.tier
         call.tier = tier.name
         admission = call.admission = await runtime.budgets.admit(
-            snap.policy, call.tenant, tier, call.ledger_id, generation)
+            snap.policy, call.tenant, tier, call.ledger_id, generation, prompt_tokens)
         tier = admission.tier
         call.tier = tier.name
         generation.model, generation.max_tokens = tier.model, admission.max_tokens
@@ -251,16 +253,12 @@ async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
 
 
 def _route(runtime: Runtime, snap: Snapshot, tenant: str, model: str,
-           generation: GenerationRequest, max_tier: str | None) -> Decision:
+           generation: GenerationRequest, max_tier: str | None, prompt_tokens: int) -> Decision:
     """Pick the tier and count the decision (see :mod:`gateway.routing`)."""
-    spec = snap.policy.tenants[tenant]
-    prompt_tokens: list[int] = []
+    max_tokens = generation.max_tokens or snap.policy.tenants[tenant].default_max_tokens
 
     def predict(tier: TierSpec) -> float:
-        if not prompt_tokens:
-            prompt_tokens.append(estimate_prompt_tokens(generation))
-        return runtime.calibration.predict(tier.name, prompt_tokens[0],
-                                           generation.max_tokens or spec.default_max_tokens)
+        return runtime.calibration.predict(tier.name, prompt_tokens, max_tokens)
 
     decision = pick_tier(snap, tenant, model, generation, max_tier, runtime.capacity,
                          runtime.budgets.remaining_fraction(tenant), predict)

@@ -86,13 +86,14 @@ class BudgetGuard:
     def watch(self, policy: Policy) -> None:
         """Refresh the budget gauges of every budgeted tenant of ``policy`` from now on, not
         only of tenants seen since start (dashboards and alerts see idle tenants too)."""
-        self._watched = {name: self.limits(spec) for name, spec in policy.tenants.items()
-                         if spec.budgets}
+        self._watched = {}
         for name, spec in policy.tenants.items():
-            if spec.budgets:
-                # Counters start at zero, so the first refusal is an increase a rate() sees.
-                for reason in ("exhausted", "ledger_down", "ledger_down_served"):
-                    self.metrics.budget_rejections.labels(name, reason)
+            if not spec.budgets:
+                continue
+            self._watched[name] = self.limits(spec)
+            # Counters start at zero, so the first refusal is an increase a rate() sees.
+            for reason in ("exhausted", "ledger_down", "ledger_down_served"):
+                self.metrics.budget_rejections.labels(name, reason)
             for budget in spec.budgets:
                 self.metrics.budget_soft_ratio.labels(name, budget.window).set(
                     budget.soft_pct / 100)
@@ -104,14 +105,15 @@ class BudgetGuard:
     # -- admission ----------------------------------------------------------------------
 
     async def admit(self, policy: Policy, tenant: str, tier: TierSpec, request_id: str,
-                    generation: GenerationRequest) -> Admission:
+                    generation: GenerationRequest, prompt_tokens: int) -> Admission:
+        """Reserve the request's predicted joules (``prompt_tokens``: the prompt's estimated
+        size, :func:`estimate_prompt_tokens`) on ``tier`` or a cheaper one, or raise 429."""
         spec = policy.tenants[tenant]
         max_tokens = generation.max_tokens
         if not spec.budgets:
             return Admission(tier, max_tokens)
         max_tokens = max_tokens or spec.default_max_tokens
         limits = self._watched[tenant] = self.limits(spec)
-        prompt = estimate_prompt_tokens(generation)
         candidates = [(tier, max_tokens)]
         if spec.on_exhausted == "degrade":
             ladder = set(spec.degrade_ladder or [t.name for t in policy.tenant_tiers(tenant)])
@@ -120,7 +122,7 @@ class BudgetGuard:
                            if t.name in ladder and t.cost < tier.cost]
         refused: Reservation | None = None
         for candidate, tokens in candidates:
-            joules = self.calibration.predict(candidate.name, prompt, tokens)
+            joules = self.calibration.predict(candidate.name, prompt_tokens, tokens)
             try:
                 reservation = await self.ledger.reserve(tenant, request_id, joules, limits,
                                                         self.ttl_s)
