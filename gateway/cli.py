@@ -276,7 +276,9 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else train.default_data_dir()
     out = Path(args.out) if args.out else train.MODEL_FILE
     artefact = train.train(data, out)
-    print(f"trained on {artefact['meta']['examples']} prompts from {data}; wrote {out}")
+    meta = artefact["meta"]
+    print(f"trained on {meta['examples']} prompts from {data} (degree {meta['degree']}, "
+          f"L2 {meta['l2']:g}, chosen across subjects); wrote {out}")
     return 0
 
 
@@ -292,12 +294,18 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = out_dir / f"router-eval-{stamp}.png"
     train.plot(curves, info, png)
-    folds = "\n".join(f"- fold {i + 1}: {f}" for i, f in enumerate(info["folds"]))
+    folds = "\n".join(
+        f"- fold {i + 1} ({chosen}; APGR held out: "
+        + ", ".join(f"{name} {apgr:.3f}" for name, apgr in per_fold.items()) + f"): {subjects}"
+        for i, (subjects, chosen, per_fold) in enumerate(zip(info["folds"], info["chosen"],
+                                                              info["per_fold"])))
     (out_dir / f"router-eval-{stamp}.md").write_text(
         f"# Router label benchmark (MMLU, held-out subjects)\n\n{report}\n\n"
         f"{info['prompts']} prompts ({info['excluded_contaminated']} contaminated excluded); "
         f"weak accuracy {info['weak_accuracy']:.3f}, strong {info['strong_accuracy']:.3f}. "
-        f"`learned` is refitted per fold on the other folds' subjects.\n\n{folds}\n\n"
+        "`learned` is refitted per fold on the other folds' subjects, its degree and L2 "
+        "penalty chosen by cross-validation across those subjects only.\n\n"
+        f"{folds}\n\n"
         f"![quality vs strong fraction]({png.name})\n")
     print(f"wrote {png} and {png.with_suffix('.md')}")
     return 0

@@ -44,11 +44,14 @@ def test_router_eval_writes_table_and_plot_and_learned_beats_the_baselines(tmp_p
     assert set(rows) == {"random", "length", "heuristic", "learned"}
     apgr = {name: float(cells[0]) for name, cells in rows.items()}
     assert apgr["random"] == pytest.approx(0.5, abs=1e-3)
-    assert apgr["learned"] > apgr["length"] > apgr["random"]
+    # The target: >= 0.65 on held-out subjects, above both baselines.
+    assert apgr["learned"] >= 0.65 and apgr["learned"] > apgr["length"] > apgr["random"]
     (png,) = tmp_path.glob("router-eval-*.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     (md,) = tmp_path.glob("router-eval-*.md")
-    assert "held-out" in md.read_text() and png.name in md.read_text()
+    report = md.read_text()
+    assert "held-out" in report and png.name in report
+    assert report.count("APGR held out:") == 4  # each fold's own figure and chosen model
 
 
 @pytest.mark.unit

@@ -63,10 +63,36 @@ def test_huge_prompts_are_scanned_in_bounded_windows():
 def test_learned_scores_keep_their_order_outside_the_training_range():
     est = LearnedEstimator.load()
     low, high = est.quantiles[0], est.quantiles[-1]
-    assert 0 < est.to_score(low / 2) < est.to_score(low) <= est.TAIL
-    assert 1 - est.TAIL <= est.to_score(high) < est.to_score((high + 1) / 2) < 1.0
+    assert 0 < est.to_score(low - 5) < est.to_score(low - 1) < est.to_score(low) <= est.TAIL
+    assert 1 - est.TAIL <= est.to_score(high) < est.to_score(high + 1) < est.to_score(high + 5) < 1
     mids = [est.to_score(p) for p in est.quantiles]
     assert mids == sorted(mids)
+
+
+def test_learned_fit_finds_an_interaction_and_predicts_as_it_was_fitted():
+    """The strong model helps only when two features are both high: a degree-2 fit must rank
+    those prompts first, and the shipped estimator's arithmetic must match the fit's."""
+    np = pytest.importorskip("numpy")
+    from gateway.routing.train import Example, _design, _fit_ridge, _predict, fit_artefact
+
+    rng = random.Random(11)
+    features, examples = [], []
+    for i in range(600):
+        a, b, c = rng.random(), rng.random(), rng.random()
+        helps = a > 0.6 and b > 0.6
+        features.append({"a": a, "b": b, "c": c})
+        examples.append(Example(f"s{i % 5}", "", weak=not helps, strong=helps or rng.random() < 0.5))
+    artefact = fit_artefact(features, examples, degree=2, alpha=1.0)
+    est = LearnedEstimator(artefact)
+    assert artefact["features"] == ["a", "b", "c"] and len(artefact["weights"]) == 3 + 6
+    gain = np.array([float(e.strong) - float(e.weak) for e in examples])
+    x = _design(features, ["a", "b", "c"], 2)
+    expected = _predict(_fit_ridge(x, gain, 1.0), x)
+    got = [est.predict(f) for f in features]
+    assert got == pytest.approx(list(expected), abs=1e-5)
+    helped = [est.to_score(p) for p, e in zip(got, examples) if e.strong and not e.weak]
+    others = [est.to_score(p) for p, e in zip(got, examples) if e.weak]
+    assert min(helped) > sorted(others)[len(others) // 2]  # every helped prompt above the median
 
 
 @pytest.mark.bench

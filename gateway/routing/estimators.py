@@ -5,10 +5,11 @@ A higher score means the request more likely needs a stronger (costlier) tier. T
 - ``heuristic``: no model; a fixed, hand-weighted logistic combination of the shape
   features of :mod:`gateway.routing.features` (length, multi-step and compound tasks,
   near-identical answer options, formulas, code, time-specific facts, context depth).
-- ``learned``: the same features, weights fitted by ``joulegate router train`` on
-  ``routing-data`` and shipped as ``router_model.json`` beside this module. It is two
-  logistic models — P(weak model wrong) and P(strong model right) — whose product is the
-  probability that the strong model is needed; the score is that probability's quantile
+- ``learned``: the same features and their pairwise products, weights fitted by
+  ``joulegate router train`` on ``routing-data`` and shipped as ``router_model.json`` beside
+  this module. It is a ridge regression of the *gain* of sending a prompt to the strong
+  model (strong right minus weak right: +1, 0 or -1), i.e. the expected quality the strong
+  model buys, which is what routing should rank by (relative to a typical prompt). The score is that prediction's quantile
   among the training prompts, so a threshold of 0.8 sends about the hardest 20% up.
 
 Add an estimator by subclassing :class:`DifficultyEstimator` and registering it in
@@ -80,8 +81,13 @@ class HeuristicEstimator(DifficultyEstimator):
         return Difficulty(_sigmoid(z), features)
 
 
+def interaction_pairs(k: int) -> list[tuple[int, int]]:
+    """Index pairs (i <= j) of the degree-2 terms appended to ``k`` base features."""
+    return [(i, j) for i in range(k) for j in range(i, k)]
+
+
 class LearnedEstimator(DifficultyEstimator):
-    """Two logistic models over standardised features; see the module docstring."""
+    """A linear model of the strong model's expected gain; see the module docstring."""
 
     name = "learned"
     #: Score width of each tail beyond the training prompts' range.
@@ -89,11 +95,12 @@ class LearnedEstimator(DifficultyEstimator):
 
     def __init__(self, artefact: dict):
         self.features: list[str] = artefact["features"]
+        self.degree: int = artefact["degree"]
+        self.pairs = interaction_pairs(len(self.features)) if self.degree == 2 else []
         self.mean: list[float] = artefact["mean"]
         self.scale: list[float] = artefact["scale"]
-        self.models = [(m["bias"], m["weights"]) for m in (artefact["weak_wrong"],
-                                                           artefact["strong_right"])]
-        #: Sorted probabilities of the training prompts: the score is a quantile among them.
+        self.weights: list[float] = artefact["weights"]
+        #: Sorted predictions on the training prompts: the score is a quantile among them.
         self.quantiles: list[float] = artefact["quantiles"]
         self.meta: dict = artefact.get("meta", {})
 
@@ -101,32 +108,38 @@ class LearnedEstimator(DifficultyEstimator):
     def load(cls, path: Path = MODEL_FILE) -> LearnedEstimator:
         return cls(json.loads(Path(path).read_text()))
 
-    def probability(self, features: dict[str, float]) -> float:
-        x = [(features[n] - m) / s for n, m, s in zip(self.features, self.mean, self.scale)]
-        p = 1.0
-        for bias, weights in self.models:
-            p *= _sigmoid(bias + sum(w * v for w, v in zip(weights, x)))
-        return p
+    def terms(self, features: dict[str, float]) -> list[float]:
+        """The model's inputs: the base features, then their pairwise products."""
+        x = [features[n] for n in self.features]
+        return x + [x[i] * x[j] for i, j in self.pairs]
 
-    def to_score(self, probability: float) -> float:
-        """The probability's quantile among training prompts, in [0, 1], interpolated.
+    def predict(self, features: dict[str, float]) -> float:
+        """Expected gain of the strong model on this prompt, relative to its mean gain over
+        the training prompts (0: a typical prompt)."""
+        return sum(w * (v - m) / s for w, v, m, s in
+                   zip(self.weights, self.terms(features), self.mean, self.scale))
 
-        The table's quantiles fill [TAIL, 1 - TAIL]; probabilities beyond the training range
-        map linearly into the two tails, so prompts unlike any training prompt (code, say)
-        keep their order instead of all scoring 0 or 1."""
+    def to_score(self, prediction: float) -> float:
+        """The prediction's quantile among training prompts, in (0, 1), interpolated.
+
+        The table's quantiles fill [TAIL, 1 - TAIL]; predictions beyond the training range
+        map into the two tails, decaying with their distance in units of that range, so
+        prompts unlike any training prompt (code, say) keep their order instead of all
+        scoring 0 or 1."""
         q, tail = self.quantiles, self.TAIL
-        if probability <= q[0]:
-            return tail * probability / q[0] if q[0] > 0 else 0.0
-        if probability >= q[-1]:
-            return 1.0 - tail * (1.0 - probability) / (1.0 - q[-1]) if q[-1] < 1 else 1.0
-        i = bisect.bisect_right(q, probability)
+        width = max(q[-1] - q[0], 1e-12)
+        if prediction <= q[0]:
+            return tail / (1.0 + (q[0] - prediction) / width)
+        if prediction >= q[-1]:
+            return 1.0 - tail / (1.0 + (prediction - q[-1]) / width)
+        i = bisect.bisect_right(q, prediction)
         lo, hi = q[i - 1], q[i]
-        frac = (probability - lo) / (hi - lo) if hi > lo else 0.0
+        frac = (prediction - lo) / (hi - lo) if hi > lo else 0.0
         return tail + (1 - 2 * tail) * (i - 1 + frac) / (len(q) - 1)
 
     def score_text(self, text: RequestText) -> Difficulty:
         features = extract(text)
-        return Difficulty(self.to_score(self.probability(features)), features)
+        return Difficulty(self.to_score(self.predict(features)), features)
 
 
 #: name → factory. Factories, not instances: a snapshot builds the ones its policy names.
