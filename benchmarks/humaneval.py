@@ -240,7 +240,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
         scores = scores_for(name, todo, args.mode)
         ranked = sorted(scores)
         curve = []
-        for target in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        for target in [k / 20 for k in range(1, 20)]:  # 5% ... 95% of problems to full
             threshold = ranked[min(int(n * (1 - target)), n - 1)]
             frac, passed, joules = point([s >= threshold for s in scores])
             rows.append((f"auto ({name})", f"{threshold:.4f}", frac, passed, joules,
@@ -255,7 +255,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
              "| router | threshold | to full | pass@1 | % of full pass@1 | joules | % of full joules "
              "| vs random at same joules |", "|---|---|---|---|---|---|---|---|"]
     for name, threshold, frac, passed, joules, delta in rows:
-        lines.append(f"| {name} | {threshold} | {frac:.0%} | {passed:.1%} | {passed / p_full:.1%} | "
+        lines.append(f"| {name} | {threshold} | {frac:.0%} | {passed:.1%} | {passed / p_full:.2%} | "
                      f"{joules:,.0f} | {joules / j_full:.1%} | "
                      f"{'' if delta is None else f'{delta * 100:+.1f} pts'} |")
     report = "\n".join(lines)
