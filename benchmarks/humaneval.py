@@ -7,16 +7,17 @@ one of two modes: ``completion``, a text completion of the whole-function prompt
 + docstring) stopping at the next top-level statement; or ``chat``, the instruct models' own
 format: the whole-function prompt in a user message asking for the function in a code block,
 whose first block is then run after the prompt's imports and helpers. The function is run
-against the problem's tests in a subprocess with a timeout. Outcome, tokens and the gateway's ``usage.energy_joules`` (and its
-``energy_source``) are cached per (tier, problem) in ``benchmarks/results/humaneval/``, so a
-re-run only asks for what is missing.
+against the problem's tests in a subprocess with a timeout. Outcome, tokens and the gateway's
+``usage.energy_joules`` (and its ``energy_source``) are cached per (mode, tier, problem) in
+``benchmarks/results/humaneval/``, so a re-run only asks for what is missing.
 
 Step 2 (``curve``, instant): from the cached per-tier outcomes, pass@1 and total joules for
 always-small, always-full, random routing at the same strong fraction (the straight line
 between the two always-* points, in expectation) and ``auto`` at several thresholds, where
 ``auto`` sends a problem to ``full`` when the policy's difficulty estimator scores the same
-completion request (the request the gateway routes) at or above the threshold. Prints a table,
-writes it to ``benchmarks/results/humaneval-<time>.md`` and draws the curve to a PNG.
+request (the one the gateway routes, in the same mode) at or above the threshold. Prints a
+table, writes it to ``benchmarks/results/humaneval-<mode>-<time>.md`` and draws the curve
+to a PNG beside it.
 
     .venv/bin/python benchmarks/humaneval.py collect --mode chat --url http://127.0.0.1:8080 --key $KEY
     .venv/bin/python benchmarks/humaneval.py curve --mode chat --estimator heuristic,learned
@@ -72,6 +73,10 @@ def chat_request(problem: dict, model: str) -> dict:
                           "content": f"{CHAT_INSTRUCTION}\n\n```python\n{problem['prompt']}```"}]}
 
 
+#: How a problem is asked: see the module docstring.
+MODES = ("completion", "chat")
+
+
 def request_for(problem: dict, model: str, mode: str) -> dict:
     return chat_request(problem, model) if mode == "chat" else completion_request(problem, model)
 
@@ -88,11 +93,10 @@ def chat_program(problem: dict, reply: str) -> str:
             end = reply.find("```", start)
             code = reply[start:end if end >= 0 else len(reply)]
             break
-    prompt = problem["prompt"]
-    head = prompt[: prompt.find(f"def {problem['entry_point']}(")]
-    if f"def {problem['entry_point']}(" not in code:
+    prompt, signature = problem["prompt"], f"def {problem['entry_point']}("
+    if signature not in code:
         return f"{prompt}{function_body(code)}\n"
-    return f"{head}\n{code}\n"
+    return f"{prompt[: prompt.find(signature)]}\n{code}\n"
 
 
 def function_body(completion: str) -> str:
@@ -304,16 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     collect.add_argument("--key", default=os.environ.get("JOULEGATE_DEMO_KEY", ""))
     collect.add_argument("--tiers", default="small,full")
     collect.add_argument("--limit", type=int, default=0, help="first N problems only")
-    collect.add_argument("--mode", choices=("completion", "chat"), default="completion",
+    collect.add_argument("--mode", choices=MODES, default="completion",
                          help="text completion of the prompt, or the prompt in a chat message")
     collect.set_defaults(func=cmd_collect)
     rescore = sub.add_parser("rescore", help="re-run the tests on the cached completions")
     rescore.add_argument("--tiers", default="small,full")
-    rescore.add_argument("--mode", choices=("completion", "chat"), default="completion")
+    rescore.add_argument("--mode", choices=MODES, default="completion")
     rescore.set_defaults(func=cmd_rescore)
     curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
     curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")
-    curve.add_argument("--mode", choices=("completion", "chat"), default="completion")
+    curve.add_argument("--mode", choices=MODES, default="completion")
     curve.set_defaults(func=cmd_curve)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -101,6 +101,12 @@ def _design(features: list[dict[str, float]], names: list[str], degree: int):
     return x
 
 
+def _designs(features: list[dict[str, float]]) -> dict:
+    """Every degree's design matrix that :data:`GRID` tries (degree → matrix)."""
+    names = sorted(features[0])
+    return {degree: _design(features, names, degree) for degree in sorted({d for d, _ in GRID})}
+
+
 def _fit_ridge(x, y, alpha: float):
     """Ridge regression on standardised columns; returns (mean, scale, weights).
 
@@ -182,9 +188,7 @@ def train(data_dir: Path, out: Path = MODEL_FILE) -> dict:
     examples, contaminated = load_mmlu(data_dir)
     examples = [e for e in examples if _normalise(e.prompt) not in contaminated]
     features = [extract(as_text(e.prompt)) for e in examples]
-    names = sorted(features[0])
-    designs = {d: _design(features, names, d) for d in sorted({d for d, _ in GRID})}
-    degree, alpha = select(designs, examples, range(len(examples)), FOLDS)
+    degree, alpha = select(_designs(features), examples, range(len(examples)), FOLDS)
     artefact = fit_artefact(features, examples, degree, alpha)
     artefact["meta"] = {
         "data": "routing-data/mmlu (RouteLLM responses; weak: Mixtral-8x7B, strong: GPT-4)",
@@ -251,9 +255,7 @@ def evaluate(data_dir: Path) -> tuple[list[Curve], dict]:
     import numpy as np
 
     examples, contaminated = load_mmlu(data_dir)
-    features = [extract(as_text(e.prompt)) for e in examples]
-    names = sorted(features[0])
-    designs = {d: _design(features, names, d) for d in sorted({d for d, _ in GRID})}
+    designs = _designs([extract(as_text(e.prompt)) for e in examples])
     evaluated = [i for i, e in enumerate(examples) if _normalise(e.prompt) not in contaminated]
     folds = subject_folds([e.subject for e in examples])
     gain = _gain(examples)
