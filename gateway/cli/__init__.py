@@ -1,0 +1,51 @@
+"""The ``joulegate`` command: one module per group of subcommands, each with ``register``.
+
+    joulegate serve [--policy FILE] [--host H] [--port P] [--workers N]
+    joulegate check-policy FILE
+    joulegate keys hash [KEY | -]
+    joulegate models [--assemble]
+    joulegate energy [--policy FILE]
+    joulegate budget show TENANT [--policy FILE]
+    joulegate route PROMPT [--policy FILE] [--tenant T] [--estimator NAME] [--json]
+    joulegate router train|eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+
+from . import budget, models, policy, route, serve
+
+#: Subcommand modules, in the order `joulegate --help` lists them.
+COMMANDS = (serve, policy, models, budget, route)
+
+
+def version() -> str:
+    try:
+        return metadata.version("joulegate")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="joulegate",
+        description="An OpenAI-compatible LLM gateway that routes each request to the cheapest "
+                    "capable model tier inside per-tenant joule budgets.",
+        epilog="Run `joulegate COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"joulegate {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`joulegate serve`: run the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from policies import DEFAULT_POLICY_PATH, PolicyError, load_policy
+
+from .common import new_key
+
+#: Keys the embedded default policy reads from the environment; `serve` creates them.
+DEFAULT_POLICY_KEYS = {"JOULEGATE_DEMO_KEY": "demo tenant", "JOULEGATE_ADMIN_KEY": "admin"}
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "joulegate"
+
+
+def ensure_default_keys() -> dict[str, str]:
+    """Keys for the default policy: from the environment, else created once and kept in
+    ``~/.local/state/joulegate/default-keys.json`` (mode 0600) so they survive restarts."""
+    store = _state_dir() / "default-keys.json"
+    saved: dict[str, str] = {}
+    if store.is_file():
+        saved = json.loads(store.read_text())
+    keys = {var: os.environ.get(var) or saved.get(var) or new_key() for var in DEFAULT_POLICY_KEYS}
+    if keys != {k: saved.get(k) for k in DEFAULT_POLICY_KEYS}:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(keys, f)
+    os.environ.update(keys)
+    return keys
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging set-up plus joulegate's loggers. Passed to uvicorn so that every
+    worker process applies it (a worker is a fresh interpreter)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["joulegate"] = {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+    config["handlers"]["joulegate"] = {"class": "logging.StreamHandler", "formatter": "joulegate",
+                                       "stream": "ext://sys.stderr"}
+    config["loggers"]["joulegate"] = {"handlers": ["joulegate"], "level": level.upper(),
+                                      "propagate": False}
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..app import POLICY_ENV, create_app
+
+    path = Path(args.policy) if args.policy else DEFAULT_POLICY_PATH
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if path.resolve() == DEFAULT_POLICY_PATH.resolve():
+        keys = ensure_default_keys()
+        print("joulegate: default policy; keys (also in ~/.local/state/joulegate/default-keys.json):")
+        for var, who in DEFAULT_POLICY_KEYS.items():
+            print(f"  {who:12s} {keys[var]}")
+        sys.stdout.flush()
+    host = args.host or policy.server.host
+    port = args.port if args.port is not None else policy.server.port
+    options = dict(host=host, port=port, loop="uvloop", http="httptools", access_log=False,
+                   log_level=args.log_level.lower(), log_config=log_config(args.log_level),
+                   timeout_graceful_shutdown=10)
+    if args.workers > 1:
+        os.environ[POLICY_ENV] = str(path.resolve())
+        # Workers keep their metrics in files here; GET /metrics merges them.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="joulegate-prom-"))
+        uvicorn.run("gateway.app:create_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(path), **options)
+    return 0
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible API",
+        description="Serve the OpenAI-compatible API. Without --policy it serves the embedded "
+                    "default policy (two local llama.cpp models) on 127.0.0.1:8080 and prints "
+                    "a demo tenant key and an admin key.")
+    serve.add_argument("--policy", metavar="FILE",
+                       help="policy YAML file (default: the embedded default policy)")
+    serve.add_argument("--host", help="listen address (default: the policy's server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: the policy's server.port)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port (default: 1)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
