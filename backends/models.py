@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,17 +92,26 @@ def _chunk_files(model: CatalogModel) -> list[Path]:
     return files
 
 
-def assemble(model: CatalogModel, target_dir: Path | None = None) -> Path:
+def is_assembled(model: CatalogModel, target_dir: Path | None = None) -> bool:
+    """Whether ``model`` is in ``target_dir`` (default :func:`cache_dir`), verified before."""
+    target = (target_dir or cache_dir()) / f"{model.name}.gguf"
+    sidecar = target.with_suffix(".gguf.sha256")
+    return (target.is_file() and target.stat().st_size == model.size and sidecar.is_file()
+            and sidecar.read_text().strip() == model.sha256)
+
+
+def assemble(model: CatalogModel, target_dir: Path | None = None,
+             progress: Callable[[int], None] | None = None) -> Path:
     """Assemble ``model`` into ``target_dir`` (default :func:`cache_dir`) and return its path.
 
-    A file that is already there and was verified before is reused. Raises
-    :class:`ModelError` for a missing or wrong-version package or a hash mismatch.
+    A file that is already there and was verified before is reused. ``progress`` is
+    called with the bytes written so far after each block. Raises :class:`ModelError`
+    for a missing or wrong-version package or a hash mismatch.
     """
     target_dir = target_dir or cache_dir()
     target = target_dir / f"{model.name}.gguf"
     sidecar = target.with_suffix(".gguf.sha256")
-    if (target.is_file() and target.stat().st_size == model.size and sidecar.is_file()
-            and sidecar.read_text().strip() == model.sha256):
+    if is_assembled(model, target_dir):
         return target
     chunks = _chunk_files(model)
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +126,8 @@ def assemble(model: CatalogModel, target_dir: Path | None = None) -> Path:
                         digest.update(block)
                         out.write(block)
                         size += len(block)
+                        if progress is not None:
+                            progress(size)
         if size != model.size or digest.hexdigest() != model.sha256:
             raise ModelError(
                 f"model '{model.name}' assembled to {size} bytes with sha256 {digest.hexdigest()}; "

@@ -4,22 +4,61 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
 
-from backends.models import CATALOG, ModelError, assemble, cache_dir
+from backends.models import CATALOG, ModelError, assemble, is_assembled
 
 from .common import add_policy_option, policy_state
 
 
+class AssemblyProgress:
+    """Progress of one model's assembly: a live bar (bytes, rate, ETA) on a terminal,
+    one line when done otherwise (logs and CI stay readable)."""
+
+    def __init__(self, name: str, total: int, out: TextIO, live: bool,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name, self.total, self.out, self.live, self.clock = name, total, out, live, clock
+        self.started = clock()
+        self._shown = -1.0
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if not self.live or (now - self._shown < 0.1 and done < self.total):
+            return
+        self._shown = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        self.out.write(f"\r{self.name}: [{'#' * filled}{'.' * (width - filled)}] "
+                       f"{done / 1e6:7.1f}/{self.total / 1e6:.1f} MB  {rate / 1e6:6.1f} MB/s  "
+                       f"ETA {eta:4.0f} s")
+        self.out.flush()
+
+    def finish(self) -> None:
+        elapsed = self.clock() - self.started
+        if self.live:
+            self.out.write("\n")
+        self.out.write(f"{self.name}: assembled {self.total / 1e6:.1f} MB in {elapsed:.1f} s "
+                       f"({self.total / 1e6 / max(elapsed, 1e-9):.0f} MB/s), sha256 checked\n")
+        self.out.flush()
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     for model in CATALOG.values():
-        path = cache_dir() / f"{model.name}.gguf"
-        if args.assemble:
+        if args.assemble and not is_assembled(model):
+            progress = AssemblyProgress(model.name, model.size, sys.stderr, sys.stderr.isatty())
             try:
-                path = assemble(model)
+                assemble(model, progress=progress)
             except ModelError as exc:
-                print(f"{model.name}: {exc}", file=sys.stderr)
+                print(f"\n{model.name}: {exc}" if progress.live else f"{model.name}: {exc}",
+                      file=sys.stderr)
                 return 1
-        state = "assembled" if path.is_file() else "not assembled"
+            progress.finish()
+        state = "assembled" if is_assembled(model) else "not assembled"
         print(f"{model.name:40s} {model.size / 1e6:8.1f} MB  {state:13s}  {model.description}")
     return 0
 
