@@ -31,9 +31,37 @@ log = logging.getLogger("joulegate.budgets")
 
 
 class BudgetExhausted(APIError):
+    """The request fits the tenant's budget, but not now: retry after ``Retry-After``."""
+
     status = 429
     type = "rate_limit_error"
     code = "budget_exhausted"
+
+
+class BudgetNeverFits(APIError):
+    """The request is larger than a budget window's whole limit: no wait would help."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "budget_exceeds_window"
+
+
+def _until_fits(reservation: Reservation, now: float) -> tuple[float, WindowState] | None:
+    """How long until ``reservation.joules`` fit every window, and the window that binds
+    longest: 0 s where only requests in flight hold the room (they free it as they finish),
+    the period's end where spent joules must reset; ``None`` when a window's whole budget
+    is smaller than the request."""
+    binding: tuple[float, WindowState] | None = None
+    for w in reservation.windows:
+        if reservation.joules <= w.remaining:
+            continue
+        if reservation.joules > w.limit + w.granted:
+            return None
+        wait = 0.0 if reservation.joules <= w.limit + w.granted - w.spent \
+            else max(w.period_end - now, 0.0)
+        if binding is None or wait > binding[0]:
+            binding = (wait, w)
+    return binding
 
 
 def estimate_prompt_tokens(generation: GenerationRequest) -> int:
@@ -92,7 +120,7 @@ class BudgetGuard:
                 continue
             self._watched[name] = self.limits(spec)
             # Counters start at zero, so the first refusal is an increase a rate() sees.
-            for reason in ("exhausted", "ledger_down", "ledger_down_served"):
+            for reason in ("exhausted", "exceeds_window", "ledger_down", "ledger_down_served"):
                 self.metrics.budget_rejections.labels(name, reason)
             for budget in spec.budgets:
                 self.metrics.budget_soft_ratio.labels(name, budget.window).set(
@@ -107,7 +135,8 @@ class BudgetGuard:
     async def admit(self, policy: Policy, tenant: str, tier: TierSpec, request_id: str,
                     generation: GenerationRequest, prompt_tokens: int) -> Admission:
         """Reserve the request's predicted joules (``prompt_tokens``: the prompt's estimated
-        size, :func:`estimate_prompt_tokens`) on ``tier`` or a cheaper one, or raise 429."""
+        size, :func:`estimate_prompt_tokens`) on ``tier`` or a cheaper one, or raise
+        :class:`BudgetExhausted` (429, fits later) or :class:`BudgetNeverFits` (400)."""
         spec = policy.tenants[tenant]
         max_tokens = generation.max_tokens
         if not spec.budgets:
@@ -120,7 +149,7 @@ class BudgetGuard:
             cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
             candidates += [(t, cap) for t in reversed(policy.ordered_tiers())
                            if t.name in ladder and t.cost < tier.cost]
-        refused: Reservation | None = None
+        refused: list[tuple[TierSpec, int, Reservation]] = []
         for candidate, tokens in candidates:
             joules = self.calibration.predict(candidate.name, prompt_tokens, tokens)
             try:
@@ -137,18 +166,55 @@ class BudgetGuard:
                     self.metrics.budget_degradations.labels(tenant, tier.name,
                                                             candidate.name).inc()
                 return admission
-            refused = refused or reservation
-        assert refused is not None and refused.short is not None
-        self.metrics.budget_rejections.labels(tenant, "exhausted").inc()
-        # The request fits again once every short window has reset: name the last of them.
-        short = max((w for w in refused.windows if w.remaining < refused.joules),
-                    key=lambda w: w.period_end)
-        retry = max(1, int(short.period_end - time.time() + 0.999))
-        raise BudgetExhausted(
-            f"tenant '{tenant}' has {max(short.remaining, 0):.1f} J left of its "
-            f"{short.limit + short.granted:g} J budget for the {short.window} window; this "
-            f"request needs about {refused.joules:.1f} J. The window frees in {retry} s.",
-            headers={"retry-after": str(retry)})
+            refused.append((candidate, tokens, reservation))
+        refusal = self._refusal(tenant, refused, prompt_tokens,
+                                injected=generation.max_tokens is None)
+        reason = "exceeds_window" if isinstance(refusal, BudgetNeverFits) else "exhausted"
+        self.metrics.budget_rejections.labels(tenant, reason).inc()
+        raise refusal
+
+    def _refusal(self, tenant: str, refused: list[tuple[TierSpec, int, Reservation]],
+                 prompt_tokens: int, injected: bool) -> APIError:
+        """Why nothing fits, told truthfully: a request larger than a window's whole budget
+        can never be served (400, with the largest ``max_tokens`` that would fit, and no
+        ``Retry-After``: retrying cannot help); one that fits later gets 429 with
+        ``Retry-After`` set to when enough budget frees, on the tier that frees first."""
+        now = time.time()
+        waits = [(fit, c, r) for c, _, r in refused if (fit := _until_fits(r, now)) is not None]
+        if waits:
+            (wait, short), candidate, reservation = min(waits, key=lambda x: x[0][0])
+            retry = max(1, int(wait + 0.999))
+            held = (f" Requests in flight hold {short.reserved:.1f} J of that window until "
+                    "they finish." if short.reserved > 0 else "")
+            return BudgetExhausted(
+                f"tenant '{tenant}' has {max(short.remaining, 0):.1f} J left of its "
+                f"{short.limit + short.granted:g} J budget for the {short.window} window; this "
+                f"request needs about {reservation.joules:.1f} J on tier '{candidate.name}'."
+                f"{held} Enough frees in {retry} s.",
+                headers={"retry-after": str(retry)})
+        # Every candidate exceeds a window's entire budget: say what would fit.
+        best = max(((self._largest_max_tokens(c, r, prompt_tokens), c, r) for c, _, r in refused),
+                   key=lambda x: x[0])
+        fits, candidate, reservation = best
+        window = min(reservation.windows, key=lambda w: w.limit + w.granted)
+        why = (f"tenant '{tenant}': this request needs about {reservation.joules:.1f} J on tier "
+               f"'{candidate.name}', more than the whole {window.limit + window.granted:g} J "
+               f"budget of its {window.window} window, so it can never be served as it is")
+        why += " (max_tokens was not given: the tenant's default_max_tokens was assumed)" \
+            if injected else ""
+        hint = (f"; the largest max_tokens that fits is {fits}" if fits >= 1 else
+                "; even the prompt alone does not fit: shorten it")
+        return BudgetNeverFits(why + hint + ".", param="max_tokens")
+
+    def _largest_max_tokens(self, tier: TierSpec, reservation: Reservation,
+                            prompt_tokens: int) -> int:
+        """The most output tokens whose predicted joules fit every window's whole budget."""
+        base = self.calibration.predict(tier.name, prompt_tokens, 0)
+        per_token = self.calibration.predict(tier.name, prompt_tokens, 1) - base
+        room = min(w.limit + w.granted for w in reservation.windows) - base
+        if room < 0:
+            return 0
+        return int(room / per_token) if per_token > 0 else 1 << 20
 
     def _ledger_down(self, tenant: str, tier: TierSpec, max_tokens: int | None,
                      exc: Exception) -> Admission:
