@@ -163,7 +163,9 @@ class OpenAIBackend(Backend):
         budget = min(self.first_byte_s, deadline - time.monotonic())
         try:
             async with asyncio.timeout(budget):
-                response = await self._client.post(self._url(req), data=self._body(req, stream))
+                response = await self._client.post(
+                    self._url(req), data=self._body(req, stream),
+                    headers={"x-request-id": req.request_id} if req.request_id else None)
         except aiohttp.ConnectionTimeoutError:
             raise BackendUnavailable(f"upstream '{self.name}' did not accept a connection within "
                                      f"{self._connect_s:g} s") from None

@@ -28,6 +28,8 @@ class APIError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    #: Request fields this error refuses (for the access log); ``param`` is the first.
+    rejected_params: tuple[str, ...] = ()
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  status: int | None = None, headers: dict[str, str] | None = None):

@@ -104,6 +104,10 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def dropped_params(self) -> list[str]:
+        """Fields accepted but not passed on to the backend."""
+        return []
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -116,6 +120,10 @@ class ChatCompletionRequest(_Sampling):
             raise PydanticCustomError("invalid_value", "give max_completion_tokens or max_tokens, "
                                       "not two different values", {"param": "max_tokens"})
         return self
+
+    def dropped_params(self) -> list[str]:
+        """Fields accepted but not passed on to the backend: a message's ``name``."""
+        return [f"messages[{i}].name" for i, m in enumerate(self.messages) if m.name is not None]
 
     def to_generation(self, model: str, request_id: str) -> GenerationRequest:
         return GenerationRequest(
@@ -171,11 +179,16 @@ def _invalid(err: dict[str, Any]) -> InvalidRequest:
 
 
 def parse_request(model_cls: type[_Sampling], body: bytes) -> Any:
-    """Parse ``body`` as ``model_cls`` or raise the :class:`InvalidRequest` for its first error."""
+    """Parse ``body`` as ``model_cls`` or raise the :class:`InvalidRequest` for its first
+    error, carrying the names of every unsupported field (for the access log)."""
     try:
         return model_cls.model_validate_json(body)
     except ValidationError as exc:
-        raise _invalid(exc.errors(include_url=False)[0]) from None
+        errors = exc.errors(include_url=False)
+        err = _invalid(errors[0])
+        err.rejected_params = tuple(p for e in errors if e["type"] == "extra_forbidden"
+                                    and (p := _param(tuple(e["loc"]))))
+        raise err from None
 
 
 # -- responses ---------------------------------------------------------------------------

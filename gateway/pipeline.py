@@ -48,6 +48,7 @@ from backends import (
 )
 from policies import TierSpec
 
+from . import logs
 from . import openai_types as wire
 from .auth import authenticate
 from .budgets.guard import Admission, estimate_prompt_tokens
@@ -57,7 +58,7 @@ from .metrics import OTHER, bound
 from .routing import MAX_TIER_HEADER, Decision, fallback_tier, pick_tier
 from .runtime import Runtime, Snapshot
 
-access_log = logging.getLogger("joulegate.access")
+access_log = logging.getLogger(logs.ACCESS_LOGGER)
 log = logging.getLogger("joulegate")
 
 _SSE_DONE = b"data: [DONE]\n\n"
@@ -72,6 +73,8 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     tenant: str | None = None
+    #: The model the client asked for (``auto``, a tier or a model name).
+    model: str | None = None
     tier: str | None = None
     stream: bool = False
     status: int = 200
@@ -85,6 +88,11 @@ class Call:
     spent_before: float = 0.0
     admission: Admission | None = None
     route: Decision | None = None
+    #: Request fields refused with 400, and fields accepted but not passed on.
+    rejected_params: list[str] = field(default_factory=list)
+    dropped_params: list[str] = field(default_factory=list)
+    #: Tiers tried before the one that answered, in order (fallback).
+    fallback_from: list[str] = field(default_factory=list)
     #: The ledger's key for this request: never the client's X-Request-Id, which may repeat.
     ledger_id: str = field(default_factory=lambda: os.urandom(12).hex())
 
@@ -125,16 +133,24 @@ class Call:
                 runtime.calibration.update(self.tier, self.prompt_tokens,
                                            self.completion_tokens, self.joules)
         if snap.policy.server.access_log and access_log.isEnabledFor(logging.INFO):
-            access_log.info(orjson.dumps({
-                "request_id": self.request_id, "endpoint": self.endpoint, "tenant": self.tenant,
-                "tier": self.tier, "stream": self.stream, "status": self.status,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "energy_joules": round(self.joules, 6),
-                "energy_source": self.energy.source if self.energy else None,
-                "latency_s": round(elapsed, 6),
-                "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
-                "error": self.error,
-            }).decode())
+            logs.access(access_log, self.access_record(elapsed))
+
+    def access_record(self, elapsed: float) -> dict:
+        """The access log's record of this request: never prompt text or keys."""
+        admission = self.admission
+        return {
+            "request_id": self.request_id, "endpoint": self.endpoint, "tenant": self.tenant,
+            "model": self.model, "tier": self.tier, "stream": self.stream,
+            "status": self.status, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "energy_joules": round(self.joules, 6),
+            "energy_source": self.energy.source if self.energy else None,
+            "latency_s": round(elapsed, 6),
+            "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
+            "degraded_from": admission.degraded_from if admission else None,
+            "fallback_from": self.fallback_from, "rejected_params": self.rejected_params,
+            "dropped_params": self.dropped_params, "error": self.error,
+        }
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -166,7 +182,8 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
         body = wire.parse_request(
             wire.ChatCompletionRequest if chat else wire.CompletionRequest,
             await read_body(request, snap.policy.server.max_body_bytes))
-        call.stream = body.stream
+        call.stream, call.model = body.stream, body.model
+        call.dropped_params = body.dropped_params()
         generation = body.to_generation(body.model, call.request_id)
         # Routing's joule predictions and the budget reservation price the same prompt.
         prompt_tokens = estimate_prompt_tokens(generation)
@@ -178,8 +195,13 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
             snap.policy, call.tenant, tier, call.ledger_id, generation, prompt_tokens)
         tier = admission.tier
         call.tier = tier.name
-        generation.model, generation.max_tokens = tier.model, admission.max_tokens
         headers = {"x-request-id": call.request_id}
+        if generation.max_tokens is None and admission.max_tokens is not None:
+            # A budget bounds the request: the tenant's default_max_tokens was injected.
+            headers["x-joulegate-default-max-tokens"] = str(admission.max_tokens)
+        generation.model, generation.max_tokens = tier.model, admission.max_tokens
+        if call.dropped_params:
+            headers["x-joulegate-dropped-params"] = ",".join(call.dropped_params)
         if decision.difficulty is not None:
             headers["x-joulegate-difficulty"] = f"{decision.difficulty.score:.3f}"
         if admission.degraded_from:
@@ -213,6 +235,7 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
                 runtime.metrics.fallbacks.labels(call.tenant, tier.name, fallback.name).inc()
                 log.warning("tier '%s' failed before answering (%s); falling back to '%s'",
                             tier.name, exc, fallback.name)
+                call.fallback_from.append(tier.name)
                 tier = fallback
                 tried.append(tier)
                 call.tier = tier.name
@@ -230,9 +253,12 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
     except BackendError as exc:
         err = from_backend_error(exc)
         call.status, call.error = err.status, err.code or err.type
+        err.headers["x-request-id"] = call.request_id
         raise err from None
     except APIError as exc:
         call.status, call.error = exc.status, exc.code or exc.type
+        call.rejected_params = list(exc.rejected_params)
+        exc.headers["x-request-id"] = call.request_id
         raise
     finally:
         if not handed_off:

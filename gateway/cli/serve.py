@@ -11,6 +11,7 @@ from pathlib import Path
 
 from policies import DEFAULT_POLICY_PATH, PolicyError, load_policy
 
+from ..logs import FORMATS, default_format, log_config
 from .common import new_key
 
 #: Keys the embedded default policy reads from the environment; `serve` creates them.
@@ -39,22 +40,6 @@ def ensure_default_keys() -> dict[str, str]:
     return keys
 
 
-def log_config(level: str) -> dict:
-    """uvicorn's logging set-up plus joulegate's loggers. Passed to uvicorn so that every
-    worker process applies it (a worker is a fresh interpreter)."""
-    import copy
-
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["joulegate"] = {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
-    config["handlers"]["joulegate"] = {"class": "logging.StreamHandler", "formatter": "joulegate",
-                                       "stream": "ext://sys.stderr"}
-    config["loggers"]["joulegate"] = {"handlers": ["joulegate"], "level": level.upper(),
-                                      "propagate": False}
-    return config
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -75,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or policy.server.host
     port = args.port if args.port is not None else policy.server.port
     options = dict(host=host, port=port, loop="uvloop", http="httptools", access_log=False,
-                   log_level=args.log_level.lower(), log_config=log_config(args.log_level),
+                   log_level=args.log_level.lower(), log_config=log_config(args.log_level, args.log_format),
                    timeout_graceful_shutdown=10)
     if args.workers > 1:
         os.environ[POLICY_ENV] = str(path.resolve())
@@ -102,4 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="worker processes sharing the port (default: 1)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=FORMATS, default=default_format(),
+                       help="json: one JSON object per line, for log shippers; text: for "
+                            "people (default: text on a terminal, else json)")
     serve.set_defaults(func=cmd_serve)
