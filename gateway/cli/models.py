@@ -24,8 +24,10 @@ class AssemblyProgress:
         self._shown = -1.0
 
     def __call__(self, done: int) -> None:
+        if not self.live:
+            return
         now = self.clock()
-        if not self.live or (now - self._shown < 0.1 and done < self.total):
+        if now - self._shown < 0.1 and done < self.total:
             return
         self._shown = now
         elapsed = max(now - self.started, 1e-9)
