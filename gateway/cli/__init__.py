@@ -16,10 +16,10 @@ import argparse
 import sys
 from importlib import metadata
 
-from . import budget, models, policy, route, serve
+from . import budget, litellm, models, policy, route, serve
 
 #: Subcommand modules, in the order `joulegate --help` lists them.
-COMMANDS = (serve, policy, models, budget, route)
+COMMANDS = (serve, policy, models, budget, route, litellm)
 
 
 def version() -> str:
