@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Label benchmark of the difficulty routers (the same as `joulegate router eval`).
 
-RouteLLM's metrics on ``routing-data/mmlu``, subjects split into folds so that every prompt is
-scored by a `learned` model fitted on other subjects only; contaminated prompts excluded.
+RouteLLM's metrics on ``data/routing/mmlu`` (in the checkout), subjects split into folds so
+that every prompt is scored by a `learned` model fitted on other subjects only; contaminated
+prompts excluded.
 Prints the APGR / CPT(50%) / CPT(80%) table for random, length-only, heuristic and learned,
 and writes it with a quality-vs-strong-fraction PNG to ``benchmarks/results/``.
 
-    .venv/bin/python benchmarks/router_eval.py [--data ../shared/routing-data]
+    .venv/bin/python benchmarks/router_eval.py [--data DIR]   # default: data/routing
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -95,11 +96,33 @@ def test_learned_fit_finds_an_interaction_and_predicts_as_it_was_fitted():
     assert min(helped) > sorted(others)[len(others) // 2]  # every helped prompt above the median
 
 
-@pytest.mark.bench
-def test_router_train_rebuilds_the_shipped_artefact_byte_for_byte(tmp_path):
+def test_the_routing_data_ships_in_the_checkout(monkeypatch):
+    monkeypatch.delenv("JOULEGATE_ROUTING_DATA", raising=False)
     data = default_data_dir()
-    if not (data / "mmlu").is_dir():
-        pytest.fail(f"routing data not found at {data} (../shared beside the checkout, as in CI)")
+    assert data == Path(__file__).resolve().parents[1] / "data" / "routing"
+    assert len(list((data / "mmlu").glob("mmlu_*.csv"))) == 46
+    assert (data / "mmlu" / "contaminated_prompts.jsonl").is_file()
+    assert len((data / "mt_bench" / "question.jsonl").read_text().splitlines()) == 80
+    assert (data / "LICENSE-RouteLLM").is_file() and (data / "LICENSE-FastChat").is_file()
+
+
+def test_without_the_source_tree_the_data_dir_says_to_pass_data(monkeypatch, tmp_path):
+    from gateway.routing import train as train_module
+
+    # As installed from a wheel: site-packages/gateway/routing/train.py, no data/ beside it.
+    monkeypatch.delenv("JOULEGATE_ROUTING_DATA", raising=False)
+    installed = tmp_path / "site-packages" / "gateway" / "routing" / "train.py"
+    monkeypatch.setattr(train_module, "__file__", str(installed))
+    with pytest.raises(FileNotFoundError, match="pass --data DIR"):
+        default_data_dir()
+    monkeypatch.setenv("JOULEGATE_ROUTING_DATA", str(tmp_path / "mine"))
+    assert default_data_dir() == tmp_path / "mine"
+
+
+@pytest.mark.bench
+def test_router_train_rebuilds_the_shipped_artefact_byte_for_byte(tmp_path, monkeypatch):
+    monkeypatch.delenv("JOULEGATE_ROUTING_DATA", raising=False)
+    data = default_data_dir()
     out = tmp_path / "router_model.json"
     train(data, out)
     assert out.read_bytes() == MODEL_FILE.read_bytes()

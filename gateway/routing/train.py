@@ -1,7 +1,7 @@
 """Train the ``learned`` estimator and benchmark routers on labelled routing data.
 
 ``joulegate router train`` and ``joulegate router eval`` call :func:`train` and
-:func:`evaluate`. Both read ``routing-data/mmlu/*.csv`` (per-prompt correctness of a weak
+:func:`evaluate`. Both read ``data/routing/mmlu/*.csv`` (per-prompt correctness of a weak
 and a strong model) and need NumPy (``pip install 'joulegate[bench]'``); the plot needs
 matplotlib. Training is deterministic (Newton's method to convergence on a convex
 objective, no random draws), so the same data gives the same artefact byte for byte.
@@ -37,10 +37,20 @@ GRID = [(degree, alpha) for degree in (1, 2)
 
 
 def default_data_dir() -> Path:
+    """``$JOULEGATE_ROUTING_DATA``, else the checkout's ``data/routing``.
+
+    The data ships with the source tree, not with the wheel: an installed package has no
+    default and says to pass ``--data``."""
     env = os.environ.get("JOULEGATE_ROUTING_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "routing-data"
+    data = Path(__file__).resolve().parents[2] / "data" / "routing"
+    if not data.is_dir():
+        raise FileNotFoundError(
+            f"no routing data at {data}: it ships with the joulegate source tree "
+            "(data/routing), not with the installed package; pass --data DIR (a folder "
+            "holding mmlu/mmlu_*.csv) or set JOULEGATE_ROUTING_DATA")
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +74,7 @@ def load_mmlu(data_dir: Path) -> tuple[list[Example], set[str]]:
     mmlu = Path(data_dir) / "mmlu"
     files = sorted(mmlu.glob("mmlu_*.csv"))
     if not files:
-        raise FileNotFoundError(f"no mmlu_*.csv under {mmlu}; pass --data DIR (routing-data)")
+        raise FileNotFoundError(f"no mmlu_*.csv under {mmlu}; pass --data DIR (data/routing)")
     examples = []
     for path in files:
         subject = path.stem.removeprefix("mmlu_")
