@@ -2,17 +2,18 @@
 
 Every model forbids unknown keys, so a typo in a YAML file is an error rather than a
 silently ignored setting. Cross references (a tier naming a backend, a tenant naming
-tiers) are checked by :meth:`Policy.reference_issues` so that the loader can report every
-mistake in one pass, each with its key path.
+tiers) are checked by :func:`reference_issues` on the parsed YAML itself, so that the loader
+reports them together with the schema's mistakes, in one pass, each with its key path.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
-from collections.abc import Mapping
-from typing import Annotated, Literal, Union
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -335,77 +336,137 @@ class Policy(_Strict):
         allowed = self.tenants[tenant].tiers
         return [t for t in self.ordered_tiers() if allowed is None or t.name in allowed]
 
-    def _routing_issues(self, where: str, spec: RoutingSpec | None,
-                        tiers: list[str]) -> list[tuple[str, str]]:
-        if spec is None:
-            return []
-        issues = []
-        for j, tier in enumerate(spec.fallback_ladder or []):
-            if tier not in tiers:
-                issues.append((f"{where}.fallback_ladder[{j}]", f"'{tier}' is not a tier here; "
-                               f"expected one of: {', '.join(tiers)}"))
-        for key in ("thresholds", "capacity"):
-            for tier in getattr(spec, key) or {}:
-                if tier not in tiers:
-                    issues.append((f"{where}.{key}.{tier}", f"'{tier}' is not a tier here; expected "
-                                   f"one of: {', '.join(tiers)}"))
-        points = [p[0] for p in spec.pressure or []]
-        if points != sorted(points, reverse=True) or len(set(points)) != len(points):
-            issues.append((f"{where}.pressure", "points must go from more remaining budget to "
-                           "less, e.g. [[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]]"))
-        return issues
-
     def reference_issues(self) -> list[tuple[str, str]]:
         """Mistakes that span entries, as ``(key path, message)`` pairs; empty when consistent."""
-        issues: list[tuple[str, str]] = []
-        tier_names: set[str] = set()
-        model_names: dict[str, str] = {}
-        for i, tier in enumerate(self.tiers):
-            where = f"tiers[{i}]"
-            if tier.name == AUTO_MODEL or tier.model == AUTO_MODEL:
-                issues.append((where, f"'{AUTO_MODEL}' is reserved for gateway routing"))
-            if tier.name in tier_names:
-                issues.append((f"{where}.name", f"duplicate tier name '{tier.name}'"))
-            tier_names.add(tier.name)
-            if tier.backend not in self.backends:
-                issues.append((f"{where}.backend", f"unknown backend '{tier.backend}'; "
-                               f"expected one of: {', '.join(sorted(self.backends))}"))
-            if tier.model in model_names and model_names[tier.model] != tier.name:
-                issues.append((f"{where}.model", f"model '{tier.model}' is already served by tier "
-                               f"'{model_names[tier.model]}'; a pinned model must name one tier"))
-            model_names.setdefault(tier.model, tier.name)
-        for i, tier in enumerate(self.tiers):
-            if tier.model != tier.name and tier.model in tier_names:
-                issues.append((f"tiers[{i}].model", f"'{tier.model}' is another tier's name; "
-                               "a model name must not shadow a tier"))
-        seen_keys: dict[str, str] = {}
-        for name, tenant in self.tenants.items():
-            where = f"tenants.{name}"
-            allowed = tenant.tiers if tenant.tiers is not None else sorted(tier_names)
-            for j, t in enumerate(tenant.tiers or []):
-                if t not in tier_names:
+        return reference_issues(self.model_dump())
+
+
+def did_you_mean(word: object, choices: Iterable[object]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelt ``word``, else ``""``."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _items(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _not_a_tier(tier: str, tiers: list[str]) -> str:
+    return (f"'{tier}' is not a tier here; expected one of: {', '.join(tiers)}"
+            f"{did_you_mean(tier, tiers)}")
+
+
+def _routing_issues(where: str, spec: Any, tiers: list[str]) -> list[tuple[str, str]]:
+    spec = _mapping(spec)
+    issues = []
+    for j, tier in enumerate(_items(spec.get("fallback_ladder"))):
+        if isinstance(tier, str) and tier not in tiers:
+            issues.append((f"{where}.fallback_ladder[{j}]", _not_a_tier(tier, tiers)))
+    for key in ("thresholds", "capacity"):
+        for tier in _mapping(spec.get(key)):
+            if isinstance(tier, str) and tier not in tiers:
+                issues.append((f"{where}.{key}.{tier}", _not_a_tier(tier, tiers)))
+    points = [_number(p[0]) for p in _items(spec.get("pressure")) if _items(p)]
+    points = [p for p in points if p is not None]
+    if points != sorted(points, reverse=True) or len(set(points)) != len(points):
+        issues.append((f"{where}.pressure", "points must go from more remaining budget to "
+                       "less, e.g. [[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]]"))
+    return issues
+
+
+def reference_issues(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Mistakes that span entries (a tier naming an unknown backend, a tenant an unknown
+    tier, ...), as ``(key path, message)`` pairs.
+
+    Works on the parsed YAML as written, so that it runs even when the schema found other
+    mistakes: pieces that are missing or of the wrong type are skipped here (the schema
+    reports them), never guessed at.
+    """
+    issues: list[tuple[str, str]] = []
+    backends = _mapping(data.get("backends"))
+    tiers = [(i, t) for i, t in enumerate(_items(data.get("tiers"))) if isinstance(t, dict)]
+    tier_names: list[str] = []
+    model_names: dict[str, str] = {}
+    for i, tier in tiers:
+        where = f"tiers[{i}]"
+        name, backend, model = (_text(tier.get(k)) for k in ("name", "backend", "model"))
+        if AUTO_MODEL in (name, model):
+            issues.append((where, f"'{AUTO_MODEL}' is reserved for gateway routing"))
+        if name is not None and name in tier_names:
+            issues.append((f"{where}.name", f"duplicate tier name '{name}'"))
+        elif name is not None:
+            tier_names.append(name)
+        if backend is not None and backends and backend not in backends:
+            known = sorted(map(str, backends))
+            issues.append((f"{where}.backend", f"unknown backend '{backend}'; expected one of: "
+                           f"{', '.join(known)}{did_you_mean(backend, known)}"))
+        if model is not None and name is not None:
+            if model in model_names and model_names[model] != name:
+                issues.append((f"{where}.model", f"model '{model}' is already served by tier "
+                               f"'{model_names[model]}'; a pinned model must name one tier"))
+            model_names.setdefault(model, name)
+    for i, tier in tiers:
+        name, model = _text(tier.get("name")), _text(tier.get("model"))
+        if model is not None and model != name and model in tier_names:
+            issues.append((f"tiers[{i}].model", f"'{model}' is another tier's name; "
+                           "a model name must not shadow a tier"))
+    costs = [(_number(t.get("cost")), _text(t.get("name"))) for _, t in tiers]
+    by_cost = list(dict.fromkeys(name for _, name in sorted(
+        costs, key=lambda pair: float("inf") if pair[0] is None else pair[0]) if name))
+    tenants = {name: t for name, t in _mapping(data.get("tenants")).items() if isinstance(t, dict)}
+    seen_keys: dict[str, str] = {}
+    allowed_by_tenant: dict[str, list[str]] = {}
+    for name, tenant in tenants.items():
+        where = f"tenants.{name}"
+        given = tenant.get("tiers")
+        own = [t for t in _items(given) if isinstance(t, str)]
+        allowed = own if isinstance(given, list) else sorted(tier_names)
+        allowed_by_tenant[name] = allowed
+        if tier_names:
+            for j, t in enumerate(_items(given)):
+                if isinstance(t, str) and t not in tier_names:
                     issues.append((f"{where}.tiers[{j}]", f"unknown tier '{t}'; expected one of: "
-                                   f"{', '.join(t.name for t in self.ordered_tiers())}"))
-            if tenant.default_tier not in allowed:
-                issues.append((f"{where}.default_tier", f"'{tenant.default_tier}' is not one of this "
-                               f"tenant's tiers ({', '.join(allowed)})"))
-            for j, t in enumerate(tenant.degrade_ladder or []):
-                if t not in allowed:
+                                   f"{', '.join(by_cost)}{did_you_mean(t, by_cost)}"))
+            default = _text(tenant.get("default_tier"))
+            if default is not None and default not in allowed:
+                issues.append((f"{where}.default_tier", f"'{default}' is not one of this tenant's "
+                               f"tiers ({', '.join(allowed)}){did_you_mean(default, allowed)}"))
+            for j, t in enumerate(_items(tenant.get("degrade_ladder"))):
+                if isinstance(t, str) and t not in allowed:
                     issues.append((f"{where}.degrade_ladder[{j}]", f"'{t}' is not one of this "
-                                   f"tenant's tiers ({', '.join(allowed)})"))
-            windows = [b.window for b in tenant.budgets]
-            if len(set(windows)) != len(windows):
-                issues.append((f"{where}.budgets", "each window may have one budget"))
-            for j, k in enumerate(tenant.keys):
-                if k in seen_keys:
-                    issues.append((f"{where}.keys[{j}]", f"the same key is also given to tenant "
-                                   f"'{seen_keys[k]}'; a key must identify one tenant"))
-                seen_keys.setdefault(k, name)
-        issues += self._routing_issues("routing", self.routing, sorted(tier_names))
-        for name, tenant in self.tenants.items():
-            allowed = tenant.tiers if tenant.tiers is not None else sorted(tier_names)
-            issues += self._routing_issues(f"tenants.{name}.routing", tenant.routing,
-                                           [t for t in allowed if t in tier_names])
-        if self.ledger.kind == "redis" and not self.ledger.url:
-            issues.append(("ledger.url", "a redis ledger needs url (e.g. redis://host:6379/0)"))
-        return issues
+                                   f"tenant's tiers ({', '.join(allowed)})"
+                                   f"{did_you_mean(t, allowed)}"))
+        windows = [b.get("window") for b in _items(tenant.get("budgets"))
+                   if isinstance(b, dict) and isinstance(b.get("window"), str)]
+        if len(set(windows)) != len(windows):
+            issues.append((f"{where}.budgets", "each window may have one budget"))
+        for j, k in enumerate(_items(tenant.get("keys"))):
+            if not isinstance(k, str):
+                continue
+            if k in seen_keys:
+                issues.append((f"{where}.keys[{j}]", f"the same key is also given to tenant "
+                               f"'{seen_keys[k]}'; a key must identify one tenant"))
+            seen_keys.setdefault(k, name)
+    if tier_names:
+        issues += _routing_issues("routing", data.get("routing"), sorted(tier_names))
+        for name, tenant in tenants.items():
+            issues += _routing_issues(f"tenants.{name}.routing", tenant.get("routing"),
+                                      [t for t in allowed_by_tenant[name] if t in tier_names])
+    ledger = _mapping(data.get("ledger"))
+    if ledger.get("kind") == "redis" and not ledger.get("url"):
+        issues.append(("ledger.url", "a redis ledger needs url (e.g. redis://host:6379/0)"))
+    return issues
