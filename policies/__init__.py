@@ -1,6 +1,15 @@
 """Policy schema and loading. Imports neither ``gateway`` nor ``backends``."""
 
-from .loader import DEFAULT_POLICY_PATH, PolicyError, PolicyIssue, load_policy, parse_policy
+from .loader import (
+    DEFAULT_POLICY_PATH,
+    Check,
+    PolicyError,
+    PolicyIssue,
+    PolicyReport,
+    inspect_policy,
+    load_policy,
+    parse_policy,
+)
 from .schema import (
     AUTO_MODEL,
     DEFAULT_ROUTING,
@@ -11,12 +20,15 @@ from .schema import (
     RoutingSpec,
     TenantSpec,
     TierSpec,
+    did_you_mean,
     key_digest,
+    reference_issues,
     resolve_key_ref,
 )
 
 __all__ = [
-    "AUTO_MODEL", "DEFAULT_POLICY_PATH", "DEFAULT_ROUTING", "CapacitySpec", "LlamaCppBackendSpec",
-    "OpenAIBackendSpec", "Policy", "PolicyError", "PolicyIssue", "RoutingSpec", "TenantSpec",
-    "TierSpec", "key_digest", "load_policy", "parse_policy", "resolve_key_ref",
+    "AUTO_MODEL", "DEFAULT_POLICY_PATH", "DEFAULT_ROUTING", "CapacitySpec", "Check",
+    "LlamaCppBackendSpec", "OpenAIBackendSpec", "Policy", "PolicyError", "PolicyIssue",
+    "PolicyReport", "RoutingSpec", "TenantSpec", "TierSpec", "did_you_mean", "inspect_policy",
+    "key_digest", "load_policy", "parse_policy", "reference_issues", "resolve_key_ref",
 ]
