@@ -5,38 +5,25 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from pathlib import Path
 
-from backends.models import CATALOG
-from policies import PolicyError, key_digest, load_policy
+from policies import inspect_policy, key_digest
 
-from ..runtime import index_keys
 from .common import new_key
 
 
 def cmd_check_policy(args: argparse.Namespace) -> int:
-    try:
-        policy = load_policy(args.file)
-        index_keys(policy, args.file)
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    from ..routing import ESTIMATORS
+    from ..preflight import CHECKS, missing_extras
 
-    problems = []
-    for name, spec in policy.backends.items():
-        if spec.kind == "llamacpp" and spec.model not in CATALOG \
-                and not Path(spec.model).expanduser().is_file():
-            problems.append(f"  backends.{name}.model: '{spec.model}' is neither a catalog model "
-                            f"({', '.join(CATALOG)}) nor an existing file")
-    for where, routing in [("routing", policy.routing), *((f"tenants.{t}.routing", s.routing)
-                                                          for t, s in policy.tenants.items())]:
-        if routing is not None and routing.estimator and routing.estimator not in ESTIMATORS:
-            problems.append(f"  {where}.estimator: unknown difficulty estimator "
-                            f"'{routing.estimator}'; expected one of: {', '.join(sorted(ESTIMATORS))}")
-    if problems:
-        print(f"invalid policy {args.file}:", *problems, sep="\n", file=sys.stderr)
+    report = inspect_policy(args.file, CHECKS)
+    if report.issues:
+        print(report.error(), file=sys.stderr)
+    extras = missing_extras(report.data) if isinstance(report.data, dict) else []
+    for line in extras:
+        print(f"{args.file}: {line}", file=sys.stderr)
+    if report.issues or extras:
         return 1
+    policy = report.policy
+    assert policy is not None
     tiers = ", ".join(f"{t.name} ({t.model} on {t.backend})" for t in policy.ordered_tiers())
     print(f"{args.file}: ok\n  tiers: {tiers}\n  tenants: {', '.join(policy.tenants)}")
     return 0
@@ -58,8 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser(
         "check-policy", help="check a policy file without serving it",
         description="Check a policy file without serving it: every mistake is reported at "
-                    "once, with its line, key path and what was expected. Exit status 1 if "
-                    "the file has mistakes.")
+                    "once, as FILE:LINE:COLUMN: key path: what was expected (with a "
+                    "did-you-mean for misspelt names), and so is every backend whose Python "
+                    "package is not installed, with the pip command that installs it. Exit "
+                    "status 1 if there is anything to fix.")
     check.add_argument("file", help="the policy YAML file")
     check.set_defaults(func=cmd_check_policy)
 

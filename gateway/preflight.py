@@ -1,0 +1,153 @@
+"""Checks a policy needs beyond its schema, before anything is served.
+
+- :data:`CHECKS`: mistakes that need to know the gateway (the model catalog, the
+  difficulty estimators, the environment's key variables); pass them to
+  :func:`policies.load_policy` or :func:`policies.inspect_policy` so that they are reported
+  in the same pass as the schema's, each with its line and column.
+- :func:`missing_extras`: backends (and a ledger) whose Python package is not installed,
+  one line each with the exact ``pip install`` command. Found with
+  :func:`importlib.util.find_spec`: nothing heavy is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from policies import Policy, did_you_mean, resolve_key_ref
+
+_ENV_REF = re.compile(r"^env:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def catalog_models(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """A llama.cpp backend's model must be a catalog name or an existing file."""
+    from backends.models import CATALOG
+
+    for name, spec in _mapping(data.get("backends")).items():
+        spec = _mapping(spec)
+        model = spec.get("model")
+        if spec.get("kind") == "llamacpp" and isinstance(model, str) and model \
+                and model not in CATALOG and not Path(model).expanduser().is_file():
+            yield (f"backends.{name}.model", f"'{model}' is neither a catalog model "
+                   f"({', '.join(CATALOG)}) nor an existing file{did_you_mean(model, CATALOG)}")
+
+
+def estimators(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Every ``routing.estimator`` must name a registered difficulty estimator."""
+    from .routing import ESTIMATORS
+
+    known = sorted(ESTIMATORS)
+    places = [("routing", data.get("routing"))] + [
+        (f"tenants.{t}.routing", _mapping(spec).get("routing"))
+        for t, spec in _mapping(data.get("tenants")).items()]
+    for where, routing in places:
+        name = _mapping(routing).get("estimator")
+        if isinstance(name, str) and name and name not in ESTIMATORS:
+            yield (f"{where}.estimator", f"unknown difficulty estimator '{name}'; expected one "
+                   f"of: {', '.join(known)}{did_you_mean(name, known)}")
+
+
+def key_variables(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """An ``env:VAR`` key reference needs ``$VAR`` set (else it stands for no key)."""
+    places = [("admin.keys", _mapping(data.get("admin")).get("keys"))] + [
+        (f"tenants.{t}.keys", _mapping(spec).get("keys"))
+        for t, spec in _mapping(data.get("tenants")).items()]
+    for where, keys in places:
+        for j, ref in enumerate(keys if isinstance(keys, list) else []):
+            if not (isinstance(ref, str) and _ENV_REF.match(ref)):
+                continue
+            try:
+                resolve_key_ref(ref)
+            except KeyError as exc:
+                yield (f"{where}[{j}]", f"environment variable {exc.args[0]} is unset or empty, "
+                       f"so key reference '{ref}' has no key")
+
+
+#: The checks `joulegate check-policy` adds to the schema's.
+CHECKS = (catalog_models, estimators, key_variables)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A Python package some policy setting needs in the gateway's own environment."""
+
+    #: The import name looked for (``find_spec``), e.g. ``llama_cpp``.
+    module: str
+    #: What pip installs, as users know it, e.g. ``llama-cpp-python``.
+    package: str
+    #: The joulegate extra that brings it, e.g. ``llamacpp``.
+    extra: str
+
+    @property
+    def install(self) -> str:
+        return f"pip install 'joulegate[{self.extra}]'"
+
+
+#: What needs an optional extra (see pyproject.toml): a backend kind
+#: (``backend:<kind>``), a managed vLLM server run by the gateway's own Python
+#: (``backend:vllm:managed``), a ledger kind (``ledger:<kind>``).
+REQUIREMENTS: dict[str, Requirement] = {
+    "backend:llamacpp": Requirement("llama_cpp", "llama-cpp-python", "llamacpp"),
+    "backend:vllm:managed": Requirement("vllm", "vllm", "vllm"),
+    "ledger:redis": Requirement("redis", "redis", "redis"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: in sys.modules without a spec
+        return False
+
+
+def _users(backend: str, tiers: list) -> str:
+    names = [t["name"] for t in tiers if isinstance(t, dict) and t.get("backend") == backend
+             and isinstance(t.get("name"), str)]
+    if not names:
+        return f"backend '{backend}'"
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return f"tier {quoted} uses backend '{backend}'" if len(names) == 1 else \
+        f"tiers {quoted} use backend '{backend}'"
+
+
+def missing_extras(policy: Policy | Mapping[str, Any],
+                   requirements: Mapping[str, Requirement] | None = None) -> list[str]:
+    """One line for each backend (and the ledger) whose Python package is not installed,
+    naming the tier, the backend's kind and the exact install command; empty when all is
+    there. ``policy`` is a validated :class:`Policy` or the parsed YAML mapping (checked
+    tolerantly, for a file with other mistakes too)."""
+    needs = REQUIREMENTS if requirements is None else requirements
+    data = policy.model_dump() if isinstance(policy, Policy) else _mapping(policy)
+    tiers = data.get("tiers") if isinstance(data.get("tiers"), list) else []
+    lines = []
+    for name, spec in _mapping(data.get("backends")).items():
+        spec = _mapping(spec)
+        kind = spec.get("kind")
+        managed = _mapping(spec.get("managed"))
+        if kind == "vllm" and managed and not managed.get("python"):
+            need, what = needs.get("backend:vllm:managed"), "kind vllm, managed"
+        else:
+            need, what = needs.get(f"backend:{kind}"), f"kind {kind}"
+        if need is None or _installed(need.module):
+            continue
+        who = _users(name, tiers)
+        if who.startswith("tier"):
+            line = f"{who} ({what}), which needs {need.package}: {need.install}"
+        else:
+            line = f"{who} ({what}, used by no tier) needs {need.package}: {need.install}"
+        if kind == "vllm":
+            line += " (or set managed.python to a Python that has vLLM)"
+        lines.append(line)
+    ledger_kind = _mapping(data.get("ledger")).get("kind")
+    need = needs.get(f"ledger:{ledger_kind}")
+    if need is not None and not _installed(need.module):
+        lines.append(f"the ledger (kind {ledger_kind}) needs {need.package}: {need.install}")
+    return lines
