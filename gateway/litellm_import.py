@@ -110,7 +110,8 @@ class _Deployment:
     params: Mapping[str, Any]
     info: Mapping[str, Any]
     api_key: str | None = None
-    comments: list[str] = field(default_factory=list)  # about the backend, in the output
+    comments: list[str] = field(default_factory=list)  # about its URL, in the output
+    key_comments: list[str] = field(default_factory=list)  # about its api_key
 
 
 @dataclass
@@ -126,6 +127,8 @@ class _Tier:
 
 
 def _one_line(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
     return " ".join(str(value).split())
 
 
@@ -306,14 +309,14 @@ class _Converter:
         if key is None or key == "":
             if dep.base_url == OPENAI_URL:
                 dep.api_key = "env:OPENAI_API_KEY"
-                dep.comments.append("LiteLLM's default key for OpenAI: $OPENAI_API_KEY")
+                dep.key_comments.append("LiteLLM's default key for OpenAI: $OPENAI_API_KEY")
             return
         m = _ENV_REF.match(str(key))
         if m:
             dep.api_key = f"env:{m.group(1)}"
             return
         dep.api_key = str(key)
-        dep.comments.append("a literal key: better `api_key: env:VAR` with the key in $VAR")
+        dep.key_comments.append("a literal key: better `api_key: env:VAR` with the key in $VAR")
         self._check(f"{label}: api_key is written literally; better env:VAR")
 
     def _tiers(self) -> list[_Tier]:
@@ -365,6 +368,10 @@ class _Converter:
         models: dict[str, str] = {}
         for tier in tiers:
             model = tier.primary.upstream
+            if model == "auto":
+                self._skip(f"model_name {tier.group}: its upstream model is named 'auto', which "
+                           "joulegate reserves for choosing the tier")
+                continue
             if model in models:
                 self._skip(f"model_name {tier.group}: the same upstream model as tier "
                            f"'{models[model]}'; clients can send model '{models[model]}' instead")
@@ -431,15 +438,20 @@ class _Converter:
         found = self._setting("num_retries")
         if found and _number(found[0]) is not None:
             value = int(min(max(_number(found[0]), 0), 10))  # type: ignore[type-var]
-            out.append(("retries", str(value), f"{found[1]}: on another replica, before the "
-                        "first byte only"))
+            capped = "" if value == _number(found[0]) else f" ({_num(_number(found[0]))} capped " \
+                "to joulegate's most, 10)"
+            out.append(("retries", str(value), f"{found[1]}{capped}: on another replica, before "
+                        "the first byte only"))
         found = self._setting("allowed_fails")
         if found and _number(found[0]) is not None:
             value = int(min(max(_number(found[0]) + 1, 1), 1000))  # type: ignore[operator]
             out.append(("eject_after", str(value), f"{found[1]} {_num(_number(found[0]))}: the "
                         "next failure in a row ejects the replica (LiteLLM counts per minute)"))
         found = self._setting("cooldown_time")
-        if found and _number(found[0]) is not None and _number(found[0]) > 0:  # type: ignore[operator]
+        if found and _number(found[0]) is not None and _number(found[0]) <= 0:  # type: ignore[operator]
+            self._skip(f"{found[1]} {_one_line(found[0])}: joulegate always ejects a failing "
+                       "replica for eject_s (30 s unless set)")
+        elif found and _number(found[0]) is not None:
             value = min(_number(found[0]), 3600.0)  # type: ignore[type-var]
             out.append(("eject_s", _num(value), f"{found[1]}; joulegate doubles it while the "
                         "replica keeps failing"))
@@ -610,10 +622,10 @@ class _Converter:
                 what = f"model_name {tier.group}: {p.provider}/{p.upstream}"
             comment(what, 2)
             out.append(f"  {tier.name}:")
+            out.append(f"    kind: {'vllm' if p.vllm else 'openai'}")
             for d in tier.deployments:
                 for text in d.comments:
                     comment(text, 4)
-            out.append(f"    kind: {'vllm' if p.vllm else 'openai'}")
             urls = list(dict.fromkeys(d.base_url for d in tier.deployments))
             if p.vllm and len(urls) > 1:
                 out.append("    replicas:")
@@ -626,6 +638,8 @@ class _Converter:
                         "all here", 4)
                 self._check(f"model_name {tier.group}: its replicas had different api_keys; "
                             "the first is used for all")
+            for text in dict.fromkeys(c for d in tier.deployments for c in d.key_comments):
+                comment(text, 4)
             if keys[0] is not None:
                 out.append(f"    api_key: {_scalar(keys[0])}")
             timeouts, notes = self._timeouts(p)

@@ -36,7 +36,7 @@ def cmd_import_litellm(args: argparse.Namespace) -> int:
         sys.stdout.write(result.text)
     try:
         parse_policy(yaml.safe_load(result.text), args.output or "<stdout>")
-    except PolicyError as exc:
+    except (PolicyError, yaml.YAMLError) as exc:
         print(f"import-litellm: the policy needs editing before it can be served: {exc}",
               file=sys.stderr)
         return 1
