@@ -229,3 +229,13 @@ def test_check_policy_prints_the_install_line_not_a_traceback(valid: Path, monke
                         Requirement("json", "llama-cpp-python", "llamacpp"))
     assert main(["check-policy", str(valid)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_serve_refuses_to_start_with_the_install_line(valid: Path, monkeypatch, capsys):
+    monkeypatch.setitem(REQUIREMENTS, "backend:llamacpp", ABSENT["backend:llamacpp"])
+    assert main(["serve", "--policy", str(valid), "--port", "1"]) == 2  # before any bind
+    err = capsys.readouterr().err
+    assert err.startswith("joulegate: tier 'small' uses backend 'qwen-0.5b' (kind llamacpp), "
+                          "which needs llama-cpp-python: pip install 'joulegate[llamacpp]'\n")
+    assert "Traceback" not in err

@@ -12,6 +12,7 @@ from pathlib import Path
 from policies import DEFAULT_POLICY_PATH, PolicyError, load_policy
 
 from ..logs import FORMATS, default_format, log_config
+from ..preflight import missing_extras
 from .common import new_key
 
 #: Keys the embedded default policy reads from the environment; `serve` creates them.
@@ -50,6 +51,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy = load_policy(path)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    missing = missing_extras(policy)
+    if missing:  # one line each, with the install command: no traceback at start-up
+        print(*(f"joulegate: {line}" for line in missing), sep="\n", file=sys.stderr)
         return 2
     if path.resolve() == DEFAULT_POLICY_PATH.resolve():
         keys = ensure_default_keys()
