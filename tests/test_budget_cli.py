@@ -378,3 +378,17 @@ def test_ledger_unavailable_is_one_line(tmp_path):
         assert out.returncode == 1, (args, out.stdout, out.stderr)
         (line,) = out.stderr.strip().splitlines()
         assert line.startswith("the ledger is unavailable")
+
+
+@pytest.mark.unit
+def test_a_request_larger_than_the_whole_window_is_refused_as_never_fitting(tmp_path):
+    path = tmp_path / "r.jsonl"
+    # globex rejects; 10x0.5 + 1000x2 = 2005 J > its whole 300 J 1h budget: it can never
+    # fit (the gateway's 400), unlike 220 J that fit once the window frees (429).
+    path.write_text('{"tenant": "globex", "prompt_tokens": 10, "max_tokens": 1000}\n')
+    report = simulate(load_policy(write_policy(tmp_path)), read_requests(path), now=T0)
+    (outcome,) = report.requests
+    assert (outcome.outcome, outcome.reason) == ("refused", "exceeds_window")
+    assert outcome.predicted_joules == pytest.approx(2005.0)
+    assert outcome.short_windows == ["1h"]
+    assert report.tenants["globex"].refused_by == {"exceeds_window": 1}
