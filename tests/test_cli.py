@@ -61,3 +61,19 @@ def test_assembly_progress_off_a_terminal_is_one_line_per_model():
         progress(done)
     progress.finish()
     assert out.getvalue() == "m: assembled 10.0 MB in 5.0 s (2 MB/s), sha256 checked\n"
+
+
+@pytest.mark.e2e
+def test_a_closed_pipe_ends_the_command_quietly():
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # like `| head` that has already gone: every write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "hash", "x"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

@@ -1,18 +1,20 @@
 """The ``joulegate`` command: one module per group of subcommands, each with ``register``.
 
-    joulegate serve [--policy FILE] [--host H] [--port P] [--workers N]
+    joulegate serve [--policy FILE] [--host H] [--port P] [--workers N] [--log-format F]
     joulegate check-policy FILE
     joulegate keys hash [KEY | -]
     joulegate models [--assemble]
     joulegate energy [--policy FILE]
-    joulegate budget show TENANT [--policy FILE]
+    joulegate budget show|grant|reset|simulate ...
     joulegate route PROMPT [--policy FILE] [--tenant T] [--estimator NAME] [--json]
     joulegate router train|eval
+    joulegate import-litellm CONFIG [-o FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 
@@ -44,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`joulegate ... | head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
