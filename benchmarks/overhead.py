@@ -1,48 +1,95 @@
 #!/usr/bin/env python3
 """Gateway overhead: joulegate (and optionally the LiteLLM proxy) against a fast fake upstream.
 
-Drives ``../shared/bench/run_compare.sh`` (fake upstream, wrk load, CPU accounting) for
-non-streaming and streaming requests at concurrency 1 and 32, then prints one table and
-writes it to ``benchmarks/results/overhead-<time>.md`` with the raw runs beside it.
+Self-contained: everything it runs is in this repository, plus ``wrk`` (``apt-get install -y
+wrk``). It starts the fake upstream (``tests/fake_upstream.py``), measures requests sent to it
+directly, then starts ``joulegate serve`` on a policy it writes and sends the same requests
+through the gateway, non-streaming and streaming, at concurrency 1 and 32. It prints one table
+(req/s, p50/p99 latency, the p50 latency the gateway adds over direct, the gateway's CPU ms per
+request and memory) and writes it to ``benchmarks/results/overhead-<time>.md`` with the raw
+runs beside it (``overhead-<time>.json``); the logs of the upstream and the gateways go to
+``benchmarks/results/runs/overhead-<time>/``. Progress goes to stderr: a full run takes minutes.
 
     .venv/bin/python benchmarks/overhead.py                 # joulegate only
     .venv/bin/python benchmarks/overhead.py --litellm       # + LiteLLM, same run, same workers
+    .venv/bin/python benchmarks/overhead.py --budgeted      # a joule budget in the path
     .venv/bin/python benchmarks/overhead.py --duration 5 --repeats 1   # quick look
 
-Needs ``wrk`` (``apt-get install -y wrk``). ``--litellm`` creates its venv on first use.
+Method:
+
+* Pinning: the gateway gets CPU 0 to itself; the fake upstream and wrk share CPU 1
+  (``--proxy-cpus``, ``--load-cpus``; '' leaves a side unpinned, as does a box where those
+  CPUs are not available). The gateway's numbers therefore mean "one dedicated core".
+* Load: wrk with ``benchmarks/loadgen/chat.lua``, one thread, one keep-alive connection per
+  unit of concurrency, closed loop (each connection sends its next request when the answer is
+  complete). The request is a 127 B chat completion with ``max_tokens`` 16 and a bearer key;
+  streamed answers are timed to their last byte (wrk cannot time the first event). wrk only
+  counts status codes, so one answer per target and mode is checked (a ``chat.completion``, or
+  an event stream ending in ``[DONE]``) before it is measured.
+* Order: the upstream alone first, then each gateway; before each target and mode,
+  ``--warmup`` seconds of unrecorded load at the highest concurrency, then ``--repeats`` runs
+  of ``--duration`` seconds per concurrency. A row is the mean over its repeats.
+* CPU: the gateway runs in a session of its own, so all its processes (workers included) are
+  the processes of that session; CPU ms per request is their user+system time (with that of
+  children they reaped) from ``/proc/<pid>/stat`` over a run, divided by the requests wrk
+  completed. RSS is the sum over the same processes after the run. CPU used during a run by
+  processes outside the benchmark is recorded as ``other_cores`` (noise from other jobs on the box).
+* With ``--litellm`` the LiteLLM proxy (``litellm[proxy]``, in a venv created on first use
+  under ``${TMPDIR:-/tmp}/bench-venvs/litellm``) runs on a config written here: one
+  ``openai/fake-model`` deployment on the fake upstream, no cache, no database.
+
+Run it on a committed tree (a ``git worktree`` with its own venv): it measures whatever code
+its venv imports; the report records the commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import resource
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+CHAT_LUA = ROOT / "benchmarks" / "loadgen" / "chat.lua"
+FAKE_UPSTREAM = ROOT / "tests" / "fake_upstream.py"
 KEY = "sk-bench-joulegate"
+LITELLM_KEY = "sk-bench-litellm"
+MODEL = "fake-model"
 UPSTREAM_PORT = 18080
+PROMPT = "Say hello in one short sentence."
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+READY_TIMEOUT_S = {"joulegate": 60.0, "litellm": 240.0}
 
 
-def policy_yaml(budgeted: bool = False) -> str:
-    import hashlib
+def log(message: str) -> None:
+    print(f"[overhead {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
+
+def policy_yaml(budgeted: bool = False, upstream_port: int = UPSTREAM_PORT,
+                state_dir: Path = RESULTS / "runs" / "state") -> str:
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     budget = "\n    budgets: [{window: 1d, joules: 1.0e12}]" if budgeted else ""
     return f"""version: 1
-state_dir: {RESULTS / "runs" / "state"}
+state_dir: {state_dir}
 backends:
   fake:
     kind: openai
-    base_url: http://127.0.0.1:{UPSTREAM_PORT}/v1
+    base_url: http://127.0.0.1:{upstream_port}/v1
 tiers:
-  - {{name: fake, backend: fake, model: fake-model, cost: 1}}
+  - {{name: fake, backend: fake, model: {MODEL}, cost: 1}}
 tenants:
   bench:
     keys: ["sha256:{digest}"]
@@ -50,110 +97,556 @@ tenants:
 """
 
 
-def run_compare(bench: Path, label: str, stream: bool, args: argparse.Namespace, cmd: list[str],
-                env_extra: dict[str, str], script: str = "run_compare.sh") -> Path:
-    out = RESULTS / "runs" / f"{label}-{'stream' if stream else 'json'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    env = {**os.environ, "LABEL": label, "STREAM": "1" if stream else "0", "RESULTS_DIR": str(out),
-           "DURATION": str(args.duration), "REPEATS": str(args.repeats), "WARMUP": str(args.warmup),
-           "CONCS": "1 32", "UPSTREAM_PORT": str(UPSTREAM_PORT), "UPSTREAM_PYTHON": sys.executable,
-           "PROXY_CPUS": args.proxy_cpus, **env_extra}
-    subprocess.run([str(bench / script), *cmd], env=env, check=True)
+def litellm_config(upstream_port: int) -> str:
+    return f"""# benchmarks/overhead.py: one deployment on the fake upstream, no cache, no DB
+model_list:
+  - model_name: {MODEL}
+    litellm_params:
+      model: openai/{MODEL}
+      api_base: http://127.0.0.1:{upstream_port}/v1
+      api_key: not-checked-by-the-fake-upstream
+litellm_settings:
+  cache: false
+  telemetry: false
+  request_timeout: 600
+general_settings:
+  master_key: {LITELLM_KEY}
+"""
+
+
+# ---------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def on_cpus(cmd: list[str], cpus: str) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
+def cpu_set(spec: str) -> set[int]:
+    """'0', '0-3', '0,2' -> the CPU numbers."""
+    out: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        low, _, high = part.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
     return out
 
 
-def summarize(run_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
-    rows: dict[tuple[str, int], list[dict]] = {}
-    for line in (run_dir / "results.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        rows.setdefault((r["target"], r["conns"]), []).append(r)
+class Service:
+    """A server this benchmark started, in a session of its own: its session id is its pid,
+    every process it forks stays in that session, and it is stopped as a process group."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, cpus: str = "",
+                 env: dict[str, str] | None = None):
+        self.name, self.log_path = name, log_path
+        self.log_file = open(log_path, "wb")
+        self.proc = subprocess.Popen(on_cpus(cmd, cpus), stdin=subprocess.DEVNULL,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.alive():
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not stop within {grace_s:.0f} s of SIGTERM: SIGKILL")
+        if session_pids(self.pid):  # the leader is gone but some of its processes are not
+            self._signal(signal.SIGKILL)
+        if self.alive():
+            self.proc.wait(5)
+        self.log_file.close()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def proc_stats() -> dict[int, tuple[int, int, int]]:
+    """pid -> (session id, CPU ticks incl. reaped children, RSS bytes) of every process."""
     out = {}
-    for key, runs in rows.items():
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        # after "pid (comm) ": state ppid pgrp session ... utime stime cutime cstime ... rss
+        fields = raw[raw.rindex(b")") + 2:].split()
+        try:
+            out[int(entry.name)] = (int(fields[3]), sum(int(v) for v in fields[11:15]),
+                                    int(fields[21]) * PAGE_BYTES)
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def session_pids(sid: int) -> list[int]:
+    return [pid for pid, (s, _, _) in proc_stats().items() if s == sid]
+
+
+def session_usage(stats: dict[int, tuple[int, int, int]], sid: int | None) -> tuple[int, int]:
+    """(CPU ticks, RSS bytes) summed over the processes of session ``sid``."""
+    if sid is None:
+        return 0, 0
+    ticks = rss = 0
+    for s, t, r in stats.values():
+        if s == sid:
+            ticks, rss = ticks + t, rss + r
+    return ticks, rss
+
+
+def busy_ticks() -> int:
+    """CPU ticks spent by the whole machine, all CPUs (user nice system irq softirq steal)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+
+# ---------------------------------------------------------------- requests
+
+def request_body(stream: bool) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
+                       "max_tokens": 16, "stream": stream}, separators=(",", ":")).encode()
+
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+
+
+def check_answer(base_url: str, key: str, stream: bool) -> None:
+    """One request as wrk will send it; raise ValueError unless the answer is a well-formed
+    chat completion (or, streaming, an event stream of chunks ending in [DONE])."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"{base_url}/chat/completions", request_body(stream), headers)
+    try:
+        with NO_PROXY.open(req, timeout=10) as resp:
+            ctype, text = resp.headers.get("Content-Type", ""), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
+    if stream:
+        if ("text/event-stream" not in ctype or "chat.completion.chunk" not in text
+                or "data: [DONE]" not in text):
+            raise ValueError(f"not a chat completion stream ({ctype}): {text[:300]}")
+    else:
+        try:
+            ok = json.loads(text).get("object") == "chat.completion"
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"not a chat completion: {text[:300]}")
+
+
+def wait_ready(service: Service, base_url: str, key: str, timeout_s: float) -> float:
+    """Seconds until ``service`` answered a chat completion; exit if it dies or never does."""
+    t0 = time.monotonic()
+    last = "no answer yet"
+    while True:
+        if not service.alive():
+            sys.exit(f"{service.name} exited before it was ready; last lines of "
+                     f"{service.log_path}:\n{service.tail()}")
+        try:
+            check_answer(base_url, key, stream=False)
+            return time.monotonic() - t0
+        except (OSError, ValueError) as e:
+            last = str(e)
+        if time.monotonic() - t0 > timeout_s:
+            sys.exit(f"{service.name} not ready after {timeout_s:.0f} s ({last}); last lines of "
+                     f"{service.log_path}:\n{service.tail()}")
+        time.sleep(0.25)
+
+
+def wait_upstream_port(service: Service, timeout_s: float = 30.0) -> int:
+    """The port from the fake upstream's ``READY <port>`` line."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        for line in service.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("READY "):
+                return int(line.split()[1])
+        if not service.alive():
+            break
+        time.sleep(0.1)
+    sys.exit(f"the fake upstream did not print READY; last lines of {service.log_path}:\n"
+             f"{service.tail()}")
+
+
+# ---------------------------------------------------------------- load
+
+def run_wrk(url: str, conns: int, seconds: int, key: str, stream: bool, cpus: str) -> dict:
+    env = {**os.environ, "CHAT_MODEL": MODEL, "CHAT_KEY": key,
+           "CHAT_STREAM": "1" if stream else "0",
+           "CHAT_PROMPT": PROMPT, "CHAT_MAX_TOKENS": "16"}
+    cmd = on_cpus(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
+                   "-s", str(CHAT_LUA), url], cpus)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"chat_lua"')]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"wrk failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return json.loads(lines[-1])
+
+
+def measure(target: str, url: str, key: str, stream: bool, conns: int, seconds: int,
+            gateway: Service | None, upstream: Service, load_cpus: str) -> dict:
+    """One recorded wrk run, with the CPU and memory of the gateway over it."""
+    gw_sid = gateway.pid if gateway else None
+    stats0, busy0, wall0 = proc_stats(), busy_ticks(), time.monotonic()
+    children0, self0 = resource.getrusage(resource.RUSAGE_CHILDREN), os.times()
+    result = run_wrk(url, conns, seconds, key, stream, load_cpus)
+    stats1, busy1, wall = proc_stats(), busy_ticks(), time.monotonic() - wall0
+    children1, self1 = resource.getrusage(resource.RUSAGE_CHILDREN), os.times()
+    gw_ticks = session_usage(stats1, gw_sid)[0] - session_usage(stats0, gw_sid)[0]
+    up_ticks = session_usage(stats1, upstream.pid)[0] - session_usage(stats0, upstream.pid)[0]
+    # wrk is the only child this process reaps during the run
+    wrk_ticks = ((children1.ru_utime + children1.ru_stime)
+                 - (children0.ru_utime + children0.ru_stime)) * CLOCK_TICKS
+    self_ticks = ((self1.user + self1.system) - (self0.user + self0.system)) * CLOCK_TICKS
+    other = max(0.0, (busy1 - busy0) - gw_ticks - up_ticks - wrk_ticks - self_ticks)
+    span = wall * CLOCK_TICKS
+    requests = result["requests"]
+    result.update({
+        "target": target, "mode": "stream" if stream else "json", "conns": conns,
+        "wall_s": round(wall, 3),
+        "gateway_cpu_ms_per_req": (round(gw_ticks / CLOCK_TICKS * 1000 / requests, 4)
+                                   if gateway and requests else None),
+        "gateway_cores": round(gw_ticks / span, 3) if gateway else None,
+        "gateway_rss_mb": (round(session_usage(stats1, gw_sid)[1] / 2**20, 1)
+                           if gateway else None),
+        "upstream_cpu_ms_per_req": (round(up_ticks / CLOCK_TICKS * 1000 / requests, 4)
+                                    if requests else None),
+        "upstream_cores": round(up_ticks / span, 3),
+        "wrk_cores": round(wrk_ticks / span, 3),
+        "other_cores": round(other / span, 3),
+        "time": time.strftime("%H:%M:%S"),
+    })
+    return result
+
+
+def measure_target(target: str, base_url: str, key: str, stream: bool, args: argparse.Namespace,
+                   upstream: Service, gateway: Service | None = None) -> list[dict]:
+    mode = "stream" if stream else "json"
+    check_answer(base_url, key, stream)
+    url = f"{base_url}/chat/completions"
+    if args.warmup > 0:
+        log(f"{target} {mode}: warm-up {args.warmup} s at c={max(args.concurrency)}")
+        run_wrk(url, max(args.concurrency), args.warmup, key, stream, args.load_cpus)
+    runs = []
+    for rep in range(1, args.repeats + 1):
+        for conns in args.concurrency:
+            time.sleep(0.5)
+            r = measure(target, url, key, stream, conns, args.duration, gateway, upstream,
+                        args.load_cpus)
+            r["rep"] = rep
+            runs.append(r)
+            cpu = (f"  CPU {r['gateway_cpu_ms_per_req']:.3f} ms/req"
+                   if r["gateway_cpu_ms_per_req"] is not None else "")
+            log(f"{target} {mode} c={conns} run {rep}/{args.repeats}: {r['rps']:,.1f} req/s  "
+                f"p50 {r['p50_ms']:.3f}  p99 {r['p99_ms']:.3f} ms{cpu}  errors {r['error_total']}  "
+                f"other load {r['other_cores']:.2f} cores")
+            if r["error_total"]:
+                log(f"  WARNING: {r['error_total']} errors {r['errors']}")
+    return runs
+
+
+# ---------------------------------------------------------------- gateways
+
+def start_joulegate(args: argparse.Namespace, run_dir: Path,
+                    upstream_port: int) -> tuple[Service, str, str]:
+    exe = Path(sys.executable).parent / "joulegate"
+    if not exe.exists():
+        sys.exit(f"no joulegate next to {sys.executable}: run this with the project's venv "
+                 "(.venv/bin/python benchmarks/overhead.py)")
+    policy = run_dir / "policy.yaml"
+    policy.write_text(policy_yaml(args.budgeted, upstream_port, run_dir / "state"))
+    port = free_port()
+    cmd = [str(exe), "serve", "--policy", str(policy), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(args.workers)]  # default logging: one access record per request
+    label = "joulegate+budget" if args.budgeted else "joulegate"
+    service = Service(label, cmd, run_dir / f"{label}.log", args.proxy_cpus)
+    return service, f"http://127.0.0.1:{port}/v1", KEY
+
+
+def ensure_litellm(venv: Path) -> str:
+    """The LiteLLM venv (created on first use); returns LiteLLM's version."""
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "litellm").exists():
+        log(f"creating the LiteLLM venv at {venv} "
+            "(first use: pip install 'litellm[proxy]', minutes)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "litellm[proxy]"], check=True)
+    probe = "import importlib.metadata as m; print(m.version('litellm'))"
+    return subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def start_litellm(args: argparse.Namespace, run_dir: Path,
+                  upstream_port: int) -> tuple[Service, str, str]:
+    venv = Path(args.litellm_venv)
+    config = run_dir / "litellm-config.yaml"
+    config.write_text(litellm_config(upstream_port))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REDIS_URL", "REDIS_HOST")}
+    env.update({"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION",
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True"})  # no cost map fetched from the network
+    cmd = [str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
+           "--port", str(port), "--num_workers", str(args.workers)]
+    service = Service("litellm", cmd, run_dir / "litellm.log", args.proxy_cpus, env)
+    return service, f"http://127.0.0.1:{port}/v1", LITELLM_KEY
+
+
+# ---------------------------------------------------------------- report
+
+def summarize(runs: list[dict]) -> dict[tuple[str, str, int], dict]:
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["target"], r["mode"], r["conns"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        cpu = [r["gateway_cpu_ms_per_req"] for r in rs if r["gateway_cpu_ms_per_req"] is not None]
+        rss = [r["gateway_rss_mb"] for r in rs if r["gateway_rss_mb"] is not None]
         out[key] = {
-            "rps": statistics.mean(r["rps"] for r in runs),
-            "p50": statistics.mean(r["p50_ms"] for r in runs),
-            "p99": statistics.mean(r["p99_ms"] for r in runs),
-            "cpu_ms": statistics.mean(r["proxy_cpu_ms_per_req"] or 0 for r in runs),
-            "rss": max(r["proxy_rss_mb"] or 0 for r in runs),
-            "errors": sum(r["errors"] for r in runs),
+            "runs": len(rs),
+            "rps": statistics.mean(r["rps"] for r in rs),
+            "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
+            "p50_ms": statistics.mean(r["p50_ms"] for r in rs),
+            "p99_ms": statistics.mean(r["p99_ms"] for r in rs),
+            "cpu_ms_per_req": statistics.mean(cpu) if cpu else None,
+            "rss_mb": max(rss) if rss else None,
+            "errors": sum(r["error_total"] for r in rs),
+            "other_cores": statistics.mean(r["other_cores"] for r in rs),
         }
     return out
 
 
-def table(results: dict[str, dict[tuple[str, int], dict[str, float]]], workers: int) -> str:
-    lines = [f"| gateway ({workers} worker) | mode | conc | req/s | p50 ms | p99 ms | added p50 ms "
-             "| CPU ms/req | RSS MB | errors |", "|" + "---|" * 10]
-    for label, res in results.items():
-        name, mode = label.rsplit(":", 1)
-        for conc in (1, 32):
-            direct, proxy = res.get(("direct", conc)), res.get(("proxy", conc))
-            if direct and name == next(iter(results)).rsplit(":", 1)[0]:
-                lines.append(f"| direct (upstream) | {mode} | {conc} | {direct['rps']:,.0f} | "
-                             f"{direct['p50']:.3f} | {direct['p99']:.3f} | - | - | - | {direct['errors']} |")
-            if proxy:
-                added = proxy["p50"] - (direct["p50"] if direct else 0)
-                lines.append(f"| {name} | {mode} | {conc} | {proxy['rps']:,.0f} | {proxy['p50']:.3f} | "
-                             f"{proxy['p99']:.3f} | {added:.3f} | {proxy['cpu_ms']:.3f} | "
-                             f"{proxy['rss']:.0f} | {proxy['errors']} |")
-    return "\n".join(lines)
+def table(summary: dict[tuple[str, str, int], dict], targets: list[str], modes: list[str],
+          concs: list[int], workers: int) -> tuple[str, list[str]]:
+    plural = "" if workers == 1 else "s"
+    lines = [f"| target ({workers} worker{plural}) | mode | conc | req/s | p50 ms | p99 ms "
+             "| added p50 ms | CPU ms/req | RSS MB | errors |", "|" + "---|" * 10]
+    notes = []
+    for mode in modes:
+        for conc in concs:
+            direct = summary.get(("direct", mode, conc))
+            for target in targets:
+                row = summary.get((target, mode, conc))
+                if row is None:
+                    continue
+                rps = f"{row['rps']:,.0f}"
+                if row["runs"] > 1:
+                    rps += f" ({row['rps_min']:,.0f}-{row['rps_max']:,.0f})"
+                if target == "direct":
+                    name, added, cpu, rss = "direct (upstream)", "-", "-", "-"
+                else:
+                    name = target
+                    added = f"{row['p50_ms'] - direct['p50_ms']:.3f}" if direct else "-"
+                    cpu = (f"{row['cpu_ms_per_req']:.3f}" if row["cpu_ms_per_req"] is not None
+                           else "-")
+                    rss = f"{row['rss_mb']:.0f}" if row["rss_mb"] is not None else "-"
+                    if direct and row["rps"] > 0.5 * direct["rps"]:
+                        notes.append(f"{target} {mode} c={conc} reaches more than half the direct "
+                                     "req/s: the upstream or wrk may be the bottleneck")
+                if row["errors"]:
+                    notes.append(f"{target} {mode} c={conc}: {row['errors']} errors "
+                                 "(see the raw runs)")
+                lines.append(f"| {name} | {mode} | {conc} | {rps} | {row['p50_ms']:.3f} | "
+                             f"{row['p99_ms']:.3f} | {added} | {cpu} | {rss} | {row['errors']} |")
+    return "\n".join(lines), notes
 
 
-def ensure_litellm(venv: Path) -> None:
-    if (venv / "bin" / "litellm").exists():
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return head + (" (uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_version(name: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+# ---------------------------------------------------------------- main
+
+def resolve_pinning(args: argparse.Namespace) -> None:
+    """Keep the pinning only where taskset exists and the CPUs are ours to use."""
+    if not (args.proxy_cpus or args.load_cpus):
         return
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    allowed = os.sched_getaffinity(0)
+    wanted = cpu_set(args.proxy_cpus) | cpu_set(args.load_cpus)
+    if shutil.which("taskset") is None:
+        why = "taskset not found (util-linux)"
+    elif not wanted <= allowed:
+        why = f"CPUs {sorted(wanted - allowed)} are not available (allowed: {sorted(allowed)})"
+    elif cpu_set(args.proxy_cpus) & cpu_set(args.load_cpus):
+        why = None
+        log("note: the gateway's CPUs overlap those of the upstream and wrk")
+    else:
+        why = None
+    if why:
+        log(f"not pinning: {why}; the gateway shares its CPUs with the upstream and wrk")
+        args.proxy_cpus = args.load_cpus = ""
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench-dir", default=str(ROOT.parent / "shared" / "bench"))
-    parser.add_argument("--duration", type=int, default=15)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--proxy-cpus", default="0", help="taskset list for the gateway ('' = unpinned)")
-    parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
-    parser.add_argument("--litellm", action="store_true", help="also measure the LiteLLM proxy")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--duration", type=int, default=15, help="seconds per recorded run")
+    parser.add_argument("--repeats", type=int, default=2, help="recorded runs per row")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="seconds of unrecorded load before each target and mode (0: none)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32],
+                        help="wrk connections, one row each")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure streaming requests")
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     parser.add_argument("--budgeted", action="store_true",
                         help="give the tenant a joule budget (embedded ledger in the path)")
-    parser.add_argument("--litellm-venv", default=str(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                                      "bench-venvs" / "litellm"))
-    args = parser.parse_args()
-    bench = Path(args.bench_dir)
-    if not (bench / "run_compare.sh").exists():
-        sys.exit(f"no benchmark harness at {bench} (expected ../shared/bench)")
+    parser.add_argument("--litellm", action="store_true", help="also measure the LiteLLM proxy")
+    parser.add_argument("--litellm-venv", default=str(Path(os.environ.get("TMPDIR") or "/tmp")
+                                                      / "bench-venvs" / "litellm"))
+    parser.add_argument("--proxy-cpus", default="0",
+                        help="taskset CPUs of the gateway ('': unpinned)")
+    parser.add_argument("--load-cpus", default="1",
+                        help="taskset CPUs of the fake upstream and wrk ('': unpinned)")
+    parser.add_argument("--upstream-workers", type=int, default=1)
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="the fake upstream's simulated model time per request")
+    args = parser.parse_args(argv)
+    if args.duration < 1 or args.repeats < 1 or args.warmup < 0 or args.workers < 1:
+        parser.error("--duration, --repeats and --workers must be at least 1, --warmup at least 0")
+    if min(args.concurrency) < 1:
+        parser.error("--concurrency values must be at least 1")
+    args.concurrency = sorted(set(args.concurrency))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install -y wrk")
+    for needed in (FAKE_UPSTREAM, CHAT_LUA):
+        if not needed.exists():
+            sys.exit(f"missing {needed.relative_to(ROOT)}")
+    resolve_pinning(args)
+    litellm_version = ensure_litellm(Path(args.litellm_venv)) if args.litellm else None
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = RESULTS / "runs" / f"overhead-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    modes = [False, True] if args.stream else [False]
+    services: list[Service] = []
+    runs: list[dict] = []
+    ready_s: dict[str, float] = {}
+    targets = ["direct"]
+    started = time.strftime("%Y-%m-%d %H:%M")
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        log(f"starting the fake upstream ({args.upstream_workers} worker(s), CPUs "
+            f"'{args.load_cpus}'); logs in {run_dir.relative_to(ROOT)}")
+        upstream = Service("fake upstream", [sys.executable, str(FAKE_UPSTREAM), "--port", "0",
+                                             "--workers", str(args.upstream_workers),
+                                             "--delay-ms", str(args.delay_ms)],
+                           run_dir / "upstream.log", args.load_cpus)
+        services.append(upstream)
+        upstream_port = wait_upstream_port(upstream)
+        upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+        wait_ready(upstream, upstream_url, "", 10)
+        for stream in modes:
+            runs += measure_target("direct", upstream_url, "", stream, args, upstream)
+
+        starters = [start_joulegate] + ([start_litellm] if args.litellm else [])
+        for start in starters:
+            gateway, base_url, key = start(args, run_dir, upstream_port)
+            services.append(gateway)
+            log(f"starting {gateway.name} ({args.workers} worker(s), CPUs '{args.proxy_cpus}')")
+            ready_s[gateway.name] = wait_ready(gateway, base_url, key,
+                                               READY_TIMEOUT_S["litellm" if start is start_litellm
+                                                               else "joulegate"])
+            log(f"{gateway.name} answered after {ready_s[gateway.name]:.1f} s")
+            targets.append(gateway.name)
+            for stream in modes:
+                runs += measure_target(gateway.name, base_url, key, stream, args, upstream, gateway)
+            log(f"stopping {gateway.name}")
+            gateway.stop()
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+    summary = summarize(runs)
+    mode_names = ["json", "stream"] if args.stream else ["json"]
+    text, notes = table(summary, targets, mode_names, args.concurrency, args.workers)
+    other = statistics.mean(r["other_cores"] for r in runs)
+    if other > 0.2:
+        notes.append(f"other processes used {other:.2f} cores on average during the runs: "
+                     "the numbers are noisy")
+    pinning = (f"gateway pinned to CPUs '{args.proxy_cpus}', the fake upstream and wrk to "
+               f"CPUs '{args.load_cpus}'" if args.proxy_cpus or args.load_cpus
+               else "nothing pinned")
+    body_bytes = runs[0]["request_bytes"] if runs else 0
+    versions = f"joulegate {package_version('joulegate')} (commit {git_commit()})"
+    if litellm_version:
+        versions += f", LiteLLM {litellm_version}"
+    report = (f"# Gateway overhead, {started}\n\n"
+              f"{os.cpu_count()} cores ({cpu_model()}); {pinning}; {args.duration} s x "
+              f"{args.repeats} run(s) per row after {args.warmup} s warm-up; wrk 1 thread, one "
+              f"keep-alive connection per unit of concurrency; request: {body_bytes} B chat "
+              f"completion, max_tokens 16; fake upstream: {args.upstream_workers} worker(s), "
+              f"{args.delay_ms:g} ms delay; {versions}"
+              + ("; tenant with a joule budget" if args.budgeted else "") + ".\n\n"
+              + text + "\n"
+              + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    policy = RESULTS / "runs" / "overhead-policy.yaml"
-    policy.parent.mkdir(parents=True, exist_ok=True)
-    policy.write_text(policy_yaml(args.budgeted))
-    joulegate = [str(Path(sys.executable).parent / "joulegate"), "serve", "--policy", str(policy),
-                 "--port", "8000", "--workers", str(args.workers)]  # default logging: access log on
-    gw_env = {"PROXY_BASE_URL": "http://127.0.0.1:8000/v1", "PROXY_API_KEY": KEY,
-              "MODEL": "fake-model", "PROXY_VERSION": "joulegate 0.1.0"}
-    modes = [False] if args.no_stream else [False, True]
-    results: dict[str, dict] = {}
-    for stream in modes:
-        mode = "stream" if stream else "json"
-        label = "joulegate+budget" if args.budgeted else "joulegate"
-        run = run_compare(bench, label, stream, args, joulegate, gw_env)
-        results[f"{label}:{mode}"] = summarize(run)
-        if args.litellm:
-            venv = Path(args.litellm_venv)
-            ensure_litellm(venv)
-            run = run_compare(bench, f"litellm-{args.workers}w", stream, args, [str(args.workers)],
-                              {"LITELLM_VENV": str(venv)}, script="litellm/run_litellm.sh")
-            results[f"litellm:{mode}"] = summarize(run)
-    report = (f"# Gateway overhead, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
-              f"{os.cpu_count()} cores; gateway pinned to CPUs '{args.proxy_cpus}', wrk and the fake "
-              f"upstream share the other core; {args.duration} s x {args.repeats} runs per row after "
-              f"{args.warmup} s warm-up; request: 127 B chat completion, max_tokens 16.\n\n"
-              + table(results, args.workers) + "\n")
-    out = RESULTS / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out = RESULTS / f"overhead-{stamp}.md"
     out.write_text(report)
+    raw = {"started": started, "args": {k: v for k, v in vars(args).items()}, "versions": versions,
+           "ready_s": ready_s, "cores": os.cpu_count(), "cpu": cpu_model(),
+           "summary": [{"target": t, "mode": m, "conns": c, **row}
+                       for (t, m, c), row in summary.items()],
+           "runs": runs}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
     print(report)
-    print(f"written to {out.relative_to(ROOT)}")
+    print(f"written to {out.relative_to(ROOT)} and {out.with_suffix('.json').name}")
     return 0
 
 
