@@ -33,9 +33,10 @@ Method:
   the processes of that session; CPU ms per request is their user+system time (with that of
   children they reaped) from ``/proc/<pid>/stat`` over a run, divided by the requests wrk
   completed. RSS is the sum over the same processes after the run. CPU used during a run by
-  processes outside the benchmark is recorded as ``other_cores`` (noise from other jobs on the box).
-* With ``--litellm`` the LiteLLM proxy (``litellm[proxy]``, in a venv created on first use
-  under ``${TMPDIR:-/tmp}/bench-venvs/litellm``) runs on a config written here: one
+  processes outside the benchmark is recorded as ``other_cores`` (noise from other jobs).
+* With ``--litellm`` the LiteLLM proxy (``litellm[proxy]``, a pinned release, ``--litellm-spec``;
+  in a venv created on first use under ``${TMPDIR:-/tmp}/bench-venvs/litellm``, which takes
+  minutes) runs on a config written here, the same way as joulegate: one
   ``openai/fake-model`` deployment on the fake upstream, no cache, no database.
 
 Run it on a committed tree (a ``git worktree`` with its own venv): it measures whatever code
@@ -72,6 +73,9 @@ PROMPT = "Say hello in one short sentence."
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 READY_TIMEOUT_S = {"joulegate": 60.0, "litellm": 240.0}
+# The LiteLLM release measured by default: pinned, so that runs compare like with like and a
+# fresh venv never picks up an unvetted release (1.107.0 was a compromised one).
+LITELLM_SPEC = "litellm[proxy]==1.106.2"
 
 
 def log(message: str) -> None:
@@ -384,14 +388,13 @@ def start_joulegate(args: argparse.Namespace, run_dir: Path,
     return service, f"http://127.0.0.1:{port}/v1", KEY
 
 
-def ensure_litellm(venv: Path) -> str:
+def ensure_litellm(venv: Path, spec: str = LITELLM_SPEC) -> str:
     """The LiteLLM venv (created on first use); returns LiteLLM's version."""
     python = venv / "bin" / "python"
     if not (venv / "bin" / "litellm").exists():
-        log(f"creating the LiteLLM venv at {venv} "
-            "(first use: pip install 'litellm[proxy]', minutes)")
+        log(f"creating the LiteLLM venv at {venv} (first use: pip install '{spec}', minutes)")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "litellm[proxy]"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", spec], check=True)
     probe = "import importlib.metadata as m; print(m.version('litellm'))"
     return subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -540,7 +543,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="give the tenant a joule budget (embedded ledger in the path)")
     parser.add_argument("--litellm", action="store_true", help="also measure the LiteLLM proxy")
     parser.add_argument("--litellm-venv", default=str(Path(os.environ.get("TMPDIR") or "/tmp")
-                                                      / "bench-venvs" / "litellm"))
+                                                      / "bench-venvs" / "litellm"),
+                        help="its venv, created on first use")
+    parser.add_argument("--litellm-spec", default=LITELLM_SPEC,
+                        help="what pip installs into a new LiteLLM venv")
     parser.add_argument("--proxy-cpus", default="0",
                         help="taskset CPUs of the gateway ('': unpinned)")
     parser.add_argument("--load-cpus", default="1",
@@ -565,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         if not needed.exists():
             sys.exit(f"missing {needed.relative_to(ROOT)}")
     resolve_pinning(args)
-    litellm_version = ensure_litellm(Path(args.litellm_venv)) if args.litellm else None
+    litellm_version = (ensure_litellm(Path(args.litellm_venv), args.litellm_spec)
+                       if args.litellm else None)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = RESULTS / "runs" / f"overhead-{stamp}"
