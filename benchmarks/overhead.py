@@ -347,7 +347,10 @@ def measure(target: str, url: str, key: str, stream: bool, conns: int, seconds: 
 def measure_target(target: str, base_url: str, key: str, stream: bool, args: argparse.Namespace,
                    upstream: Service, gateway: Service | None = None) -> list[dict]:
     mode = "stream" if stream else "json"
-    check_answer(base_url, key, stream)
+    try:
+        check_answer(base_url, key, stream)
+    except (OSError, ValueError) as e:
+        sys.exit(f"{target} {mode}: the answer checked before measuring is wrong: {e}")
     url = f"{base_url}/chat/completions"
     if args.warmup > 0:
         log(f"{target} {mode}: warm-up {args.warmup} s at c={max(args.concurrency)}")
