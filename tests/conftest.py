@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,28 +145,44 @@ def gateway(tmp_path_factory, small_model_path) -> Iterator[Gateway]:
     gw.stop()
 
 
-SHARED_BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+FAKE_UPSTREAM = Path(__file__).resolve().parent / "fake_upstream.py"
 
 
 class FakeUpstream:
-    """The fast fake OpenAI upstream from ../shared/bench (fixed usage: 12 + 12 tokens)."""
+    """The fast fake OpenAI upstream, ``tests/fake_upstream.py``, as a process (fixed usage:
+    12 + 12 tokens)."""
 
-    def __init__(self, delay_ms: int = 0):
-        script = SHARED_BENCH / "fake_upstream.py"
-        if not script.is_file():
-            raise AssertionError(f"missing {script}: tests run with ../shared beside the checkout")
-        self.port = free_port()
+    def __init__(self, delay_ms: int = 0, options: tuple[str, ...] = ()):
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, str(FAKE_UPSTREAM), "--port", "0",
+                                      "--delay-ms", str(delay_ms), *options],
+                                     stdout=subprocess.PIPE, stderr=self.stderr)
+        ready = self._ready_line(30)
+        if not ready.startswith("READY "):
+            self.stop(close=False)
+            self.stderr.seek(0)
+            log = self.stderr.read().decode(errors="replace")
+            self.stderr.close()
+            raise AssertionError(f"fake upstream did not start (printed {ready!r}):\n{log}")
+        self.port = int(ready.split()[1])
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.proc = subprocess.Popen([sys.executable, str(script), "--port", str(self.port),
-                                      "--delay-ms", str(delay_ms)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        wait_until(lambda: answers_ok(self.proc, f"{self.url}/models", "fake upstream"), 30, 0.05,
-                   "fake upstream")
+    def _ready_line(self, timeout: float) -> str:
+        """The first line the process prints, or ``""`` if none comes within ``timeout``."""
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return ""
+        return self.proc.stdout.readline().decode(errors="replace").strip()
 
-    def stop(self) -> None:
+    def stop(self, close: bool = True) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=10)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        if close:
+            self.stderr.close()
 
 
 @pytest.fixture(scope="module")

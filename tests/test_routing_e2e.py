@@ -1,7 +1,7 @@
 """Difficulty routing through a real gateway process, with the OpenAI SDK as the client.
 
-The tiers run on the fast fake upstream (../shared/bench), priced per token, so every
-test is about the routing decision, not about a model.
+The tiers run on the fast fake upstream (tests/fake_upstream.py), priced per token, so
+every test is about the routing decision, not about a model.
 """
 
 from __future__ import annotations
