@@ -10,7 +10,6 @@ import sys
 import pytest
 
 
-
 def joulegate(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True,
                           text=True, timeout=600, **kw)
