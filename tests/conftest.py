@@ -319,3 +319,16 @@ class VLLMServer:
 
     def stop(self) -> None:
         stop_process_group(self.proc, 30)
+
+
+def access_records(log_text: str) -> list[dict]:
+    """The access log's records (logger ``joulegate.access``) in a gateway's JSON log."""
+    import json
+
+    records = []
+    for line in log_text.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("logger") == "joulegate.access":
+                records.append(record)
+    return records

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import KEYS, Gateway, llamacpp_policy, wait_until
+from .conftest import KEYS, Gateway, access_records, llamacpp_policy, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -103,8 +103,7 @@ def test_failed_and_abandoned_requests_are_still_charged(gw):
             if '"content":"' in line and '"content":""' not in line:
                 break
     wait_until(lambda: '"status":499' in gw.log(), 20, what="abandoned request logged")
-    line = next(json.loads(x.split(" joulegate.access ", 1)[1]) for x in gw.log().splitlines()
-                if '"status":499' in x)
+    line = next(r for r in access_records(gw.log()) if r["status"] == 499)
     assert line["energy_joules"] > 0 and line["completion_tokens"] >= 1
     after = value(scrape(gw), "joulegate_energy_joules_total", tenant="acme", tier="small",
                   source="estimated")
@@ -142,8 +141,7 @@ def test_metrics_merge_across_workers(tmp_path, small_model_path):
                                    json={"model": "auto", "messages": HELLO, "max_tokens": 2})
             assert resp.status_code == 200
             reported += resp.json()["usage"]["energy_joules"]
-        ids = {json.loads(x.split(" joulegate.access ", 1)[1])["request_id"] for x in
-               gw.log().splitlines() if " joulegate.access " in x}
+        ids = {r["request_id"] for r in access_records(gw.log())}
         assert len(ids) == 6  # every worker writes its access log
         for _ in range(3):  # every scrape, whichever worker answers it, sees all six
             samples = scrape(gw)

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import ADMIN_KEY, KEYS, SMALL_MODEL_ID, wait_until
+from .conftest import ADMIN_KEY, KEYS, SMALL_MODEL_ID, access_records, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -178,7 +178,6 @@ def test_access_log_has_no_prompt_or_key(gateway):
     gateway.client().chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "secret-canary-42"}], max_tokens=1)
     log = gateway.log()
-    lines = [json.loads(line.split(" joulegate.access ", 1)[1]) for line in log.splitlines()
-             if " joulegate.access " in line]
+    lines = access_records(log)
     assert lines and lines[-1]["tenant"] == "acme" and lines[-1]["completion_tokens"] == 1
     assert "secret-canary-42" not in log and KEYS["acme"] not in log and ADMIN_KEY not in log

@@ -13,20 +13,9 @@ import pytest
 
 from gateway.logs import JSONFormatter, TextFormatter, log_config
 
-from .conftest import KEYS, Gateway, priced_policy
+from .conftest import KEYS, Gateway, access_records, priced_policy
 
 HI = [{"role": "user", "content": "Say hello in one short sentence."}]
-
-
-def access_records(log_text: str) -> list[dict]:
-    """The access log's records in a gateway's JSON log."""
-    records = []
-    for line in log_text.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("logger") == "joulegate.access":
-                records.append(record)
-    return records
 
 
 def _record(**access) -> logging.LogRecord:
