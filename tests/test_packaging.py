@@ -15,10 +15,29 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 
-def test_wheel_contains_every_module_and_the_default_policy(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
-    wheel = next(tmp_path.glob("joulegate-*.whl"))
+                    "-q", "-w", str(out), str(ROOT)], check=True, timeout=300)
+    return next(out.glob("joulegate-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def site(wheel, tmp_path_factory) -> Path:
+    """The wheel unpacked alone: what a non-editable install puts in site-packages."""
+    site = tmp_path_factory.mktemp("site")
+    zipfile.ZipFile(wheel).extractall(site)
+    return site
+
+
+def from_wheel(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python *args`` importing joulegate from ``site`` only (not from the checkout)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(site), "PATH": "/usr/bin"})
+
+
+def test_wheel_contains_every_module_and_the_default_policy(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {str(p.relative_to(ROOT)) for pkg in ("gateway", "backends", "policies")
                 for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts}
@@ -29,13 +48,9 @@ def test_wheel_contains_every_module_and_the_default_policy(tmp_path):
     assert "joulegate = gateway.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
-def test_the_wheel_alone_serves_and_routes_a_policy_without_a_routing_section(tmp_path):
+def test_the_wheel_alone_serves_and_routes_a_policy_without_a_routing_section(site, tmp_path):
     """A routing section left out falls back to built-in defaults that need nothing beyond
     the installed package (no repository files, no data folder)."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
-    site = tmp_path / "site"
-    zipfile.ZipFile(next(tmp_path.glob("joulegate-*.whl"))).extractall(site)
     policy = tmp_path / "policy.yaml"
     policy.write_text("""version: 1
 backends: {up: {kind: openai, base_url: "http://127.0.0.1:9/v1"}}
@@ -59,8 +74,16 @@ score = estimator.score(GenerationRequest(model="auto", messages=[{{"role": "use
     "content": "Prove that there are infinitely many primes."}}])).score
 print(json.dumps({{"estimator": estimator.name, "score": score}}))
 """
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60, env={"PYTHONPATH": str(site), "PATH": "/usr/bin"})
+    out = from_wheel(site, tmp_path, "-c", script)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["estimator"] == "learned" and 0.0 <= result["score"] <= 1.0
+
+
+def test_router_train_from_a_wheel_says_to_pass_data(site, tmp_path):
+    """The routing data ships with the source tree, not the wheel: one line, no traceback."""
+    out = from_wheel(site, tmp_path, "-m", "gateway.cli", "router", "train",
+                     "--out", str(tmp_path / "model.json"))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("joulegate: no routing data at ") and "pass --data DIR" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "model.json").exists()

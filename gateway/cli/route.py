@@ -55,10 +55,22 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_dir(args: argparse.Namespace) -> Path:
+    """``--data``, else the routing data shipped in the source tree; exit 2 with one line
+    when there is none (an installed package carries no data)."""
+    from ..routing import train
+
+    try:
+        return Path(args.data) if args.data else train.default_data_dir()
+    except FileNotFoundError as exc:
+        print(f"joulegate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cmd_router_train(args: argparse.Namespace) -> int:
     from ..routing import train
 
-    data = Path(args.data) if args.data else train.default_data_dir()
+    data = _data_dir(args)
     out = Path(args.out) if args.out else train.MODEL_FILE
     artefact = train.train(data, out)
     meta = artefact["meta"]
@@ -70,7 +82,7 @@ def cmd_router_train(args: argparse.Namespace) -> int:
 def cmd_router_eval(args: argparse.Namespace) -> int:
     from ..routing import train
 
-    data = Path(args.data) if args.data else train.default_data_dir()
+    data = _data_dir(args)
     curves, info = train.evaluate(data)
     report = train.table(curves)
     print(report)
