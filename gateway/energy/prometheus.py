@@ -72,7 +72,6 @@ class PrometheusMeter(Meter):
         self._watts: dict[str, float] = {}
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.polls = 0
         self.errors = 0
 
     def start(self) -> None:
@@ -127,7 +126,6 @@ class PrometheusMeter(Meter):
                     if self._last_t is not None and t > self._last_t:
                         self._watts[device] = delta * scale / (t - self._last_t)
         self._last, self._last_t = dict(values), t
-        self.polls += 1
 
     def read(self) -> Reading:
         return Reading(self._total_j, dict(self._watts))
