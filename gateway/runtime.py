@@ -30,7 +30,7 @@ from policies import (
 from .auth import KeyIndex
 from .budgets import open_ledger
 from .budgets.guard import BudgetGuard
-from .energy import Calibration, EnergyAccounting, EnergyDevice, Reading
+from .energy import BackendEnergy, Calibration, EnergyAccounting, EnergyDevice, Reading
 from .metrics import Metrics
 from .routing import CapacityTracker, DifficultyEstimator, create_estimator
 
@@ -49,8 +49,8 @@ class Snapshot:
     #: tier name → tier, and concrete model name → tier.
     tiers: dict[str, TierSpec]
     models: dict[str, TierSpec]
-    #: backend name → the energy device it draws on.
-    energy: dict[str, EnergyDevice]
+    #: backend name → the energy device it draws on and its own attribution weights.
+    energy: dict[str, BackendEnergy]
     #: tenant → its routing settings in force; estimator name → estimator.
     routing: dict[str, RoutingSpec]
     estimators: dict[str, DifficultyEstimator]
@@ -92,17 +92,25 @@ def state_dir(policy: Policy) -> Path:
     return Path(base) / "joulegate"
 
 
-def _share_devices(backends: dict[str, Backend], devices: dict[str, EnergyDevice]) -> None:
+def _share_devices(backends: dict[str, Backend], energy: EnergyAccounting,
+                   bindings: dict[str, BackendEnergy]) -> None:
     """A device metered as a whole (a GPU's counter) but serving other clients too (a shared
-    vLLM server) charges the gateway only its share of the server's token work."""
-    users: dict[int, list[str]] = {}
-    for name, device in devices.items():
-        users.setdefault(id(device), []).append(name)
-    for name, backend in backends.items():
-        device = devices[name]
-        own = getattr(backend, "own_fraction", None)
-        if own is not None and device.source == "measured" and users[id(device)] == [name]:
-            device.own_fraction = own
+    vLLM server) charges the gateway only its share of the server's token work. A device
+    that several backends share, or whose backend cannot tell, charges all it reads."""
+    users: dict[str, list[str]] = {}
+    for name, binding in bindings.items():
+        users.setdefault(binding.device, []).append(name)
+    for names in users.values():
+        device = energy.device(bindings[names[0]])
+        own = getattr(backends[names[0]], "own_fraction", None)
+        device.own_fraction = own if device.source == "measured" and len(names) == 1 else None
+
+
+def _same_backend(old, new) -> bool:
+    """Whether a backend can be kept across a reload: its energy settings are the energy
+    accounting's business (they never restart a backend)."""
+    return old is not None and old.model_copy(update={"energy": None}) == \
+        new.model_copy(update={"energy": None})
 
 
 class Runtime:
@@ -222,38 +230,44 @@ class Runtime:
     async def _build(self, policy: Policy, version: int, reuse: Snapshot | None = None) -> Snapshot:
         tenant_keys, admin_keys = index_keys(policy, str(self.policy_path))
         try:
-            devices = self.energy.devices_for(policy)
+            plan = self.energy.prepare(policy)
         except ValueError as exc:
             path, _, message = str(exc).partition(": ")
             raise PolicyError(str(self.policy_path), [PolicyIssue(path, message)]) from None
-        routing, estimators = self._routing(policy, reuse)
-        backends: dict[str, Backend] = {}
-        fresh: list[Backend] = []
-        for name, spec in policy.backends.items():
-            if reuse is not None and reuse.policy.backends.get(name) == spec:
-                backends[name] = reuse.backends[name]
-                continue
-            settings = spec.model_dump(exclude={"kind", "energy"})
-            backend = create_backend(name, spec.kind, settings)
-            backends[name] = backend
-            fresh.append(backend)
-        results = await asyncio.gather(*(b.start() for b in fresh), return_exceptions=True)
-        failures = [(b, r) for b, r in zip(fresh, results) if isinstance(r, BaseException)]
-        for backend, result in zip(fresh, results):
-            if not isinstance(result, BaseException):
-                log.info("backend '%s' (%s) started", backend.name, backend.kind)
-        if failures:
-            await asyncio.gather(*(b.close() for b in fresh), return_exceptions=True)
-            raise PolicyError(str(self.policy_path), [
-                PolicyIssue(f"backends.{b.name}", f"failed to start: {r}") for b, r in failures])
-        _share_devices(backends, devices)
+        try:
+            routing, estimators = self._routing(policy, reuse)
+            backends: dict[str, Backend] = {}
+            fresh: list[Backend] = []
+            for name, spec in policy.backends.items():
+                if reuse is not None and _same_backend(reuse.policy.backends.get(name), spec):
+                    backends[name] = reuse.backends[name]
+                    continue
+                settings = spec.model_dump(exclude={"kind", "energy"})
+                backend = create_backend(name, spec.kind, settings)
+                backends[name] = backend
+                fresh.append(backend)
+            results = await asyncio.gather(*(b.start() for b in fresh), return_exceptions=True)
+            failures = [(b, r) for b, r in zip(fresh, results) if isinstance(r, BaseException)]
+            for backend, result in zip(fresh, results):
+                if not isinstance(result, BaseException):
+                    log.info("backend '%s' (%s) started", backend.name, backend.kind)
+            if failures:
+                await asyncio.gather(*(b.close() for b in fresh), return_exceptions=True)
+                raise PolicyError(str(self.policy_path), [
+                    PolicyIssue(f"backends.{b.name}", f"failed to start: {r}")
+                    for b, r in failures])
+        except BaseException:
+            self.energy.discard(plan)  # the devices in use stay as they are
+            raise
+        energy = self.energy.commit(plan)
+        _share_devices(backends, self.energy, energy)
         tiers = {t.name: t for t in policy.ordered_tiers()}
         for tier in tiers.values():
             self.calibration.seed(tier.name, tier.joules_per_prompt_token,
                                   tier.joules_per_output_token)
         return Snapshot(version=version, policy=policy, backends=backends,
                         tenant_keys=tenant_keys, admin_keys=admin_keys, tiers=tiers,
-                        models={t.model: t for t in tiers.values()}, energy=devices,
+                        models={t.model: t for t in tiers.values()}, energy=energy,
                         routing=routing, estimators=estimators)
 
     def _routing(self, policy: Policy, reuse: Snapshot | None):

@@ -8,7 +8,7 @@ import pytest
 
 from backends import Usage
 from gateway.energy import Calibration, Meter, Reading
-from gateway.energy.attribution import EnergyDevice
+from gateway.energy.attribution import Attribution, EnergyDevice
 from gateway.energy.estimated import TokenPriceMeter
 
 pytestmark = pytest.mark.unit
@@ -26,9 +26,13 @@ class ScriptedMeter(Meter):
         return Reading(self.joules, {"dev0": 100.0})
 
 
+#: The weights of the backend whose requests these tests open: a prefill token counts half.
+W = Attribution(prompt_weight=0.5)
+
+
 def device(**kw) -> tuple[EnergyDevice, ScriptedMeter]:
     meter = ScriptedMeter()
-    dev = EnergyDevice("d", meter, prompt_weight=kw.pop("prompt_weight", 0.5), **kw)
+    dev = EnergyDevice("d", meter, **kw)
     dev.start()
     return dev, meter
 
@@ -36,11 +40,11 @@ def device(**kw) -> tuple[EnergyDevice, ScriptedMeter]:
 def test_overlapping_requests_split_by_work():
     dev, meter = device()
     a, b = Usage(), Usage()
-    share_a = dev.open(a)
+    share_a = dev.open(a, weights=W)
     meter.joules = 10  # only A active: all 10 J to A
     a.prompt_tokens, a.completion_tokens = 20, 5  # work 20*0.5 + 5 = 15
     dev.tick()
-    share_b = dev.open(b)  # B opens: the tick at its start charges the interval to A
+    share_b = dev.open(b, weights=W)  # B opens: the tick at its start charges the interval to A
     a.completion_tokens += 10  # A: work 10
     b.prompt_tokens, b.completion_tokens = 40, 10  # B: work 40*0.5 + 10 = 30
     meter.joules = 50  # 40 J to split 10:30
@@ -63,7 +67,7 @@ def test_idle_before_a_request_is_not_charged_to_it():
     dev, meter = device()
     meter.joules = 100  # idle since start, never ticked
     usage = Usage()
-    share = dev.open(usage)
+    share = dev.open(usage, weights=W)
     usage.completion_tokens = 3
     meter.joules = 104
     assert dev.close_share(share) == pytest.approx(4)
@@ -71,11 +75,11 @@ def test_idle_before_a_request_is_not_charged_to_it():
 
 
 def test_spread_idle_moves_idle_into_the_next_requests():
-    dev, meter = device(spread_idle=True)
+    dev, meter = device()
     meter.joules = 8
     dev.tick()
     usage = Usage()
-    share = dev.open(usage)
+    share = dev.open(usage, weights=Attribution(0.5, spread_idle=True))
     usage.completion_tokens = 1
     meter.joules = 10
     assert dev.close_share(share) == pytest.approx(10)  # 2 J own + 8 J idle overhead
@@ -83,10 +87,32 @@ def test_spread_idle_moves_idle_into_the_next_requests():
     assert dev.check_invariant() == pytest.approx(0, abs=1e-9)
 
 
+def test_idle_is_spread_only_over_requests_of_backends_that_ask_for_it():
+    dev, meter = device()
+    meter.joules = 6  # idle
+    spreading, plain = Usage(), Usage()
+    s_spread = dev.open(spreading, weights=Attribution(0.5, spread_idle=True))
+    s_plain = dev.open(plain, weights=W)
+    spreading.completion_tokens = plain.completion_tokens = 5
+    meter.joules = 16  # 10 J of work, split 5:5; the 6 J idle go to the spreading one only
+    dev.tick()
+    assert (s_spread.joules, s_plain.joules) == (pytest.approx(5 + 6), pytest.approx(5))
+    assert dev.close_share(s_spread) == pytest.approx(11)
+    assert dev.close_share(s_plain) == pytest.approx(5)
+    meter.joules = 20  # 4 J idle, then an interval with work by the plain backend only
+    again = Usage()
+    s_again = dev.open(again, weights=W)
+    again.completion_tokens = 1
+    meter.joules = 21
+    assert dev.close_share(s_again) == pytest.approx(1)  # its backend does not take idle
+    assert dev.totals.idle_j == pytest.approx(10) and dev.totals.idle_spread_j == pytest.approx(6)
+    assert dev.check_invariant() == pytest.approx(0, abs=1e-9)
+
+
 def test_tier_scale_weights_work():
     dev, meter = device()
     small, big = Usage(), Usage()
-    s_small, s_big = dev.open(small, scale=1.0), dev.open(big, scale=3.0)
+    s_small, s_big = dev.open(small, 1.0, W), dev.open(big, 3.0, W)
     small.completion_tokens = big.completion_tokens = 10
     meter.joules = 40
     dev.tick()
@@ -95,14 +121,14 @@ def test_tier_scale_weights_work():
 
 def test_invariant_holds_under_random_concurrency():
     rng = random.Random(7)
-    dev, meter = device(spread_idle=False)
+    dev, meter = device()
     open_shares: list[tuple[Usage, object]] = []
     closed_total = 0.0
     for _ in range(2000):
         action = rng.random()
         if action < 0.2:
             usage = Usage()
-            open_shares.append((usage, dev.open(usage, scale=rng.choice([1.0, 1.7]))))
+            open_shares.append((usage, dev.open(usage, rng.choice([1.0, 1.7]), W)))
         elif action < 0.35 and open_shares:
             _, share = open_shares.pop(rng.randrange(len(open_shares)))
             closed_total += dev.close_share(share)
@@ -123,16 +149,29 @@ def test_invariant_holds_under_random_concurrency():
 
 
 def test_token_price_device_charges_exactly_the_price():
-    meter = TokenPriceMeter(0.01, 0.2)
-    dev = EnergyDevice("up", meter, prompt_weight=0.01, output_weight=0.2)
+    dev = EnergyDevice("up", TokenPriceMeter())
     dev.start()
+    price = Attribution(prompt_weight=0.01, output_weight=0.2)  # the backend's prices
     a, b = Usage(), Usage()
-    sa, sb = dev.open(a), dev.open(b)
+    sa, sb = dev.open(a, weights=price), dev.open(b, weights=price)
     a.prompt_tokens, a.completion_tokens = 100, 10
     b.prompt_tokens, b.completion_tokens = 10, 50
     assert dev.close_share(sa) == pytest.approx(100 * 0.01 + 10 * 0.2)
     assert dev.close_share(sb) == pytest.approx(10 * 0.01 + 50 * 0.2)
     assert dev.source == "estimated"
+
+
+def test_a_token_price_is_the_backends_so_a_repriced_request_keeps_its_own():
+    dev = EnergyDevice("up", TokenPriceMeter())
+    dev.start()
+    old, new = Usage(), Usage()
+    s_old = dev.open(old, weights=Attribution(0.01, 0.2))  # in flight across a reload
+    s_new = dev.open(new, weights=Attribution(0.02, 0.5))  # opened under the new prices
+    old.prompt_tokens, old.completion_tokens = 100, 10
+    new.prompt_tokens, new.completion_tokens = 100, 10
+    assert dev.close_share(s_old) == pytest.approx(100 * 0.01 + 10 * 0.2)
+    assert dev.close_share(s_new) == pytest.approx(100 * 0.02 + 10 * 0.5)
+    assert dev.meter.read().joules == pytest.approx(3.0 + 7.0)
 
 
 def test_calibration_learns_and_persists(tmp_path):
@@ -160,7 +199,7 @@ def test_a_shared_device_charges_only_the_gateways_share_of_its_work():
     own = {"fraction": 1.0}
     dev.own_fraction = lambda: own["fraction"]
     a = Usage()
-    share = dev.open(a)
+    share = dev.open(a, weights=W)
     a.completion_tokens = 10
     meter.joules = 100  # the server did only our work: all ours
     dev.tick()

@@ -3,10 +3,10 @@
 See ``docs/energy.md`` for the method and its error sources.
 """
 
-from .accounting import EnergyAccounting
-from .attribution import EnergyDevice, RequestEnergy
+from .accounting import BackendEnergy, EnergyAccounting
+from .attribution import Attribution, EnergyDevice, RequestEnergy
 from .calibration import Calibration
 from .meter import Meter, MeterUnavailable, Reading
 
-__all__ = ["Calibration", "EnergyAccounting", "EnergyDevice", "Meter", "MeterUnavailable",
-           "Reading", "RequestEnergy"]
+__all__ = ["Attribution", "BackendEnergy", "Calibration", "EnergyAccounting", "EnergyDevice",
+           "Meter", "MeterUnavailable", "Reading", "RequestEnergy"]

@@ -1,10 +1,15 @@
 """Which device each backend's energy is read from, and the per-request entry point.
 
-Backends that run on the same hardware share one :class:`EnergyDevice`, so the same
-joules are never counted twice: every in-process llama.cpp backend shares the host
-(RAPL, or the CPU-time estimate), backends on the same GPUs share one NVML device, and
-backends read from the same exporter series share it. An HTTP upstream without an
-exporter is priced per token on its own device.
+A *device* is a piece of hardware and the meter that reads it: every in-process llama.cpp
+backend shares the host (RAPL, or the CPU-time estimate), backends on the same GPUs share
+one NVML device, and backends read from the same exporter series share it. An HTTP upstream
+without an exporter is priced per token on its own device. A device is keyed by what it
+measures and lives as long as the app; a reload replaces it only when its *meter settings*
+change (:class:`DeviceSpec`), and then hands the requests in flight to the new one.
+
+How a request's work is weighed (``prefill_weight``, ``spread_idle``, a token price) is
+the backend's own :class:`Attribution`, not the device's, so backends with different
+weights share one device and a reload that changes weights touches no device.
 
 ``meter: auto`` picks, for in-process backends: RAPL when readable, else the CPU-time
 estimate; for HTTP upstreams: the Prometheus exporter when ``prometheus_url`` is set,
@@ -15,12 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from backends import Usage
 from policies import Policy
 from policies.schema import EnergySpec
 
-from .attribution import EnergyDevice, RequestEnergy
+from .attribution import Attribution, EnergyDevice, RequestEnergy
 from .estimated import CpuTimeMeter, TokenPriceMeter
 from .meter import Meter, MeterUnavailable, Reading
 from .nvml import NvmlMeter
@@ -30,74 +36,166 @@ from .rapl import RaplMeter
 log = logging.getLogger("joulegate.energy")
 
 
-def _meter_for(backend: str, kind: str, spec: EnergySpec) -> tuple[str, Callable[[], Meter]]:
-    """(device key, meter factory) for one backend. The factory may raise MeterUnavailable."""
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What a device needs: the hardware it measures (``key``) and its meter's reading
+    settings. Two specs with the same key and settings are the same device."""
+
+    key: str
+    #: (EnergySpec field, value) of every setting that changes how the meter reads.
+    settings: tuple[tuple[str, object], ...]
+    factory: Callable[[], Meter] = field(compare=False)
+    #: Token-priced: the backend's prices are its attribution weights.
+    priced: bool = False
+
+
+def _settings(spec: EnergySpec, *names: str) -> tuple[tuple[str, object], ...]:
+    return tuple((name, getattr(spec, name)) for name in (*names, "interval_s"))
+
+
+def _device_spec(backend: str, kind: str, spec: EnergySpec) -> DeviceSpec:
+    """The device one backend's energy is read from. The factory may raise MeterUnavailable."""
     choice = spec.meter
     if choice == "nvml":
-        return f"nvml:{','.join(map(str, spec.gpus))}", lambda: NvmlMeter(spec.gpus)
+        return DeviceSpec(f"nvml:{','.join(map(str, spec.gpus))}", _settings(spec),
+                          lambda: NvmlMeter(spec.gpus))
     if choice == "rapl":
-        return f"rapl:{spec.rapl_root}", lambda: RaplMeter(spec.rapl_root)
+        return DeviceSpec(f"rapl:{spec.rapl_root}", _settings(spec),
+                          lambda: RaplMeter(spec.rapl_root))
     http = kind in ("openai", "vllm")  # the model runs elsewhere: no local meter applies
     if choice == "prometheus" or (choice == "auto" and http and spec.prometheus_url):
         if not spec.prometheus_url:
             raise MeterUnavailable("meter 'prometheus' needs prometheus_url")
-        return (f"prometheus:{spec.prometheus_url}:{spec.prometheus_series}",
-                lambda: PrometheusMeter(spec.prometheus_url, spec.prometheus_series,
-                                        spec.prometheus_unit, spec.interval_s))
+        return DeviceSpec(f"prometheus:{spec.prometheus_url}:{spec.prometheus_series}",
+                          _settings(spec, "prometheus_unit"),
+                          lambda: PrometheusMeter(spec.prometheus_url, spec.prometheus_series,
+                                                  spec.prometheus_unit, spec.interval_s))
     if http:
-        return f"tokens:{backend}", lambda: TokenPriceMeter(spec.joules_per_prompt_token,
-                                                            spec.joules_per_output_token)
+        return DeviceSpec(f"tokens:{backend}", _settings(spec), TokenPriceMeter, priced=True)
     if choice == "auto":
         rapl = RaplMeter(spec.rapl_root)
         try:
             rapl.start()
-            return f"rapl:{spec.rapl_root}", lambda: rapl  # the probe is the meter
+            return DeviceSpec(f"rapl:{spec.rapl_root}", _settings(spec),
+                              lambda: rapl)  # the probe is the meter
         except MeterUnavailable as exc:
             log.info("energy for '%s': RAPL not usable (%s); estimating from CPU time",
                      backend, exc)
-    return "host-cpu", lambda: CpuTimeMeter(spec.watts_per_core, spec.idle_watts)
+    return DeviceSpec("host-cpu", _settings(spec, "watts_per_core", "idle_watts"),
+                      lambda: CpuTimeMeter(spec.watts_per_core, spec.idle_watts))
+
+
+def _attribution(spec: EnergySpec, device: DeviceSpec) -> Attribution:
+    if device.priced:  # split exactly by price
+        return Attribution(spec.joules_per_prompt_token, spec.joules_per_output_token,
+                           spec.spread_idle)
+    return Attribution(spec.prefill_weight, 1.0, spec.spread_idle)
+
+
+@dataclass(frozen=True)
+class BackendEnergy:
+    """What a snapshot holds for one backend: the device it draws on and its own weights."""
+
+    backend: str
+    device: str
+    attribution: Attribution
+
+
+@dataclass
+class EnergyPlan:
+    """A policy's energy, prepared beside the devices in use: :meth:`EnergyAccounting.commit`
+    puts it in force, :meth:`EnergyAccounting.discard` drops it."""
+
+    backends: dict[str, BackendEnergy]
+    #: device key → (the new device, its spec), for hardware new or with changed settings.
+    new: dict[str, tuple[EnergyDevice, DeviceSpec]] = field(default_factory=dict)
 
 
 class EnergyAccounting:
-    """All energy devices of the gateway; lives as long as the app."""
+    """All energy devices of the gateway, one per piece of hardware; lives as long as the app."""
 
     def __init__(self, on_tick: Callable[[EnergyDevice, Reading, float], None] | None = None):
         self.on_tick = on_tick
         self._devices: dict[str, EnergyDevice] = {}
-        self._specs: dict[str, EnergySpec] = {}
+        self._specs: dict[str, DeviceSpec] = {}
 
-    def devices_for(self, policy: Policy) -> dict[str, EnergyDevice]:
-        """backend name → device, creating devices not seen before. Raises ValueError
-        naming the backend when an explicitly chosen meter cannot work."""
-        out: dict[str, EnergyDevice] = {}
-        for name, spec in policy.backends.items():
-            energy = spec.energy
-            try:
-                key, factory = _meter_for(name, spec.kind, energy)
-                device = self._devices.get(key)
-                if device is None or self._specs[key] != energy:
-                    device = EnergyDevice(
-                        key, factory(), interval_s=energy.interval_s,
-                        prompt_weight=energy.prefill_weight, spread_idle=energy.spread_idle,
-                        on_tick=self.on_tick)
-                    if isinstance(device.meter, TokenPriceMeter):  # split exactly by price
-                        device.prompt_weight = energy.joules_per_prompt_token
-                        device.output_weight = energy.joules_per_output_token
-                    device.start()
-                    old = self._devices.get(key)
-                    self._devices[key], self._specs[key] = device, energy
-                    if old is not None:
-                        old.close()
-                    log.info("energy for '%s': %s [%s]", name, device.meter.describe(),
-                             device.source)
-            except MeterUnavailable as exc:
-                raise ValueError(f"backends.{name}.energy: meter '{energy.meter}' "
-                                 f"unavailable: {exc}") from None
-            out[name] = device
-        return out
+    def prepare(self, policy: Policy) -> EnergyPlan:
+        """Each backend's device and weights, starting a device only for hardware not seen
+        before or whose meter settings changed. Raises ValueError naming the backend when an
+        explicitly chosen meter cannot work, or when backends on one piece of hardware ask
+        for different meter settings."""
+        plan = EnergyPlan({})
+        chosen: dict[str, tuple[str, DeviceSpec]] = {}  # key → (first backend, its spec)
+        try:
+            for name, spec in policy.backends.items():
+                energy = spec.energy
+                try:
+                    device = _device_spec(name, spec.kind, energy)
+                except MeterUnavailable as exc:
+                    raise ValueError(f"backends.{name}.energy: meter '{energy.meter}' "
+                                     f"unavailable: {exc}") from None
+                first = chosen.setdefault(device.key, (name, device))
+                if first[1] != device:
+                    theirs = dict(first[1].settings)
+                    diff = ", ".join(f"{k} {v!r} here, {theirs.get(k)!r} there"
+                                     for k, v in device.settings if theirs.get(k) != v)
+                    raise ValueError(
+                        f"backends.{name}.energy: measures the same hardware ({device.key}) as "
+                        f"backend '{first[0]}' but with other meter settings ({diff}); "
+                        "one piece of hardware has one meter: set them alike")
+                if device.key not in plan.new and self._specs.get(device.key) != device:
+                    try:
+                        new = EnergyDevice(device.key, device.factory(),
+                                           interval_s=energy.interval_s, on_tick=self.on_tick)
+                        new.meter.start()  # fails here if it cannot work; charges from commit
+                    except MeterUnavailable as exc:
+                        raise ValueError(f"backends.{name}.energy: meter '{energy.meter}' "
+                                         f"unavailable: {exc}") from None
+                    plan.new[device.key] = (new, device)
+                plan.backends[name] = BackendEnergy(name, device.key,
+                                                    _attribution(energy, device))
+        except BaseException:
+            self.discard(plan)
+            raise
+        return plan
 
-    def open(self, device: EnergyDevice, progress: Usage, scale: float) -> RequestEnergy:
-        return RequestEnergy(device, device.open(progress, scale), source=device.source)
+    def commit(self, plan: EnergyPlan) -> dict[str, BackendEnergy]:
+        """Put a prepared plan in force: a device whose settings changed hands its requests
+        in flight to its successor and closes. Returns backend name → its energy."""
+        for key, (device, spec) in plan.new.items():
+            old = self._devices.get(key)
+            self._devices[key], self._specs[key] = device, spec
+            if old is not None:
+                old.hand_over(device)
+            else:
+                device.activate()
+            users = [b for b in plan.backends.values() if b.device == key]
+            log.info("energy for %s: %s [%s]%s", ", ".join(f"'{b.backend}'" for b in users),
+                     device.meter.describe(), device.source,
+                     " (meter settings changed: replaced)" if old is not None else "")
+        plan.new = {}
+        return plan.backends
+
+    def discard(self, plan: EnergyPlan) -> None:
+        """Drop a plan that will not be used: close the devices it started."""
+        for device, _ in plan.new.values():
+            device.close()
+        plan.new = {}
+
+    def devices_for(self, policy: Policy) -> dict[str, BackendEnergy]:
+        """:meth:`prepare` and :meth:`commit` in one step."""
+        return self.commit(self.prepare(policy))
+
+    def device(self, backend: BackendEnergy) -> EnergyDevice:
+        """The device charging ``backend``'s requests now."""
+        return self._devices[backend.device]
+
+    def open(self, backend: BackendEnergy, progress: Usage, scale: float) -> RequestEnergy:
+        """Start charging one request of ``backend`` on the device in force now (a request
+        that took an older snapshot still lands on a live device)."""
+        device = self.device(backend)
+        return RequestEnergy(device.open(progress, scale, backend.attribution),
+                             source=device.source)
 
     @property
     def devices(self) -> list[EnergyDevice]:
@@ -107,3 +205,4 @@ class EnergyAccounting:
         for device in self._devices.values():
             device.close()
         self._devices.clear()
+        self._specs.clear()

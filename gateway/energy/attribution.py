@@ -8,10 +8,12 @@ each did in it::
     work = prompt_tokens_delta x prompt_weight + output_tokens_delta x output_weight
     (x the tier's work scale, so a token of a bigger model counts for more)
 
-Requests that were active but did no countable work in the interval (waiting on a long
-prefill, say) share it equally when nobody else did work. An interval with no active
-request is *idle* energy: reported separately, and optionally carried over to the next
-interval that has work (``spread_idle``). Ticks run on a timer and at the start and end
+The weights are the request's backend's (:class:`Attribution`), so backends with different
+weights can share one device. Requests that were active but did no countable work in the
+interval (waiting on a long prefill, say) share it equally when nobody else did work. An
+interval with no active request is *idle* energy: reported separately, and carried over
+to the next interval that has work for those of its requests whose backend asks for it
+(``spread_idle``). Ticks run on a timer and at the start and end
 of every request, so a request is charged exactly for the intervals it was active in.
 
 A device that also serves other clients (a shared vLLM server) can say which fraction of
@@ -39,16 +41,32 @@ from .meter import Meter, Reading
 log = logging.getLogger("joulegate.energy")
 
 
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """How one backend's requests are weighed on a device: the backend's settings, not the
+    device's, so backends with different weights can share one piece of hardware.
+
+    On a token-priced device the weights are the prices (J per prompt / output token)."""
+
+    prompt_weight: float = 0.1
+    output_weight: float = 1.0
+    #: Take a share of the idle energy before an interval with work, as overhead.
+    spread_idle: bool = False
+
+
 @dataclass(eq=False, slots=True)
 class Share:
     """One request's running account on a device."""
 
     progress: Usage
     scale: float = 1.0
+    weights: Attribution = Attribution()
     seen_prompt: int = 0
     seen_output: int = 0
     joules: float = 0.0
     closed: bool = False
+    #: The device charging this share now (a device replaced on reload hands it on).
+    device: EnergyDevice | None = None
 
 
 @dataclass(slots=True)
@@ -61,25 +79,23 @@ class DeviceTotals:
 
 
 class EnergyDevice:
-    """One meter, the requests active on what it measures, and their shares."""
+    """One meter, the requests active on what it measures, and their shares.
+
+    The device owns only what reading the hardware needs (the meter and how often to tick);
+    how a request's work is weighed comes with the request (:class:`Attribution`)."""
 
     def __init__(self, name: str, meter: Meter, *, interval_s: float = 0.5,
-                 prompt_weight: float = 0.1, output_weight: float = 1.0,
-                 spread_idle: bool = False,
                  on_tick: Callable[[EnergyDevice, Reading, float], None] | None = None):
         self.name = name
         self.meter = meter
         self.interval_s = interval_s
-        self.prompt_weight = prompt_weight
-        self.output_weight = output_weight
-        self.spread_idle = spread_idle
         self.on_tick = on_tick
         self.totals = DeviceTotals()
         self._active: list[Share] = []
-        self._start_j = 0.0
         self._last_j = 0.0
         self._idle_pending = 0.0
         self._task: asyncio.Task | None = None
+        self.closed = False
         self.last_reading = Reading(0.0)
         #: The gateway's fraction of the device's recent work, when others share it.
         self.own_fraction: Callable[[], float] | None = None
@@ -88,13 +104,26 @@ class EnergyDevice:
     def source(self) -> str:
         return self.meter.source
 
+    @property
+    def active(self) -> int:
+        """Requests being charged on this device now."""
+        return len(self._active)
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the meter and begin charging."""
         self.meter.start()
-        self._start_j = self._last_j = self.meter.read().joules
-        with contextlib.suppress(RuntimeError):  # no loop: ticks only at request edges
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self.activate()
+
+    def activate(self) -> None:
+        """Begin charging (the meter is started): energy read before now is nobody's, and
+        ticks run every ``interval_s`` when there is an event loop. A device prepared beside
+        the one it replaces starts its meter early and is activated when it takes over."""
+        self._last_j = self.meter.read().joules
+        if self._task is None:
+            with contextlib.suppress(RuntimeError):  # no loop: ticks only at request edges
+                self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
@@ -108,14 +137,34 @@ class EnergyDevice:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        self.meter.close()
+        if not self.closed:
+            self.closed = True
+            self.meter.close()
+
+    def hand_over(self, successor: EnergyDevice) -> None:
+        """Replace this device by ``successor`` (same hardware, new meter settings): charge
+        the energy so far here, move the requests in flight to the successor, which charges
+        them from now on, and close. No request is left on a closed device and no interval
+        is read by both."""
+        self.tick()
+        successor.activate()
+        for share in self._active:
+            share.device = successor
+        successor._active.extend(self._active)
+        self._active.clear()
+        self.close()
 
     # -- requests -----------------------------------------------------------------------
 
-    def open(self, progress: Usage, scale: float = 1.0) -> Share:
-        """Start charging a request whose backend updates ``progress`` as it works."""
+    def open(self, progress: Usage, scale: float = 1.0,
+             weights: Attribution = Attribution()) -> Share:
+        """Start charging a request whose backend updates ``progress`` as it works,
+        weighed by its backend's ``weights`` and its tier's ``scale``."""
+        if self.closed:
+            raise RuntimeError(f"energy device {self.name} is closed")
         self.tick()  # energy so far belongs to others (or idle), not to this request
-        share = Share(progress, scale, progress.prompt_tokens, progress.completion_tokens)
+        share = Share(progress, scale, weights, progress.prompt_tokens,
+                      progress.completion_tokens, device=self)
         self._active.append(share)
         return share
 
@@ -131,12 +180,13 @@ class EnergyDevice:
 
     def _work(self, share: Share) -> float:
         prompt, output = share.progress.prompt_tokens, share.progress.completion_tokens
-        work = ((prompt - share.seen_prompt) * self.prompt_weight
-                + (output - share.seen_output) * self.output_weight) * share.scale
-        if isinstance(self.meter, TokenPriceMeter):
-            self.meter.add_tokens(prompt - share.seen_prompt, output - share.seen_output)
+        weights = share.weights
+        work = ((prompt - share.seen_prompt) * weights.prompt_weight
+                + (output - share.seen_output) * weights.output_weight)
+        if isinstance(self.meter, TokenPriceMeter):  # the weights are this backend's prices
+            self.meter.add_joules(max(work, 0.0))
         share.seen_prompt, share.seen_output = prompt, output
-        return max(work, 0.0)
+        return max(work * share.scale, 0.0)
 
     def tick(self) -> Reading:
         """Read the meter and share the energy since the last tick."""
@@ -150,41 +200,55 @@ class EnergyDevice:
         total_work = sum(w for _, w in works)
         if not works:
             totals.idle_j += delta
-            if self.spread_idle:
-                self._idle_pending += delta
+            self._idle_pending += delta
         else:
             pool = delta
             if self.own_fraction is not None:
                 own = min(max(self.own_fraction(), 0.0), 1.0)
                 totals.foreign_j += pool * (1.0 - own)
                 pool *= own
-            if self.spread_idle and total_work > 0:
-                pool += self._idle_pending
-                totals.idle_spread_j += self._idle_pending
-                self._idle_pending = 0.0
             for share, work in works:
                 part = pool * (work / total_work if total_work > 0 else 1 / len(works))
                 share.joules += part
                 totals.attributed_j += part
+            if total_work > 0:
+                self._spread_idle(works)
         if self.on_tick is not None:
             self.on_tick(self, reading, delta if not works else 0.0)
         return reading
 
+    def _spread_idle(self, works: list[tuple[Share, float]]) -> None:
+        """The idle energy since the last interval with work goes, as overhead, to those of
+        this interval's requests whose backend spreads idle, by their work; with none, it
+        stays idle."""
+        pending, self._idle_pending = self._idle_pending, 0.0
+        takers = [(s, w) for s, w in works if s.weights.spread_idle and w > 0]
+        taken = sum(w for _, w in takers)
+        if pending <= 0 or taken <= 0:
+            return
+        for share, work in takers:
+            part = pending * work / taken
+            share.joules += part
+            self.totals.attributed_j += part
+        self.totals.idle_spread_j += pending
+
     def check_invariant(self) -> float:
-        """|requests + unspread idle - meter| (should be ~0, up to float rounding)."""
+        """|requests + unspread idle + foreign - meter| (should be ~0, up to float rounding)."""
         t = self.totals
         return abs(t.attributed_j + (t.idle_j - t.idle_spread_j) + t.foreign_j - t.meter_j)
 
 
 @dataclass(eq=False)
 class RequestEnergy:
-    """What the pipeline holds for one request: its share on one device."""
+    """What the pipeline holds for one request: its share, on whichever device charges it."""
 
-    device: EnergyDevice
     share: Share
-    joules: float = 0.0
     source: str = field(default="estimated")
 
+    @property
+    def device(self) -> EnergyDevice:
+        assert self.share.device is not None
+        return self.share.device
+
     def finish(self) -> float:
-        self.joules = self.device.close_share(self.share)
-        return self.joules
+        return self.device.close_share(self.share)

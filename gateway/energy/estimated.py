@@ -4,7 +4,7 @@
 time: busy core-seconds x ``watts_per_core``, plus ``idle_watts`` x wall time.
 :class:`TokenPriceMeter` estimates a remote upstream's energy from the tokens it
 processed: prompt tokens x J/prompt token + generated tokens x J/output token; the
-attributor feeds it the work it sees.
+attributor feeds it the priced work it sees.
 """
 
 from __future__ import annotations
@@ -43,20 +43,22 @@ class CpuTimeMeter(Meter):
 
 
 class TokenPriceMeter(Meter):
+    """The joules of the tokens an upstream processed, priced per token. The prices are the
+    backend's (its :class:`~gateway.energy.attribution.Attribution` weights), so a reload
+    that changes them does not replace the meter; the device adds each request's priced
+    work as it sees it."""
+
     source = "estimated"
     kind = "estimated"
 
-    def __init__(self, joules_per_prompt_token: float, joules_per_output_token: float):
-        self.prompt_price = joules_per_prompt_token
-        self.output_price = joules_per_output_token
+    def __init__(self) -> None:
         self._joules = 0.0
 
-    def add_tokens(self, prompt_tokens: int, output_tokens: int) -> None:
-        self._joules += prompt_tokens * self.prompt_price + output_tokens * self.output_price
+    def add_joules(self, joules: float) -> None:
+        self._joules += joules
 
     def read(self) -> Reading:
         return Reading(self._joules)
 
     def describe(self) -> str:
-        return (f"estimated: {self.prompt_price:g} J/prompt token + "
-                f"{self.output_price:g} J/output token")
+        return "estimated: tokens x joules_per_prompt_token / joules_per_output_token"
