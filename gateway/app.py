@@ -12,8 +12,9 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from fastapi import FastAPI, Request
@@ -38,6 +39,10 @@ from .errors import (
 from .routing import tenant_models
 from .runtime import Runtime
 
+if TYPE_CHECKING:
+    from backends import Backend
+    from policies.schema import BackendSpec
+
 log = logging.getLogger("joulegate")
 
 #: How `joulegate serve --workers N` tells each worker process which policy to load.
@@ -48,14 +53,16 @@ def _json(payload: object, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
-def create_app(policy_path: str | Path | None = None) -> FastAPI:
+def create_app(policy_path: str | Path | None = None,
+               build_backend: Callable[[str, BackendSpec], Backend] | None = None) -> FastAPI:
     """The gateway application for ``policy_path`` (default: ``$JOULEGATE_POLICY`` or the
-    embedded default policy)."""
+    embedded default policy). ``build_backend`` replaces how backends are built from
+    their policy entries (see :class:`Runtime`)."""
     path = Path(policy_path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_PATH)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(path)
+        runtime = Runtime(path, build_backend=build_backend)
         await runtime.start()
         app.state.runtime = runtime
         loop = asyncio.get_running_loop()

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backends import Backend, Health, create_backend
 from policies import (
@@ -33,6 +35,9 @@ from .budgets.guard import BudgetGuard
 from .energy import BackendEnergy, Calibration, EnergyAccounting, EnergyDevice, Reading
 from .metrics import Metrics
 from .routing import CapacityTracker, DifficultyEstimator, create_estimator
+
+if TYPE_CHECKING:
+    from policies.schema import BackendSpec
 
 log = logging.getLogger("joulegate")
 
@@ -117,8 +122,12 @@ class Runtime:
     """Owns the current snapshot, the backends' lifecycle, and what outlives a policy
     version: metrics, energy devices and the calibration table."""
 
-    def __init__(self, policy_path: str | Path):
+    def __init__(self, policy_path: str | Path,
+                 build_backend: Callable[[str, BackendSpec], Backend] | None = None):
         self.policy_path = Path(policy_path)
+        #: Builds a backend from its policy entry instead of :func:`backends.create_backend`
+        #: (tests plug a scripted backend in here).
+        self.build_backend = build_backend
         self.metrics = Metrics()
         self.energy = EnergyAccounting(on_tick=self._on_energy_tick)
         self.calibration: Calibration = Calibration()
@@ -242,8 +251,11 @@ class Runtime:
                 if reuse is not None and _same_backend(reuse.policy.backends.get(name), spec):
                     backends[name] = reuse.backends[name]
                     continue
-                settings = spec.model_dump(exclude={"kind", "energy"})
-                backend = create_backend(name, spec.kind, settings)
+                if self.build_backend is not None:
+                    backend = self.build_backend(name, spec)
+                else:
+                    settings = spec.model_dump(exclude={"kind", "energy"})
+                    backend = create_backend(name, spec.kind, settings)
                 backends[name] = backend
                 fresh.append(backend)
             results = await asyncio.gather(*(b.start() for b in fresh), return_exceptions=True)
