@@ -36,11 +36,9 @@ def sdk(gw: Gateway, retries: int) -> openai.OpenAI:
 def test_a_request_larger_than_the_window_is_a_400_the_sdk_does_not_retry(upstream, gateways):
     gw = gateways(priced_policy(upstream.url, {"budgets": [{"window": "1d", "joules": 100}],
                                                "on_exhausted": "reject"}))
-    started = time.monotonic()
     with pytest.raises(openai.BadRequestError) as info:
         # 12 x 2 J + 100 x 2 J = 224 J > the whole 100 J window
         sdk(gw, retries=2).chat.completions.create(model="big", messages=HI, max_tokens=100)
-    assert time.monotonic() - started < 20  # no back-off waits (generous: a loaded CI box)
     err = info.value
     assert err.status_code == 400 and err.response.headers.get("retry-after") is None
     body = err.body
