@@ -1,0 +1,210 @@
+"""A scripted backend: a real implementation of :class:`backends.Backend` that replays
+given tokens, delays and failures, for driving the gateway in-process.
+
+It is a test double at the backend boundary, not a mock of the gateway: the gateway
+calls it exactly as it calls llama.cpp or an OpenAI upstream, and it behaves as they do
+where the gateway can tell: it counts the prompt as processed before the first token,
+updates ``request.progress`` token by token (energy attribution reads it), stops at
+``max_tokens`` with ``finish_reason="length"``, puts usage on the last chunk, stops
+generating when its stream is closed, and raises :class:`BackendError` subclasses.
+
+What each request gets is a :class:`Script`, given per backend as a list (one script per
+request, in order; the last one repeats), a single script, or a callable
+``request -> Script``. Every :class:`GenerationRequest` received is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from backends import (
+    Backend,
+    BackendError,
+    BackendFailure,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    Chunk,
+    Generation,
+    GenerationRequest,
+    Health,
+    Usage,
+)
+
+
+@dataclass
+class Script:
+    """What one request gets from the backend."""
+
+    #: Text pieces, one completion token each.
+    tokens: Sequence[str] = ("Hello", ",", " world", ".")
+    #: Prompt tokens the backend reports having processed.
+    prompt_tokens: int = 10
+    #: Seconds before the first token (prefill) and before each later token.
+    first_token_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    #: Raised after ``fail_after`` tokens were produced (0: before the first token).
+    fail: BackendError | None = None
+    fail_after: int = 0
+    finish_reason: str = "stop"
+
+    @classmethod
+    def unavailable(cls, message: str = "scripted: no slot free", retry_after_s: float | None = None,
+                    **kw) -> Script:
+        return cls(fail=BackendUnavailable(message, retry_after_s), fail_after=0, **kw)
+
+    @classmethod
+    def timeout(cls, message: str = "scripted: no answer in time", **kw) -> Script:
+        return cls(fail=BackendTimeout(message), fail_after=0, **kw)
+
+    @classmethod
+    def rejected(cls, message: str = "scripted: prompt exceeds the context",
+                 param: str | None = "messages", **kw) -> Script:
+        return cls(fail=BackendRejected(message, param), fail_after=0, **kw)
+
+    @classmethod
+    def broken_after(cls, n: int, message: str = "scripted: upstream dropped the connection",
+                     **kw) -> Script:
+        return cls(fail=BackendFailure(message), fail_after=n, **kw)
+
+
+ScriptSource = Script | Sequence[Script] | Callable[[GenerationRequest], Script] | None
+
+
+@dataclass
+class StreamRecord:
+    """What happened to one stream this backend produced."""
+
+    request: GenerationRequest
+    tokens_sent: int = 0
+    finished: bool = False  # the final chunk was produced
+    closed_early: bool = False  # closed (aclose/cancel) before the final chunk
+
+
+@dataclass
+class Calls:
+    starts: int = 0
+    closes: int = 0
+    requests: list[GenerationRequest] = field(default_factory=list)
+    streams: list[StreamRecord] = field(default_factory=list)
+
+
+class ScriptedBackend(Backend):
+    kind = "scripted"
+
+    def __init__(self, name: str, scripts: ScriptSource = None, healthy: bool = True):
+        super().__init__(name)
+        self._scripts = scripts
+        self._served = 0
+        self.healthy = healthy
+        self.calls = Calls()
+        #: Requests generating right now (for tests of concurrency and cancellation).
+        self.active = 0
+
+    # -- what a request gets ------------------------------------------------------------
+
+    def script_for(self, request: GenerationRequest) -> Script:
+        source = self._scripts
+        index = self._served
+        self._served += 1
+        if source is None:
+            return Script()
+        if isinstance(source, Script):
+            return source
+        if callable(source):
+            return source(request)
+        if not source:
+            return Script()
+        return source[min(index, len(source) - 1)]
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return self.calls.requests
+
+    def _receive(self, request: GenerationRequest) -> Script:
+        # A copy of what the gateway sent, as it was when sent (progress is shared and mutates).
+        seen = copy.copy(request)
+        seen.messages = copy.deepcopy(request.messages)
+        seen.progress = Usage()
+        self.calls.requests.append(seen)
+        return self.script_for(request)
+
+    # -- the Backend interface ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.calls.starts += 1
+
+    async def close(self) -> None:
+        self.calls.closes += 1
+
+    async def health(self) -> Health:
+        return Health(self.healthy, "scripted" if self.healthy else "scripted: down")
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        script = self._receive(request)
+        pieces = []
+        finish = script.finish_reason
+        tokens = self._generate(request, script)
+        try:
+            async for piece, last_finish in tokens:
+                pieces.append(piece)
+                finish = last_finish or finish
+        finally:
+            await tokens.aclose()
+        return Generation("".join(pieces), finish, Usage(request.progress.prompt_tokens,
+                                                         request.progress.completion_tokens))
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        script = self._receive(request)
+        record = StreamRecord(request)
+        self.calls.streams.append(record)
+        return self._stream(request, script, record)
+
+    async def _stream(self, request: GenerationRequest, script: Script,
+                      record: StreamRecord) -> AsyncIterator[Chunk]:
+        tokens = self._generate(request, script)
+        try:
+            async for piece, finish in tokens:
+                record.tokens_sent += 1 if piece else 0
+                if finish is None:
+                    yield Chunk(text=piece)
+                else:
+                    record.finished = True
+                    yield Chunk(text=piece, finish_reason=finish,
+                                usage=Usage(request.progress.prompt_tokens,
+                                            request.progress.completion_tokens))
+        finally:
+            if not record.finished:
+                record.closed_early = True
+            await tokens.aclose()  # stop generating now, as a real backend frees its slot
+
+    async def _generate(self, request: GenerationRequest, script: Script):
+        """``(piece, finish_reason or None)`` per token; the last one carries the reason."""
+        self.active += 1
+        try:
+            tokens = list(script.tokens)
+            finish = script.finish_reason
+            if request.max_tokens is not None and len(tokens) > request.max_tokens:
+                tokens, finish = tokens[:request.max_tokens], "length"
+            if script.first_token_delay_s:
+                await asyncio.sleep(script.first_token_delay_s)
+            if script.fail is not None and script.fail_after == 0:
+                raise script.fail
+            request.progress.prompt_tokens = script.prompt_tokens
+            if not tokens:
+                yield "", finish
+                return
+            for i, piece in enumerate(tokens):
+                if i and script.token_delay_s:
+                    await asyncio.sleep(script.token_delay_s)
+                request.progress.completion_tokens += 1
+                produced = i + 1
+                if script.fail is not None and script.fail_after == produced:
+                    yield piece, None
+                    raise script.fail
+                yield piece, finish if produced == len(tokens) else None
+        finally:
+            self.active -= 1
