@@ -86,7 +86,7 @@ class InProcessGateway:
     def runtime(self):
         return self.app.state.runtime
 
-    async def __aenter__(self) -> InProcessGateway:
+    async def __aenter__(self):
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),

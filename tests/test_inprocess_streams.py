@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from .inprocess import InProcessGateway, auth, chat_body, joules, policy, sse_events, \
-    stream_then_disconnect
+from .inprocess import (
+    InProcessGateway,
+    auth,
+    chat_body,
+    joules,
+    policy,
+    sse_events,
+    stream_then_disconnect,
+)
 from .scripted import Script
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
