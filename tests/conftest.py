@@ -19,6 +19,86 @@ import yaml
 
 from policies import key_digest
 
+# -- what `unit` means, enforced -----------------------------------------------------------
+#
+# A test marked `unit` starts no process, opens no network connection and assembles no
+# model. For those tests (their fixtures included) the environment's doors are locked:
+# starting a subprocess, connecting an internet socket (AF_UNIX stays open: it is local
+# IPC, not network) and assembling a catalog model raise at once, naming the test's
+# marker as the thing to fix.
+
+
+class NotAUnitTest(RuntimeError):
+    """A test marked `unit` crossed the boundary of the unit tier."""
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise NotAUnitTest(f"a test marked 'unit' tried to {what}: mark it e2e, or drive "
+                           "the code in-process (tests/inprocess.py)")
+    return refuse
+
+
+def _lock_unit_boundary(mp: pytest.MonkeyPatch) -> None:
+    import backends.models
+    import gateway.cli.models
+
+    mp.setattr(subprocess.Popen, "__init__", _refuse("start a subprocess"))
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guarded(real, what):
+        def call(self, address, *args):
+            if self.family == getattr(socket, "AF_UNIX", None):
+                return real(self, address, *args)
+            _refuse(f"{what} to {address!r} (network)")()
+        return call
+
+    mp.setattr(socket.socket, "connect", guarded(connect, "connect"))
+    mp.setattr(socket.socket, "connect_ex", guarded(connect_ex, "connect"))
+    assemble = _refuse("assemble a GGUF model")
+    mp.setattr(backends.models, "assemble", assemble)
+    mp.setattr(backends.models, "_chunk_files", assemble)  # also catches a direct reference
+    mp.setattr(gateway.cli.models, "assemble", assemble)
+
+
+def _unit_phase(item):
+    if item.get_closest_marker("unit") is None:
+        return (yield)
+    with pytest.MonkeyPatch.context() as mp:
+        _lock_unit_boundary(mp)
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _unit_phase(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _unit_phase(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):
+    return (yield from _unit_phase(item))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test says which tier it belongs to: exactly one of `unit` and `e2e`."""
+    wrong = [f"{item.nodeid}: marked {' and '.join(tiers) or 'neither unit nor e2e'}"
+             for item in items
+             if len(tiers := [t for t in ("unit", "e2e") if item.get_closest_marker(t)]) != 1]
+    if wrong:
+        raise pytest.UsageError("every test is marked either unit or e2e:\n  " + "\n  ".join(wrong))
+
+
+@pytest.fixture
+def anyio_backend():
+    """`@pytest.mark.anyio` tests (the in-process tier) run on asyncio."""
+    return "asyncio"
+
+
 SMALL_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 SMALL_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
 KEYS = {"acme": "sk-test-acme", "globex": "sk-test-globex"}
