@@ -183,6 +183,7 @@ def test_simulate_leaves_the_policys_ledger_alone(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.e2e
 def test_simulate_cli_json_and_table(tmp_path):
     policy_file = write_policy(tmp_path)
     requests = write_jsonl(tmp_path)
@@ -250,6 +251,7 @@ def test_simulate_csv_at_one_instant(tmp_path):
         ["served", "degraded", "served", "served", "refused", "served"]
 
 
+@pytest.mark.e2e
 def test_simulate_cli_csv_detected_by_content(tmp_path):
     path = tmp_path / "requests.txt"  # no telling extension: CSV by its content
     path.write_text(CSV)
@@ -295,6 +297,7 @@ def test_unknown_tenant_and_time_going_backwards(tmp_path):
         simulate(policy, read_requests(path), source=str(path))
 
 
+@pytest.mark.e2e
 def test_simulate_cli_bad_file_is_one_line_exit_2(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"tenant": "hooli", "prompt_tokens": 3}\n')
@@ -317,6 +320,7 @@ def window_rows(stdout: str) -> dict[str, list[float]]:
     return rows
 
 
+@pytest.mark.e2e
 def test_grant_and_reset_change_what_show_prints(tmp_path):
     policy = write_policy(tmp_path)
     # Spend 1200 J in both of umbrella's windows, as the gateway would have.
@@ -354,6 +358,7 @@ def test_grant_and_reset_change_what_show_prints(tmp_path):
                                          "calendar-month": [100000, 0, 0, 0, 100000]}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("args", "status", "message"), [
     (["grant", "hooli", "--window", "1h", "--joules", "5"], 1, "no tenant 'hooli' in the policy"),
     (["reset", "initech"], 1, "tenant 'initech' has no budgets"),
@@ -369,6 +374,7 @@ def test_grant_and_reset_errors_are_one_line(tmp_path, args, status, message):
     assert not (tmp_path / "state" / "ledger.sqlite").exists()
 
 
+@pytest.mark.e2e
 def test_ledger_unavailable_is_one_line(tmp_path):
     policy = write_policy(tmp_path, ledger={"kind": "redis",
                                             "url": f"redis://127.0.0.1:{free_port()}/0"})

@@ -140,6 +140,7 @@ def test_a_syntax_error_is_reported_at_its_position(tmp_path: Path):
     assert issues[0].line == 3  # the list is still open at the end of the file
 
 
+@pytest.mark.e2e
 def test_check_policy_cli_reports_all_mistakes(mistakes: Path):
     out = subprocess.run([sys.executable, "-m", "gateway.cli", "check-policy", str(mistakes)],
                          capture_output=True, text=True, timeout=60)

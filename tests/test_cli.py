@@ -10,9 +10,10 @@ import pytest
 from gateway.cli import COMMANDS, build_parser, main
 from gateway.cli.models import AssemblyProgress
 
-pytestmark = pytest.mark.unit
+# Marked test by test: the unit ones start no process and open no socket.
 
 
+@pytest.mark.unit
 def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
@@ -20,6 +21,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"joulegate {metadata.version('joulegate')}"
 
 
+@pytest.mark.unit
 def test_every_command_has_user_help(capsys):
     parser = build_parser()
     with pytest.raises(SystemExit):
@@ -41,6 +43,7 @@ def fake_clock(times):
     return lambda: next(it)
 
 
+@pytest.mark.unit
 def test_assembly_progress_on_a_terminal_draws_a_bar_with_rate_and_eta():
     out = io.StringIO()
     # start at 0 s; 100 MB after 1 s; done (200 MB) after 2 s; finish at 2 s
@@ -54,6 +57,7 @@ def test_assembly_progress_on_a_terminal_draws_a_bar_with_rate_and_eta():
     assert out.getvalue().endswith("\nm: assembled 200.0 MB in 2.0 s (100 MB/s), sha256 checked\n")
 
 
+@pytest.mark.unit
 def test_assembly_progress_off_a_terminal_is_one_line_per_model():
     out = io.StringIO()
     progress = AssemblyProgress("m", 10_000_000, out, live=False, clock=fake_clock([0, 5]))

@@ -122,6 +122,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.e2e
 @pytest.mark.ops
 def test_alert_rules_check_and_unit_tests_pass():
     check = promtool("check", "rules", str(RULES))

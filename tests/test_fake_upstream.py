@@ -14,7 +14,7 @@ import pytest
 from .conftest import FakeUpstream
 from .fake_upstream import PLAIN, STREAM, STREAM_WITH_USAGE, Options, start, stream_mode
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.e2e  # starts the fake upstream as processes and talks to it over sockets
 
 CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 

@@ -19,7 +19,7 @@ import yaml
 
 from policies import load_policy
 
-pytestmark = pytest.mark.ops
+pytestmark = [pytest.mark.e2e, pytest.mark.ops]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "joulegate"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.e2e  # runs each solution in a subprocess
 
 _SPEC = importlib.util.spec_from_file_location(
     "humaneval_bench", Path(__file__).resolve().parent.parent / "benchmarks" / "humaneval.py")

@@ -271,6 +271,7 @@ def joulegate(*args: str, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=120, **kw)
 
 
+@pytest.mark.e2e
 def test_cli_prints_the_policy_on_stdout_and_notes_on_stderr(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(LITELLM_CONFIG)

@@ -13,7 +13,7 @@ from gateway.budgets.redis_ledger import RedisLedger
 
 from .conftest import free_port, wait_until
 
-pytestmark = pytest.mark.unit
+# Marked test by test: the redis ledger runs against a real redis-server (e2e).
 
 NOW = 1_800_000_030.0  # 30 s into a minute, well inside its hour, day, ...
 LIMITS = [Limit("1m", 100.0), Limit("1h", 250.0)]
@@ -64,7 +64,8 @@ class Ledgers:
         asyncio.run(wrapped())
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=[pytest.param("embedded", marks=pytest.mark.unit),
+                        pytest.param("redis", marks=pytest.mark.e2e)])
 def ledgers(request, tmp_path):
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     yield Ledgers(request.param, tmp_path, url)
@@ -213,6 +214,7 @@ def test_record_without_reservation_is_idempotent(ledgers):
     ledgers.run(body)
 
 
+@pytest.mark.e2e
 def test_redis_down_is_reported():
     async def body():
         ledger = RedisLedger(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
@@ -225,6 +227,7 @@ def test_redis_down_is_reported():
     asyncio.run(body())
 
 
+@pytest.mark.unit
 def test_calendar_month_period():
     start, end = period("calendar-month", 1_704_067_200 + 86400 * 40)  # 2024-02-10
     assert (start, end) == (1_706_745_600, 1_709_251_200)  # Feb 1 .. Mar 1 (leap year)

@@ -19,7 +19,7 @@ from gateway.energy.rapl import RaplMeter
 
 from .conftest import free_port
 
-pytestmark = pytest.mark.unit
+# Marked test by test: the unit ones start no process and open no socket.
 
 
 class _NVMLError(Exception):
@@ -44,6 +44,7 @@ def fake_pynvml(energy_mj: dict[int, list[int]] | None, power_mw: dict[int, floa
     return mod
 
 
+@pytest.mark.unit
 def test_nvml_counter_path_sums_gpus_and_survives_a_reset(monkeypatch):
     counters = {0: [1_000_000, 1_005_000, 1_012_000, 3_000], 1: [50_000, 52_000, 54_000, 56_000]}
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(counters, {0: 250_000, 1: 200_000}))
@@ -59,6 +60,7 @@ def test_nvml_counter_path_sums_gpus_and_survives_a_reset(monkeypatch):
     meter.close()
 
 
+@pytest.mark.unit
 def test_nvml_power_sampling_path_integrates(monkeypatch):
     power = {0: 300_000.0}
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(None, power))
@@ -74,6 +76,7 @@ def test_nvml_power_sampling_path_integrates(monkeypatch):
     assert 300 * (elapsed - 0.05) <= joules <= 300 * (elapsed + 0.02)
 
 
+@pytest.mark.unit
 def test_nvml_unavailable_without_the_library(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
     with pytest.raises(MeterUnavailable, match="pynvml is not installed"):
@@ -87,6 +90,7 @@ def _zone(path, name, energy_uj, max_uj):
     (path / "max_energy_range_uj").write_text(f"{max_uj}\n")
 
 
+@pytest.mark.unit
 def test_rapl_sums_packages_and_dram_and_wraps(tmp_path):
     _zone(tmp_path / "intel-rapl:0", "package-0", 1_000_000, 10_000_000)
     _zone(tmp_path / "intel-rapl:0" / "intel-rapl:0:0", "core", 5, 10_000_000)
@@ -101,11 +105,13 @@ def test_rapl_sums_packages_and_dram_and_wraps(tmp_path):
     assert meter.read().joules == pytest.approx(2.0 + 0.5 + 1.0)
 
 
+@pytest.mark.unit
 def test_rapl_missing_is_unavailable(tmp_path):
     with pytest.raises(MeterUnavailable, match="no RAPL zones"):
         RaplMeter(str(tmp_path)).start()
 
 
+@pytest.mark.e2e
 def test_prometheus_meter_reads_a_real_exporter():
     registry = CollectorRegistry()
     energy = Counter("dcgm_energy_mj", "test counter", ["gpu", "Hostname"], registry=registry)
@@ -144,12 +150,14 @@ def test_prometheus_meter_reads_a_real_exporter():
         server.shutdown()
 
 
+@pytest.mark.unit
 def test_selector_parsing():
     assert parse_selector('a_b{x="1",y="two"}') == ("a_b", {"x": "1", "y": "two"})
     with pytest.raises(ValueError):
         parse_selector('a{x=~"1"}')
 
 
+@pytest.mark.unit
 def test_cpu_time_meter_counts_this_process():
     meter = CpuTimeMeter(watts_per_core=10.0)
     before = meter.read().joules

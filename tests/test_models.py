@@ -9,7 +9,7 @@ import pytest
 
 from backends.models import CATALOG, CatalogModel, ModelError, assemble, resolve_model_path
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.e2e  # reads the model chunk packages (the real GGUF bytes)
 
 SMALL = CATALOG["qwen2.5-coder-0.5b-instruct-q4_k_m"]
 

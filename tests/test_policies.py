@@ -12,7 +12,7 @@ import yaml
 
 from policies import DEFAULT_POLICY_PATH, PolicyError, key_digest, load_policy, parse_policy
 
-pytestmark = pytest.mark.unit
+# Marked test by test: the unit ones start no process and open no socket.
 
 BASE = {
     "version": 1,
@@ -34,34 +34,40 @@ def issues(mutate) -> list[str]:
     return [str(i) for i in info.value.issues]
 
 
+@pytest.mark.unit
 def test_valid_policy_orders_tiers_by_cost():
     policy = parse_policy(copy.deepcopy(BASE))
     assert [t.name for t in policy.ordered_tiers()] == ["small", "big"]
     assert [t.name for t in policy.tenant_tiers("acme")] == ["small", "big"]
 
 
+@pytest.mark.unit
 def test_shipped_default_policy_is_valid():
     policy = load_policy(DEFAULT_POLICY_PATH)
     assert [t.name for t in policy.ordered_tiers()] == ["small", "full"]
     assert {b.kind for b in policy.backends.values()} == {"llamacpp"}
 
 
+@pytest.mark.unit
 def test_unknown_key_names_path_and_allowed_keys():
     found = issues(lambda d: d["backends"]["up"].update(timeout=3))
     assert len(found) == 1
     assert found[0].startswith("backends.up.timeout: unknown key; expected one of: kind, base_url")
 
 
+@pytest.mark.unit
 def test_unknown_top_level_key():
     assert issues(lambda d: d.update(tennants={})) == [
         "tennants: unknown key; expected one of: version, state_dir, server, admin, ledger, "
         "backends, tiers, tenants, routing (did you mean 'tenants'?)"]
 
 
+@pytest.mark.unit
 def test_missing_key():
     assert issues(lambda d: d["tiers"][0].pop("cost")) == ["tiers[0].cost: required key is missing"]
 
 
+@pytest.mark.unit
 def test_wrong_type_and_range():
     found = issues(lambda d: d.update(server={"port": "http", "max_body_bytes": 10}))
     assert any(f.startswith("server.port: ") and "valid integer" in f and "'http'" in f for f in found)
@@ -69,17 +75,20 @@ def test_wrong_type_and_range():
                for f in found)
 
 
+@pytest.mark.unit
 def test_unknown_backend_kind():
     found = issues(lambda d: d["backends"].update(x={"kind": "tgi"}))
     assert found == ["backends.x: unknown backend kind 'tgi'; expected one of: 'llamacpp', 'openai', 'vllm'"]
 
 
+@pytest.mark.unit
 def test_plain_key_is_refused():
     found = issues(lambda d: d["tenants"]["acme"]["keys"].append("sk-secret"))
     assert len(found) == 1 and found[0].startswith("tenants.acme.keys[1]: a key must be written as")
     assert "sk-secret" not in found[0]
 
 
+@pytest.mark.unit
 def test_reference_errors_are_all_reported():
     def mutate(d):
         d["tiers"][0]["backend"] = "nope"
@@ -92,6 +101,7 @@ def test_reference_errors_are_all_reported():
     assert any(f.startswith("tenants.acme.default_tier: 'big' is not one of") for f in found)
 
 
+@pytest.mark.unit
 def test_duplicate_tier_and_shared_key_and_reserved_name():
     def mutate(d):
         d["tiers"].append({"name": "small", "backend": "up", "model": "auto", "cost": 3})
@@ -104,6 +114,7 @@ def test_duplicate_tier_and_shared_key_and_reserved_name():
                for f in found)
 
 
+@pytest.mark.unit
 def test_file_errors(tmp_path: Path):
     dup = tmp_path / "dup.yaml"
     dup.write_text("version: 1\nversion: 1\n")
@@ -127,6 +138,7 @@ def _cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subpr
                           text=True, env=env, input=stdin, timeout=60)
 
 
+@pytest.mark.e2e
 def test_check_policy_cli(tmp_path: Path, monkeypatch):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(BASE))
@@ -148,6 +160,7 @@ def test_check_policy_cli(tmp_path: Path, monkeypatch):
     assert "backends.local.model: '/nonexistent/model.gguf' is neither a catalog model" in out.stderr
 
 
+@pytest.mark.e2e
 def test_keys_hash_cli():
     out = _cli("keys", "hash", "sk-abc")
     assert out.stdout.strip() == "sha256:" + key_digest("sk-abc")

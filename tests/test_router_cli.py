@@ -15,7 +15,7 @@ def joulegate(*args: str, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=600, **kw)
 
 
-@pytest.mark.unit
+@pytest.mark.e2e  # runs the CLI as a subprocess
 def test_route_prints_score_features_and_tier():
     easy = joulegate("route", "What is 2 + 2?", "--json")
     hard = joulegate("route", "--json", "--", "Prove step by step that the following algorithm "
@@ -32,6 +32,7 @@ def test_route_prints_score_features_and_tier():
     assert bad.returncode == 2 and "unknown difficulty estimator 'bert'" in bad.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.bench
 def test_router_eval_writes_table_and_plot_and_learned_beats_the_baselines(tmp_path):
     # No --data: the CLI reads the routing data that ships in the checkout.
@@ -53,7 +54,7 @@ def test_router_eval_writes_table_and_plot_and_learned_beats_the_baselines(tmp_p
     assert report.count("APGR held out:") == 4  # each fold's own figure and chosen model
 
 
-@pytest.mark.unit
+@pytest.mark.e2e  # runs the CLI as a subprocess
 def test_check_policy_names_an_unknown_estimator(tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text(f"""version: 1
