@@ -5,12 +5,15 @@ does not retry); one that fits later is a 429 whose Retry-After is when enough b
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 import pytest
 
 from .conftest import KEYS, Gateway, priced_policy
+
+if TYPE_CHECKING:
+    import openai
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +32,15 @@ def requests_seen(gw: Gateway, tenant: str = "acme") -> float:
 
 
 def sdk(gw: Gateway, retries: int) -> openai.OpenAI:
+    import openai
+
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["acme"], max_retries=retries,
                          timeout=30)
 
 
 def test_a_request_larger_than_the_window_is_a_400_the_sdk_does_not_retry(upstream, gateways):
+    import openai
+
     gw = gateways(priced_policy(upstream.url, {"budgets": [{"window": "1d", "joules": 100}],
                                                "on_exhausted": "reject"}))
     with pytest.raises(openai.BadRequestError) as info:
@@ -57,6 +64,8 @@ def test_a_request_larger_than_the_window_is_a_400_the_sdk_does_not_retry(upstre
 
 
 def test_degrading_tenant_is_told_the_best_tier_and_size_that_fit(upstream, gateways):
+    import openai
+
     gw = gateways(priced_policy(upstream.url, {"budgets": [{"window": "1h", "joules": 30}]}))
     with pytest.raises(openai.BadRequestError) as info:
         sdk(gw, retries=2).chat.completions.create(model="big", messages=HI, max_tokens=100)
@@ -68,6 +77,8 @@ def test_degrading_tenant_is_told_the_best_tier_and_size_that_fit(upstream, gate
 
 def test_a_request_that_fits_later_gets_429_with_retry_after_at_the_window_reset(upstream,
                                                                                  gateways):
+    import openai
+
     gw = gateways(priced_policy(upstream.url, {"budgets": [{"window": "1d", "joules": 100}],
                                                "on_exhausted": "reject"}))
     client = sdk(gw, retries=0)

@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 import pytest
 import yaml
 
@@ -48,6 +48,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from render_dashboard import panels, substitute  # noqa: E402
 
 del sys.path[0]
+
+if TYPE_CHECKING:
+    import openai
 
 
 def dashboard() -> dict:
@@ -225,6 +228,8 @@ def chat(client: openai.OpenAI, prompt: str, model: str = "auto", stream: bool =
 
 
 def send_traffic(gw) -> None:
+    import openai
+
     globex, acme = gw.client("globex"), gw.client("acme")
     # globex: a pinned big request its budget cannot take degrades to small, then requests
     # until the budget refuses them (429).

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import openai
 import pytest
 
 from .conftest import free_port, wait_until
@@ -17,6 +16,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_serve_with_the_embedded_default_policy(tmp_path, small_model_path):
+    import openai
+
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEGATE_")}
     env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONUNBUFFERED="1")

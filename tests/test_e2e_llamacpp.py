@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from .conftest import ADMIN_KEY, KEYS, SMALL_MODEL_ID, access_records, wait_until
@@ -88,6 +87,8 @@ def test_models_list(gateway):
 
 
 def test_authentication_errors(gateway):
+    import openai
+
     with pytest.raises(openai.AuthenticationError) as info:
         openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0
                       ).chat.completions.create(model="auto", messages=HELLO)
@@ -100,6 +101,8 @@ def test_authentication_errors(gateway):
 
 
 def test_invalid_requests(gateway):
+    import openai
+
     client = gateway.client()
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="auto", messages=HELLO, tools=[
@@ -131,6 +134,8 @@ def test_prompt_longer_than_context_is_a_400(gateway):
 
 
 def test_body_too_large(gateway):
+    import openai
+
     big = {"model": "auto", "messages": [{"role": "user", "content": "x" * 5000}]}
     headers = {"authorization": f"Bearer {KEYS['acme']}"}
     resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=big, headers=headers)

@@ -6,13 +6,16 @@ import asyncio
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 import pytest
 
 from .conftest import FakeUpstream
 from .fake_upstream import PLAIN, STREAM, STREAM_WITH_USAGE, Options, start, stream_mode
+
+if TYPE_CHECKING:
+    import openai
 
 pytestmark = pytest.mark.e2e  # starts the fake upstream as processes and talks to it over sockets
 
@@ -27,6 +30,8 @@ def fake():
 
 
 def sdk(up: FakeUpstream) -> openai.OpenAI:
+    import openai
+
     return openai.OpenAI(base_url=up.url, api_key="x", max_retries=0, timeout=10)
 
 

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -65,6 +64,8 @@ def write_values(tmp_path: Path, values: dict) -> Path:
 
 @pytest.mark.parametrize("values", [[], [FULL]], ids=["defaults", "everything-on"])
 def test_lint_and_render_validate_against_kubernetes_schemas(values):
+    import kubernetes_validate
+
     lint = helm("lint", "--strict", str(CHART), *[a for v in values for a in ("-f", str(v))],
                 check=False)
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -85,6 +86,8 @@ def test_lint_and_render_validate_against_kubernetes_schemas(values):
 
 def test_the_validator_rejects_a_broken_manifest():
     """The schema check above can fail: a misspelt field in a rendered Deployment is caught."""
+    import kubernetes_validate
+
     deployment = one(render(), "Deployment", "jg-joulegate")
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):

@@ -11,7 +11,6 @@ import sys
 import threading
 
 import httpx
-import openai
 import pytest
 
 from policies import key_digest
@@ -103,6 +102,8 @@ def test_chat_through_http_upstream(gw):
 
 
 def test_streaming_passthrough(gw, upstream):
+    import openai
+
     ours = list(gw.client().chat.completions.create(
         model="remote", messages=HELLO, max_tokens=10, temperature=0, stream=True,
         stream_options={"include_usage": True}))
@@ -125,6 +126,8 @@ def test_completions_through_http_upstream(gw):
     ("hang", 504, "upstream_timeout", "within"),          # accepts, never answers
 ])
 def test_broken_upstreams(gw, tier, status, code, words, stream):
+    import openai
+
     with pytest.raises(openai.APIStatusError) as info:
         result = gw.client().chat.completions.create(model=tier, messages=HELLO, max_tokens=4,
                                                      stream=stream)

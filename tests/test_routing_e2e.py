@@ -7,12 +7,15 @@ every test is about the routing decision, not about a model.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 import pytest
 
 from .conftest import ADMIN_KEY, KEYS, Gateway, priced_policy
+
+if TYPE_CHECKING:
+    import openai
 
 pytestmark = pytest.mark.e2e
 
@@ -66,6 +69,8 @@ def test_auto_sends_easy_prompts_to_small_and_hard_ones_to_big(gateway_for):
 
 
 def test_pins_and_the_max_tier_header(gateway_for):
+    import openai
+
     gw = gateway_for({})
     client = gw.client()
     headers, _ = ask(client, EASY, model="big")
@@ -114,6 +119,8 @@ def test_budget_pressure_moves_hard_prompts_down_before_the_budget_runs_out(gate
 
 
 def test_a_tier_that_cannot_answer_falls_back_down_the_ladder(gateway_for, upstream):
+    import openai
+
     from .conftest import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
