@@ -1,14 +1,13 @@
 """Model backends behind one small interface (:class:`backends.base.Backend`).
 
-One module per kind; :func:`create_backend` builds one from a policy's settings. Modules
-are imported lazily so that a gateway without llama.cpp installed can still serve HTTP
-upstreams. This package never imports ``gateway``.
+One module per kind, each declaring its settings, capabilities and how it is built
+(:class:`backends.kind.BackendKind`); :data:`KINDS` (:mod:`backends.registry`) lists them.
+Optional runtime packages (llama-cpp-python) are imported only when a backend starts, so a
+gateway without them still loads every policy and reports what is missing. This package
+never imports ``gateway`` or ``policies``.
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from .base import (
     Backend,
@@ -21,26 +20,14 @@ from .base import (
     Generation,
     GenerationRequest,
     Health,
+    Load,
     Usage,
 )
-
-#: Backend kind (as written in policies) → "module:class".
-KINDS: dict[str, str] = {
-    "llamacpp": "backends.llamacpp:LlamaCppBackend",
-    "openai": "backends.openai_http:OpenAIBackend",
-    "vllm": "backends.vllm:VLLMBackend",
-}
-
-
-def create_backend(name: str, kind: str, settings: dict[str, Any]) -> Backend:
-    """Instantiate the backend ``kind`` named ``name`` from its policy settings."""
-    module_name, _, class_name = KINDS[kind].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls.from_settings(name, settings)
-
+from .kind import BackendKind, Capabilities, Requirement, Settings
+from .registry import KINDS
 
 __all__ = [
-    "KINDS", "Backend", "BackendError", "BackendFailure", "BackendRejected", "BackendTimeout",
-    "BackendUnavailable", "Chunk", "Generation", "GenerationRequest", "Health", "Usage",
-    "create_backend",
+    "KINDS", "Backend", "BackendError", "BackendFailure", "BackendKind", "BackendRejected",
+    "BackendTimeout", "BackendUnavailable", "Capabilities", "Chunk", "Generation",
+    "GenerationRequest", "Health", "Load", "Requirement", "Settings", "Usage",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass(slots=True)
@@ -66,6 +65,21 @@ class Chunk:
 
 
 @dataclass(slots=True)
+class Load:
+    """An upstream server's load, as last scraped (summed over its replicas)."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float | None = None
+    prompt_tokens_total: float = 0.0
+    generation_tokens_total: float = 0.0
+    #: tokens per second over the last scrape interval
+    prompt_tokens_per_s: float = 0.0
+    generation_tokens_per_s: float = 0.0
+    scraped_at: float = 0.0
+
+
+@dataclass(slots=True)
 class Health:
     ok: bool
     detail: str = ""
@@ -113,11 +127,6 @@ class Backend(abc.ABC):
     def __init__(self, name: str):
         self.name = name
 
-    @classmethod
-    def from_settings(cls, name: str, settings: dict[str, Any]) -> Backend:
-        """Build from a policy entry's settings (everything but ``kind``)."""
-        return cls(name, **settings)
-
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load models / open connections. Called before the backend serves."""
 
@@ -140,3 +149,14 @@ class Backend(abc.ABC):
     def saturated(self) -> bool:
         """A load hint for routing: True when new requests would only queue (default: never)."""
         return False
+
+    def load(self) -> Load | None:
+        """The server's queue depth and token rates, for metrics (default: not known)."""
+        return None
+
+    def own_fraction(self) -> float:
+        """The gateway's share of the token work on this backend's hardware over the last
+        interval: below 1.0 when other clients use the same server. Energy attribution
+        charges only this share of a device's measured energy to the gateway's requests
+        (default: 1.0, the gateway is the only client)."""
+        return 1.0

@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pydantic import Field
+
 from .base import (
     Backend,
     BackendFailure,
@@ -33,6 +35,7 @@ from .base import (
     Health,
     Usage,
 )
+from .kind import BackendKind, Capabilities, Requirement, Settings
 from .models import ModelError, resolve_model_path
 
 # OpenAI's sampling defaults, used when the client gives none (llama-cpp-python's differ).
@@ -43,6 +46,25 @@ _END = object()
 #: threads of one process deadlocked here (about 2 starts in 3, holding the GIL), so every
 #: load in the process takes this lock. Generation on loaded models is unaffected.
 _LOAD_LOCK = threading.Lock()
+_LLAMA_CPP = Requirement("llama_cpp", "llama-cpp-python", "llamacpp")
+
+
+class LlamaCppSettings(Settings):
+    """In-process llama.cpp (llama-cpp-python) serving one GGUF model."""
+
+    #: A catalog name (``joulegate models``) or a path to a ``.gguf`` file.
+    model: str = Field(min_length=1)
+    n_ctx: int = Field(4096, ge=128, le=1 << 20)
+    #: CPU threads per slot; default: all cores.
+    n_threads: int | None = Field(None, ge=1, le=1024)
+    #: Parallel generations (one llama.cpp context each; the weights are shared through mmap).
+    slots: int = Field(1, ge=1, le=64)
+    #: Requests allowed to wait for a slot; beyond it the backend answers 503 at once.
+    max_queue: int = Field(64, ge=0, le=100_000)
+    #: Longest wait for a slot before the request fails with 503.
+    queue_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Override the chat template the GGUF carries (a llama-cpp-python chat format name).
+    chat_format: str | None = None
 
 
 class _TokenTap:
@@ -91,25 +113,15 @@ def _counting_llama(llama_cpp: Any) -> type:
 class LlamaCppBackend(Backend):
     kind = "llamacpp"
 
-    def __init__(
-        self,
-        name: str,
-        model: str,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        slots: int = 1,
-        max_queue: int = 64,
-        queue_timeout_s: float = 30.0,
-        chat_format: str | None = None,
-    ):
+    def __init__(self, name: str, settings: LlamaCppSettings):
         super().__init__(name)
-        self.model = model
-        self.n_ctx = n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 1
-        self.slots = slots
-        self.max_queue = max_queue
-        self.queue_timeout_s = queue_timeout_s
-        self.chat_format = chat_format
+        self.model = settings.model
+        self.n_ctx = settings.n_ctx
+        self.n_threads = settings.n_threads or os.cpu_count() or 1
+        self.slots = settings.slots
+        self.max_queue = settings.max_queue
+        self.queue_timeout_s = settings.queue_timeout_s
+        self.chat_format = settings.chat_format
         self._free: list[Any] = []
         self._slot_sem: asyncio.Semaphore | None = None
         self._waiting = 0
@@ -123,8 +135,8 @@ class LlamaCppBackend(Backend):
         try:
             import llama_cpp
         except ImportError:
-            raise BackendUnavailable("llama-cpp-python is not installed: "
-                                     "pip install 'joulegate[llamacpp]'") from None
+            raise BackendUnavailable(f"{_LLAMA_CPP.package} is not installed: "
+                                     f"{_LLAMA_CPP.install}") from None
         try:
             path = await asyncio.to_thread(resolve_model_path, self.model)
         except ModelError as exc:
@@ -274,3 +286,8 @@ class LlamaCppBackend(Backend):
             return Health(False, self._error or "model not loaded")
         busy = self.slots - len(self._free)
         return Health(True, "ok", {"slots": self.slots, "busy": busy, "queued": self._waiting})
+
+
+KIND = BackendKind(LlamaCppBackend.kind, LlamaCppSettings,
+                   Capabilities(streaming=True, local=True), LlamaCppBackend,
+                   requirement=_LLAMA_CPP)

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from pydantic import Field
 
 from .base import (
     Backend,
@@ -34,6 +35,28 @@ from .base import (
     Health,
     Usage,
 )
+from .kind import BackendKind, Capabilities, Settings
+
+#: An HTTP(S) base URL, e.g. ``http://10.0.0.5:8000/v1``.
+URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
+
+
+class Timeouts(Settings):
+    connect_s: float = Field(5.0, gt=0, le=600)
+    #: Until the upstream's response headers (non-streaming: the whole body) or first SSE event.
+    first_byte_s: float = Field(60.0, gt=0, le=3600)
+    total_s: float = Field(600.0, gt=0, le=86400)
+
+
+class OpenAISettings(Settings):
+    """Any OpenAI-compatible HTTP upstream: vLLM, llama.cpp server, TGI, OpenAI itself."""
+
+    #: Base URL including the API prefix, e.g. ``http://10.0.0.5:8000/v1``.
+    base_url: str = Field(pattern=URL_PATTERN)
+    #: Literal key, or ``env:VAR``. Sent as ``Authorization: Bearer``.
+    api_key: str | None = None
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(256, ge=1, le=100_000)
 
 
 def _resolve_secret(value: str | None) -> str | None:
@@ -90,36 +113,21 @@ class _StreamState:
 class OpenAIBackend(Backend):
     kind = "openai"
 
-    def __init__(
-        self,
-        name: str,
-        base_url: str,
-        api_key: str | None = None,
-        connect_s: float = 5.0,
-        first_byte_s: float = 60.0,
-        total_s: float = 600.0,
-        max_connections: int = 256,
-    ):
+    def __init__(self, name: str, settings: OpenAISettings):
         super().__init__(name)
-        self.base_url = base_url.rstrip("/")
-        self.first_byte_s = first_byte_s
-        self.total_s = total_s
-        self._connect_s = connect_s
-        self._max_connections = max_connections
+        self.base_url = settings.base_url.rstrip("/")
+        self.first_byte_s = settings.timeouts.first_byte_s
+        self.total_s = settings.timeouts.total_s
+        self._connect_s = settings.timeouts.connect_s
+        self._max_connections = settings.max_connections
         headers = {"content-type": "application/json", "accept": "application/json"}
-        key = _resolve_secret(api_key)
+        key = _resolve_secret(settings.api_key)
         if key:
             headers["authorization"] = f"Bearer {key}"
         self._headers = headers
         self._client: aiohttp.ClientSession | None = None
         self._chat_url = f"{self.base_url}/chat/completions"
         self._completions_url = f"{self.base_url}/completions"
-
-    @classmethod
-    def from_settings(cls, name: str, settings: dict[str, Any]) -> OpenAIBackend:
-        settings = dict(settings)
-        timeouts = settings.pop("timeouts", None) or {}
-        return cls(name, **settings, **timeouts)
 
     async def start(self) -> None:
         # Read and total deadlines are enforced per request below, with asyncio.timeout.
@@ -292,3 +300,7 @@ class OpenAIBackend(Backend):
         if status != 200:
             return Health(False, f"GET /models answered HTTP {status}")
         return Health(True, "ok")
+
+
+KIND = BackendKind(OpenAIBackend.kind, OpenAISettings, Capabilities(streaming=True),
+                   OpenAIBackend)

@@ -23,11 +23,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Annotated, Any
 
 import aiohttp
+from pydantic import Field, model_validator
 
 from .base import (
     Backend,
@@ -38,8 +38,11 @@ from .base import (
     Generation,
     GenerationRequest,
     Health,
+    Load,
 )
-from .openai_http import OpenAIBackend
+from .kind import BackendKind, Capabilities, Requirement, Settings
+from .openai_http import URL_PATTERN, OpenAIBackend, OpenAISettings, Timeouts
+from .vllm_managed import ManagedServer, ManagedSettings
 
 log = logging.getLogger("joulegate.backends.vllm")
 
@@ -48,19 +51,35 @@ _RETRYABLE = (BackendUnavailable, BackendTimeout)
 PREFILL_WEIGHT = 0.1
 
 
-@dataclass(slots=True)
-class Load:
-    """A replica's (or a backend's summed) load, as last scraped."""
+class VLLMSettings(Settings):
+    """vLLM's OpenAI server: one URL, several replicas, or a managed local server."""
 
-    running: float = 0.0
-    waiting: float = 0.0
-    kv_cache_usage: float | None = None
-    prompt_tokens_total: float = 0.0
-    generation_tokens_total: float = 0.0
-    #: tokens per second over the last scrape interval
-    prompt_tokens_per_s: float = 0.0
-    generation_tokens_per_s: float = 0.0
-    scraped_at: float = 0.0
+    #: One server, e.g. ``http://vllm-moe:8000/v1`` ...
+    base_url: str | None = Field(None, pattern=URL_PATTERN)
+    #: ... or several replicas of the same model (least-outstanding balancing).
+    replicas: list[Annotated[str, Field(pattern=URL_PATTERN)]] | None = None
+    managed: ManagedSettings | None = None
+    api_key: str | None = None
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(256, ge=1, le=100_000)
+    #: Seconds between scrapes of each replica's /metrics.
+    metrics_interval_s: float = Field(2.0, gt=0, le=300)
+    #: Routing skips this backend's tiers while every replica has at least this many
+    #: waiting requests (vllm:num_requests_waiting); unset: never.
+    max_waiting: int | None = Field(None, ge=0)
+    #: Retries on another replica before the first byte (unreachable, overloaded, too slow).
+    retries: int = Field(1, ge=0, le=10)
+    #: A replica failing this many times in a row is ejected for eject_s (doubling).
+    eject_after: int = Field(3, ge=1, le=1000)
+    eject_s: float = Field(30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VLLMSettings:
+        given = [k for k in ("base_url", "replicas", "managed") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of base_url, replicas or managed"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
@@ -146,38 +165,27 @@ class Replica:
 class VLLMBackend(Backend):
     kind = "vllm"
 
-    def __init__(self, name: str, base_url: str | None = None, replicas: list[str] | None = None,
-                 api_key: str | None = None, timeouts: dict | None = None,
-                 max_connections: int = 256, metrics_interval_s: float = 2.0,
-                 max_waiting: int | None = None, retries: int = 1, eject_after: int = 3,
-                 eject_s: float = 30.0, managed: dict | None = None):
+    def __init__(self, name: str, settings: VLLMSettings):
         super().__init__(name)
-        self.metrics_interval_s = metrics_interval_s
-        self.max_waiting = max_waiting
-        self.retries = retries
-        self.eject_after = eject_after
-        self.eject_s = eject_s
+        self.metrics_interval_s = settings.metrics_interval_s
+        self.max_waiting = settings.max_waiting
+        self.retries = settings.retries
+        self.eject_after = settings.eject_after
+        self.eject_s = settings.eject_s
         self.managed = None
-        if managed is not None:
-            from .vllm_managed import ManagedServer
-
-            self.managed = ManagedServer(name, **managed)
+        base_url = settings.base_url
+        if settings.managed is not None:
+            self.managed = ManagedServer(name, settings.managed)
             base_url = self.managed.base_url
-        urls = list(replicas or []) or ([base_url] if base_url else [])
-        if not urls:
-            raise ValueError(f"backend '{name}': give base_url, replicas or managed")
+        urls = list(settings.replicas or []) or ([base_url] if base_url else [])
         self.replicas = [
-            Replica(OpenAIBackend(f"{name}[{i}]" if len(urls) > 1 else name, url, api_key,
-                                  max_connections=max_connections, **(timeouts or {})),
-                    _metrics_url(url))
+            Replica(OpenAIBackend(f"{name}[{i}]" if len(urls) > 1 else name, OpenAISettings(
+                base_url=url, api_key=settings.api_key, timeouts=settings.timeouts,
+                max_connections=settings.max_connections)), _metrics_url(url))
             for i, url in enumerate(urls)]
         self._rotation = 0
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
-
-    @classmethod
-    def from_settings(cls, name: str, settings: dict[str, Any]) -> VLLMBackend:
-        return cls(name, **settings)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -386,3 +394,16 @@ def _metrics_url(base_url: str) -> str:
     if root.endswith("/v1"):
         root = root[:-3]
     return root + "/metrics"
+
+
+def _runs_vllm_here(settings: Mapping[str, Any]) -> bool:
+    """A managed server run by the gateway's own Python needs vLLM installed beside it."""
+    managed = settings.get("managed")
+    return isinstance(managed, Mapping) and bool(managed) and not managed.get("python")
+
+
+KIND = BackendKind(
+    VLLMBackend.kind, VLLMSettings, Capabilities(streaming=True), VLLMBackend,
+    requirement=Requirement("vllm", "vllm", "vllm", mode="managed",
+                            hint="or set managed.python to a Python that has vLLM"),
+    needs_requirement=_runs_vllm_here)

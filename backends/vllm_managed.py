@@ -21,27 +21,44 @@ import time
 from pathlib import Path
 
 import aiohttp
+from pydantic import Field
+
+from .kind import Settings
 
 log = logging.getLogger("joulegate.backends.vllm")
 
 
+class ManagedSettings(Settings):
+    """Launch and supervise a local vLLM server for this backend (single node)."""
+
+    #: Model path or name for ``--model`` (a local directory: nothing is downloaded).
+    model: str = Field(min_length=1)
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    #: Extra vLLM arguments, e.g. ``["--max-model-len", "4096", "--dtype", "bfloat16"]``.
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Python of the environment vLLM is installed in (default: the gateway's).
+    python: str | None = None
+    start_timeout_s: float = Field(600.0, gt=0, le=7200)
+    stop_timeout_s: float = Field(20.0, gt=0, le=600)
+    log_file: str | None = None
+
+
 class ManagedServer:
-    def __init__(self, name: str, model: str, port: int = 8000, host: str = "127.0.0.1",
-                 args: list[str] | None = None, env: dict[str, str] | None = None,
-                 python: str | None = None, served_model_name: str | None = None,
-                 start_timeout_s: float = 600.0, stop_timeout_s: float = 20.0,
-                 log_file: str | None = None):
+    def __init__(self, name: str, settings: ManagedSettings):
         self.name = name
-        self.model = model
-        self.port = port
-        self.host = host
-        self.args = list(args or [])
-        self.env = dict(env or {})
-        self.python = python or sys.executable
-        self.served_model_name = served_model_name
-        self.start_timeout_s = start_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.log_file = Path(log_file) if log_file else \
+        self.model = settings.model
+        self.port = port = settings.port
+        self.host = host = settings.host
+        self.args = list(settings.args)
+        self.env = dict(settings.env)
+        self.python = settings.python or sys.executable
+        self.served_model_name = settings.served_model_name
+        self.start_timeout_s = settings.start_timeout_s
+        self.stop_timeout_s = settings.stop_timeout_s
+        self.log_file = Path(settings.log_file) if settings.log_file else \
             Path(tempfile.gettempdir()) / f"joulegate-vllm-{name}-{port}.log"
         self.base_url = f"http://{host}:{port}/v1"
         self.state = "stopped"

@@ -158,10 +158,9 @@ class Metrics:
     def record_backend_load(self, backends: dict) -> None:
         """Queue depth and token rates of backends that report load (vLLM), as last scraped."""
         for name, backend in backends.items():
-            load = getattr(backend, "load", None)
-            if load is None:
+            now = backend.load()
+            if now is None:
                 continue
-            now = load()
             self.backend_waiting.labels(name).set(now.waiting)
             self.backend_running.labels(name).set(now.running)
             self.backend_token_rate.labels(name, "prompt").set(now.prompt_tokens_per_s)

@@ -5,8 +5,9 @@
   :func:`policies.load_policy` or :func:`policies.inspect_policy` so that they are reported
   in the same pass as the schema's, each with its line and column.
 - :func:`missing_extras`: backends (and a ledger) whose Python package is not installed,
-  one line each with the exact ``pip install`` command. Found with
-  :func:`importlib.util.find_spec`: nothing heavy is imported.
+  one line each with the exact ``pip install`` command; each backend kind declares its own
+  (:attr:`backends.BackendKind.requirement`). Found with :func:`importlib.util.find_spec`:
+  nothing heavy is imported.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backends import KINDS, BackendKind, Requirement
 from policies import Policy, did_you_mean, resolve_key_ref
 
 _ENV_REF = re.compile(r"^env:[A-Za-z_][A-Za-z0-9_]*$")
@@ -75,30 +76,22 @@ def key_variables(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 CHECKS = (catalog_models, estimators, key_variables)
 
 
-@dataclass(frozen=True)
-class Requirement:
-    """A Python package some policy setting needs in the gateway's own environment."""
-
-    #: The import name looked for (``find_spec``), e.g. ``llama_cpp``.
-    module: str
-    #: What pip installs, as users know it, e.g. ``llama-cpp-python``.
-    package: str
-    #: The joulegate extra that brings it, e.g. ``llamacpp``.
-    extra: str
-
-    @property
-    def install(self) -> str:
-        return f"pip install 'joulegate[{self.extra}]'"
+def _key(kind: BackendKind, requirement: Requirement) -> str:
+    """``backend:<kind>``, or ``backend:<kind>:<mode>`` when only that mode needs it."""
+    return ":".join(filter(None, ("backend", kind.name, requirement.mode)))
 
 
-#: What needs an optional extra (see pyproject.toml): a backend kind
-#: (``backend:<kind>``), a managed vLLM server run by the gateway's own Python
-#: (``backend:vllm:managed``), a ledger kind (``ledger:<kind>``).
-REQUIREMENTS: dict[str, Requirement] = {
-    "backend:llamacpp": Requirement("llama_cpp", "llama-cpp-python", "llamacpp"),
-    "backend:vllm:managed": Requirement("vllm", "vllm", "vllm"),
-    "ledger:redis": Requirement("redis", "redis", "redis"),
-}
+def _requirements() -> dict[str, Requirement]:
+    """What needs an optional extra (see pyproject.toml): each backend kind's, from the
+    registry (keyed by :func:`_key`), and a ledger kind's (``ledger:<kind>``)."""
+    table = {_key(kind, kind.requirement): kind.requirement
+             for kind in KINDS.values() if kind.requirement is not None}
+    table["ledger:redis"] = Requirement("redis", "redis", "redis")
+    return table
+
+
+#: What :func:`missing_extras` looks for, keyed as :func:`_requirements` says.
+REQUIREMENTS: dict[str, Requirement] = _requirements()
 
 
 def _installed(module: str) -> bool:
@@ -130,12 +123,13 @@ def missing_extras(policy: Policy | Mapping[str, Any],
     lines = []
     for name, spec in _mapping(data.get("backends")).items():
         spec = _mapping(spec)
-        kind = spec.get("kind")
-        managed = _mapping(spec.get("managed"))
-        if kind == "vllm" and managed and not managed.get("python"):
-            need, what = needs.get("backend:vllm:managed"), "kind vllm, managed"
-        else:
-            need, what = needs.get(f"backend:{kind}"), f"kind {kind}"
+        kind_name = spec.get("kind")
+        kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
+        wanted = kind.requirement if kind is not None else None
+        if kind is None or wanted is None or not kind.needs_requirement(spec):
+            continue
+        what = ", ".join(filter(None, (f"kind {kind.name}", wanted.mode)))
+        need = needs.get(_key(kind, wanted))
         if need is None or _installed(need.module):
             continue
         who = _users(name, tiers)
@@ -143,8 +137,8 @@ def missing_extras(policy: Policy | Mapping[str, Any],
             line = f"{who} ({what}), which needs {need.package}: {need.install}"
         else:
             line = f"{who} ({what}, used by no tier) needs {need.package}: {need.install}"
-        if kind == "vllm":
-            line += " (or set managed.python to a Python that has vLLM)"
+        if wanted.hint:
+            line += f" ({wanted.hint})"
         lines.append(line)
     ledger_kind = _mapping(data.get("ledger")).get("kind")
     need = needs.get(f"ledger:{ledger_kind}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backends import Backend, Health, create_backend
+from backends import Backend, Health
 from policies import (
     Policy,
     PolicyError,
@@ -107,8 +107,13 @@ def _share_devices(backends: dict[str, Backend], energy: EnergyAccounting,
         users.setdefault(binding.device, []).append(name)
     for names in users.values():
         device = energy.device(bindings[names[0]])
-        own = getattr(backends[names[0]], "own_fraction", None)
+        own = backends[names[0]].own_fraction
         device.own_fraction = own if device.source == "measured" and len(names) == 1 else None
+
+
+def build_from_kind(name: str, spec: BackendSpec) -> Backend:
+    """A backend from its policy entry, as its kind builds one (:mod:`backends.registry`)."""
+    return spec.backend_kind.build(name, spec)
 
 
 def _same_backend(old, new) -> bool:
@@ -125,9 +130,9 @@ class Runtime:
     def __init__(self, policy_path: str | Path,
                  build_backend: Callable[[str, BackendSpec], Backend] | None = None):
         self.policy_path = Path(policy_path)
-        #: Builds a backend from its policy entry instead of :func:`backends.create_backend`
-        #: (tests plug a scripted backend in here).
-        self.build_backend = build_backend
+        #: Builds a backend from its policy entry; default: as its kind does
+        #: (:func:`build_from_kind`). Tests plug a scripted backend in here.
+        self.build_backend = build_backend or build_from_kind
         self.metrics = Metrics()
         self.energy = EnergyAccounting(on_tick=self._on_energy_tick)
         self.calibration: Calibration = Calibration()
@@ -251,11 +256,7 @@ class Runtime:
                 if reuse is not None and _same_backend(reuse.policy.backends.get(name), spec):
                     backends[name] = reuse.backends[name]
                     continue
-                if self.build_backend is not None:
-                    backend = self.build_backend(name, spec)
-                else:
-                    settings = spec.model_dump(exclude={"kind", "energy"})
-                    backend = create_backend(name, spec.kind, settings)
+                backend = self.build_backend(name, spec)
                 backends[name] = backend
                 fresh.append(backend)
             results = await asyncio.gather(*(b.start() for b in fresh), return_exceptions=True)

@@ -1,4 +1,5 @@
-"""Policy schema and loading. Imports neither ``gateway`` nor ``backends``."""
+"""Policy schema and loading. Never imports ``gateway``; reads the backend kinds (their
+settings models) from :mod:`backends.registry`."""
 
 from .loader import (
     DEFAULT_POLICY_PATH,
@@ -13,9 +14,9 @@ from .loader import (
 from .schema import (
     AUTO_MODEL,
     DEFAULT_ROUTING,
+    BackendSpec,
     CapacitySpec,
-    LlamaCppBackendSpec,
-    OpenAIBackendSpec,
+    EnergySpec,
     Policy,
     RoutingSpec,
     TenantSpec,
@@ -27,8 +28,8 @@ from .schema import (
 )
 
 __all__ = [
-    "AUTO_MODEL", "DEFAULT_POLICY_PATH", "DEFAULT_ROUTING", "CapacitySpec", "Check",
-    "LlamaCppBackendSpec", "OpenAIBackendSpec", "Policy", "PolicyError", "PolicyIssue",
+    "AUTO_MODEL", "DEFAULT_POLICY_PATH", "DEFAULT_ROUTING", "BackendSpec", "CapacitySpec",
+    "Check", "EnergySpec", "Policy", "PolicyError", "PolicyIssue",
     "PolicyReport", "RoutingSpec", "TenantSpec", "TierSpec", "did_you_mean", "inspect_policy",
     "key_digest", "load_policy", "parse_policy", "reference_issues", "resolve_key_ref",
 ]

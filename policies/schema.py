@@ -1,5 +1,8 @@
 """The policy file's schema: backends, tiers, tenants, server and admin settings.
 
+A backend entry's settings are its kind's own model (:mod:`backends.registry`), to which
+the policy adds ``kind`` and ``energy`` (:func:`backend_spec`).
+
 Every model forbids unknown keys, so a typo in a YAML file is an error rather than a
 silently ignored setting. Cross references (a tier naming a backend, a tenant naming
 tiers) are checked by :func:`reference_issues` on the parsed YAML itself, so that the loader
@@ -13,9 +16,11 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+
+from backends import KINDS, BackendKind
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _KEY_REF = re.compile(r"^(sha256:[0-9a-f]{64}|env:[A-Za-z_][A-Za-z0-9_]*)$")
@@ -107,99 +112,38 @@ class EnergySpec(_Strict):
     joules_per_output_token: float = Field(0.05, ge=0)
 
 
-class LlamaCppBackendSpec(_Strict):
-    """In-process llama.cpp (llama-cpp-python) serving one GGUF model."""
+class BackendEntry(_Strict):
+    """The base of every ``backends`` entry's model (:func:`backend_spec`): its kind's
+    settings come between ``kind`` and ``energy``."""
 
-    kind: Literal["llamacpp"]
-    #: A catalog name (``joulegate models``) or a path to a ``.gguf`` file.
-    model: str = Field(min_length=1)
-    n_ctx: int = Field(4096, ge=128, le=1 << 20)
-    #: CPU threads per slot; default: all cores.
-    n_threads: int | None = Field(None, ge=1, le=1024)
-    #: Parallel generations (one llama.cpp context each; the weights are shared through mmap).
-    slots: int = Field(1, ge=1, le=64)
-    #: Requests allowed to wait for a slot; beyond it the backend answers 503 at once.
-    max_queue: int = Field(64, ge=0, le=100_000)
-    #: Longest wait for a slot before the request fails with 503.
-    queue_timeout_s: float = Field(30.0, gt=0, le=3600)
-    #: Override the chat template the GGUF carries (a llama-cpp-python chat format name).
-    chat_format: str | None = None
-    energy: EnergySpec = EnergySpec()
+    kind: str
+    #: The descriptor of the entry's kind: its capabilities and how it is built.
+    backend_kind: ClassVar[BackendKind]
 
 
-class TimeoutsSpec(_Strict):
-    connect_s: float = Field(5.0, gt=0, le=600)
-    #: Until the upstream's response headers (non-streaming: the whole body) or first SSE event.
-    first_byte_s: float = Field(60.0, gt=0, le=3600)
-    total_s: float = Field(600.0, gt=0, le=86400)
+def backend_spec(kind: BackendKind) -> type[BackendEntry]:
+    """The policy model of one kind: ``kind`` (the union's tag), the kind's own settings
+    (with their validators), then ``energy``: how the gateway meters the backend, a gateway
+    matter that backends never see.
+
+    Field order is what error messages list: ``kind`` comes first because
+    :class:`BackendEntry` is the last base, whose fields pydantic collects first.
+    """
+    spec = create_model(f"{kind.settings.__name__}Entry", __base__=(kind.settings, BackendEntry),
+                        __module__=__name__, __doc__=kind.settings.__doc__,
+                        kind=(Literal[kind.name], ...), energy=(EnergySpec, EnergySpec()))
+    spec.backend_kind = kind
+    return spec
 
 
-class OpenAIBackendSpec(_Strict):
-    """Any OpenAI-compatible HTTP upstream: vLLM, llama.cpp server, TGI, OpenAI itself."""
-
-    kind: Literal["openai"]
-    #: Base URL including the API prefix, e.g. ``http://10.0.0.5:8000/v1``.
-    base_url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
-    #: Literal key, or ``env:VAR``. Sent as ``Authorization: Bearer``.
-    api_key: str | None = None
-    timeouts: TimeoutsSpec = TimeoutsSpec()
-    max_connections: int = Field(256, ge=1, le=100_000)
-    energy: EnergySpec = EnergySpec()
+def backend_union(kinds: Iterable[BackendKind]) -> Any:
+    """The ``backends`` entry type of a policy: one model per kind, told apart by ``kind``."""
+    specs = tuple(backend_spec(kind) for kind in kinds)
+    return Annotated[Union[specs], Field(discriminator="kind")]  # noqa: UP007 - built at runtime
 
 
-class ManagedVLLMSpec(_Strict):
-    """Launch and supervise a local vLLM server for this backend (single node)."""
-
-    #: Model path or name for ``--model`` (a local directory: nothing is downloaded).
-    model: str = Field(min_length=1)
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    #: Extra vLLM arguments, e.g. ``["--max-model-len", "4096", "--dtype", "bfloat16"]``.
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    #: Python of the environment vLLM is installed in (default: the gateway's).
-    python: str | None = None
-    start_timeout_s: float = Field(600.0, gt=0, le=7200)
-    stop_timeout_s: float = Field(20.0, gt=0, le=600)
-    log_file: str | None = None
-
-
-class VLLMBackendSpec(_Strict):
-    """vLLM's OpenAI server: one URL, several replicas, or a managed local server."""
-
-    kind: Literal["vllm"]
-    #: One server, e.g. ``http://vllm-moe:8000/v1`` ...
-    base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$")
-    #: ... or several replicas of the same model (least-outstanding balancing).
-    replicas: list[Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")]] | None = None
-    managed: ManagedVLLMSpec | None = None
-    api_key: str | None = None
-    timeouts: TimeoutsSpec = TimeoutsSpec()
-    max_connections: int = Field(256, ge=1, le=100_000)
-    #: Seconds between scrapes of each replica's /metrics.
-    metrics_interval_s: float = Field(2.0, gt=0, le=300)
-    #: Routing skips this backend's tiers while every replica has at least this many
-    #: waiting requests (vllm:num_requests_waiting); unset: never.
-    max_waiting: int | None = Field(None, ge=0)
-    #: Retries on another replica before the first byte (unreachable, overloaded, too slow).
-    retries: int = Field(1, ge=0, le=10)
-    #: A replica failing this many times in a row is ejected for eject_s (doubling).
-    eject_after: int = Field(3, ge=1, le=1000)
-    eject_s: float = Field(30.0, gt=0, le=3600)
-    energy: EnergySpec = EnergySpec()
-
-    @model_validator(mode="after")
-    def _one_source(self) -> VLLMBackendSpec:
-        given = [k for k in ("base_url", "replicas", "managed") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError("give exactly one of base_url, replicas or managed"
-                             + (f" (got {', '.join(given)})" if given else ""))
-        return self
-
-
-BackendSpec = Annotated[Union[LlamaCppBackendSpec, OpenAIBackendSpec, VLLMBackendSpec],
-                        Field(discriminator="kind")]
+#: A policy's backend entry, of any kind the registry lists.
+BackendSpec = backend_union(KINDS.values())
 
 
 class TierSpec(_Strict):

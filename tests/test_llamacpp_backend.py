@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from backends import BackendRejected, BackendUnavailable, GenerationRequest
-from backends.llamacpp import LlamaCppBackend
+from backends.llamacpp import LlamaCppBackend, LlamaCppSettings
 
 from .conftest import SMALL_MODEL
 
@@ -23,7 +23,8 @@ def SHORT() -> GenerationRequest:
 
 
 async def _with_backend(body, **settings):
-    backend = LlamaCppBackend("q", SMALL_MODEL, n_ctx=1024, n_threads=2, slots=1, **settings)
+    backend = LlamaCppBackend("q", LlamaCppSettings(model=SMALL_MODEL, n_ctx=1024, n_threads=2,
+                                                    slots=1, **settings))
     await backend.start()
     try:
         await body(backend)

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from backends import GenerationRequest
-from backends.vllm import VLLMBackend
+from backends.vllm import VLLMBackend, VLLMSettings
 
 from .conftest import (
     TINY_MOE_NAME,
@@ -177,8 +177,9 @@ def _ok(url: str) -> bool:
 
 def test_replicas_least_outstanding_and_ejection(vllm_server, llama_server):
     async def body():
-        backend = VLLMBackend("pair", replicas=[vllm_server.url, llama_server["url"]],
-                              metrics_interval_s=0.3, retries=1, eject_after=2, eject_s=1.0)
+        backend = VLLMBackend("pair", VLLMSettings(
+            replicas=[vllm_server.url, llama_server["url"]], metrics_interval_s=0.3, retries=1,
+            eject_after=2, eject_s=1.0))
         await backend.start()
         try:
             def req():

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from backends.vllm import Replica, VLLMBackend, _metrics_url, parse_vllm_metrics
+from backends.vllm import (
+    Replica,
+    VLLMBackend,
+    VLLMSettings,
+    _metrics_url,
+    parse_vllm_metrics,
+)
 from policies import PolicyError, parse_policy
 
 pytestmark = pytest.mark.unit
@@ -26,6 +32,10 @@ other_metric 7.0
 """
 
 
+def _vllm(name: str, **settings) -> VLLMBackend:
+    return VLLMBackend(name, VLLMSettings(**settings))
+
+
 def test_vllm_metrics_are_summed_over_engines():
     values = parse_vllm_metrics(SCRAPE)
     assert values == {"vllm:num_requests_running": 4.0, "vllm:num_requests_waiting": 5.0,
@@ -40,17 +50,17 @@ def test_metrics_live_beside_the_api_prefix():
 
 
 def test_saturation_needs_every_replica_in_service_to_queue():
-    b = VLLMBackend("b", replicas=["http://a:1/v1", "http://b:1/v1"], max_waiting=2)
+    b = _vllm("b", replicas=["http://a:1/v1", "http://b:1/v1"], max_waiting=2)
     b.replicas[0].load.waiting, b.replicas[1].load.waiting = 5, 1
     assert not b.saturated()
     b.replicas[1].eject(30)
     assert b.saturated()  # the one left in service is over the limit
-    assert not VLLMBackend("c", base_url="http://c:1/v1").saturated()  # no limit set
+    assert not _vllm("c", base_url="http://c:1/v1").saturated()  # no limit set
 
 
 def test_ejection_after_consecutive_failures_with_doubling_cool_down():
     r = Replica.__new__(Replica)
-    r.__init__(VLLMBackend("b", base_url="http://a:1/v1").replicas[0].backend, "http://a:1/metrics")
+    r.__init__(_vllm("b", base_url="http://a:1/v1").replicas[0].backend, "http://a:1/metrics")
     assert not r.failed(3, 10) and not r.failed(3, 10)
     r.succeeded()  # a success resets the count
     assert not r.failed(3, 10) and not r.failed(3, 10) and r.failed(3, 10)
@@ -61,7 +71,7 @@ def test_ejection_after_consecutive_failures_with_doubling_cool_down():
 
 
 def test_idle_replicas_take_turns():
-    b = VLLMBackend("b", replicas=["http://a:1/v1", "http://b:1/v1", "http://c:1/v1"])
+    b = _vllm("b", replicas=["http://a:1/v1", "http://b:1/v1", "http://c:1/v1"])
     picks = [b._pick(set())[0] for _ in range(6)]
     assert sorted(picks) == [0, 0, 1, 1, 2, 2]
     b.replicas[0].outstanding = 2
@@ -90,7 +100,7 @@ def test_the_gateways_share_of_a_server_comes_from_its_token_counters():
 
     from backends import GenerationRequest
 
-    b = VLLMBackend("b", base_url="http://a:1/v1")
+    b = _vllm("b", base_url="http://a:1/v1")
     r = b.replicas[0]
     texts = iter([SCRAPE, SCRAPE.replace("340.0", "440.0").replace("1200.0", "1200.0")])
 

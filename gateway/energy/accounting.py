@@ -11,9 +11,10 @@ How a request's work is weighed (``prefill_weight``, ``spread_idle``, a token pr
 the backend's own :class:`Attribution`, not the device's, so backends with different
 weights share one device and a reload that changes weights touches no device.
 
-``meter: auto`` picks, for in-process backends: RAPL when readable, else the CPU-time
-estimate; for HTTP upstreams: the Prometheus exporter when ``prometheus_url`` is set,
-else the token-price estimate. The choice and the reason are logged.
+``meter: auto`` picks, for in-process backends (a kind whose capabilities say ``local``):
+RAPL when readable, else the CPU-time estimate; for HTTP upstreams: the Prometheus exporter
+when ``prometheus_url`` is set, else the token-price estimate. The choice and the reason
+are logged.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends import Usage
-from policies import Policy
-from policies.schema import EnergySpec
+from policies import EnergySpec, Policy
 
 from .attribution import Attribution, EnergyDevice, RequestEnergy
 from .estimated import CpuTimeMeter, TokenPriceMeter
@@ -53,8 +53,10 @@ def _settings(spec: EnergySpec, *names: str) -> tuple[tuple[str, object], ...]:
     return tuple((name, getattr(spec, name)) for name in (*names, "interval_s"))
 
 
-def _device_spec(backend: str, kind: str, spec: EnergySpec) -> DeviceSpec:
-    """The device one backend's energy is read from. The factory may raise MeterUnavailable."""
+def _device_spec(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
+    """The device one backend's energy is read from: ``local`` when the backend's kind runs
+    the model in this process (its capabilities), so a host meter applies. The factory may
+    raise MeterUnavailable."""
     choice = spec.meter
     if choice == "nvml":
         return DeviceSpec(f"nvml:{','.join(map(str, spec.gpus))}", _settings(spec),
@@ -62,15 +64,14 @@ def _device_spec(backend: str, kind: str, spec: EnergySpec) -> DeviceSpec:
     if choice == "rapl":
         return DeviceSpec(f"rapl:{spec.rapl_root}", _settings(spec),
                           lambda: RaplMeter(spec.rapl_root))
-    http = kind in ("openai", "vllm")  # the model runs elsewhere: no local meter applies
-    if choice == "prometheus" or (choice == "auto" and http and spec.prometheus_url):
+    if choice == "prometheus" or (choice == "auto" and not local and spec.prometheus_url):
         if not spec.prometheus_url:
             raise MeterUnavailable("meter 'prometheus' needs prometheus_url")
         return DeviceSpec(f"prometheus:{spec.prometheus_url}:{spec.prometheus_series}",
                           _settings(spec, "prometheus_unit"),
                           lambda: PrometheusMeter(spec.prometheus_url, spec.prometheus_series,
                                                   spec.prometheus_unit, spec.interval_s))
-    if http:
+    if not local:  # the model runs elsewhere: no host meter applies
         return DeviceSpec(f"tokens:{backend}", _settings(spec), TokenPriceMeter, priced=True)
     if choice == "auto":
         rapl = RaplMeter(spec.rapl_root)
@@ -130,7 +131,7 @@ class EnergyAccounting:
             for name, spec in policy.backends.items():
                 energy = spec.energy
                 try:
-                    device = _device_spec(name, spec.kind, energy)
+                    device = _device_spec(name, spec.backend_kind.capabilities.local, energy)
                 except MeterUnavailable as exc:
                     raise ValueError(f"backends.{name}.energy: meter '{energy.meter}' "
                                      f"unavailable: {exc}") from None
