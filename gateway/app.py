@@ -31,8 +31,9 @@ from .budgets.guard import BudgetGuard
 from .errors import (
     APIError,
     InvalidRequest,
+    LedgerUnavailableError,
     NotFound,
-    ServiceUnavailable,
+    ReloadRefused,
     api_error_handler,
     unexpected_error_handler,
 )
@@ -109,7 +110,7 @@ def create_app(policy_path: str | Path | None = None,
         tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
         data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "joulegate",
                  "tier": tier.name if tier else None, "backend": tier.backend if tier else None}
-                for model_id, tier in tenant_models(snap, tenant)]
+                for model_id, tier in tenant_models(snap.policy.tenant_tiers(tenant))]
         return _json({"object": "list", "data": data})
 
     @app.get("/metrics")
@@ -140,8 +141,7 @@ def create_app(policy_path: str | Path | None = None,
         try:
             snap = await runtime.reload()
         except PolicyError as exc:
-            raise InvalidRequest(f"reload refused, the previous policy keeps serving: {exc}",
-                                 code="invalid_policy") from None
+            raise ReloadRefused(exc) from None
         return _json({"status": "reloaded", "policy_version": snap.version})
 
     @app.get("/admin/tenants/{tenant}/budget")
@@ -208,8 +208,7 @@ async def _ledger(operation):
     try:
         return await operation
     except LedgerUnavailable as exc:
-        raise ServiceUnavailable(f"the budget ledger is unavailable ({exc})",
-                                 code="ledger_unavailable") from None
+        raise LedgerUnavailableError(f"the budget ledger is unavailable ({exc})") from None
 
 
 def _admin(runtime: Runtime, request: Request) -> None:

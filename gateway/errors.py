@@ -1,8 +1,10 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
 
-Every failure a client can see is an :class:`APIError`; backend failures are translated
-by :func:`from_backend_error`. Nothing else reaches the client: unexpected exceptions
-become a generic 500 with no stack trace (the trace goes to the log).
+Every failure a client can see is an :class:`APIError`, and this module is the one place
+that says which: the gateway's own refusals are subclasses here, and the typed failures of
+the layers below (backend errors, routing refusals) are translated by :func:`to_api_error`.
+Nothing else reaches the client: unexpected exceptions become a generic 500 with no stack
+trace (the trace goes to the log).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from backends.base import (
     BackendTimeout,
     BackendUnavailable,
 )
+from policies import PolicyError
+
+from .routing.tiers import AboveMaxTier, ModelNotFound, RouteRefusal
 
 log = logging.getLogger("joulegate")
 
@@ -91,8 +96,52 @@ class UpstreamTimeout(APIError):
     code = "upstream_timeout"
 
 
-def from_backend_error(exc: BackendError) -> APIError:
-    """The client-facing error for a backend failure."""
+class BudgetExhausted(APIError):
+    """The request fits the tenant's budget, but not now: retry after ``Retry-After``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "budget_exhausted"
+
+
+class BudgetNeverFits(APIError):
+    """The request is larger than a budget window's whole limit: no wait would help."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "budget_exceeds_window"
+
+
+class LedgerUnavailableError(ServiceUnavailable):
+    """The budget ledger cannot be reached."""
+
+    code = "ledger_unavailable"
+
+
+class ReloadRefused(InvalidRequest):
+    code = "invalid_policy"
+
+    def __init__(self, exc: PolicyError):
+        super().__init__(f"reload refused, the previous policy keeps serving: {exc}")
+
+
+def to_api_error(exc: BackendError | RouteRefusal) -> APIError:
+    """The client-facing error for a failure of a layer below the HTTP surface."""
+    if isinstance(exc, RouteRefusal):
+        return _from_route_refusal(exc)
+    return _from_backend_error(exc)
+
+
+def _from_route_refusal(exc: RouteRefusal) -> APIError:
+    if isinstance(exc, AboveMaxTier):
+        return InvalidRequest(f"the model '{exc.model}' is above the tier cap '{exc.cap}' set "
+                              "by X-Joulegate-Max-Tier", param="model", code="above_max_tier")
+    assert isinstance(exc, ModelNotFound)
+    return InvalidRequest(f"the model '{exc.model}' does not exist or you may not use it; "
+                          "GET /v1/models lists yours", param=exc.param, code="model_not_found")
+
+
+def _from_backend_error(exc: BackendError) -> APIError:
     if isinstance(exc, BackendRejected):
         return InvalidRequest(str(exc), param=exc.param, code="rejected_by_backend")
     if isinstance(exc, BackendUnavailable):
@@ -108,6 +157,8 @@ def from_backend_error(exc: BackendError) -> APIError:
 
 
 async def api_error_handler(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, (BackendError, RouteRefusal)):
+        exc = to_api_error(exc)
     assert isinstance(exc, APIError)
     return exc.response()
 

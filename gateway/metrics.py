@@ -97,7 +97,8 @@ class Metrics:
                                             "Responses past a budget's soft threshold.",
                                             ["tenant", "window"], registry=r)
         self.route_decisions = Counter("joulegate_route_decisions",
-                                       "Tier choices: gate, capacity, budget, pinned or capped.",
+                                       "Tiers that served and why: gate, capacity, budget, "
+                                       "load, pinned, capped or fallback.",
                                        ["tenant", "tier", "reason"], registry=r)
         self.difficulty = Histogram("joulegate_difficulty_score",
                                     "Difficulty scores of routed (model: auto) requests.",
@@ -143,16 +144,17 @@ class Metrics:
             )
         return children
 
-    def record_route(self, tenant: str, decision) -> None:
-        """Count a routing decision (:class:`gateway.routing.Decision`)."""
-        key = (tenant, decision.tier.name, decision.reason)
+    def record_route(self, tenant: str, plan) -> None:
+        """Count a request's tier plan (:class:`gateway.routing.TierPlan`) once it is done:
+        the tier that served and why it was the one."""
+        key = (tenant, plan.tier.name, plan.reason)
         child = self._decisions.get(key)  # bounded: tenants x tiers x reasons of the policy
         if child is None:
             child = self._decisions[key] = self.route_decisions.labels(*key)
         child.inc()
-        if decision.difficulty is not None:
-            self.difficulty.labels(tenant).observe(decision.difficulty.score)
-        for window, _ in decision.entries:
+        if plan.decision.difficulty is not None:
+            self.difficulty.labels(tenant).observe(plan.decision.difficulty.score)
+        for window, _ in plan.decision.entries:
             self.capacity_fraction.labels(tenant, window.tier).set(window.fraction())
 
     def record_backend_load(self, backends: dict) -> None:

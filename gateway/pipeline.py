@@ -1,27 +1,30 @@
 """One request, top to bottom.
 
-:func:`handle_generation` is the whole path of a chat or text completion:
+:func:`handle_generation` is the whole path of a chat or text completion, one named step
+each:
 
 1. take the current policy snapshot (held until the response is finished);
 2. authenticate the key → tenant;
-3. read (size-limited) and validate the body;
-4. pick the tier: pinned, or scored for difficulty and gated under budget pressure and
-   capacity (:mod:`gateway.routing`);
-5. reserve its predicted joules against the tenant's budgets, degrading to a cheaper tier
-   or refusing with 429 when they do not fit (:mod:`gateway.budgets`);
-6. open the request's energy share on the tier's device (:mod:`gateway.energy`);
-7. call the backend, whole or streamed;
-8. close the share: the joules measured (or estimated) for this request, on every path
-   (success, backend failure, client disconnect), and settle the reservation with them,
-   so no joule is lost or counted twice (:func:`finish`);
-9. answer in the OpenAI format with ``usage.energy_joules`` / ``energy_source`` and the
-   ``X-Joulegate-*`` headers; then metrics, calibration and one access-log line
-   (:meth:`Call.record`).
+3. :func:`_read`: the (size-limited) body, validated, as the backend request;
+4. :func:`_plan`: the tier plan — pinned, or scored for difficulty and gated under
+   budget pressure, capacity and load (:mod:`gateway.routing`) — decided once;
+5. :func:`_admit`: reserve its predicted joules against the tenant's budgets, which may
+   move the plan to a cheaper tier or refuse with 429 (:mod:`gateway.budgets`);
+6. :func:`_on_plan`: call the plan's tier, with the request's energy share open on its
+   device; a tier that fails before anything reached the client hands the request to the
+   next tier of the plan;
+7. :func:`_complete` or :func:`_open_stream`: answer in the OpenAI format with
+   ``usage.energy_joules`` / ``energy_source`` and the ``X-Joulegate-*`` headers;
+8. :func:`finish`: close the share (the joules measured or estimated for this request, on
+   every path: success, backend failure, client disconnect), settle the capacity windows
+   and the budget reservation with them, so no joule is lost or counted twice; then
+   metrics, calibration and one access-log line (:meth:`Call.record`).
 
-For a stream, steps 5-6 wait for the backend's first chunk before sending headers, so a
-backend that cannot serve still gets a proper HTTP error status; after that, a failure
-ends the stream with an OpenAI-style error event. A client that disconnects closes the
-backend stream, which stops generation and frees its slot.
+Everything that names the tier (capacity, metrics, headers, the access log, ``usage``)
+reads the plan's tier: the one that served. For a stream, step 6 waits for the backend's
+first chunk before sending headers, so a backend that cannot serve still gets a proper HTTP
+error status; after that, a failure ends the stream with an OpenAI-style error event. A
+client that disconnects closes the backend stream, which stops generation and frees its slot.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -43,40 +47,56 @@ from backends import (
     BackendTimeout,
     BackendUnavailable,
     Chunk,
+    Generation,
     GenerationRequest,
     Usage,
 )
-from policies import TierSpec
 
 from . import logs
 from . import openai_types as wire
 from .auth import authenticate
 from .budgets.guard import Admission, estimate_prompt_tokens
 from .energy import RequestEnergy
-from .errors import APIError, BodyTooLarge, InvalidRequest, from_backend_error
+from .errors import APIError, BodyTooLarge, InvalidRequest, to_api_error
 from .metrics import OTHER, bound
-from .routing import MAX_TIER_HEADER, Decision, fallback_tier, pick_tier
+from .routing import (
+    MAX_TIER_HEADER,
+    RouteContext,
+    RouteRefusal,
+    TierPlan,
+    degrade_ladder,
+    pick_tier,
+)
 from .runtime import Runtime, Snapshot
 
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
 log = logging.getLogger("joulegate")
 
 _SSE_DONE = b"data: [DONE]\n\n"
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class Call:
-    """One request's facts, gathered along the way and recorded once at the end."""
+    """One request's state: what it asked, the plan it runs on, and the facts gathered
+    along the way, recorded once at the end."""
 
     request_id: str
-    endpoint: str
+    chat: bool
     started: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     tenant: str | None = None
     #: The model the client asked for (``auto``, a tier or a model name).
     model: str | None = None
-    tier: str | None = None
     stream: bool = False
+    include_usage: bool = False
+    generation: GenerationRequest | None = None
+    #: The prompt's estimated tokens: routing's predictions and the reservation price it.
+    prompt_estimate: int = 0
+    plan: TierPlan | None = None
+    admission: Admission | None = None
+    #: The tenant's default_max_tokens, when a budget injected it.
+    default_max_tokens: int | None = None
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -86,15 +106,28 @@ class Call:
     joules: float = 0.0
     #: Joules of earlier attempts on tiers that failed before answering (fallback).
     spent_before: float = 0.0
-    admission: Admission | None = None
-    route: Decision | None = None
     #: Request fields refused with 400, and fields accepted but not passed on.
     rejected_params: list[str] = field(default_factory=list)
     dropped_params: list[str] = field(default_factory=list)
-    #: Tiers tried before the one that answered, in order (fallback).
-    fallback_from: list[str] = field(default_factory=list)
     #: The ledger's key for this request: never the client's X-Request-Id, which may repeat.
     ledger_id: str = field(default_factory=lambda: os.urandom(12).hex())
+
+    @property
+    def endpoint(self) -> str:
+        return "chat" if self.chat else "completions"
+
+    @property
+    def tier(self) -> str | None:
+        """The tier that served (or was last tried)."""
+        return self.plan.tier.name if self.plan is not None else None
+
+    def failed(self, exc: APIError | BackendError | RouteRefusal) -> APIError:
+        """The client's error for ``exc``, noted on the call."""
+        err = exc if isinstance(exc, APIError) else to_api_error(exc)
+        self.status, self.error = err.status, err.code or err.type
+        self.rejected_params = list(err.rejected_params)
+        err.headers["x-request-id"] = self.request_id
+        return err
 
     def settle_energy(self) -> float:
         """Close the energy share (idempotent) and take the backend's final token counts."""
@@ -116,6 +149,8 @@ class Call:
         tier = bound(self.tier, snap.tiers)
         elapsed = time.perf_counter() - self.started
         m.requests.labels(tenant, tier, str(self.status)).inc()
+        if self.plan is not None:
+            m.record_route(tenant, self.plan)
         if self.energy is not None:
             spec = snap.tiers.get(tier)
             c = m.for_request(tenant, tier, self.energy.source,
@@ -137,7 +172,7 @@ class Call:
 
     def access_record(self, elapsed: float) -> dict:
         """The access log's record of this request: never prompt text or keys."""
-        admission = self.admission
+        plan = self.plan
         return {
             "request_id": self.request_id, "endpoint": self.endpoint, "tenant": self.tenant,
             "model": self.model, "tier": self.tier, "stream": self.stream,
@@ -147,10 +182,34 @@ class Call:
             "energy_source": self.energy.source if self.energy else None,
             "latency_s": round(elapsed, 6),
             "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
-            "degraded_from": admission.degraded_from if admission else None,
-            "fallback_from": self.fallback_from, "rejected_params": self.rejected_params,
+            "degraded_from": plan.degraded_from if plan else None,
+            "fallback_from": [t.name for t in plan.attempts[:-1]] if plan else [],
+            "rejected_params": self.rejected_params,
             "dropped_params": self.dropped_params, "error": self.error,
         }
+
+
+async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> Response:
+    """Serve ``POST /v1/chat/completions`` (``chat``) or ``POST /v1/completions``."""
+    call = Call((request.headers.get("x-request-id") or "")[:128] or os.urandom(16).hex(), chat)
+    snap = runtime.acquire()
+    streaming = False  # a stream releases the snapshot and finishes when it ends
+    try:
+        call.tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
+        await _read(snap, call, request)
+        _plan(runtime, snap, call, request.headers.get(MAX_TIER_HEADER))
+        await _admit(runtime, snap, call)
+        if not call.stream:
+            return await _complete(runtime, snap, call)
+        response = await _open_stream(runtime, snap, call)
+        streaming = True
+        return response
+    except (APIError, BackendError, RouteRefusal) as exc:
+        raise call.failed(exc) from None
+    finally:
+        if not streaming:
+            runtime.release(snap)
+            await finish(runtime, snap, call)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -171,135 +230,135 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> Response:
-    """Serve ``POST /v1/chat/completions`` (``chat``) or ``POST /v1/completions``."""
-    call = Call(request_id=(request.headers.get("x-request-id") or "")[:128] or os.urandom(16).hex(),
-                endpoint="chat" if chat else "completions")
-    snap = runtime.acquire()
-    handed_off = False  # a streaming response releases the snapshot when it ends
+async def _read(snap: Snapshot, call: Call, request: Request) -> None:
+    """The body, size-limited and validated, as the backend request."""
+    schema = wire.ChatCompletionRequest if call.chat else wire.CompletionRequest
+    body = wire.parse_request(schema, await read_body(request, snap.policy.server.max_body_bytes))
+    call.stream, call.model, call.include_usage = body.stream, body.model, body.include_usage
+    call.dropped_params = body.dropped_params()
+    call.generation = body.to_generation(body.model, call.request_id)
+    call.prompt_estimate = estimate_prompt_tokens(call.generation)
+
+
+def _plan(runtime: Runtime, snap: Snapshot, call: Call, max_tier: str | None) -> None:
+    """The request's tier plan, decided once (see :mod:`gateway.routing`)."""
+    ctx = _route_context(runtime, snap, call)
+    call.plan = TierPlan.route(ctx, pick_tier(ctx, call.model, call.generation, max_tier))
+
+
+def _route_context(runtime: Runtime, snap: Snapshot, call: Call) -> RouteContext:
+    """What routing sees of this tenant and gateway now, as plain data."""
+    tenant, generation = call.tenant, call.generation
+    spec, routing = snap.policy.tenants[tenant], snap.routing[tenant]
+    tiers = tuple(snap.policy.tenant_tiers(tenant))
+    max_tokens = generation.max_tokens or spec.default_max_tokens
+    return RouteContext(
+        tiers, snap.tiers[spec.default_tier], routing,
+        snap.estimators[routing.estimator or "learned"],
+        remaining=runtime.budgets.remaining_fraction(tenant) if spec.budgets else None,
+        saturated=frozenset(t.name for t in tiers if snap.backend_for(t).saturated()),
+        capacity={name: runtime.capacity.window(tenant, name, c)
+                  for name, c in (routing.capacity or {}).items()},
+        joules={t.name: runtime.calibration.predict(t.name, call.prompt_estimate, max_tokens)
+                for t in tiers},
+        degrade_ladder=degrade_ladder(spec, tiers))
+
+
+async def _admit(runtime: Runtime, snap: Snapshot, call: Call) -> None:
+    """Reserve the predicted joules against the tenant's budgets; the guard may move the
+    plan to a cheaper tier, or refuse."""
+    generation = call.generation
+    call.admission = await runtime.budgets.admit(
+        snap.policy.tenants[call.tenant], call.tenant, call.plan, call.ledger_id, generation,
+        call.prompt_estimate)
+    if generation.max_tokens is None:
+        call.default_max_tokens = call.admission.max_tokens
+    generation.max_tokens = call.admission.max_tokens
+
+
+async def _on_plan(runtime: Runtime, snap: Snapshot, call: Call,
+                   attempt: Callable[[Call, Backend], Awaitable[T]]) -> T:
+    """``attempt`` on the plan's tier; while a tier fails before anything reached the
+    client, the plan moves on to its next tier and ``attempt`` runs there."""
+    plan, generation = call.plan, call.generation
+    while True:
+        tier = plan.attempt()
+        generation.model, generation.progress = tier.model, Usage()
+        call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
+                                          scale=tier.cost)
+        try:
+            return await attempt(call, snap.backend_for(tier))
+        except (BackendUnavailable, BackendTimeout) as exc:
+            if plan.fall_back(str(exc)) is None:
+                raise
+            call.spent_before = call.settle_energy()  # the failed attempt's joules count
+            runtime.metrics.fallbacks.labels(call.tenant, tier.name, plan.tier.name).inc()
+            log.warning("tier '%s' failed before answering (%s); falling back to '%s'",
+                        tier.name, exc, plan.tier.name)
+
+
+def _headers(call: Call) -> dict[str, str]:
+    """The response's headers: the request id and what the gateway decided."""
+    plan = call.plan
+    headers = {"x-request-id": call.request_id, "x-joulegate-tier": plan.tier.name}
+    if call.default_max_tokens is not None:
+        headers["x-joulegate-default-max-tokens"] = str(call.default_max_tokens)
+    if call.dropped_params:
+        headers["x-joulegate-dropped-params"] = ",".join(call.dropped_params)
+    if plan.decision.difficulty is not None:
+        headers["x-joulegate-difficulty"] = f"{plan.decision.difficulty.score:.3f}"
+    if plan.degraded_from:
+        headers["x-joulegate-degraded"] = f"{plan.degraded_from}->{plan.attempts[0].name}"
+    if call.admission.warning:
+        headers["x-joulegate-budget-warning"] = call.admission.warning
+    if len(plan.attempts) > 1:
+        headers["x-joulegate-fallback"] = "->".join(t.name for t in plan.attempts)
+    return headers
+
+
+async def _complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
+    """The whole answer at once."""
+    result = await _on_plan(runtime, snap, call, _complete_on)
+    call.prompt_tokens = result.usage.prompt_tokens
+    call.completion_tokens = result.usage.completion_tokens
+    headers = _headers(call)
+    headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
+    headers["x-joulegate-energy-source"] = call.energy.source
+    build = wire.chat_completion if call.chat else wire.text_completion
+    payload = build(_response_id(call), call.created, call.plan.tier.model, result.text,
+                    result.finish_reason, call.usage())
+    return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+
+
+async def _complete_on(call: Call, backend: Backend) -> Generation:
     try:
-        call.tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
-        body = wire.parse_request(
-            wire.ChatCompletionRequest if chat else wire.CompletionRequest,
-            await read_body(request, snap.policy.server.max_body_bytes))
-        call.stream, call.model = body.stream, body.model
-        call.dropped_params = body.dropped_params()
-        generation = body.to_generation(body.model, call.request_id)
-        # Routing's joule predictions and the budget reservation price the same prompt.
-        prompt_tokens = estimate_prompt_tokens(generation)
-        decision = call.route = _route(runtime, snap, call.tenant, body.model, generation,
-                                       request.headers.get(MAX_TIER_HEADER), prompt_tokens)
-        tier = decision.tier
-        call.tier = tier.name
-        admission = call.admission = await runtime.budgets.admit(
-            snap.policy, call.tenant, tier, call.ledger_id, generation, prompt_tokens)
-        tier = admission.tier
-        call.tier = tier.name
-        headers = {"x-request-id": call.request_id}
-        if generation.max_tokens is None and admission.max_tokens is not None:
-            # A budget bounds the request: the tenant's default_max_tokens was injected.
-            headers["x-joulegate-default-max-tokens"] = str(admission.max_tokens)
-        generation.model, generation.max_tokens = tier.model, admission.max_tokens
-        if call.dropped_params:
-            headers["x-joulegate-dropped-params"] = ",".join(call.dropped_params)
-        if decision.difficulty is not None:
-            headers["x-joulegate-difficulty"] = f"{decision.difficulty.score:.3f}"
-        if admission.degraded_from:
-            headers["x-joulegate-degraded"] = f"{admission.degraded_from}->{tier.name}"
-        if admission.warning:
-            headers["x-joulegate-budget-warning"] = admission.warning
-        tried = [tier]
-        while True:  # one pass per tier tried: the first, then fallbacks
-            backend = snap.backend_for(tier)
-            call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
-                                              scale=tier.cost)
-            headers["x-joulegate-tier"] = tier.name
-            try:
-                if body.stream:
-                    response = await _open_stream(runtime, snap, call, backend, generation, tier,
-                                                  chat, body.include_usage, headers)
-                    handed_off = True
-                    return response
-                try:
-                    result = await backend.complete(generation)
-                finally:
-                    _take_tokens(call, generation)
-                    call.settle_energy()
-                break
-            except (BackendUnavailable, BackendTimeout) as exc:
-                # Nothing reached the client yet: the next tier of the ladder may answer.
-                fallback = fallback_tier(snap, call.tenant, decision, tried)
-                if fallback is None:
-                    raise
-                call.spent_before = call.settle_energy()  # the failed attempt's joules count
-                runtime.metrics.fallbacks.labels(call.tenant, tier.name, fallback.name).inc()
-                log.warning("tier '%s' failed before answering (%s); falling back to '%s'",
-                            tier.name, exc, fallback.name)
-                call.fallback_from.append(tier.name)
-                tier = fallback
-                tried.append(tier)
-                call.tier = tier.name
-                generation.model = tier.model
-                generation.progress = Usage()
-                headers["x-joulegate-fallback"] = "->".join(t.name for t in tried)
-        call.prompt_tokens = result.usage.prompt_tokens
-        call.completion_tokens = result.usage.completion_tokens
-        headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
-        headers["x-joulegate-energy-source"] = call.energy.source
-        build = wire.chat_completion if chat else wire.text_completion
-        payload = build(_response_id(call, chat), call.created, tier.model, result.text,
-                        result.finish_reason, call.usage())
-        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-    except BackendError as exc:
-        err = from_backend_error(exc)
-        call.status, call.error = err.status, err.code or err.type
-        err.headers["x-request-id"] = call.request_id
-        raise err from None
-    except APIError as exc:
-        call.status, call.error = exc.status, exc.code or exc.type
-        call.rejected_params = list(exc.rejected_params)
-        exc.headers["x-request-id"] = call.request_id
-        raise
+        return await backend.complete(call.generation)
     finally:
-        if not handed_off:
-            runtime.release(snap)
-            await finish(runtime, snap, call)
+        _take_tokens(call)
+        call.settle_energy()
 
 
 async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
-    """The request's last step: its joules settle the budget reservation, then metrics,
-    calibration and the access log. Runs exactly once per request, on every path."""
+    """The request's last step: its joules settle the capacity windows and the budget
+    reservation, then metrics, calibration and the access log. Runs exactly once per
+    request, on every path."""
     joules = call.settle_energy()
-    if call.route is not None:
-        call.route.settle(joules)
-    if call.admission is not None and call.tenant is not None:
-        await runtime.budgets.settle(snap.policy, call.tenant, call.ledger_id, call.admission,
-                                     joules)
+    if call.plan is not None:
+        call.plan.settle(joules)
+    if call.admission is not None:
+        await runtime.budgets.settle(snap.policy.tenants[call.tenant], call.tenant,
+                                     call.ledger_id, call.admission, joules)
     call.record(runtime, snap)
 
 
-def _route(runtime: Runtime, snap: Snapshot, tenant: str, model: str,
-           generation: GenerationRequest, max_tier: str | None, prompt_tokens: int) -> Decision:
-    """Pick the tier and count the decision (see :mod:`gateway.routing`)."""
-    max_tokens = generation.max_tokens or snap.policy.tenants[tenant].default_max_tokens
-
-    def predict(tier: TierSpec) -> float:
-        return runtime.calibration.predict(tier.name, prompt_tokens, max_tokens)
-
-    decision = pick_tier(snap, tenant, model, generation, max_tier, runtime.capacity,
-                         runtime.budgets.remaining_fraction(tenant), predict)
-    runtime.metrics.record_route(tenant, decision)
-    return decision
-
-
-def _take_tokens(call: Call, generation: GenerationRequest) -> None:
+def _take_tokens(call: Call) -> None:
     """The tokens the backend processed so far (also when it failed part-way)."""
-    call.prompt_tokens = generation.progress.prompt_tokens
-    call.completion_tokens = generation.progress.completion_tokens
+    call.prompt_tokens = call.generation.progress.prompt_tokens
+    call.completion_tokens = call.generation.progress.completion_tokens
 
 
-def _response_id(call: Call, chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + call.request_id
+def _response_id(call: Call) -> str:
+    return ("chatcmpl-" if call.chat else "cmpl-") + call.request_id
 
 
 class _SSEResponse(Response):
@@ -354,22 +413,16 @@ class _SSEResponse(Response):
             await self._cleanup()
 
 
-async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call, backend: Backend,
-                       generation: GenerationRequest, tier: TierSpec, chat: bool,
-                       include_usage: bool, headers: dict[str, str]) -> Response:
-    chunks = backend.stream(generation)
-    try:
-        first = await anext(chunks)
-    except BaseException:  # incl. cancellation while waiting for a slot or prefill
-        await chunks.aclose()
-        _take_tokens(call, generation)
-        raise  # handle_generation maps a BackendError and records the call
+async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
+    """The stream, once its first chunk came: from then on it owns the snapshot and the
+    request's last step."""
+    chunks, first = await _on_plan(runtime, snap, call, _first_chunk)
     call.first_token_s = time.perf_counter() - call.started
     ended = False  # the stream reached [DONE] or an error event
 
     async def events() -> AsyncIterator[bytes]:
         nonlocal ended
-        async for event in _sse_events(call, chunks, first, tier.model, chat, include_usage):
+        async for event in _sse_events(call, chunks, first):
             yield event
         ended = True
 
@@ -378,22 +431,32 @@ async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call, backend: Ba
         if not ended and call.status == 200:
             call.status, call.error = 499, "client_disconnected"
         if call.status != 200:  # failed or abandoned: charge the tokens actually processed
-            _take_tokens(call, generation)
+            _take_tokens(call)
         runtime.release(snap)
         await finish(runtime, snap, call)
 
-    return _SSEResponse(events(), cleanup, headers)
+    return _SSEResponse(events(), cleanup, _headers(call))
+
+
+async def _first_chunk(call: Call, backend: Backend) -> tuple[AsyncIterator[Chunk], Chunk]:
+    chunks = backend.stream(call.generation)
+    try:
+        return chunks, await anext(chunks)
+    except BaseException:  # incl. cancellation while waiting for a slot or prefill
+        await chunks.aclose()
+        _take_tokens(call)
+        raise  # handle_generation maps a BackendError and records the call
 
 
 def _event(payload: dict) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def _sse_events(call: Call, chunks: AsyncIterator[Chunk], first: Chunk, model: str,
-                      chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse_events(call: Call, chunks: AsyncIterator[Chunk],
+                      first: Chunk) -> AsyncIterator[bytes]:
     """The SSE byte stream. Events known at the same moment go out as one write: the role
     event with the first token, and the finish, usage and ``[DONE]`` events together."""
-    rid, created = _response_id(call, chat), call.created
+    rid, created, model, chat = _response_id(call), call.created, call.plan.tier.model, call.chat
     parts: list[bytes] = []
     if chat:
         parts.append(_event(wire.chat_chunk(rid, created, model,
@@ -415,7 +478,7 @@ async def _sse_events(call: Call, chunks: AsyncIterator[Chunk], first: Chunk, mo
                 parts.append(_event(wire.chat_chunk(rid, created, model, {}, finish) if chat
                                     else wire.text_chunk(rid, created, model, "", finish)))
                 call.settle_energy()
-                if include_usage:
+                if call.include_usage:
                     parts.append(_event(wire.usage_chunk(rid, created, model, chat, call.usage())))
                 parts.append(_SSE_DONE)
                 yield b"".join(parts)
@@ -425,7 +488,5 @@ async def _sse_events(call: Call, chunks: AsyncIterator[Chunk], first: Chunk, mo
                 parts = []
             chunk = await anext(chunks, None)
     except BackendError as exc:
-        err = from_backend_error(exc)
-        call.status, call.error = err.status, err.code or err.type
-        parts.append(_event(err.body()))
+        parts.append(_event(call.failed(exc).body()))
         yield b"".join(parts)

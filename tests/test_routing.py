@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -220,42 +221,44 @@ class FixedScore(HeuristicEstimator):
 def ctx(score, remaining=None, **routing):
     spec = RoutingSpec(thresholds={"mid": 0.4, "big": 0.8},
                        pressure=[[0.5, 0.0], [0.0, 0.5]], **routing)
-    return RouteContext("t", TIERS, TIERS[0], spec, FixedScore(score), remaining)
+    windows = {name: CapacityTracker().window("t", name, c)
+               for name, c in (spec.capacity or {}).items()}
+    return RouteContext(tuple(TIERS), TIERS[0], spec, FixedScore(score), remaining,
+                        capacity=windows, joules={t.name: 1.0 for t in TIERS})
 
 
 @pytest.mark.parametrize("score,tier", [(0.1, "small"), (0.4, "mid"), (0.79, "mid"), (0.95, "big")])
 def test_gate_picks_the_costliest_tier_whose_threshold_the_score_reaches(score, tier):
-    d = route(ctx(score), chat("x"), CapacityTracker(), lambda t: 1.0)
+    d = route(ctx(score), chat("x"))
     assert (d.tier.name, d.reason) == (tier, "gate")
     assert d.difficulty.score == score
 
 
 def test_budget_pressure_raises_thresholds_smoothly():
-    assert route(ctx(0.85, remaining=0.6), chat("x"), CapacityTracker(), lambda t: 1).tier.name == "big"
-    d = route(ctx(0.85, remaining=0.4), chat("x"), CapacityTracker(), lambda t: 1)  # raise 0.1
+    assert route(ctx(0.85, remaining=0.6), chat("x")).tier.name == "big"
+    d = route(ctx(0.85, remaining=0.4), chat("x"))  # raise 0.1
     assert (d.tier.name, d.reason) == ("mid", "budget")
-    d = route(ctx(0.85, remaining=0.0), chat("x"), CapacityTracker(), lambda t: 1)  # raise 0.5
+    d = route(ctx(0.85, remaining=0.0), chat("x"))  # raise 0.5
     assert (d.tier.name, d.reason) == ("small", "budget")
 
 
 def test_capacity_demotes_to_the_next_tier_and_says_so():
-    tracker = CapacityTracker()
     c = ctx(0.95, capacity={"big": CapacitySpec(fraction=0.25)})
-    reasons = [route(c, chat("x"), tracker, lambda t: 1.0) for _ in range(8)]
+    reasons = [route(c, chat("x")) for _ in range(8)]
     assert [d.tier.name for d in reasons].count("big") == 2
     assert {(d.tier.name, d.reason) for d in reasons} == {("big", "gate"), ("mid", "capacity")}
 
 
 def test_max_tier_caps_the_choice():
-    d = route(ctx(0.95), chat("x"), CapacityTracker(), lambda t: 1.0, max_tier=TIERS[1])
+    d = route(ctx(0.95), chat("x"), max_tier=TIERS[1])
     assert (d.tier.name, d.reason) == ("mid", "capped")
-    d = route(ctx(0.5), chat("x"), CapacityTracker(), lambda t: 1.0, max_tier=TIERS[1])
+    d = route(ctx(0.5), chat("x"), max_tier=TIERS[1])
     assert (d.tier.name, d.reason) == ("mid", "gate")
 
 
 def test_no_gated_tier_means_no_scoring():
-    c = RouteContext("t", TIERS, TIERS[0], RoutingSpec(thresholds={}), FixedScore(0.99), None)
-    d = route(c, chat("x"), CapacityTracker(), lambda t: 1.0)
+    c = RouteContext(tuple(TIERS), TIERS[0], RoutingSpec(thresholds={}), FixedScore(0.99))
+    d = route(c, chat("x"))
     assert (d.tier.name, d.reason, d.difficulty) == ("small", "gate", None)
 
 
@@ -306,10 +309,8 @@ def test_an_unknown_estimator_refuses_the_policy(tmp_path, monkeypatch):
 
 
 def test_a_saturated_tier_is_skipped_for_the_next_cheaper_one():
-    c = ctx(0.95)
-    c = RouteContext(c.tenant, c.tiers, c.default, c.routing, c.estimator, None,
-                     saturated=lambda tier: tier.name == "big")
-    d = route(c, chat("x"), CapacityTracker(), lambda t: 1.0)
+    c = dataclasses.replace(ctx(0.95), saturated=frozenset({"big"}))
+    d = route(c, chat("x"))
     assert (d.tier.name, d.reason) == ("mid", "load")
 
 
@@ -318,7 +319,7 @@ def test_among_equal_cost_tiers_the_one_predicted_cheapest_is_tried_first():
              TierSpec(name="moe-b", backend="b", model="b", cost=3)]
     spec = RoutingSpec(thresholds={"moe-a": 0.5, "moe-b": 0.5})
     joules = {"small": 1.0, "moe-a": 9.0, "moe-b": 4.0}
-    c = RouteContext("t", twins, twins[0], spec, FixedScore(0.9), None)
-    assert route(c, chat("x"), CapacityTracker(), lambda t: joules[t.name]).tier.name == "moe-b"
+    c = RouteContext(tuple(twins), twins[0], spec, FixedScore(0.9), joules=joules)
+    assert route(c, chat("x")).tier.name == "moe-b"
     joules["moe-b"] = 12.0  # b got costlier per token than a
-    assert route(c, chat("x"), CapacityTracker(), lambda t: joules[t.name]).tier.name == "moe-a"
+    assert route(c, chat("x")).tier.name == "moe-a"

@@ -2,9 +2,10 @@
 
 :meth:`BudgetGuard.admit` predicts the request's joules from the tier's calibration
 (estimated prompt tokens x J/prompt token + max_tokens x J/output token) and reserves
-them against every window of the tenant's budgets. If they do not fit and the tenant
-degrades, it tries the cheaper tiers of its ladder, most capable first (with
-``degrade_max_tokens``); if nothing fits, the request gets 429 with ``Retry-After`` set
+them against every window of the tenant's budgets on the request's planned tier. If they
+do not fit, it tries the plan's degrade options (the cheaper tiers of the tenant's degrade
+ladder, most capable first, with ``degrade_max_tokens``) and moves the plan to the first that
+fits (:meth:`~gateway.routing.TierPlan.degrade`); if nothing fits, the request gets 429 with ``Retry-After`` set
 to when the refusing window's period ends. :meth:`BudgetGuard.settle` records the joules
 the request actually used; a settle that cannot reach the ledger is queued and retried,
 so no joule is lost. With ``fail_open``, requests admitted while the ledger is down are
@@ -23,27 +24,12 @@ from backends import GenerationRequest
 from policies import Policy, TenantSpec, TierSpec
 
 from ..energy import Calibration
-from ..errors import APIError, ServiceUnavailable
+from ..errors import BudgetExhausted, BudgetNeverFits, LedgerUnavailableError
 from ..metrics import Metrics
+from ..routing import TierPlan
 from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
 
 log = logging.getLogger("joulegate.budgets")
-
-
-class BudgetExhausted(APIError):
-    """The request fits the tenant's budget, but not now: retry after ``Retry-After``."""
-
-    status = 429
-    type = "rate_limit_error"
-    code = "budget_exhausted"
-
-
-class BudgetNeverFits(APIError):
-    """The request is larger than a budget window's whole limit: no wait would help."""
-
-    status = 400
-    type = "invalid_request_error"
-    code = "budget_exceeds_window"
 
 
 def _until_fits(reservation: Reservation, now: float) -> tuple[float, WindowState] | None:
@@ -73,13 +59,39 @@ def estimate_prompt_tokens(generation: GenerationRequest) -> int:
 
 @dataclass
 class Admission:
-    tier: TierSpec
+    """What the budget admitted: the tier is the plan's (a degrade moved it)."""
+
     max_tokens: int | None
     reservation: Reservation | None = None
-    degraded_from: str | None = None
     warning: str | None = None
     #: fail_open while the ledger was unreachable: spend is recorded later.
     offline: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """A reservation to settle with the joules the request used."""
+
+    tenant: str
+    request_id: str
+    joules: float
+
+    async def apply(self, ledger: Ledger) -> None:
+        await ledger.settle(self.tenant, self.request_id, self.joules)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Spend served unmetered (fail_open) to record once the ledger is back."""
+
+    tenant: str
+    request_id: str
+    joules: float
+    limits: list[Limit]
+    at: float
+
+    async def apply(self, ledger: Ledger) -> None:
+        await ledger.record(self.tenant, self.request_id, self.joules, self.limits, self.at)
 
 
 class BudgetGuard:
@@ -90,7 +102,7 @@ class BudgetGuard:
         self.fail_open = fail_open
         self.metrics = metrics
         self.calibration = calibration
-        self._pending: list[tuple] = []  # settles/records waiting for the ledger
+        self._pending: list[Settle | Record] = []  # waiting for the ledger
         self._task: asyncio.Task | None = None
         #: Budgeted tenants seen so far (bounded by the policy), whose gauges are refreshed.
         self._watched: dict[str, list[Limit]] = {}
@@ -132,23 +144,20 @@ class BudgetGuard:
 
     # -- admission ----------------------------------------------------------------------
 
-    async def admit(self, policy: Policy, tenant: str, tier: TierSpec, request_id: str,
+    async def admit(self, spec: TenantSpec, tenant: str, plan: TierPlan, request_id: str,
                     generation: GenerationRequest, prompt_tokens: int) -> Admission:
         """Reserve the request's predicted joules (``prompt_tokens``: the prompt's estimated
-        size, :func:`estimate_prompt_tokens`) on ``tier`` or a cheaper one, or raise
-        :class:`BudgetExhausted` (429, fits later) or :class:`BudgetNeverFits` (400)."""
-        spec = policy.tenants[tenant]
+        size, :func:`estimate_prompt_tokens`) on the plan's tier, or degrade the plan to the
+        first of its cheaper options that fits, or raise :class:`BudgetExhausted` (429, fits
+        later) or :class:`BudgetNeverFits` (400)."""
+        tier = plan.tier
         max_tokens = generation.max_tokens
         if not spec.budgets:
-            return Admission(tier, max_tokens)
+            return Admission(max_tokens)
         max_tokens = max_tokens or spec.default_max_tokens
         limits = self._watched[tenant] = self.limits(spec)
-        candidates = [(tier, max_tokens)]
-        if spec.on_exhausted == "degrade":
-            ladder = set(spec.degrade_ladder or [t.name for t in policy.tenant_tiers(tenant)])
-            cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
-            candidates += [(t, cap) for t in reversed(policy.ordered_tiers())
-                           if t.name in ladder and t.cost < tier.cost]
+        cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
+        candidates = [(tier, max_tokens)] + [(t, cap) for t in plan.degrade_options()]
         refused: list[tuple[TierSpec, int, Reservation]] = []
         for candidate, tokens in candidates:
             joules = self.calibration.predict(candidate.name, prompt_tokens, tokens)
@@ -156,16 +165,15 @@ class BudgetGuard:
                 reservation = await self.ledger.reserve(tenant, request_id, joules, limits,
                                                         self.ttl_s)
             except LedgerUnavailable as exc:
-                return self._ledger_down(tenant, tier, max_tokens, exc)
+                return self._ledger_down(tenant, max_tokens, exc)
             self._gauges(tenant, reservation.windows)
             if reservation.ok:
-                admission = Admission(candidate, tokens, reservation,
-                                      tier.name if candidate is not tier else None,
-                                      self._warning(tenant, spec, reservation.windows))
-                if admission.degraded_from:
+                if candidate is not tier:
+                    plan.degrade(candidate)
                     self.metrics.budget_degradations.labels(tenant, tier.name,
                                                             candidate.name).inc()
-                return admission
+                return Admission(tokens, reservation,
+                                 self._warning(tenant, spec, reservation.windows))
             refused.append((candidate, tokens, reservation))
         refusal = self._refusal(tenant, refused, prompt_tokens,
                                 injected=generation.max_tokens is None)
@@ -174,7 +182,7 @@ class BudgetGuard:
         raise refusal
 
     def _refusal(self, tenant: str, refused: list[tuple[TierSpec, int, Reservation]],
-                 prompt_tokens: int, injected: bool) -> APIError:
+                 prompt_tokens: int, injected: bool) -> BudgetExhausted | BudgetNeverFits:
         """Why nothing fits, told truthfully: a request larger than a window's whole budget
         can never be served (400, with the largest ``max_tokens`` that would fit, and no
         ``Retry-After``: retrying cannot help); one that fits later gets 429 with
@@ -216,16 +224,15 @@ class BudgetGuard:
             return 0
         return int(room / per_token) if per_token > 0 else 1 << 20
 
-    def _ledger_down(self, tenant: str, tier: TierSpec, max_tokens: int | None,
-                     exc: Exception) -> Admission:
+    def _ledger_down(self, tenant: str, max_tokens: int | None, exc: Exception) -> Admission:
         if self.fail_open:
             self.metrics.budget_rejections.labels(tenant, "ledger_down_served").inc()
             log.warning("budget ledger unavailable (%s): serving %s under fail_open", exc, tenant)
-            return Admission(tier, max_tokens, offline=True)
+            return Admission(max_tokens, offline=True)
         self.metrics.budget_rejections.labels(tenant, "ledger_down").inc()
-        raise ServiceUnavailable(f"the budget ledger is unavailable ({exc}); requests of "
-                                 f"budgeted tenants are refused (fail_closed)",
-                                 code="ledger_unavailable", headers={"retry-after": "5"})
+        raise LedgerUnavailableError(f"the budget ledger is unavailable ({exc}); requests of "
+                                     f"budgeted tenants are refused (fail_closed)",
+                                     headers={"retry-after": "5"})
 
     def _warning(self, tenant: str, spec: TenantSpec, windows: list[WindowState]) -> str | None:
         notes = []
@@ -256,30 +263,24 @@ class BudgetGuard:
 
     # -- settling -----------------------------------------------------------------------
 
-    async def settle(self, policy: Policy, tenant: str, request_id: str, admission: Admission,
-                     joules: float) -> None:
+    async def settle(self, spec: TenantSpec, tenant: str, request_id: str,
+                     admission: Admission, joules: float) -> None:
+        op: Settle | Record
         if admission.reservation is not None:
-            op = ("settle", tenant, request_id, joules)
+            op = Settle(tenant, request_id, joules)
         elif admission.offline:
-            op = ("record", tenant, request_id, joules,
-                  self.limits(policy.tenants[tenant]), time.time())
+            op = Record(tenant, request_id, joules, self.limits(spec), time.time())
         else:
             return
         try:
-            await self._apply(op)
+            await op.apply(self.ledger)
         except LedgerUnavailable:
             self._pending.append(op)
-
-    async def _apply(self, op: tuple) -> None:
-        if op[0] == "settle":
-            await self.ledger.settle(*op[1:])
-        else:
-            await self.ledger.record(*op[1:])
 
     async def _flush(self) -> None:
         while self._pending:
             try:
-                await self._apply(self._pending[0])
+                await self._pending[0].apply(self.ledger)
             except LedgerUnavailable:
                 return
             self._pending.pop(0)

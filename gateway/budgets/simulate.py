@@ -34,11 +34,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from backends import GenerationRequest
-from policies import AUTO_MODEL, Policy, TierSpec
+from policies import AUTO_MODEL, Policy, RoutingSpec
 
 from ..energy import Calibration
 from ..errors import APIError
 from ..metrics import Metrics
+from ..routing import Decision, RouteRefusal, TierPlan, degrade_ladder
+from ..routing.tiers import resolve_model
 from .embedded import EmbeddedLedger
 from .guard import BudgetGuard
 from .ledger import Limit, Reservation, WindowState
@@ -300,8 +302,6 @@ async def _replay(policy: Policy, requests: list[SimRequest], now: float) -> Sim
     calibration = Calibration()
     for tier in policy.ordered_tiers():
         calibration.seed(tier.name, tier.joules_per_prompt_token, tier.joules_per_output_token)
-    tiers = {t.name: t for t in policy.tiers}
-    models = {t.model: t for t in policy.tiers}
     with tempfile.TemporaryDirectory(prefix="joulegate-simulate-") as folder:
         ledger = _ReplayLedger(Path(folder) / "ledger.sqlite")
         guard = BudgetGuard(ledger, policy.ledger.reservation_ttl_s, fail_open=False,
@@ -313,7 +313,7 @@ async def _replay(policy: Policy, requests: list[SimRequest], now: float) -> Sim
             for index, req in enumerate(requests, 1):
                 clock = req.time if req.time is not None else clock
                 ledger.now = clock
-                outcome = await _one(policy, guard, ledger, tiers, models, index, req, clock)
+                outcome = await _one(policy, guard, ledger, index, req, clock)
                 outcomes.append(outcome)
                 _count_outcome(tenants.setdefault(req.tenant, TenantSummary(req.tenant)), outcome)
             for name, summary in tenants.items():
@@ -325,28 +325,26 @@ async def _replay(policy: Policy, requests: list[SimRequest], now: float) -> Sim
             await guard.close()  # closes the ledger
 
 
-async def _one(policy: Policy, guard, ledger: _ReplayLedger, tiers: dict[str, TierSpec],
-               models: dict[str, TierSpec], index: int, req: SimRequest,
+async def _one(policy: Policy, guard, ledger: _ReplayLedger, index: int, req: SimRequest,
                clock: float) -> RequestOutcome:
-    from ..routing.tiers import resolve_model
-
     spec = policy.tenants[req.tenant]
     outcome = RequestOutcome(index, req.line, req.tenant, clock, None, "refused")
+    allowed = policy.tenant_tiers(req.tenant)
     try:
-        if req.model is None or req.model == AUTO_MODEL:
-            tier = tiers[spec.default_tier]
-        else:
-            tier = resolve_model(tiers, models, spec.tiers, req.model)
-    except APIError:
+        tier = resolve_model(allowed, spec.default_tier if req.model in (None, AUTO_MODEL)
+                             else req.model)
+    except RouteRefusal:
         outcome.reason = "model_not_found"
         return outcome
+    plan = TierPlan.build(Decision(tier, "pinned"), allowed, RoutingSpec(fallback="off"),
+                          degrade_ladder(spec, allowed))
     outcome.requested_tier = tier.name
     request_id = f"simulate-{index}"
     generation = GenerationRequest(model=tier.model, prompt="", max_tokens=req.max_tokens,
                                    request_id=request_id)
     ledger.refusals = []
     try:
-        admission = await guard.admit(policy, req.tenant, tier, request_id, generation,
+        admission = await guard.admit(spec, req.tenant, plan, request_id, generation,
                                       req.prompt_tokens)
     except APIError as exc:
         outcome.reason = _REASONS.get(exc.code or "", exc.code or type(exc).__name__)
@@ -355,15 +353,15 @@ async def _one(policy: Policy, guard, ledger: _ReplayLedger, tiers: dict[str, Ti
             outcome.predicted_joules = first.joules
             outcome.short_windows = [w.window for w in first.windows if w.remaining < first.joules]
         return outcome
-    served = admission.tier
+    served = plan.tier
     cap = admission.max_tokens or spec.default_max_tokens
     completion = cap if req.completion_tokens is None else req.completion_tokens
     if admission.max_tokens is not None:
         completion = min(completion, admission.max_tokens)
     joules = (req.prompt_tokens * served.joules_per_prompt_token
               + completion * served.joules_per_output_token)
-    await guard.settle(policy, req.tenant, request_id, admission, joules)
-    outcome.outcome = "degraded" if admission.degraded_from else "served"
+    await guard.settle(spec, req.tenant, request_id, admission, joules)
+    outcome.outcome = "degraded" if plan.degraded_from else "served"
     outcome.tier = served.name
     outcome.max_tokens = admission.max_tokens
     outcome.completion_tokens = completion

@@ -14,7 +14,7 @@ from .common import add_policy_option, policy_state
 def cmd_route(args: argparse.Namespace) -> int:
     from backends import GenerationRequest
 
-    from ..routing import CapacityTracker, create_estimator
+    from ..routing import create_estimator
     from ..routing.tiers import RouteContext, route
 
     policy, _ = policy_state(args.policy)
@@ -34,10 +34,10 @@ def cmd_route(args: argparse.Namespace) -> int:
     generation = GenerationRequest(model="auto", messages=[{"role": "user", "content": prompt}],
                                    max_tokens=args.max_tokens)
     difficulty = estimator.score(generation)
-    ctx = RouteContext(tenant, policy.tenant_tiers(tenant),
+    ctx = RouteContext(tuple(policy.tenant_tiers(tenant)),
                        next(t for t in policy.tiers if t.name == policy.tenants[tenant].default_tier),
-                       routing.model_copy(update={"capacity": {}}), estimator, None)
-    decision = route(ctx, generation, CapacityTracker(), lambda tier: 0.0)
+                       routing, estimator)
+    decision = route(ctx, generation)
     if args.json:
         print(json.dumps({"tenant": tenant, "estimator": estimator.name,
                           "score": round(difficulty.score, 4), "tier": decision.tier.name,

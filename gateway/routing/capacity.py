@@ -92,6 +92,13 @@ class CapacityWindow:
             self._used_joules += joules
         return entry
 
+    def reassign(self, entry: Entry, used: bool) -> None:
+        """Whether ``entry``'s request uses the tier changed (it moved to another tier)."""
+        if entry.live and entry.used != used:
+            self._used += used - entry.used
+            self._used_joules += entry.joules if used else -entry.joules
+        entry.used = used
+
     def settle(self, entry: Entry, joules: float) -> None:
         """Replace an entry's predicted joules with the measured ones."""
         if entry.live:

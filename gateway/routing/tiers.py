@@ -1,4 +1,4 @@
-"""Pick the tier a request runs on.
+"""Pick the tier a request runs on: a pure decision over a :class:`RouteContext`.
 
 - A tier name or a concrete model name pins its tier, if the tenant may use it
   (reason ``pinned``).
@@ -14,25 +14,52 @@
   on this request (its measured joules per token) is tried first.
 
 With no candidate above the default tier, nothing is scored (no cost on that path).
+A request routing cannot serve raises a :class:`RouteRefusal`; ``gateway.errors`` says
+what the client sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from backends import GenerationRequest
 from policies import AUTO_MODEL, RoutingSpec, TierSpec
 
-from ..errors import InvalidRequest
-from .capacity import CapacityTracker, CapacityWindow, Entry
+from .capacity import CapacityWindow, Entry
 from .estimators import Difficulty, DifficultyEstimator
 
-if TYPE_CHECKING:
-    from ..runtime import Snapshot
-
 MAX_TIER_HEADER = "x-joulegate-max-tier"
+
+
+class RouteRefusal(Exception):
+    """Routing cannot serve the request as asked."""
+
+
+class ModelNotFound(RouteRefusal):
+    """``model`` names no tier or model this tenant may use (one answer for both, so a
+    tenant cannot probe which models others may use)."""
+
+    def __init__(self, model: str, param: str = "model"):
+        super().__init__(model)
+        self.model, self.param = model, param
+
+
+class AboveMaxTier(RouteRefusal):
+    """The pinned ``model`` costs more than the ``X-Joulegate-Max-Tier`` cap."""
+
+    def __init__(self, model: str, cap: str):
+        super().__init__(model)
+        self.model, self.cap = model, cap
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A tier the request passed over, and why: ``gate``, ``capacity``, ``budget``, ``load``,
+    ``capped``, or ``failed: <error>``."""
+
+    tier: str
+    why: str
 
 
 @dataclass(slots=True)
@@ -41,22 +68,46 @@ class Decision:
     #: gate, capacity, budget, load, pinned or capped.
     reason: str
     difficulty: Difficulty | None = None
-    #: Capacity-window entries to settle with the request's measured joules.
+    #: Capacity-window entries of this request, settled with its measured joules.
     entries: list[tuple[CapacityWindow, Entry]] = field(default_factory=list)
-
-    def settle(self, joules: float) -> None:
-        for window, entry in self.entries:
-            window.settle(entry, joules)
+    #: Costlier candidates passed over, in the order they were considered.
+    skipped: list[Skip] = field(default_factory=list)
 
 
-def resolve_model(tiers: dict[str, TierSpec], models: dict[str, TierSpec], allowed: list[str] | None,
-                  model: str, param: str = "model") -> TierSpec:
-    tier = tiers.get(model) or models.get(model)
-    if tier is None or (allowed is not None and tier.name not in allowed):
-        # One answer for both, so a tenant cannot probe which models others may use.
-        raise InvalidRequest(f"the model '{model}' does not exist or you may not use it; "
-                             "GET /v1/models lists yours", param=param, code="model_not_found")
-    return tier
+@dataclass(frozen=True, slots=True)
+class RouteContext:
+    """Everything routing needs beyond the request, as plain data."""
+
+    #: The tenant's tiers, cheapest first, and where ``auto`` starts.
+    tiers: tuple[TierSpec, ...]
+    default: TierSpec
+    routing: RoutingSpec
+    estimator: DifficultyEstimator
+    #: The tenant's least remaining budget fraction, or None when it has no budget.
+    remaining: float | None = None
+    #: Tiers whose backend is saturated now (load-aware routing).
+    saturated: frozenset[str] = frozenset()
+    #: tier → the tenant's capacity window on it (tiers with a capacity only).
+    capacity: Mapping[str, CapacityWindow] = field(default_factory=dict)
+    #: tier → this request's predicted joules on it (missing: 0).
+    joules: Mapping[str, float] = field(default_factory=dict)
+    #: Tiers a budget may degrade the request to; None when the tenant rejects instead.
+    degrade_ladder: tuple[str, ...] | None = None
+
+    def predict(self, tier: TierSpec) -> float:
+        return self.joules.get(tier.name, 0.0)
+
+
+def resolve_model(tiers: tuple[TierSpec, ...] | list[TierSpec], model: str,
+                  param: str = "model") -> TierSpec:
+    """The tier of ``tiers`` (a tenant's) that ``model`` names, by tier or model name."""
+    for tier in tiers:
+        if tier.name == model:
+            return tier
+    for tier in reversed(tiers):
+        if tier.model == model:
+            return tier
+    raise ModelNotFound(model, param)
 
 
 def pressure_raise(curve: list[list[float]], remaining: float | None) -> float:
@@ -73,117 +124,73 @@ def pressure_raise(curve: list[list[float]], remaining: float | None) -> float:
     return points[-1][1]
 
 
-@dataclass(frozen=True, slots=True)
-class RouteContext:
-    """What routing needs beyond the request: the policy view for this tenant."""
-
-    tenant: str
-    tiers: list[TierSpec]            # the tenant's tiers, cheapest first
-    default: TierSpec
-    routing: RoutingSpec
-    estimator: DifficultyEstimator
-    #: The tenant's least remaining budget fraction, or None when it has no budget.
-    remaining: float | None
-    #: Whether a tier's backend is saturated now (load-aware routing).
-    saturated: Callable[[TierSpec], bool] = lambda tier: False
-
-
-def route(ctx: RouteContext, generation: GenerationRequest, capacity: CapacityTracker,
-          predict_joules, max_tier: TierSpec | None = None) -> Decision:
+def route(ctx: RouteContext, generation: GenerationRequest,
+          max_tier: TierSpec | None = None) -> Decision:
     """Choose a tier for an ``auto`` request; see the module docstring."""
     if max_tier is not None and ctx.default.cost > max_tier.cost:
         return Decision(max_tier, "capped")
     thresholds = ctx.routing.thresholds or {}
     candidates = sorted((t for t in ctx.tiers if t.cost > ctx.default.cost and t.name in thresholds),
-                        key=lambda t: (-t.cost, predict_joules(t)))
+                        key=lambda t: (-t.cost, ctx.predict(t)))
     if not candidates:
         return Decision(ctx.default, "gate")
     difficulty = ctx.estimator.score(generation)
     score = difficulty.score
     gated = next((t for t in candidates if score >= thresholds[t.name]), ctx.default)
-    lift = pressure_raise(ctx.routing.pressure or [], ctx.remaining)
-    chosen, reason = ctx.default, "gate"
+    chosen, skipped = ctx.default, []
     for tier in candidates:
-        if max_tier is not None and tier.cost > max_tier.cost:
-            continue
-        if score < thresholds[tier.name]:
-            continue
-        if score < thresholds[tier.name] + lift:
-            reason = "budget"
-            continue
-        if ctx.saturated(tier):
-            reason = "load"
-            continue
-        spec = (ctx.routing.capacity or {}).get(tier.name)
-        if spec is not None and not capacity.window(ctx.tenant, tier.name, spec).admits(
-                score, predict_joules(tier)):
-            reason = "capacity"
-            continue
-        chosen = tier
-        break
-    if chosen is gated:
-        reason = "gate"
-    elif reason == "gate":  # lowered by nothing but the cap
-        reason = "capped"
-    decision = Decision(chosen, reason, difficulty)
-    joules = predict_joules(chosen)
-    for name, spec in (ctx.routing.capacity or {}).items():
-        window = capacity.window(ctx.tenant, name, spec)
-        decision.entries.append((window, window.record(score, chosen.name == name, joules)))
+        why = _skip(ctx, tier, score, thresholds[tier.name], max_tier)
+        if why is None:
+            chosen = tier
+            break
+        skipped.append(Skip(tier.name, why))
+    demoted = [s.why for s in skipped if s.why not in ("gate", "capped")]
+    reason = "gate" if chosen is gated else demoted[-1] if demoted else "capped"
+    decision = Decision(chosen, reason, difficulty, skipped=skipped)
+    for name, window in ctx.capacity.items():
+        decision.entries.append((window, window.record(score, chosen.name == name,
+                                                       ctx.predict(chosen))))
     return decision
 
 
-def pin(tiers: dict[str, TierSpec], models: dict[str, TierSpec], allowed: list[str] | None,
-        model: str, max_tier: TierSpec | None) -> Decision:
-    tier = resolve_model(tiers, models, allowed, model)
+def _skip(ctx: RouteContext, tier: TierSpec, score: float, threshold: float,
+          max_tier: TierSpec | None) -> str | None:
+    """Why ``tier`` cannot take a request of this ``score``, or None when it can."""
     if max_tier is not None and tier.cost > max_tier.cost:
-        raise InvalidRequest(f"the model '{model}' is above the tier cap '{max_tier.name}' set by "
-                             "X-Joulegate-Max-Tier", param="model", code="above_max_tier")
-    return Decision(tier, "pinned")
-
-
-def fallback_tier(snap: Snapshot, tenant: str, decision: Decision,
-                  tried: list[TierSpec]) -> TierSpec | None:
-    """The tier to retry on after ``tried[-1]`` could not take the request, or None."""
-    routing = snap.routing[tenant]
-    mode = routing.fallback or "off"
-    if mode == "off" or (decision.reason == "pinned" and mode != "all"):
-        return None
-    allowed = [t.name for t in snap.policy.tenant_tiers(tenant)]
-    ladder = routing.fallback_ladder or list(reversed(allowed))
-    current = tried[-1].name
-    after = ladder[ladder.index(current) + 1:] if current in ladder else ladder
-    done = {t.name for t in tried}
-    for name in after:
-        if name in allowed and name not in done:
-            return snap.tiers[name]
+        return "capped"
+    if score < threshold:
+        return "gate"
+    if score < threshold + pressure_raise(ctx.routing.pressure or [], ctx.remaining):
+        return "budget"
+    if tier.name in ctx.saturated:
+        return "load"
+    window = ctx.capacity.get(tier.name)
+    if window is not None and not window.admits(score, ctx.predict(tier)):
+        return "capacity"
     return None
 
 
-def tenant_models(snap: Snapshot, tenant: str) -> list[tuple[str, TierSpec | None]]:
-    """``(id, tier)`` for every model id the tenant may name: ``auto``, tiers, concrete models."""
+def pick_tier(ctx: RouteContext, model: str, generation: GenerationRequest,
+              max_tier_name: str | None = None) -> Decision:
+    """The tier for one request: pinned by ``model``, or routed when it is ``auto``; raises
+    :class:`ModelNotFound` or :class:`AboveMaxTier`."""
+    max_tier = None
+    if max_tier_name:
+        max_tier = resolve_model(ctx.tiers, max_tier_name.strip(), param="X-Joulegate-Max-Tier")
+    if model == AUTO_MODEL:
+        return route(ctx, generation, max_tier)
+    tier = resolve_model(ctx.tiers, model)
+    if max_tier is not None and tier.cost > max_tier.cost:
+        raise AboveMaxTier(model, max_tier.name)
+    return Decision(tier, "pinned")
+
+
+def tenant_models(tiers: list[TierSpec]) -> list[tuple[str, TierSpec | None]]:
+    """``(id, tier)`` for every model id a tenant with these tiers may name: ``auto``, tier
+    names, concrete models."""
     out: list[tuple[str, TierSpec | None]] = [(AUTO_MODEL, None)]
-    for tier in snap.policy.tenant_tiers(tenant):
+    for tier in tiers:
         out.append((tier.name, tier))
         if tier.model != tier.name:
             out.append((tier.model, tier))
     return out
-
-
-def pick_tier(snap: Snapshot, tenant: str, model: str, generation: GenerationRequest,
-              max_tier_name: str | None, capacity: CapacityTracker,
-              remaining: float | None, predict_joules) -> Decision:
-    """The tier for one request, from the snapshot's policy (see the module docstring)."""
-    spec = snap.policy.tenants[tenant]
-    max_tier = None
-    if max_tier_name:
-        max_tier = resolve_model(snap.tiers, snap.models, spec.tiers, max_tier_name.strip(),
-                                 param="X-Joulegate-Max-Tier")
-    if model != AUTO_MODEL:
-        return pin(snap.tiers, snap.models, spec.tiers, model, max_tier)
-    routing = snap.routing[tenant]
-    ctx = RouteContext(tenant, snap.policy.tenant_tiers(tenant), snap.tiers[spec.default_tier],
-                       routing, snap.estimators[routing.estimator or "learned"],
-                       remaining if spec.budgets else None,
-                       saturated=lambda tier: snap.backend_for(tier).saturated())
-    return route(ctx, generation, capacity, predict_joules, max_tier)
