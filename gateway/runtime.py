@@ -32,7 +32,14 @@ from policies import (
 from .auth import KeyIndex
 from .budgets import open_ledger
 from .budgets.guard import BudgetGuard
-from .energy import BackendEnergy, Calibration, EnergyAccounting, EnergyDevice, Reading
+from .energy import (
+    BackendEnergy,
+    Calibration,
+    EnergyAccounting,
+    EnergyDevice,
+    EnergySettingsError,
+    Reading,
+)
 from .metrics import Metrics
 from .routing import CapacityTracker, DifficultyEstimator, create_estimator
 
@@ -245,9 +252,9 @@ class Runtime:
         tenant_keys, admin_keys = index_keys(policy, str(self.policy_path))
         try:
             plan = self.energy.prepare(policy)
-        except ValueError as exc:
-            path, _, message = str(exc).partition(": ")
-            raise PolicyError(str(self.policy_path), [PolicyIssue(path, message)]) from None
+        except EnergySettingsError as exc:
+            raise PolicyError(str(self.policy_path), [PolicyIssue(exc.path, exc.message)]) \
+                from None
         try:
             routing, estimators = self._routing(policy, reuse)
             backends: dict[str, Backend] = {}

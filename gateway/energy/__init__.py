@@ -3,10 +3,10 @@
 See ``docs/energy.md`` for the method and its error sources.
 """
 
-from .accounting import BackendEnergy, EnergyAccounting
+from .accounting import BackendEnergy, EnergyAccounting, EnergySettingsError
 from .attribution import Attribution, EnergyDevice, RequestEnergy
 from .calibration import Calibration
 from .meter import Meter, MeterUnavailable, Reading
 
 __all__ = ["Attribution", "BackendEnergy", "Calibration", "EnergyAccounting", "EnergyDevice",
-           "Meter", "MeterUnavailable", "Reading", "RequestEnergy"]
+           "EnergySettingsError", "Meter", "MeterUnavailable", "Reading", "RequestEnergy"]

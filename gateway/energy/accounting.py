@@ -36,6 +36,14 @@ from .rapl import RaplMeter
 log = logging.getLogger("joulegate.energy")
 
 
+class EnergySettingsError(ValueError):
+    """A backend's energy settings cannot work: ``path`` is where in the policy."""
+
+    def __init__(self, backend: str, message: str):
+        self.path, self.message = f"backends.{backend}.energy", message
+        super().__init__(f"{self.path}: {message}")
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """What a device needs: the hardware it measures (``key``) and its meter's reading
@@ -53,37 +61,51 @@ def _settings(spec: EnergySpec, *names: str) -> tuple[tuple[str, object], ...]:
     return tuple((name, getattr(spec, name)) for name in (*names, "interval_s"))
 
 
-def _device_spec(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
-    """The device one backend's energy is read from: ``local`` when the backend's kind runs
-    the model in this process (its capabilities), so a host meter applies. The factory may
-    raise MeterUnavailable."""
-    choice = spec.meter
-    if choice == "nvml":
-        return DeviceSpec(f"nvml:{','.join(map(str, spec.gpus))}", _settings(spec),
-                          lambda: NvmlMeter(spec.gpus))
-    if choice == "rapl":
-        return DeviceSpec(f"rapl:{spec.rapl_root}", _settings(spec),
-                          lambda: RaplMeter(spec.rapl_root))
-    if choice == "prometheus" or (choice == "auto" and not local and spec.prometheus_url):
-        if not spec.prometheus_url:
-            raise MeterUnavailable("meter 'prometheus' needs prometheus_url")
-        return DeviceSpec(f"prometheus:{spec.prometheus_url}:{spec.prometheus_series}",
-                          _settings(spec, "prometheus_unit"),
-                          lambda: PrometheusMeter(spec.prometheus_url, spec.prometheus_series,
-                                                  spec.prometheus_unit, spec.interval_s))
-    if not local:  # the model runs elsewhere: no host meter applies
+def _nvml(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
+    return DeviceSpec(f"nvml:{','.join(map(str, spec.gpus))}", _settings(spec),
+                      lambda: NvmlMeter(spec.gpus))
+
+
+def _rapl(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
+    return DeviceSpec(f"rapl:{spec.rapl_root}", _settings(spec), lambda: RaplMeter(spec.rapl_root))
+
+
+def _prometheus(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
+    if not spec.prometheus_url:
+        raise MeterUnavailable("meter 'prometheus' needs prometheus_url")
+    return DeviceSpec(f"prometheus:{spec.prometheus_url}:{spec.prometheus_series}",
+                      _settings(spec, "prometheus_unit"),
+                      lambda: PrometheusMeter(spec.prometheus_url, spec.prometheus_series,
+                                              spec.prometheus_unit, spec.interval_s))
+
+
+def _estimated(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
+    if not local:  # the model runs elsewhere: priced by the tokens it processed
         return DeviceSpec(f"tokens:{backend}", _settings(spec), TokenPriceMeter, priced=True)
-    if choice == "auto":
-        rapl = RaplMeter(spec.rapl_root)
-        try:
-            rapl.start()
-            return DeviceSpec(f"rapl:{spec.rapl_root}", _settings(spec),
-                              lambda: rapl)  # the probe is the meter
-        except MeterUnavailable as exc:
-            log.info("energy for '%s': RAPL not usable (%s); estimating from CPU time",
-                     backend, exc)
     return DeviceSpec("host-cpu", _settings(spec, "watts_per_core", "idle_watts"),
                       lambda: CpuTimeMeter(spec.watts_per_core, spec.idle_watts))
+
+
+def _auto(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
+    if not local:  # no host meter applies: the exporter when there is one, else prices
+        return (_prometheus if spec.prometheus_url else _estimated)(backend, local, spec)
+    rapl = RaplMeter(spec.rapl_root)
+    try:
+        rapl.start()
+        return DeviceSpec(f"rapl:{spec.rapl_root}", _settings(spec),
+                          lambda: rapl)  # the probe is the meter
+    except MeterUnavailable as exc:
+        log.info("energy for '%s': RAPL not usable (%s); estimating from CPU time", backend, exc)
+    return _estimated(backend, local, spec)
+
+
+#: ``meter:`` choice → the device it reads a backend's energy from. ``local``: the backend's
+#: kind runs the model in this process (its capabilities), so a host meter applies. A
+#: factory may raise MeterUnavailable.
+METERS: dict[str, Callable[[str, bool, EnergySpec], DeviceSpec]] = {
+    "auto": _auto, "nvml": _nvml, "rapl": _rapl, "prometheus": _prometheus,
+    "estimated": _estimated,
+}
 
 
 def _attribution(spec: EnergySpec, device: DeviceSpec) -> Attribution:
@@ -122,7 +144,7 @@ class EnergyAccounting:
 
     def prepare(self, policy: Policy) -> EnergyPlan:
         """Each backend's device and weights, starting a device only for hardware not seen
-        before or whose meter settings changed. Raises ValueError naming the backend when an
+        before or whose meter settings changed. Raises EnergySettingsError when an
         explicitly chosen meter cannot work, or when backends on one piece of hardware ask
         for different meter settings."""
         plan = EnergyPlan({})
@@ -131,27 +153,28 @@ class EnergyAccounting:
             for name, spec in policy.backends.items():
                 energy = spec.energy
                 try:
-                    device = _device_spec(name, spec.backend_kind.capabilities.local, energy)
+                    device = METERS[energy.meter](name, spec.backend_kind.capabilities.local,
+                                                     energy)
                 except MeterUnavailable as exc:
-                    raise ValueError(f"backends.{name}.energy: meter '{energy.meter}' "
-                                     f"unavailable: {exc}") from None
+                    raise EnergySettingsError(name, f"meter '{energy.meter}' unavailable: "
+                                              f"{exc}") from None
                 first = chosen.setdefault(device.key, (name, device))
                 if first[1] != device:
                     theirs = dict(first[1].settings)
                     diff = ", ".join(f"{k} {v!r} here, {theirs.get(k)!r} there"
                                      for k, v in device.settings if theirs.get(k) != v)
-                    raise ValueError(
-                        f"backends.{name}.energy: measures the same hardware ({device.key}) as "
-                        f"backend '{first[0]}' but with other meter settings ({diff}); "
-                        "one piece of hardware has one meter: set them alike")
+                    raise EnergySettingsError(
+                        name, f"measures the same hardware ({device.key}) as backend "
+                        f"'{first[0]}' but with other meter settings ({diff}); one piece of "
+                        "hardware has one meter: set them alike")
                 if device.key not in plan.new and self._specs.get(device.key) != device:
                     try:
                         new = EnergyDevice(device.key, device.factory(),
                                            interval_s=energy.interval_s, on_tick=self.on_tick)
                         new.meter.start()  # fails here if it cannot work; charges from commit
                     except MeterUnavailable as exc:
-                        raise ValueError(f"backends.{name}.energy: meter '{energy.meter}' "
-                                         f"unavailable: {exc}") from None
+                        raise EnergySettingsError(name, f"meter '{energy.meter}' unavailable: "
+                                                  f"{exc}") from None
                     plan.new[device.key] = (new, device)
                 plan.backends[name] = BackendEnergy(name, device.key,
                                                     _attribution(energy, device))

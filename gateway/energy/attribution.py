@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 from backends import Usage
 
-from .estimated import TokenPriceMeter
 from .meter import Meter, Reading
 
 log = logging.getLogger("joulegate.energy")
@@ -183,8 +182,7 @@ class EnergyDevice:
         weights = share.weights
         work = ((prompt - share.seen_prompt) * weights.prompt_weight
                 + (output - share.seen_output) * weights.output_weight)
-        if isinstance(self.meter, TokenPriceMeter):  # the weights are this backend's prices
-            self.meter.add_joules(max(work, 0.0))
+        self.meter.weighed(max(work, 0.0))
         share.seen_prompt, share.seen_output = prompt, output
         return max(work * share.scale, 0.0)
 

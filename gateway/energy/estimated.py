@@ -54,8 +54,8 @@ class TokenPriceMeter(Meter):
     def __init__(self) -> None:
         self._joules = 0.0
 
-    def add_joules(self, joules: float) -> None:
-        self._joules += joules
+    def weighed(self, work: float) -> None:
+        self._joules += work  # the weights are the backend's prices: work is joules
 
     def read(self) -> Reading:
         return Reading(self._joules)

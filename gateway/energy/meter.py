@@ -39,6 +39,10 @@ class Meter(abc.ABC):
     def read(self) -> Reading:
         """The cumulative reading now (or as of the latest poll)."""
 
+    def weighed(self, work: float) -> None:
+        """The device weighed ``work`` of a request's tokens (a meter that prices tokens
+        counts it as joules; one that reads hardware ignores it)."""
+
     def describe(self) -> str:
         """One line saying what this meter reads, for logs and ``/readyz``."""
         return self.kind
