@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from .errors import AuthenticationError
 
@@ -23,11 +23,6 @@ class KeyIndex:
     def __init__(self, entries: Iterable[tuple[str, str]]):
         # (digest bytes, owner) pairs; digests are compared as raw 32-byte strings.
         self._entries = [(bytes.fromhex(digest), owner) for digest, owner in entries]
-
-    @classmethod
-    def build(cls, owners: Mapping[str, list[str]], resolve) -> KeyIndex:
-        """``owners`` maps an owner to its key references; ``resolve`` turns one into a digest."""
-        return cls((resolve(ref), owner) for owner, refs in owners.items() for ref in refs)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -84,8 +84,10 @@ class AdminSpec(_Strict):
 class EnergySpec(_Strict):
     """How a backend's energy is measured (see docs/energy.md)."""
 
-    #: ``auto`` picks the best readable meter: nvml, then rapl, then estimated (in-process
-    #: llama.cpp), or prometheus when ``prometheus_url`` is set, else estimated (HTTP).
+    #: ``auto``: for a backend that runs in this process (llama.cpp), RAPL when readable,
+    #: else estimated from CPU time; for a remote one, prometheus when ``prometheus_url``
+    #: is set, else estimated from token prices. ``nvml`` is never picked by ``auto``:
+    #: name it for a GPU in this host.
     meter: Literal["auto", "nvml", "rapl", "prometheus", "estimated"] = "auto"
     #: Seconds between meter readings; energy between two readings is split across the
     #: requests active in it.

@@ -301,7 +301,3 @@ class BudgetGuard:
             if ticks % expire_every == 0:
                 with contextlib.suppress(LedgerUnavailable):
                     await self.ledger.expire()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
