@@ -65,6 +65,26 @@ def _check_key_ref(value: str) -> str:
 KeyRefStr = Annotated[str, AfterValidator(_check_key_ref)]
 
 
+class LimitsSpec(_Strict):
+    """What a server on the internet must bound. Connection-level limits (the head bytes,
+    keep-alive, connections) take effect at start; the others follow reloads."""
+
+    #: The request line and headers together; larger: 431, refused while they arrive.
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 << 20)
+    #: Header fields per request; more: 431.
+    max_header_count: int = Field(100, ge=8, le=10_000)
+    #: Seconds to receive the whole body once the headers came; slower: 408.
+    body_read_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Seconds an idle keep-alive connection stays open.
+    keep_alive_timeout_s: int = Field(5, ge=1, le=3600)
+    #: Open connections (and requests in progress) per worker process; beyond: 503 with
+    #: Retry-After.
+    max_connections: int = Field(1024, ge=1, le=1_000_000)
+    #: Generation requests in progress per tier at this gateway (waiting for a backend
+    #: slot or generating); beyond: 503 ``tier_queue_full`` with Retry-After.
+    max_queued_per_tier: int = Field(256, ge=1, le=1_000_000)
+
+
 class ServerSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
@@ -74,6 +94,16 @@ class ServerSpec(_Strict):
     access_log: bool = True
     #: Seconds between background health probes of every backend (``joulegate_backend_up``).
     health_interval_s: float = Field(10.0, gt=0, le=3600)
+    #: What one client may hold of this server (see :class:`LimitsSpec`).
+    limits: LimitsSpec = LimitsSpec()
+    #: On SIGTERM: seconds in-flight requests and streams may keep going; streams still
+    #: open then get a ``server_shutting_down`` error event and ``[DONE]``.
+    shutdown_drain_s: float = Field(10.0, ge=0, le=3600)
+    #: Bearer key (``env:VAR`` or ``sha256:``) required by ``GET /metrics`` and for the
+    #: details of ``/readyz``; unset: both are open (local use).
+    metrics_token: KeyRefStr | None = None
+    #: Serve the OpenAPI document at ``GET /openapi.json`` (off: 404).
+    openapi: bool = False
 
 
 class AdminSpec(_Strict):
@@ -180,12 +210,17 @@ class LedgerSpec(_Strict):
     path: str | None = None
     #: redis: the server, e.g. ``redis://redis:6379/0``.
     url: str | None = None
-    #: When Redis cannot be reached: ``fail_closed`` answers 503; ``fail_open`` serves,
-    #: keeps the spend locally and records it in Redis once it is back.
+    #: When the ledger cannot be reached (Redis down; the embedded file locked past
+    #: ``busy_timeout_ms`` or failing): ``fail_closed`` answers 503; ``fail_open`` serves,
+    #: keeps the spend locally and records it in the ledger once it is back.
     on_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
     #: A reservation neither settled nor released by then (a crashed gateway) returns to
     #: the budget.
     reservation_ttl_s: float = Field(600.0, gt=0, le=86400)
+    #: embedded: how long one attempt waits for SQLite's write lock when another process
+    #: (a worker, ``joulegate budget``) holds it. An operation makes up to 3 attempts;
+    #: then the ledger counts as unavailable and ``on_unavailable`` applies.
+    busy_timeout_ms: int = Field(250, ge=1, le=10000)
 
 
 class CapacitySpec(_Strict):
