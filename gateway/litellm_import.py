@@ -28,10 +28,12 @@ carry over: each is named in a ``# not converted:`` comment and in :attr:`Conver
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -161,7 +163,7 @@ def _number(value: Any) -> float | None:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return number if number == number and number not in (float("inf"), float("-inf")) else None
+    return number if math.isfinite(number) else None
 
 
 def sanitize_name(name: str) -> str:
@@ -210,7 +212,7 @@ class _Converter:
                 return section[key], f"{where}.{key}"
         return None
 
-    def _env_url(self, value: str, where: str) -> tuple[str | None, list[str]]:
+    def _env_url(self, value: str, where: str) -> tuple[str, list[str]]:
         m = _ENV_REF.match(value)
         if not m:
             return value, []
@@ -232,7 +234,8 @@ class _Converter:
             return None
         group = entry.get("model_name")
         params = entry["litellm_params"]
-        info = entry.get("model_info") if isinstance(entry.get("model_info"), Mapping) else {}
+        given_info = entry.get("model_info")
+        info: Mapping[str, Any] = given_info if isinstance(given_info, Mapping) else {}
         model = params.get("model")
         if not group or not isinstance(model, str) or not model:
             self._skip(f"{where}: needs model_name and litellm_params.model")
@@ -250,9 +253,8 @@ class _Converter:
         provider, _, rest = model.partition("/")
         api_base = params.get("api_base")
         if not rest or provider not in (_OPENAI_PROVIDERS | _VLLM_PROVIDERS | set(_PROVIDER_REASONS)):
-            if api_base:  # a bare model id served by an OpenAI-compatible api_base
-                provider, rest = "openai", model
-            elif not rest and _OPENAI_MODEL.match(model):
+            # A bare model id served by an OpenAI-compatible api_base, or an OpenAI model's.
+            if api_base or (not rest and _OPENAI_MODEL.match(model)):
                 provider, rest = "openai", model
             elif rest:
                 self._skip(f"{label}: provider '{provider}' is not converted; joulegate's HTTP "
@@ -386,17 +388,19 @@ class _Converter:
         return kept
 
     def _costs(self, tiers: list[_Tier]) -> None:
-        prices = []
+        prices: list[float | None] = []
         for tier in tiers:
             p = tier.primary
-            total = [_number(p.info.get(k, p.params.get(k)))
+            costs = [_number(p.info.get(k, p.params.get(k)))
                      for k in ("input_cost_per_token", "output_cost_per_token")]
-            prices.append(None if None in total else sum(total))  # type: ignore[arg-type]
-        self.costs_from_prices = bool(tiers) and all(p is not None and p > 0 for p in prices)
+            known = [c for c in costs if c is not None]
+            prices.append(sum(known) if len(known) == len(costs) else None)
+        positive = [p for p in prices if p is not None and p > 0]
+        self.costs_from_prices = bool(tiers) and len(positive) == len(prices)
         if self.costs_from_prices:
-            cheapest = min(prices)  # type: ignore[type-var]
-            for tier, price in zip(tiers, prices):
-                tier.cost = float(f"{price / cheapest:.3g}")  # type: ignore[operator]
+            cheapest = min(positive)
+            for tier, price in zip(tiers, positive, strict=True):
+                tier.cost = float(f"{price / cheapest:.3g}")
         else:
             for i, tier in enumerate(tiers, 1):
                 tier.cost = float(i)
@@ -411,50 +415,51 @@ class _Converter:
                 if self.settings.get("request_timeout") is not None else None)
             total = _number(found[0]) if found else None
         stream = _number(dep.params.get("stream_timeout"))
-        comments = []
-        first = None
+        comments: list[str] = []
         if total is not None and total > 0:
-            first = min(total, 3600.0)
+            first, whole = min(total, 3600.0), total
             if total > 86400:
                 comments.append(f"LiteLLM's timeout {_num(total)} s is above joulegate's "
                                 "limit of 86400 s")
-                total = 86400.0
+                whole = 86400.0
             if stream is not None:
                 comments.append(f"LiteLLM's stream_timeout {_num(stream)} s is not used: "
                                 "first_byte_s also bounds a whole non-streaming answer, so it is "
                                 "kept at the timeout; lower it if your requests stream")
         elif stream is not None and stream > 0:
             first = min(stream, 3600.0)
-            total = max(600.0, first)
+            whole = max(600.0, first)
             comments.append("first_byte_s from LiteLLM's stream_timeout; it also bounds a whole "
                             "non-streaming answer")
-        if first is None:
+        else:
             return None, comments
-        return f"{{first_byte_s: {_num(first)}, total_s: {_num(total)}}}", comments
+        return f"{{first_byte_s: {_num(first)}, total_s: {_num(whole)}}}", comments
 
     def _reliability(self) -> list[tuple[str, str, str]]:
         """(key, value, comment) for every vllm backend."""
         out = []
         found = self._setting("num_retries")
-        if found and _number(found[0]) is not None:
-            value = int(min(max(_number(found[0]), 0), 10))  # type: ignore[type-var]
-            capped = "" if value == _number(found[0]) else f" ({_num(_number(found[0]))} capped " \
+        number = _number(found[0]) if found else None
+        if found and number is not None:
+            value = int(min(max(number, 0), 10))
+            capped = "" if value == number else f" ({_num(number)} capped " \
                 "to joulegate's most, 10)"
             out.append(("retries", str(value), f"{found[1]}{capped}: on another replica, before "
                         "the first byte only"))
         found = self._setting("allowed_fails")
-        if found and _number(found[0]) is not None:
-            value = int(min(max(_number(found[0]) + 1, 1), 1000))  # type: ignore[operator]
-            out.append(("eject_after", str(value), f"{found[1]} {_num(_number(found[0]))}: the "
+        number = _number(found[0]) if found else None
+        if found and number is not None:
+            value = int(min(max(number + 1, 1), 1000))
+            out.append(("eject_after", str(value), f"{found[1]} {_num(number)}: the "
                         "next failure in a row ejects the replica (LiteLLM counts per minute)"))
         found = self._setting("cooldown_time")
-        if found and _number(found[0]) is not None and _number(found[0]) <= 0:  # type: ignore[operator]
+        number = _number(found[0]) if found else None
+        if found and number is not None and number <= 0:
             self._skip(f"{found[1]} {_one_line(found[0])}: joulegate always ejects a failing "
                        "replica for eject_s (30 s unless set)")
-        elif found and _number(found[0]) is not None:
-            value = min(_number(found[0]), 3600.0)  # type: ignore[type-var]
-            out.append(("eject_s", _num(value), f"{found[1]}; joulegate doubles it while the "
-                        "replica keeps failing"))
+        elif found and number is not None:
+            out.append(("eject_s", _num(min(number, 3600.0)),
+                        f"{found[1]}; joulegate doubles it while the replica keeps failing"))
         return out
 
     def _fallbacks(self, tiers: list[_Tier]) -> tuple[list[str], list[str] | None, bool]:
@@ -490,7 +495,7 @@ class _Converter:
         predecessor: dict[str, str] = {}
         simple = True
         for chain in chains:
-            for a, b in zip(chain, chain[1:]):
+            for a, b in pairwise(chain):
                 if a == b:
                     continue
                 if successor.get(a, b) != b or predecessor.get(b, a) != a:

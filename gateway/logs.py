@@ -66,7 +66,7 @@ def _text(value: Any) -> str:
     return orjson.dumps(text).decode() if (" " in text or not text) else text
 
 
-def log_config(level: str, fmt: str) -> dict:
+def log_config(level: str, fmt: str) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for uvicorn and joulegate, all in format ``fmt``.
     Passed to uvicorn so that every worker process applies it (a worker is a fresh
     interpreter)."""

@@ -15,9 +15,18 @@ slot and a script touches a single node:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, cast
 
 from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
 from .windows import period
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+    from redis.typing import EncodableT
+
+#: One of the scripts' replies: an array of Redis integers and bulk strings.
+_Array = list[int | bytes]
 
 #: How long buckets and finished reservations outlive their period (late settles, audits).
 _KEEP_S = 40 * 86400
@@ -155,13 +164,25 @@ class RedisLedger(Ledger):
         self._expire, self._adjust = register(_EXPIRE_ONLY), register(_ADJUST)
         self._record = register(_RECORD)
 
-    async def _call(self, script, keys: list[str], args: list) -> object:
+    async def _call(self, script: AsyncScript, keys: list[str],
+                    args: Sequence[EncodableT]) -> object:
         try:
             return await script(keys=keys, args=args)
         except self._errors as exc:
             raise LedgerUnavailable(f"redis: {exc}") from None
 
-    def _buckets(self, tenant: str, limits: list[Limit], now: float):
+    async def _call_int(self, script: AsyncScript, keys: list[str],
+                        args: Sequence[EncodableT]) -> int:
+        """A script that returns a Redis integer."""
+        return cast(int, await self._call(script, keys, args))
+
+    async def _call_array(self, script: AsyncScript, keys: list[str],
+                          args: Sequence[EncodableT]) -> _Array:
+        """A script that returns an array (integers and numbers as bulk strings)."""
+        return cast(_Array, await self._call(script, keys, args))
+
+    def _buckets(self, tenant: str, limits: list[Limit],
+                 now: float) -> Iterator[tuple[str, Limit, int, int]]:
         prefix = _prefix(tenant)
         for limit in limits:
             start, end = period(limit.window, now)
@@ -172,11 +193,12 @@ class RedisLedger(Ledger):
         now = time.time() if now is None else now
         prefix = _prefix(tenant)
         buckets = list(self._buckets(tenant, limits, now))
-        args: list = [now, prefix, joules, ttl_s, _KEEP_S, request_id]
+        args: list[EncodableT] = [now, prefix, joules, ttl_s, _KEEP_S, request_id]
         for _, limit, _, end in buckets:
             args += [limit.joules, end]
-        out = await self._call(self._reserve, [prefix + "active", f"{prefix}r:{request_id}",
-                                               *(b[0] for b in buckets)], args)
+        out = await self._call_array(
+            self._reserve, [prefix + "active", f"{prefix}r:{request_id}", *(b[0] for b in buckets)],
+            args)
         code, short = int(out[0]), int(out[1]) if len(out) > 1 else 0
         if code == -1:
             raise ValueError(f"request id {request_id!r} already has a reservation")
@@ -191,8 +213,8 @@ class RedisLedger(Ledger):
 
     async def _done(self, tenant: str, request_id: str, spend: str) -> bool:
         prefix = _prefix(tenant)
-        out = await self._call(self._finish, [f"{prefix}r:{request_id}", prefix + "active"],
-                               [spend, request_id])
+        out = await self._call_int(self._finish, [f"{prefix}r:{request_id}", prefix + "active"],
+                                   [spend, request_id])
         return int(out) == 1
 
     async def settle(self, tenant: str, request_id: str, joules: float) -> bool:
@@ -205,8 +227,9 @@ class RedisLedger(Ledger):
                      now: float) -> bool:
         prefix = _prefix(tenant)
         buckets = list(self._buckets(tenant, limits, now))
-        out = await self._call(self._record, [f"{prefix}r:{request_id}", *(b[0] for b in buckets)],
-                               [repr(float(joules)), _KEEP_S, *(b[3] for b in buckets)])
+        out = await self._call_int(self._record,
+                                   [f"{prefix}r:{request_id}", *(b[0] for b in buckets)],
+                                   [repr(float(joules)), _KEEP_S, *(b[3] for b in buckets)])
         return int(out) == 1
 
     async def status(self, tenant: str, limits: list[Limit],
@@ -214,8 +237,8 @@ class RedisLedger(Ledger):
         now = time.time() if now is None else now
         prefix = _prefix(tenant)
         buckets = list(self._buckets(tenant, limits, now))
-        out = await self._call(self._status, [prefix + "active", *(b[0] for b in buckets)],
-                               [now, prefix])
+        out = await self._call_array(self._status, [prefix + "active", *(b[0] for b in buckets)],
+                                     [now, prefix])
         return [WindowState(limit.window, start, end, limit.joules, float(out[3 * i]),
                             float(out[3 * i + 1]), float(out[3 * i + 2]))
                 for i, (_, limit, start, end) in enumerate(buckets)]
@@ -239,7 +262,7 @@ class RedisLedger(Ledger):
         try:
             async for key in self._redis.scan_iter(match="jg:{*}:active", count=500):
                 key = key.decode()
-                count += int(await self._call(self._expire, [key], [now, key[:-len("active")]]))
+                count += await self._call_int(self._expire, [key], [now, key[:-len("active")]])
         except self._errors as exc:
             raise LedgerUnavailable(f"redis: {exc}") from None
         return count

@@ -29,6 +29,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,7 +152,7 @@ def read_requests(path: str | Path, text: str | None = None) -> list[SimRequest]
     return requests
 
 
-def _jsonl_rows(name: str, text: str):
+def _jsonl_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
@@ -164,7 +165,7 @@ def _jsonl_rows(name: str, text: str):
         yield number, row
 
 
-def _csv_rows(name: str, text: str):
+def _csv_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in reader.fieldnames or []]
     if "tenant" not in header or "prompt_tokens" not in header:
@@ -174,12 +175,13 @@ def _csv_rows(name: str, text: str):
     for row in reader:
         if None in row:
             raise SimulationInputError(f"{name}:{reader.line_num}: more cells than header columns")
-        cells = {k: v.strip() for k, v in row.items() if v is not None and v.strip() != ""}
+        cells: dict[str, object] = {k: v.strip() for k, v in row.items()
+                                    if v is not None and v.strip() != ""}
         if cells:
             yield reader.line_num, cells
 
 
-def _request(name: str, line: int, row: dict) -> SimRequest:
+def _request(name: str, line: int, row: Mapping[str, object]) -> SimRequest:
     where = f"{name}:{line}"
     unknown = sorted(set(row) - set(COLUMNS))
     if unknown:
@@ -196,17 +198,20 @@ def _request(name: str, line: int, row: dict) -> SimRequest:
         raise SimulationInputError(f"{where}: 'model' must be a tier or model name")
     return SimRequest(
         line, tenant,
-        _count(where, row, "prompt_tokens", 0),
+        _whole(where, "prompt_tokens", row["prompt_tokens"], 0),
         _count(where, row, "max_tokens", 1),
         model,
         _count(where, row, "completion_tokens", 0),
         _time(where, row.get("time")))
 
 
-def _count(where: str, row: dict, key: str, least: int) -> int | None:
+def _count(where: str, row: Mapping[str, object], key: str, least: int) -> int | None:
     value = row.get(key)
-    if value is None:
-        return None
+    return None if value is None else _whole(where, key, value, least)
+
+
+def _whole(where: str, key: str, given: object, least: int) -> int:
+    value = given
     if isinstance(value, str):
         try:
             value = int(value)
@@ -216,11 +221,11 @@ def _count(where: str, row: dict, key: str, least: int) -> int | None:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise SimulationInputError(f"{where}: '{key}' must be a whole number >= {least}, "
-                                   f"not {row[key]!r}")
+                                   f"not {given!r}")
     return value
 
 
-def _time(where: str, value) -> float | None:
+def _time(where: str, value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -325,8 +330,8 @@ async def _replay(policy: Policy, requests: list[SimRequest], now: float) -> Sim
             await guard.close()  # closes the ledger
 
 
-async def _one(policy: Policy, guard, ledger: _ReplayLedger, index: int, req: SimRequest,
-               clock: float) -> RequestOutcome:
+async def _one(policy: Policy, guard: BudgetGuard, ledger: _ReplayLedger, index: int,
+               req: SimRequest, clock: float) -> RequestOutcome:
     spec = policy.tenants[req.tenant]
     outcome = RequestOutcome(index, req.line, req.tenant, clock, None, "refused")
     allowed = policy.tenant_tiers(req.tenant)
@@ -374,6 +379,7 @@ async def _one(policy: Policy, guard, ledger: _ReplayLedger, index: int, req: Si
 def _count_outcome(summary: TenantSummary, outcome: RequestOutcome) -> None:
     summary.requests += 1
     if outcome.outcome == "refused":
+        assert outcome.reason is not None, "every refusal of _one names its reason"
         summary.refused += 1
         summary.refused_by[outcome.reason] = summary.refused_by.get(outcome.reason, 0) + 1
         return
@@ -383,6 +389,7 @@ def _count_outcome(summary: TenantSummary, outcome: RequestOutcome) -> None:
         summary.degraded_by[move] = summary.degraded_by.get(move, 0) + 1
     else:
         summary.served += 1
+    assert outcome.tier is not None, "a request that was not refused ran on a tier"
     summary.joules += outcome.joules
     summary.joules_by_tier[outcome.tier] = summary.joules_by_tier.get(outcome.tier, 0.0) \
         + outcome.joules

@@ -25,8 +25,8 @@ def period(window: str, now: float | None = None) -> tuple[int, int]:
         return start, start + length
     if window == "calendar-month":
         day = datetime.fromtimestamp(now, tz=timezone.utc)
-        start = datetime(day.year, day.month, 1, tzinfo=timezone.utc)
+        first = datetime(day.year, day.month, 1, tzinfo=timezone.utc)
         year, month = (day.year + 1, 1) if day.month == 12 else (day.year, day.month + 1)
-        end = datetime(year, month, 1, tzinfo=timezone.utc)
-        return calendar.timegm(start.timetuple()), calendar.timegm(end.timetuple())
+        following = datetime(year, month, 1, tzinfo=timezone.utc)
+        return calendar.timegm(first.timetuple()), calendar.timegm(following.timetuple())
     raise ValueError(f"unknown budget window {window!r}; expected one of {', '.join(WINDOWS)}")

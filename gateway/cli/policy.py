@@ -41,7 +41,7 @@ def cmd_keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser(
         "check-policy", help="check a policy file without serving it",
         description="Check a policy file without serving it: every mistake is reported at "

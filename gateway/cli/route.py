@@ -69,9 +69,10 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def cmd_router_train(args: argparse.Namespace) -> int:
     from ..routing import train
+    from ..routing.estimators import MODEL_FILE
 
     data = _data_dir(args)
-    out = Path(args.out) if args.out else train.MODEL_FILE
+    out = Path(args.out) if args.out else MODEL_FILE
     artefact = train.train(data, out)
     meta = artefact["meta"]
     print(f"trained on {meta['examples']} prompts from {data} (degree {meta['degree']}, "
@@ -95,7 +96,7 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
         f"- fold {i + 1} ({chosen}; APGR held out: "
         + ", ".join(f"{name} {apgr:.3f}" for name, apgr in per_fold.items()) + f"): {subjects}"
         for i, (subjects, chosen, per_fold) in enumerate(zip(info["folds"], info["chosen"],
-                                                              info["per_fold"])))
+                                                              info["per_fold"], strict=True)))
     (out_dir / f"router-eval-{stamp}.md").write_text(
         f"# Router label benchmark (MMLU, held-out subjects)\n\n{report}\n\n"
         f"{info['prompts']} prompts ({info['excluded_contaminated']} contaminated excluded); "
@@ -108,7 +109,7 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rt = sub.add_parser(
         "route", help="show how `model: auto` would route a prompt",
         description="Score a prompt's difficulty and show the tier `model: auto` would pick "

@@ -102,7 +102,7 @@ class Calibration:
         return a * prompt_tokens + b * max_output_tokens
 
     def table(self) -> list[dict[str, float | str]]:
-        rows = []
+        rows: list[dict[str, float | str]] = []
         for tier in sorted(self._fits):
             a, b = self.per_token(tier)
             fit = self._fits[tier]

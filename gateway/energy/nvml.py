@@ -44,7 +44,8 @@ class _Gpu:
         self.last_sample_t: float | None = None
 
     def watts(self) -> float:
-        return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+        milliwatts: int = self.nvml.nvmlDeviceGetPowerUsage(self.handle)
+        return milliwatts / 1000.0
 
     def read_counter(self) -> None:
         now = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)

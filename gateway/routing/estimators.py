@@ -25,12 +25,28 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar, TypedDict
 
 from backends import GenerationRequest
 
 from .features import RequestText, extract
 
 MODEL_FILE = Path(__file__).with_name("router_model.json")
+
+
+class _ArtefactModel(TypedDict):
+    features: list[str]
+    degree: int
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    quantiles: list[float]
+
+
+class Artefact(_ArtefactModel, total=False):
+    """``router_model.json``: the fitted model, and how it was trained."""
+
+    meta: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +75,7 @@ class HeuristicEstimator(DifficultyEstimator):
 
     name = "heuristic"
     BIAS = -3.0
-    WEIGHTS = {
+    WEIGHTS: ClassVar[dict[str, float]] = {
         "length": 2.0,            # long prompts carry more to read and reason over
         "context": 0.8,           # earlier turns to take into account
         "turns": 0.4,
@@ -93,7 +109,7 @@ class LearnedEstimator(DifficultyEstimator):
     #: Score width of each tail beyond the training prompts' range.
     TAIL = 0.01
 
-    def __init__(self, artefact: dict):
+    def __init__(self, artefact: Artefact):
         self.features: list[str] = artefact["features"]
         self.degree: int = artefact["degree"]
         self.pairs = interaction_pairs(len(self.features)) if self.degree == 2 else []
@@ -102,7 +118,7 @@ class LearnedEstimator(DifficultyEstimator):
         self.weights: list[float] = artefact["weights"]
         #: Sorted predictions on the training prompts: the score is a quantile among them.
         self.quantiles: list[float] = artefact["quantiles"]
-        self.meta: dict = artefact.get("meta", {})
+        self.meta: dict[str, Any] = artefact.get("meta", {})
 
     @classmethod
     def load(cls, path: Path = MODEL_FILE) -> LearnedEstimator:
@@ -117,7 +133,7 @@ class LearnedEstimator(DifficultyEstimator):
         """Expected gain of the strong model on this prompt, relative to its mean gain over
         the training prompts (0: a typical prompt)."""
         return sum(w * (v - m) / s for w, v, m, s in
-                   zip(self.weights, self.terms(features), self.mean, self.scale))
+                   zip(self.weights, self.terms(features), self.mean, self.scale, strict=True))
 
     def to_score(self, prediction: float) -> float:
         """The prediction's quantile among training prompts, in (0, 1), interpolated.

@@ -20,13 +20,30 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from backends import GenerationRequest
 
-from .estimators import MODEL_FILE, HeuristicEstimator, LearnedEstimator, interaction_pairs
+from .estimators import (
+    MODEL_FILE,
+    Artefact,
+    HeuristicEstimator,
+    LearnedEstimator,
+    interaction_pairs,
+)
 from .features import RequestText, extract
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import ArrayLike, NDArray
+
+    #: A vector or matrix of floats.
+    Floats = NDArray[np.float64]
+    #: A fitted ridge model: (column means, column scales, weights).
+    Ridge = tuple[Floats, Floats, Floats]
 
 WEAK_COLUMN = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG_COLUMN = "gpt-4-1106-preview"
@@ -75,7 +92,7 @@ def load_mmlu(data_dir: Path) -> tuple[list[Example], set[str]]:
     files = sorted(mmlu.glob("mmlu_*.csv"))
     if not files:
         raise FileNotFoundError(f"no mmlu_*.csv under {mmlu}; pass --data DIR (data/routing)")
-    examples = []
+    examples: list[Example] = []
     for path in files:
         subject = path.stem.removeprefix("mmlu_")
         with path.open(newline="") as fh:
@@ -99,7 +116,7 @@ def as_text(prompt: str) -> RequestText:
 
 # -- fitting -----------------------------------------------------------------------------
 
-def _design(features: list[dict[str, float]], names: list[str], degree: int):
+def _design(features: list[dict[str, float]], names: list[str], degree: int) -> Floats:
     """Rows of base features, then (degree 2) their pairwise products, as the estimator
     builds them (:func:`interaction_pairs`, same order)."""
     import numpy as np
@@ -111,13 +128,13 @@ def _design(features: list[dict[str, float]], names: list[str], degree: int):
     return x
 
 
-def _designs(features: list[dict[str, float]]) -> dict:
+def _designs(features: list[dict[str, float]]) -> dict[int, Floats]:
     """Every degree's design matrix that :data:`GRID` tries (degree → matrix)."""
     names = sorted(features[0])
     return {degree: _design(features, names, degree) for degree in sorted({d for d, _ in GRID})}
 
 
-def _fit_ridge(x, y, alpha: float):
+def _fit_ridge(x: Floats, y: Floats, alpha: float) -> Ridge:
     """Ridge regression on standardised columns; returns (mean, scale, weights).
 
     Predictions are centred: the model predicts a prompt's gain *relative to the training
@@ -136,23 +153,24 @@ def _fit_ridge(x, y, alpha: float):
     return mean, scale, weights
 
 
-def _predict(model, x):
+def _predict(model: Ridge, x: Floats) -> Floats:
     mean, scale, weights = model
     return ((x - mean) / scale) @ weights
 
 
-def _gain(examples: list[Example]):
+def _gain(examples: list[Example]) -> Floats:
     import numpy as np
 
     return np.array([float(e.strong) - float(e.weak) for e in examples])
 
 
-def select(designs: dict, examples: list[Example], rows, folds: int = 3) -> tuple[int, float]:
+def select(designs: dict[int, Floats], examples: list[Example], indices: Sequence[int],
+           folds: int = 3) -> tuple[int, float]:
     """The (degree, alpha) of :data:`GRID` with the best APGR when each of ``folds`` groups
-    of the ``rows``' subjects is predicted by a model fitted on the others."""
+    of the ``indices``' subjects is predicted by a model fitted on the others."""
     import numpy as np
 
-    rows = np.asarray(rows)
+    rows = np.asarray(indices)
     gain = _gain(examples)
     subjects = np.array([e.subject for e in examples])
     groups = subject_folds(list(subjects[rows]), folds)
@@ -174,14 +192,14 @@ def select(designs: dict, examples: list[Example], rows, folds: int = 3) -> tupl
 
 
 def fit_artefact(features: list[dict[str, float]], examples: list[Example],
-                 degree: int, alpha: float) -> dict:
+                 degree: int, alpha: float) -> Artefact:
     """The ``learned`` estimator's artefact, fitted on these examples."""
     import numpy as np
 
     names = sorted(features[0])
     x = _design(features, names, degree)
     mean, scale, weights = _fit_ridge(x, _gain(examples), alpha)
-    artefact = {"features": names, "degree": degree,
+    artefact: Artefact = {"features": names, "degree": degree,
                 "mean": [round(float(m), 8) for m in mean],
                 "scale": [round(float(s), 8) for s in scale],
                 "weights": [round(float(w), 8) for w in weights], "quantiles": []}
@@ -192,7 +210,7 @@ def fit_artefact(features: list[dict[str, float]], examples: list[Example],
     return artefact
 
 
-def train(data_dir: Path, out: Path = MODEL_FILE) -> dict:
+def train(data_dir: Path, out: Path = MODEL_FILE) -> Artefact:
     """Choose degree and penalty across subjects, fit on every labelled prompt except the
     contaminated ones, and write the artefact."""
     examples, contaminated = load_mmlu(data_dir)
@@ -224,13 +242,13 @@ class Curve:
     cpt80: float
 
 
-def routing_curve(name: str, scores, weak, strong) -> Curve:
+def routing_curve(name: str, scores: ArrayLike, weak: ArrayLike, strong: ArrayLike) -> Curve:
     """Quality vs strong fraction when the highest scores go to the strong model first."""
     import numpy as np
 
-    scores, weak, strong = (np.asarray(a, dtype=float) for a in (scores, weak, strong))
-    order = np.argsort(-scores, kind="stable")
-    s, w, st = scores[order], weak[order], strong[order]
+    arrays = [np.asarray(a, dtype=float) for a in (scores, weak, strong)]
+    order = np.argsort(-arrays[0], kind="stable")
+    s, w, st = (a[order] for a in arrays)
     n = len(s)
     gain = np.concatenate([[0.0], np.cumsum(st - w)])
     # Points only at the ends of tied blocks: inside a block the order is arbitrary, so
@@ -258,7 +276,7 @@ def subject_folds(subjects: list[str], folds: int = FOLDS) -> list[list[str]]:
     return [ordered[k::folds] for k in range(folds)]
 
 
-def evaluate(data_dir: Path) -> tuple[list[Curve], dict]:
+def evaluate(data_dir: Path) -> tuple[list[Curve], dict[str, Any]]:
     """Random, length-only, heuristic and learned. ``learned`` is fitted out-of-fold by
     subject, and its degree and penalty are chosen inside each fold's training subjects
     (nested cross-validation), so no held-out prompt informs its own score."""
@@ -270,7 +288,7 @@ def evaluate(data_dir: Path) -> tuple[list[Curve], dict]:
     folds = subject_folds([e.subject for e in examples])
     gain = _gain(examples)
     learned = np.zeros(len(examples))
-    chosen = []
+    chosen: list[str] = []
     for held_out in folds:
         train_idx = [i for i in evaluated if examples[i].subject not in held_out]
         test_idx = [i for i in evaluated if examples[i].subject in held_out]
@@ -288,7 +306,7 @@ def evaluate(data_dir: Path) -> tuple[list[Curve], dict]:
         "learned": [float(learned[i]) for i in evaluated],
     }
     curves = [routing_curve(name, s, weak, strong) for name, s in scores.items()]
-    per_fold = []  # APGR within each held-out fold: how much the pooled figure varies
+    per_fold: list[dict[str, float]] = []  # APGR within each held-out fold: how much the pooled figure varies
     for held_out in folds:
         idx = [k for k, i in enumerate(evaluated) if examples[i].subject in held_out]
         per_fold.append({name: routing_curve(name, [s[k] for k in idx], [weak[k] for k in idx],
@@ -307,7 +325,7 @@ def table(curves: list[Curve]) -> str:
     return "\n".join(lines)
 
 
-def plot(curves: list[Curve], info: dict, out: Path) -> None:
+def plot(curves: list[Curve], info: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
