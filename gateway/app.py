@@ -23,13 +23,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from policies import DEFAULT_POLICY_PATH, PolicyError
+from policies.schema import LimitsSpec, resolve_key_ref
 
 from . import pipeline
-from .auth import authenticate
+from .auth import KeyIndex, authenticate
 from .budgets import LedgerUnavailable
 from .budgets.guard import BudgetGuard
 from .errors import (
     APIError,
+    AuthenticationError,
     InvalidRequest,
     LedgerUnavailableError,
     NotFound,
@@ -37,6 +39,8 @@ from .errors import (
     api_error_handler,
     unexpected_error_handler,
 )
+from .limits import HeaderLimits
+from .openapi import openapi_spec
 from .routing import tenant_models
 from .runtime import Runtime
 
@@ -85,10 +89,14 @@ def create_app(policy_path: str | Path | None = None,
             saver.cancel()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            await _settle_open_streams(app)
             await runtime.close()
 
     app = FastAPI(title="joulegate", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
+    #: Streams in progress (pipeline._SSEResponse): shutdown waits for their cleanup.
+    app.state.open_streams = set()
+    app.add_middleware(HeaderLimits, limits=lambda: _header_limits(app))
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
@@ -104,6 +112,12 @@ def create_app(policy_path: str | Path | None = None,
     app.router.routes.append(Route("/v1/chat/completions", chat_completions, methods=["POST"]))
     app.router.routes.append(Route("/v1/completions", completions, methods=["POST"]))
 
+    @app.get("/openapi.json")
+    async def openapi_document(request: Request) -> Response:
+        if not request.app.state.runtime.current.policy.server.openapi:
+            raise NotFound("no such endpoint")
+        return _json(openapi_spec(app))
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         snap = request.app.state.runtime.current
@@ -116,6 +130,7 @@ def create_app(policy_path: str | Path | None = None,
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
+        _metrics_auth(runtime, request.headers.get("authorization"), required=True)
         runtime.metrics.record_backend_load(runtime.current.backends)
         body, content_type = runtime.metrics.exposition()
         return Response(body, media_type=content_type)
@@ -129,6 +144,10 @@ def create_app(policy_path: str | Path | None = None,
         snap = request.app.state.runtime.current
         health = await Runtime.probe(snap)
         ready = all(h.ok for h in health.values())
+        if not _metrics_auth(request.app.state.runtime, request.headers.get("authorization"),
+                             required=False):  # the status code only, not the details
+            return _json({"status": "ready" if ready else "not ready"},
+                         status=200 if ready else 503)
         return _json({"status": "ready" if ready else "not ready", "policy_version": snap.version,
                       "backends": {n: {"ok": h.ok, "detail": h.detail, **h.info}
                                    for n, h in health.items()}},
@@ -157,7 +176,16 @@ def create_app(policy_path: str | Path | None = None,
     async def budget_reset(tenant: str, request: Request) -> Response:
         runtime, spec = _admin_tenant(request, tenant)
         body = await _admin_body(request)
-        windows = [body["window"]] if body.get("window") else [b.window for b in spec.budgets]
+        # Explicit only: {"window": "1h"} or {"all": true}; an empty or unknown window is a
+        # 400, never "reset everything".
+        if body.get("all") is True and "window" not in body:
+            windows = [b.window for b in spec.budgets]
+        elif "window" in body and "all" not in body:
+            windows = [body["window"]]
+        else:
+            raise InvalidRequest("give 'window' (one of this tenant's budget windows: "
+                                 f"{', '.join(b.window for b in spec.budgets) or 'none'}) "
+                                 "or 'all': true", param="window")
         _known_windows(spec, windows)
         await _ledger(runtime.budgets.ledger.reset(tenant, windows))
         return _json({"tenant": tenant, "reset": windows})
@@ -174,6 +202,41 @@ def create_app(policy_path: str | Path | None = None,
         return _json({"tenant": tenant, "window": window, "granted_joules": joules})
 
     return app
+
+
+def _header_limits(app: FastAPI) -> tuple[int, int]:
+    runtime: Runtime | None = getattr(app.state, "runtime", None)
+    limits = (runtime.current.policy.server.limits if runtime is not None
+              else LimitsSpec())
+    return limits.max_header_count, limits.max_header_bytes
+
+
+def _metrics_auth(runtime: Runtime, authorization: str | None, required: bool) -> bool:
+    """Whether the caller may see metrics and details: always when the policy sets no
+    ``server.metrics_token``; else only with it (``required``: 401 without it)."""
+    ref = runtime.current.policy.server.metrics_token
+    if ref is None:
+        return True
+    try:
+        digest = resolve_key_ref(ref)
+    except KeyError:
+        log.warning("server.metrics_token names an unset variable: metrics are refused")
+        digest = "00" * 32
+    try:
+        authenticate(KeyIndex([(digest, "metrics")]), authorization)
+    except AuthenticationError:
+        if required:
+            raise
+        return False
+    return True
+
+
+async def _settle_open_streams(app: FastAPI, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) for streams still finishing, so that their joules settle before the
+    backends and the ledger close."""
+    streams = set(getattr(app.state, "open_streams", ()))
+    if streams:
+        await asyncio.wait(streams, timeout=timeout_s)
 
 
 def _admin_tenant(request: Request, tenant: str):

@@ -30,12 +30,13 @@ client that disconnects closes the backend stream, which stops generation and fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -212,8 +213,9 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
             await finish(runtime, snap, call)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing with 413 as soon as it exceeds ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, refusing with 413 as soon as it exceeds ``limit`` bytes, and with
+    408 when it has not all arrived within ``timeout_s`` seconds (a slow-body client)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -222,18 +224,25 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
-        parts.append(part)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+                parts.append(part)
+    except TimeoutError:
+        raise APIError(f"the request body did not arrive within {timeout_s:g} s", status=408,
+                       code="request_timeout", headers={"connection": "close"}) from None
     return b"".join(parts)
 
 
 async def _read(snap: Snapshot, call: Call, request: Request) -> None:
     """The body, size-limited and validated, as the backend request."""
     schema = wire.ChatCompletionRequest if call.chat else wire.CompletionRequest
-    body = wire.parse_request(schema, await read_body(request, snap.policy.server.max_body_bytes))
+    server = snap.policy.server
+    body = wire.parse_request(schema, await read_body(request, server.max_body_bytes,
+                                                      server.limits.body_read_timeout_s))
     call.stream, call.model, call.include_usage = body.stream, body.model, body.include_usage
     call.dropped_params = body.dropped_params()
     call.generation = body.to_generation(body.model, call.request_id)
@@ -361,6 +370,12 @@ def _response_id(call: Call) -> str:
     return ("chatcmpl-" if call.chat else "cmpl-") + call.request_id
 
 
+#: The event a stream still open when the server's shutdown drain ends gets, before [DONE].
+_SSE_SHUTTING_DOWN = b"data: " + orjson.dumps({"error": {
+    "message": "the server is shutting down; retry the request", "type": "api_error",
+    "param": None, "code": "server_shutting_down"}}) + b"\n\n"
+
+
 class _SSEResponse(Response):
     """A server-sent-events response that owns its cleanup.
 
@@ -370,21 +385,35 @@ class _SSEResponse(Response):
     before the first byte, when the body generator never even starts. (Starlette's
     StreamingResponse does the watching with an anyio task group per stream, which cost
     ~17% of the CPU of a streamed request through a fast upstream.)
+
+    An HTTP/1.0 client gets the events buffered into one body with a Content-Length (it
+    cannot read chunked encoding). A stream cancelled by the server (uvicorn's shutdown
+    drain ran out) ends with a ``server_shutting_down`` error event and ``[DONE]``. While
+    it runs, the stream's task is in the app's ``state.open_streams`` (when there is one),
+    so that shutdown can wait for its cleanup, which settles its joules.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], cleanup, headers: dict[str, str]):
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]):
         super().__init__(None, headers={**headers, "cache-control": "no-cache"})
         # Response adds "content-length: 0" for an empty body; a stream has no length.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._content = content
         self._cleanup = cleanup
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         streaming = asyncio.current_task()
+        assert streaming is not None
         finished = False
         disconnected = False
+        started = False
+        #: HTTP/1.0: the whole body, sent at the end with its length.
+        buffered: list[bytes] | None = [] if scope.get("http_version") == "1.0" else None
+        streams = getattr(getattr(scope.get("app"), "state", None), "open_streams", None)
+        if streams is not None:
+            streams.add(streaming)
 
         async def watch() -> None:
             nonlocal disconnected
@@ -394,23 +423,50 @@ class _SSEResponse(Response):
                 disconnected = True
                 streaming.cancel()
 
+        async def end(last: bytes) -> None:
+            nonlocal started
+            if buffered is not None:
+                body = b"".join(buffered) + last
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": [*self.raw_headers,
+                                        (b"content-length", str(len(body)).encode())]})
+                started = True
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            if not started:
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
+                started = True
+            await send({"type": "http.response.body", "body": last, "more_body": False})
+
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
+            if buffered is None:
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
+                started = True
             async for event in self._content:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+                if buffered is None:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                else:
+                    buffered.append(event)
             finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await end(b"")
         except asyncio.CancelledError:
-            if not disconnected:
-                raise
-            streaming.uncancel()  # we cancelled ourselves: the client left, nothing to raise
+            streaming.uncancel()
+            if not disconnected:  # the server stopped the stream: say so, then [DONE]
+                finished = True
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    async with asyncio.timeout(1.0):  # a client not reading gets no more
+                        await end(_SSE_SHUTTING_DOWN + _SSE_DONE)
+            # else: we cancelled ourselves: the client left, nothing to raise
         finally:
             finished = True
             watcher.cancel()
             await self._content.aclose()
             await self._cleanup()
+            if streams is not None:
+                streams.discard(streaming)
 
 
 async def _open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:

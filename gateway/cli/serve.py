@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..app import POLICY_ENV, create_app
+    from ..limits import MAX_HEAD_ENV, HeadLimitedHttpTools, install_overload_response
 
     path = Path(args.policy) if args.policy else DEFAULT_POLICY_PATH
     try:
@@ -64,9 +65,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     host = args.host or policy.server.host
     port = args.port if args.port is not None else policy.server.port
-    options = dict(host=host, port=port, loop="uvloop", http="httptools", access_log=False,
-                   log_level=args.log_level.lower(), log_config=log_config(args.log_level, args.log_format),
-                   timeout_graceful_shutdown=10)
+    limits = policy.server.limits
+    # The head cap reaches every worker process through the environment (they are spawned).
+    os.environ[MAX_HEAD_ENV] = str(limits.max_header_bytes)
+    HeadLimitedHttpTools.max_head_bytes = limits.max_header_bytes
+    install_overload_response()
+    # timeout_graceful_shutdown is the drain: past it uvicorn cancels what is still running,
+    # and a cancelled stream ends with a server_shutting_down event and [DONE].
+    options = {"host": host, "port": port, "loop": "uvloop", "http": HeadLimitedHttpTools,
+               "access_log": False, "log_level": args.log_level.lower(),
+               "log_config": log_config(args.log_level, args.log_format),
+               "timeout_keep_alive": limits.keep_alive_timeout_s,
+               "limit_concurrency": limits.max_connections,
+               "timeout_graceful_shutdown": policy.server.shutdown_drain_s}
     if args.workers > 1:
         os.environ[POLICY_ENV] = str(path.resolve())
         # Workers keep their metrics in files here; GET /metrics merges them.
