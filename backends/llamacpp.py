@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -88,10 +88,11 @@ def _counting_llama(llama_cpp: Any) -> type:
     one, which is what llama-cpp-python's own non-streaming ``usage`` reports.
     """
 
-    class CountingLlama(llama_cpp.Llama):
+    # llama_cpp arrives as a parameter (an optional extra, imported lazily), so its Llama is Any.
+    class CountingLlama(llama_cpp.Llama):  # type: ignore[misc]
         tap: _TokenTap | None = None
 
-        def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
+        def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
             tap = self.tap
             inner = super().generate(tokens, *args, **kwargs)
             if tap is None:
@@ -192,7 +193,7 @@ class LlamaCppBackend(Backend):
         assert self._slot_sem is not None
         self._slot_sem.release()
 
-    def _submit(self, work: Callable[[Any], Any], llm: Any) -> asyncio.Future:
+    def _submit(self, work: Callable[[Any], Any], llm: Any) -> asyncio.Future[Any]:
         """Run ``work(llm)`` on a worker thread; the slot returns when the thread is done,
         even if the awaiting task is cancelled first."""
         loop = asyncio.get_running_loop()
@@ -205,14 +206,14 @@ class LlamaCppBackend(Backend):
 
     def _call(self, llm: Any, req: GenerationRequest, tap: _TokenTap, stream: bool) -> Any:
         llm.tap = tap
-        kwargs: dict[str, Any] = dict(
-            max_tokens=req.max_tokens,
-            temperature=_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-            top_p=_DEFAULT_TOP_P if req.top_p is None else req.top_p,
-            stop=req.stop or [],
-            seed=req.seed,
-            stream=stream,
-        )
+        kwargs: dict[str, Any] = {
+            "max_tokens": req.max_tokens,
+            "temperature": _DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            "top_p": _DEFAULT_TOP_P if req.top_p is None else req.top_p,
+            "stop": req.stop or [],
+            "seed": req.seed,
+            "stream": stream,
+        }
         try:
             if req.messages is not None:
                 return llm.create_chat_completion(messages=req.messages, **kwargs)

@@ -64,7 +64,7 @@ class ManagedServer:
         self.state = "stopped"
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
-        self._supervisor: asyncio.Task | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -96,7 +96,8 @@ class ManagedServer:
         self.state = "starting"
         env = {**os.environ, **self.env}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as out:
+        # A local log file, opened once per launch of a server that takes a minute to start.
+        with open(self.log_file, "ab") as out:  # noqa: ASYNC230
             self._proc = await asyncio.create_subprocess_exec(
                 *self.command(), stdout=out, stderr=asyncio.subprocess.STDOUT, env=env,
                 start_new_session=True)

@@ -24,7 +24,7 @@ from policies import Policy, did_you_mean, resolve_key_ref
 _ENV_REF = re.compile(r"^env:[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _mapping(value: Any) -> dict:
+def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
@@ -101,7 +101,7 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _users(backend: str, tiers: list) -> str:
+def _users(backend: str, tiers: list[Any]) -> str:
     names = [t["name"] for t in tiers if isinstance(t, dict) and t.get("backend") == backend
              and isinstance(t.get("name"), str)]
     if not names:
@@ -119,7 +119,8 @@ def missing_extras(policy: Policy | Mapping[str, Any],
     tolerantly, for a file with other mistakes too)."""
     needs = REQUIREMENTS if requirements is None else requirements
     data = policy.model_dump() if isinstance(policy, Policy) else _mapping(policy)
-    tiers = data.get("tiers") if isinstance(data.get("tiers"), list) else []
+    given_tiers = data.get("tiers")
+    tiers = given_tiers if isinstance(given_tiers, list) else []
     lines = []
     for name, spec in _mapping(data.get("backends")).items():
         spec = _mapping(spec)

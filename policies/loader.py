@@ -14,12 +14,15 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from .schema import BackendSpec, Policy, did_you_mean, reference_issues
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 #: The embedded policy ``joulegate serve`` uses when given none.
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
@@ -198,7 +201,7 @@ _KINDS = [_literal_kind(a) for a in typing.get_args(typing.get_args(BackendSpec)
 _BACKEND_KINDS = ", ".join(repr(k) for k in _KINDS)
 
 
-def _issue_from_error(err: dict[str, Any]) -> tuple[PolicyIssue, str | None]:
+def _issue_from_error(err: ErrorDetails) -> tuple[PolicyIssue, str | None]:
     """The issue for one pydantic error, and the key path whose position it should carry
     when that is not its own."""
     loc = tuple(err["loc"])
