@@ -137,8 +137,8 @@ def install_overload_response() -> None:
     protocol module when a request comes in over the limit; there is no option for it."""
     from uvicorn.protocols.http import h11_impl, httptools_impl
 
-    httptools_impl.service_unavailable = overloaded  # type: ignore[attr-defined]
-    h11_impl.service_unavailable = overloaded  # type: ignore[attr-defined]
+    httptools_impl.service_unavailable = overloaded  # type: ignore[attr-defined,assignment]
+    h11_impl.service_unavailable = overloaded  # type: ignore[attr-defined,assignment]
 
 
 if os.environ.get(MAX_HEAD_ENV):

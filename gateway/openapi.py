@@ -90,6 +90,14 @@ def openapi_spec(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    # What the validators of a message accept, which its field types alone do not say.
+    message = schemas.get("ChatMessage", {}).get("properties", {})
+    if "role" in message:
+        message["role"] = {"type": "string", "enum": ["system", "developer", "user", "assistant"]}
+    if "content" in message:
+        message["content"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+            "type": "object", "required": ["type", "text"], "additionalProperties": False,
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
     window = {"type": "string", "minLength": 1}
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
