@@ -115,8 +115,11 @@ async def test_a_stream_the_server_stops_ends_with_server_shutting_down_and_done
     raw = json.dumps(chat_body(stream=True)).encode()
     async with InProcessGateway(tmp_path, p, {"up-big": long}) as gw:
         task = asyncio.get_running_loop().create_task(_asgi(gw.app, {}, [raw], headers=auth()))
-        while not gw.backends["up-big"].calls.streams or \  # noqa: ASYNC110 - polls the scripted backend
-                gw.backends["up-big"].calls.streams[0].request.progress.completion_tokens < 5:
+        def made() -> int:
+            streams = gw.backends["up-big"].calls.streams
+            return streams[0].request.progress.completion_tokens if streams else 0
+
+        while made() < 5:  # noqa: ASYNC110 - polls the scripted backend
             await asyncio.sleep(0.01)
         assert gw.app.state.open_streams  # the stream is registered while it runs
         # Cancel the ASGI call itself, as uvicorn cancels its request tasks.
