@@ -56,6 +56,30 @@ class Generation:
 
 
 @dataclass(slots=True)
+class EmbeddingRequest:
+    """One embeddings call, already validated: one vector is wanted per input, in order."""
+
+    model: str
+    #: Texts, or token-id lists (only an upstream sharing the client's tokenizer takes those).
+    inputs: list[str] | list[list[int]]
+    #: Output size, for models that can shorten their vectors; None: the model's own.
+    dimensions: int | None = None
+    #: Opaque end-user id, forwarded to HTTP upstreams.
+    user: str | None = None
+    request_id: str = ""
+    #: Tokens processed so far (``prompt_tokens`` only); energy attribution reads it.
+    progress: Usage = field(default_factory=Usage)
+
+
+@dataclass(slots=True)
+class Embeddings:
+    """The result of :meth:`Backend.embed`: one float vector per input, in input order."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(slots=True)
 class Chunk:
     """One piece of a stream. The last chunk carries ``finish_reason`` and ``usage``."""
 
@@ -141,6 +165,11 @@ class Backend(abc.ABC):
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Generate incrementally. Closing the iterator early (``aclose``) stops generation
         and frees whatever the request held. The final chunk carries usage."""
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """Embed ``request.inputs``, setting ``request.progress.prompt_tokens`` as it goes.
+        Only kinds whose capabilities say ``embeddings`` serve it (default: refused)."""
+        raise BackendRejected(f"backend '{self.name}' does not serve embeddings", param="model")
 
     @abc.abstractmethod
     async def health(self) -> Health:

@@ -33,6 +33,8 @@ class Settings(BaseModel):
 class Capabilities:
     """What a kind can do, for routing and metering to read instead of probing backends."""
 
+    #: Chat and text completions (``complete``); False for an embeddings-only kind.
+    generation: bool = True
     streaming: bool = False
     tools: bool = False
     structured_output: bool = False

@@ -30,11 +30,15 @@ from .base import (
     BackendTimeout,
     BackendUnavailable,
     Chunk,
+    EmbeddingRequest,
+    Embeddings,
     Generation,
     GenerationRequest,
     Health,
     Usage,
 )
+from .embeddings_wire import Malformed as MalformedEmbeddings
+from .embeddings_wire import embeddings_body, parse_embeddings
 from .kind import BackendKind, Capabilities, Settings
 
 #: An HTTP(S) base URL, e.g. ``http://10.0.0.5:8000/v1``.
@@ -128,6 +132,7 @@ class OpenAIBackend(Backend):
         self._client: aiohttp.ClientSession | None = None
         self._chat_url = f"{self.base_url}/chat/completions"
         self._completions_url = f"{self.base_url}/completions"
+        self._embeddings_url = f"{self.base_url}/embeddings"
 
     async def start(self) -> None:
         # Read and total deadlines are enforced per request below, with asyncio.timeout.
@@ -166,14 +171,19 @@ class OpenAIBackend(Backend):
     async def _send(self, req: GenerationRequest, stream: bool, deadline: float
                     ) -> aiohttp.ClientResponse:
         """Send and wait for the response headers (the first byte)."""
+        return await self._post(self._url(req), self._body(req, stream), req.request_id,
+                                deadline)
+
+    async def _post(self, url: str, body: bytes, request_id: str, deadline: float
+                    ) -> aiohttp.ClientResponse:
+        """POST ``body`` to ``url`` and wait for the response headers (the first byte)."""
         if self._client is None:
             raise BackendUnavailable(f"backend '{self.name}' is not started")
         budget = min(self.first_byte_s, deadline - time.monotonic())
         try:
             async with asyncio.timeout(budget):
                 response = await self._client.post(
-                    self._url(req), data=self._body(req, stream),
-                    headers={"x-request-id": req.request_id} if req.request_id else None)
+                    url, data=body, headers={"x-request-id": request_id} if request_id else None)
         except aiohttp.ConnectionTimeoutError:
             raise BackendUnavailable(f"upstream '{self.name}' did not accept a connection within "
                                      f"{self._connect_s:g} s") from None
@@ -288,6 +298,30 @@ class OpenAIBackend(Backend):
         yield Chunk(finish_reason=state.finish or "stop",
                     usage=state.usage or Usage(0, state.text_events))
 
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """``POST {base_url}/embeddings``; the answer is checked before it is relayed."""
+        deadline = time.monotonic() + self.total_s
+        response = await self._post(self._embeddings_url, embeddings_body(request),
+                                    request.request_id, deadline)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                raw = await response.read()
+        except TimeoutError:
+            raise BackendTimeout(f"upstream '{self.name}' did not finish within "
+                                 f"{self.total_s:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise BackendFailure(f"upstream '{self.name}' failed mid-response: "
+                                 f"{type(exc).__name__}") from None
+        finally:
+            response.release()
+        try:
+            vectors, tokens = parse_embeddings(raw, len(request.inputs))
+        except MalformedEmbeddings as exc:
+            raise BackendFailure(f"upstream '{self.name}' sent invalid embeddings: {exc}"
+                                 ) from None
+        request.progress.prompt_tokens = tokens
+        return Embeddings(vectors, tokens)
+
     async def health(self) -> Health:
         if self._client is None:
             return Health(False, "not started")
@@ -302,5 +336,5 @@ class OpenAIBackend(Backend):
         return Health(True, "ok")
 
 
-KIND = BackendKind(OpenAIBackend.kind, OpenAISettings, Capabilities(streaming=True),
-                   OpenAIBackend)
+KIND = BackendKind(OpenAIBackend.kind, OpenAISettings,
+                   Capabilities(streaming=True, embeddings=True), OpenAIBackend)

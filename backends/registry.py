@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from . import llamacpp, openai_http, vllm
+from . import llamacpp, openai_http, vllm, wordllama_embed
 from .kind import BackendKind
 
 #: Kind name (as written in policies) → its descriptor. Read-only.
@@ -15,4 +15,5 @@ KINDS: Mapping[str, BackendKind] = MappingProxyType({kind.name: kind for kind in
     llamacpp.KIND,
     openai_http.KIND,
     vllm.KIND,
+    wordllama_embed.KIND,
 )})
