@@ -113,8 +113,24 @@ def test_gateway_deployment_probes_rollout_and_keys():
     # Generated keys: one per env: reference of the default policy, each a real secret.
     secret = one(docs, "Secret", "jg-joulegate-keys")
     keys = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert set(keys) == {"JOULEGATE_ADMIN_KEY", "JOULEGATE_DEMO_KEY"}
+    assert set(keys) == {"JOULEGATE_ADMIN_KEY", "JOULEGATE_DEMO_KEY", "JOULEGATE_METRICS_TOKEN"}
     assert all(len(k) >= 40 for k in keys.values())
+
+
+def test_metrics_need_the_secrets_token_and_the_service_monitor_sends_it(tmp_path):
+    docs = render(FULL)
+    policy = yaml.safe_load(one(docs, "ConfigMap", "jg-joulegate-policy")["data"]["policy.yaml"])
+    assert policy["server"]["metrics_token"] == "env:JOULEGATE_METRICS_TOKEN"
+    endpoint = one(docs, "ServiceMonitor", "jg-joulegate")["spec"]["endpoints"][0]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {
+        "name": "jg-joulegate-keys", "key": "JOULEGATE_METRICS_TOKEN"}}
+    secret = one(docs, "Secret", "jg-joulegate-keys")
+    assert "JOULEGATE_METRICS_TOKEN" in secret["data"]
+    # Switched off: metrics open, the ServiceMonitor sends nothing.
+    docs = render(FULL, sets=("secret.metricsTokenKey=",))
+    policy = yaml.safe_load(one(docs, "ConfigMap", "jg-joulegate-policy")["data"]["policy.yaml"])
+    assert "metrics_token" not in policy["server"]
+    assert "authorization" not in one(docs, "ServiceMonitor", "jg-joulegate")["spec"]["endpoints"][0]
 
 
 def test_a_changed_policy_rolls_the_pods(tmp_path):
@@ -154,6 +170,7 @@ def test_rendered_policies_load_in_joulegate(tmp_path, monkeypatch):
     assert "qwen-1.5b" not in full.backends  # a given policy replaces the default whole
     assert default.ledger.kind == "embedded"
     assert (default.server.host, default.server.port) == ("0.0.0.0", 8080)
+    assert default.server.metrics_token == "env:JOULEGATE_METRICS_TOKEN"
     assert full.ledger.kind == "redis" and full.ledger.url == "redis://jg-joulegate-redis:6379/0"
     moe = full.backends["vllm-moe"]
     assert moe.kind == "vllm" and moe.base_url == "http://jg-joulegate-vllm-moe:8000/v1"

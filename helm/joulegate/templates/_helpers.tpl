@@ -56,6 +56,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- $server := merge (dict "host" "0.0.0.0" "port" (int .Values.containerPort)) (get $policy "server" | default dict) -}}
 {{- $_ := set $server "host" "0.0.0.0" -}}
 {{- $_ := set $server "port" (int .Values.containerPort) -}}
+{{- if .Values.secret.metricsTokenKey -}}
+{{- $_ := set $server "metrics_token" (printf "env:%s" .Values.secret.metricsTokenKey) -}}
+{{- end -}}
 {{- $_ := set $policy "server" $server -}}
 {{- $_ := set $policy "state_dir" "/var/lib/joulegate" -}}
 {{- $url := include "joulegate.redisUrl" . -}}
