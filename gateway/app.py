@@ -29,6 +29,8 @@ from . import pipeline
 from .auth import KeyIndex, authenticate
 from .budgets import LedgerUnavailable
 from .budgets.guard import BudgetGuard
+from .capabilities import model_objects
+from .embeddings import handle_embeddings
 from .errors import (
     APIError,
     AuthenticationError,
@@ -41,7 +43,6 @@ from .errors import (
 )
 from .limits import HeaderLimits
 from .openapi import openapi_spec
-from .routing import tenant_models
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -112,6 +113,11 @@ def create_app(policy_path: str | Path | None = None,
     app.router.routes.append(Route("/v1/chat/completions", chat_completions, methods=["POST"]))
     app.router.routes.append(Route("/v1/completions", completions, methods=["POST"]))
 
+    async def embeddings(request: Request) -> Response:
+        return await handle_embeddings(request.app.state.runtime, request)
+
+    app.router.routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
+
     @app.get("/openapi.json")
     async def openapi_document(request: Request) -> Response:
         if not request.app.state.runtime.current.policy.server.openapi:
@@ -122,10 +128,17 @@ def create_app(policy_path: str | Path | None = None,
     async def models(request: Request) -> Response:
         snap = request.app.state.runtime.current
         tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
-        data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "joulegate",
-                 "tier": tier.name if tier else None, "backend": tier.backend if tier else None}
-                for model_id, tier in tenant_models(snap.policy.tenant_tiers(tenant))]
-        return _json({"object": "list", "data": data})
+        return _json({"object": "list", "data": model_objects(snap.policy, tenant)})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        snap = request.app.state.runtime.current
+        tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
+        for obj in model_objects(snap.policy, tenant):
+            if obj["id"] == model_id:
+                return _json(obj)
+        raise NotFound(f"the model '{model_id}' does not exist or you may not use it; "
+                       "GET /v1/models lists yours", param="model", code="model_not_found")
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -57,6 +57,7 @@ from . import logs
 from . import openai_types as wire
 from .auth import authenticate
 from .budgets.guard import Admission, estimate_prompt_tokens
+from .capabilities import capable_tiers
 from .energy import RequestEnergy
 from .errors import APIError, BodyTooLarge, InvalidRequest, to_api_error
 from .metrics import OTHER, bound
@@ -255,14 +256,17 @@ def _plan(runtime: Runtime, snap: Snapshot, call: Call, max_tier: str | None) ->
     call.plan = TierPlan.route(ctx, pick_tier(ctx, call.model, call.generation, max_tier))
 
 
-def _route_context(runtime: Runtime, snap: Snapshot, call: Call) -> RouteContext:
-    """What routing sees of this tenant and gateway now, as plain data."""
+def _route_context(runtime: Runtime, snap: Snapshot, call: Call,
+                   capability: str = "generation") -> RouteContext:
+    """What routing sees of this tenant and gateway now, as plain data: only the tiers
+    that have the ``capability`` the request needs."""
     tenant, generation = call.tenant, call.generation
     spec, routing = snap.policy.tenants[tenant], snap.routing[tenant]
-    tiers = tuple(snap.policy.tenant_tiers(tenant))
-    max_tokens = generation.max_tokens or spec.default_max_tokens
+    tiers = capable_tiers(snap.policy, tenant, capability, call.model)
+    default = snap.tiers[spec.default_tier]
+    max_tokens = spec.default_max_tokens if generation.max_tokens is None else generation.max_tokens
     return RouteContext(
-        tiers, snap.tiers[spec.default_tier], routing,
+        tiers, default if default in tiers else tiers[0], routing,
         snap.estimators[routing.estimator or "learned"],
         remaining=runtime.budgets.remaining_fraction(tenant) if spec.budgets else None,
         saturated=frozenset(t.name for t in tiers if snap.backend_for(t).saturated()),

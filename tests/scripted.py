@@ -33,6 +33,7 @@ from backends import (
     Health,
     Usage,
 )
+from backends.base import EmbeddingRequest, Embeddings
 
 
 @dataclass
@@ -90,6 +91,17 @@ class Calls:
     closes: int = 0
     requests: list[GenerationRequest] = field(default_factory=list)
     streams: list[StreamRecord] = field(default_factory=list)
+    embeddings: list[EmbeddingRequest] = field(default_factory=list)
+
+
+def scripted_vector(text: str | list[int], size: int) -> list[float]:
+    """A deterministic unit vector for ``text``: texts sharing words get similar vectors."""
+    words = text.lower().split() if isinstance(text, str) else [str(t) for t in text]
+    vector = [0.0] * size
+    for word in words:
+        vector[sum(word.encode()) % size] += 1.0
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [x / norm for x in vector]
 
 
 class ScriptedBackend(Backend):
@@ -156,6 +168,31 @@ class ScriptedBackend(Backend):
             await tokens.aclose()
         return Generation("".join(pieces), finish, Usage(request.progress.prompt_tokens,
                                                          request.progress.completion_tokens))
+
+    #: The size of :meth:`embed`'s vectors when a request gives no ``dimensions``.
+    embedding_size = 8
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """Embeddings as a real backend answers them: one :func:`scripted_vector` per input,
+        one prompt token per word (or token id). A script's ``fail`` (at 0) and
+        ``first_token_delay_s`` apply."""
+        seen = copy.copy(request)
+        seen.inputs = copy.deepcopy(request.inputs)
+        seen.progress = Usage()
+        self.calls.embeddings.append(seen)
+        script = self.script_for(GenerationRequest(model=request.model))
+        self.active += 1
+        try:
+            if script.first_token_delay_s:
+                await asyncio.sleep(script.first_token_delay_s)
+            if script.fail is not None and script.fail_after == 0:
+                raise script.fail
+        finally:
+            self.active -= 1
+        size = request.dimensions or self.embedding_size
+        tokens = sum(len(t.split()) if isinstance(t, str) else len(t) for t in request.inputs)
+        request.progress.prompt_tokens = tokens
+        return Embeddings([scripted_vector(t, size) for t in request.inputs], tokens)
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         script = self._receive(request)

@@ -26,6 +26,7 @@ from backends import (
     llamacpp,
     openai_http,
     vllm,
+    wordllama_embed,
 )
 from gateway.energy import EnergyAccounting
 from gateway.preflight import REQUIREMENTS, missing_extras
@@ -55,7 +56,7 @@ def _members(union) -> tuple:
 def test_the_policy_union_is_exactly_the_registrys_kinds():
     members = _members(BackendSpec)
     assert [m.backend_kind for m in members] == list(KINDS.values())
-    assert list(KINDS) == ["llamacpp", "openai", "vllm"]  # the order error messages list
+    assert list(KINDS) == ["llamacpp", "openai", "vllm", "wordllama"]  # the order messages list
     for member, kind in zip(members, KINDS.values()):
         assert issubclass(member, kind.settings)  # the kind's own defaults and validators
         assert list(member.model_fields) == ["kind", *kind.settings.model_fields, "energy"]
@@ -66,12 +67,16 @@ def test_each_kind_is_declared_by_its_own_module():
     assert KINDS["llamacpp"] is llamacpp.KIND
     assert KINDS["openai"] is openai_http.KIND
     assert KINDS["vllm"] is vllm.KIND
+    assert KINDS["wordllama"] is wordllama_embed.KIND
     assert llamacpp.KIND.capabilities == Capabilities(streaming=True, local=True)
-    assert openai_http.KIND.capabilities == Capabilities(streaming=True, local=False)
+    assert openai_http.KIND.capabilities == Capabilities(streaming=True, embeddings=True,
+                                                         local=False)
     assert vllm.KIND.capabilities == Capabilities(streaming=True, local=False)
+    assert wordllama_embed.KIND.capabilities == Capabilities(generation=False, embeddings=True,
+                                                             local=True)
     for kind in KINDS.values():  # a later issue adds these; none claims them yet
         caps = kind.capabilities
-        assert not (caps.tools or caps.structured_output or caps.embeddings or caps.logprobs)
+        assert not (caps.tools or caps.structured_output or caps.logprobs)
 
 
 def test_the_registry_cannot_be_changed_in_place():

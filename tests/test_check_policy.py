@@ -71,7 +71,7 @@ def expected_mistakes(text: str) -> list[tuple[tuple[int, int], str, str]]:
         (at(text, "servr:"), "servr", "unknown key; expected one of: version, state_dir, server, "
          "admin, ledger, backends, tiers, tenants, routing (did you mean 'server'?)"),
         (at(text, "kind: llamacp\n"), "backends.gpu", "unknown backend kind 'llamacp'; expected "
-         "one of: 'llamacpp', 'openai', 'vllm' (did you mean 'llamacpp'?)"),
+         "one of: 'llamacpp', 'openai', 'vllm', 'wordllama' (did you mean 'llamacpp'?)"),
         (at(text, "cost: 1", nth=1), "tiers[0].cost", "duplicate key 'cost' (first given on "
          f"line {at(text, 'cost: 1')[0]}); give each key once"),
         (at(text, "backend: qwen-1.5bb"), "tiers[1].backend", "unknown backend 'qwen-1.5bb'; "

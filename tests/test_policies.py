@@ -78,7 +78,7 @@ def test_wrong_type_and_range():
 @pytest.mark.unit
 def test_unknown_backend_kind():
     found = issues(lambda d: d["backends"].update(x={"kind": "tgi"}))
-    assert found == ["backends.x: unknown backend kind 'tgi'; expected one of: 'llamacpp', 'openai', 'vllm'"]
+    assert found == ["backends.x: unknown backend kind 'tgi'; expected one of: 'llamacpp', 'openai', 'vllm', 'wordllama'"]
 
 
 @pytest.mark.unit

@@ -154,7 +154,8 @@ class BudgetGuard:
         max_tokens = generation.max_tokens
         if not spec.budgets:
             return Admission(max_tokens)
-        max_tokens = max_tokens or spec.default_max_tokens
+        if max_tokens is None:  # 0 (an embeddings request) stays 0
+            max_tokens = spec.default_max_tokens
         limits = self._watched[tenant] = self.limits(spec)
         cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
         candidates = [(tier, max_tokens)] + [(t, cap) for t in plan.degrade_options()]
