@@ -51,7 +51,8 @@ _BAD = ("400", "invalid request")
 def _generation(model: str, summary: str) -> dict[str, Any]:
     ok = {"description": "the completion, or with stream: true its server-sent events",
           "content": {JSON: {"schema": {"type": "object"}},
-                      "text/event-stream": {"schema": {"type": "string"}}}}
+                      # each event: a chunk object, an error object, or the string [DONE]
+                      "text/event-stream": {"schema": {"type": ["object", "string"]}}}}
     return {"post": {
         "summary": summary, "security": [{"bearer": []}],
         "requestBody": {"required": True,

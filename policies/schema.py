@@ -80,9 +80,6 @@ class LimitsSpec(_Strict):
     #: Open connections (and requests in progress) per worker process; beyond: 503 with
     #: Retry-After.
     max_connections: int = Field(1024, ge=1, le=1_000_000)
-    #: Generation requests in progress per tier at this gateway (waiting for a backend
-    #: slot or generating); beyond: 503 ``tier_queue_full`` with Retry-After.
-    max_queued_per_tier: int = Field(256, ge=1, le=1_000_000)
 
 
 class ServerSpec(_Strict):

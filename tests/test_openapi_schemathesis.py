@@ -72,7 +72,7 @@ def test_every_operation_conforms_to_the_openapi_document(tmp_path):
         for result in schema.get_all_operations():
             operation = result.ok()
 
-            @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
+            @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy())
             def check(case: Any) -> None:
