@@ -19,4 +19,5 @@ def open_ledger(spec: LedgerSpec, state_dir: Path) -> Ledger:
         from .redis_ledger import RedisLedger
 
         return RedisLedger(spec.url or "")
-    return EmbeddedLedger(Path(spec.path).expanduser() if spec.path else state_dir / "ledger.sqlite")
+    return EmbeddedLedger(Path(spec.path).expanduser() if spec.path else state_dir / "ledger.sqlite",
+                          busy_timeout_ms=spec.busy_timeout_ms)

@@ -4,18 +4,35 @@ Every operation is one ``BEGIN IMMEDIATE`` transaction, which takes SQLite's wri
 up front, so a reservation checks and charges all of a tenant's windows atomically —
 also between several worker processes on one host sharing the file (WAL mode). Spend
 and reservations survive a restart; reservations past their expiry are returned on the
-tenant's next reservation and by :meth:`expire`. Operations take tens of microseconds
-and run inline on the event loop.
+tenant's next reservation and by :meth:`expire`.
+
+No SQLite call runs on the event loop: each ledger has one worker thread that owns its
+connection (SQLite connections are bound to the thread that made them) and runs the
+operations one after another. While another process holds the write lock (a second
+worker in a long transaction, ``joulegate budget`` on the command line), an operation
+waits at most ``busy_timeout_ms`` per attempt, makes up to ``attempts`` attempts with a
+short backoff between them, and then raises :class:`LedgerUnavailable`, so the policy's
+``on_unavailable`` applies exactly as when Redis is down. An operation that already
+waited its whole allowance in the queue (behind others that were waiting for the lock)
+makes one attempt that does not wait: a locked file answers at once instead of keeping
+every queued request waiting in turn. Any other SQLite failure (I/O error, a corrupt or
+unreadable file) is :class:`LedgerUnavailable` too, and the connection is reopened on the
+next operation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
-from .ledger import Ledger, Limit, Reservation, WindowState
+from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
 from .windows import period
 
 _SCHEMA = """
@@ -31,161 +48,284 @@ CREATE INDEX IF NOT EXISTS reservations_active ON reservations (state, expires_a
 """
 #: Finished reservations and past periods are kept this long (late settles, audits).
 _KEEP_S = 40 * 86400
+#: The first pause between two attempts on a locked file; it doubles.
+_RETRY_PAUSE_S = 0.01
+
+T = TypeVar("T")
+Periods = list[tuple[str, int]]
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock we need."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 class EmbeddedLedger(Ledger):
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 250, attempts: int = 3):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        self.busy_timeout_s = busy_timeout_ms / 1000
+        self.attempts = max(attempts, 1)
+        #: The most an operation waits, queued and on the lock, before it gives up.
+        self.allowance_s = self.attempts * self.busy_timeout_s + \
+            _RETRY_PAUSE_S * (2 ** (self.attempts - 1) - 1)
+        #: Owned by the worker thread only.
+        self._db: sqlite3.Connection | None = None
+        self._db_timeout_ms = -1
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-ledger")
+        self._closed = False
 
-    # -- helpers (inside a transaction) ---------------------------------------------------
+    # -- the worker thread ------------------------------------------------------------------
 
-    def _bucket(self, tenant: str, limit: Limit, now: float) -> WindowState:
+    async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation(connection)`` in the worker thread, inside the retry policy."""
+        if self._closed:
+            raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
+        deadline = time.monotonic() + self.allowance_s
+        return await asyncio.get_running_loop().run_in_executor(
+            self._worker, self._attempts, operation, deadline)
+
+    def _attempts(self, operation: Callable[[sqlite3.Connection], T], deadline: float) -> T:
+        pause = _RETRY_PAUSE_S
+        last: sqlite3.OperationalError | None = None
+        for attempt in range(self.attempts):
+            remaining = deadline - time.monotonic()
+            if attempt > 0 and remaining <= 0:
+                break
+            try:
+                db = self._connection()
+                self._busy_timeout(db, max(min(self.busy_timeout_s, remaining), 0.0))
+                return operation(db)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    self._drop()
+                    raise LedgerUnavailable(f"the embedded ledger {self.path} failed: "
+                                            f"{exc}") from exc
+                last = exc
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+                raise  # a bug, not an unavailable store
+            except sqlite3.DatabaseError as exc:
+                self._drop()
+                raise LedgerUnavailable(f"the embedded ledger {self.path} failed: "
+                                        f"{exc}") from exc
+            time.sleep(max(min(pause, deadline - time.monotonic()), 0.0))
+            pause *= 2
+        raise LedgerUnavailable(
+            f"the embedded ledger {self.path} is locked by another process (gave up after "
+            f"{self.allowance_s * 1000:.0f} ms): {last}")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._db, self._db_timeout_ms = db, -1
+        if self._db.in_transaction:  # a failed ROLLBACK left one open: start afresh
+            self._drop()
+            return self._connection()
+        return self._db
+
+    def _busy_timeout(self, db: sqlite3.Connection, seconds: float) -> None:
+        ms = int(seconds * 1000)
+        if ms != self._db_timeout_ms:
+            db.execute(f"PRAGMA busy_timeout={ms}")
+            self._db_timeout_ms = ms
+
+    def _drop(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+    # -- helpers (in the worker thread, inside a transaction) --------------------------------
+
+    @staticmethod
+    def _bucket(db: sqlite3.Connection, tenant: str, limit: Limit, now: float) -> WindowState:
         start, end = period(limit.window, now)
-        self._db.execute("INSERT OR IGNORE INTO buckets (tenant, window, period_start, period_end)"
-                         " VALUES (?, ?, ?, ?)", (tenant, limit.window, start, end))
-        spent, reserved, granted = self._db.execute(
+        db.execute("INSERT OR IGNORE INTO buckets (tenant, window, period_start, period_end)"
+                   " VALUES (?, ?, ?, ?)", (tenant, limit.window, start, end))
+        spent, reserved, granted = db.execute(
             "SELECT spent, reserved, granted FROM buckets WHERE tenant=? AND window=? AND "
             "period_start=?", (tenant, limit.window, start)).fetchone()
         return WindowState(limit.window, start, end, limit.joules, spent, reserved, granted)
 
-    def _unreserve(self, tenant: str, periods: list, joules: float) -> None:
-        for window, start in periods:
-            self._db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0) "
-                             "WHERE tenant=? AND window=? AND period_start=?",
-                             (joules, tenant, window, start))
+    @staticmethod
+    def _periods(raw: str) -> Periods:
+        return [(str(window), int(start)) for window, start in json.loads(raw)]
 
-    def _expire(self, now: float, tenant: str | None = None) -> int:
+    @staticmethod
+    def _unreserve(db: sqlite3.Connection, tenant: str, periods: Periods, joules: float) -> None:
+        for window, start in periods:
+            db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0) "
+                       "WHERE tenant=? AND window=? AND period_start=?",
+                       (joules, tenant, window, start))
+
+    def _expire(self, db: sqlite3.Connection, now: float, tenant: str | None = None) -> int:
         query = "SELECT request_id, tenant, joules, periods FROM reservations " \
                 "WHERE state='active' AND expires_at <= ?"
-        args: tuple = (now,)
+        args: tuple[float] | tuple[float, str] = (now,)
         if tenant is not None:
             query += " AND tenant=?"
             args = (now, tenant)
-        stale = self._db.execute(query, args).fetchall()
+        stale = db.execute(query, args).fetchall()
         for request_id, owner, joules, periods in stale:
-            self._unreserve(owner, json.loads(periods), joules)
-            self._db.execute("UPDATE reservations SET state='expired' WHERE request_id=?",
-                             (request_id,))
+            self._unreserve(db, owner, self._periods(periods), joules)
+            db.execute("UPDATE reservations SET state='expired' WHERE request_id=?",
+                       (request_id,))
         return len(stale)
-
-    def _transaction(self):
-        return _Immediate(self._db)
 
     # -- the interface ----------------------------------------------------------------------
 
     async def reserve(self, tenant: str, request_id: str, joules: float, limits: list[Limit],
                       ttl_s: float, now: float | None = None) -> Reservation:
-        now = time.time() if now is None else now
-        with self._transaction():
-            self._expire(now, tenant)
-            if self._db.execute("SELECT 1 FROM reservations WHERE request_id=?",
-                                (request_id,)).fetchone():
-                raise ValueError(f"request id {request_id!r} already has a reservation")
-            states = [self._bucket(tenant, limit, now) for limit in limits]
-            short = next((s for s in states if s.remaining < joules), None)
-            if short is not None:
-                return Reservation(False, request_id, joules, states, short)
-            for state in states:
-                self._db.execute("UPDATE buckets SET reserved = ROUND(reserved + ?, 9) WHERE "
-                                 "tenant=? AND window=? AND period_start=?",
-                                 (joules, tenant, state.window, state.period_start))
-                state.reserved = round(state.reserved + joules, 9)
-            periods = [[s.window, s.period_start] for s in states]
-            self._db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'active')",
-                             (request_id, tenant, joules, json.dumps(periods), now + ttl_s))
-        return Reservation(True, request_id, joules, states)
+        at = time.time() if now is None else now
 
-    def _finish(self, tenant: str, request_id: str, spend: float | None) -> bool:
-        with self._transaction():
-            row = self._db.execute("SELECT joules, periods, state FROM reservations WHERE "
-                                   "request_id=? AND tenant=?", (request_id, tenant)).fetchone()
-            if row is None or row[2] in ("settled", "released"):
-                return False
-            held, periods, state = row[0], json.loads(row[1]), row[2]
-            if state == "active":
-                self._unreserve(tenant, periods, held)
-            if spend is not None:
-                for window, start in periods:
-                    self._db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE "
-                                     "tenant=? AND window=? AND period_start=?",
-                                     (spend, tenant, window, start))
-            self._db.execute("UPDATE reservations SET state=? WHERE request_id=?",
-                             ("settled" if spend is not None else "released", request_id))
-        return True
+        def reserve(db: sqlite3.Connection) -> Reservation:
+            with _immediate(db):
+                self._expire(db, at, tenant)
+                if db.execute("SELECT 1 FROM reservations WHERE request_id=?",
+                              (request_id,)).fetchone():
+                    raise ValueError(f"request id {request_id!r} already has a reservation")
+                states = [self._bucket(db, tenant, limit, at) for limit in limits]
+                short = next((s for s in states if s.remaining < joules), None)
+                if short is not None:
+                    return Reservation(False, request_id, joules, states, short)
+                for state in states:
+                    db.execute("UPDATE buckets SET reserved = ROUND(reserved + ?, 9) WHERE "
+                               "tenant=? AND window=? AND period_start=?",
+                               (joules, tenant, state.window, state.period_start))
+                    state.reserved = round(state.reserved + joules, 9)
+                periods = [[s.window, s.period_start] for s in states]
+                db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'active')",
+                           (request_id, tenant, joules, json.dumps(periods), at + ttl_s))
+            return Reservation(True, request_id, joules, states)
+
+        return await self._call(reserve)
+
+    def _finish(self, tenant: str, request_id: str,
+                spend: float | None) -> Callable[[sqlite3.Connection], bool]:
+        def finish(db: sqlite3.Connection) -> bool:
+            with _immediate(db):
+                row = db.execute("SELECT joules, periods, state FROM reservations WHERE "
+                                 "request_id=? AND tenant=?", (request_id, tenant)).fetchone()
+                if row is None or row[2] in ("settled", "released"):
+                    return False
+                held, periods, state = row[0], self._periods(row[1]), row[2]
+                if state == "active":
+                    self._unreserve(db, tenant, periods, held)
+                if spend is not None:
+                    for window, start in periods:
+                        db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE "
+                                   "tenant=? AND window=? AND period_start=?",
+                                   (spend, tenant, window, start))
+                db.execute("UPDATE reservations SET state=? WHERE request_id=?",
+                           ("settled" if spend is not None else "released", request_id))
+            return True
+
+        return finish
 
     async def settle(self, tenant: str, request_id: str, joules: float) -> bool:
-        return self._finish(tenant, request_id, max(joules, 0.0))
+        return await self._call(self._finish(tenant, request_id, max(joules, 0.0)))
 
     async def release(self, tenant: str, request_id: str) -> bool:
-        return self._finish(tenant, request_id, None)
+        return await self._call(self._finish(tenant, request_id, None))
 
     async def record(self, tenant: str, request_id: str, joules: float, limits: list[Limit],
                      now: float) -> bool:
-        with self._transaction():
-            if self._db.execute("SELECT 1 FROM reservations WHERE request_id=?",
-                                (request_id,)).fetchone():
-                return False
-            states = [self._bucket(tenant, limit, now) for limit in limits]
-            for state in states:
-                self._db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE tenant=? "
-                                 "AND window=? AND period_start=?",
-                                 (joules, tenant, state.window, state.period_start))
-            periods = [[s.window, s.period_start] for s in states]
-            self._db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'settled')",
-                             (request_id, tenant, joules, json.dumps(periods), now))
-        return True
+        def record(db: sqlite3.Connection) -> bool:
+            with _immediate(db):
+                if db.execute("SELECT 1 FROM reservations WHERE request_id=?",
+                              (request_id,)).fetchone():
+                    return False
+                states = [self._bucket(db, tenant, limit, now) for limit in limits]
+                for state in states:
+                    db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE tenant=? "
+                               "AND window=? AND period_start=?",
+                               (joules, tenant, state.window, state.period_start))
+                periods = [[s.window, s.period_start] for s in states]
+                db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'settled')",
+                           (request_id, tenant, joules, json.dumps(periods), now))
+            return True
+
+        return await self._call(record)
 
     async def status(self, tenant: str, limits: list[Limit],
                      now: float | None = None) -> list[WindowState]:
-        now = time.time() if now is None else now
-        with self._transaction():
-            self._expire(now, tenant)
-            return [self._bucket(tenant, limit, now) for limit in limits]
+        at = time.time() if now is None else now
+
+        def status(db: sqlite3.Connection) -> list[WindowState]:
+            with _immediate(db):
+                self._expire(db, at, tenant)
+                return [self._bucket(db, tenant, limit, at) for limit in limits]
+
+        return await self._call(status)
 
     async def grant(self, tenant: str, window: str, joules: float, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        with self._transaction():
-            state = self._bucket(tenant, Limit(window, 0.0), now)
-            self._db.execute("UPDATE buckets SET granted = ROUND(granted + ?, 9) WHERE tenant=? "
-                             "AND window=? AND period_start=?",
-                             (joules, tenant, window, state.period_start))
+        at = time.time() if now is None else now
+
+        def grant(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                state = self._bucket(db, tenant, Limit(window, 0.0), at)
+                db.execute("UPDATE buckets SET granted = ROUND(granted + ?, 9) WHERE tenant=? "
+                           "AND window=? AND period_start=?",
+                           (joules, tenant, window, state.period_start))
+
+        await self._call(grant)
 
     async def reset(self, tenant: str, windows: list[str], now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        with self._transaction():
-            for w in windows:
-                start, _ = period(w, now)
-                self._db.execute("UPDATE buckets SET spent=0, granted=0 WHERE tenant=? AND "
-                                 "window=? AND period_start=?", (tenant, w, start))
+        at = time.time() if now is None else now
+
+        def reset(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                for w in windows:
+                    start, _ = period(w, at)
+                    db.execute("UPDATE buckets SET spent=0, granted=0 WHERE tenant=? AND "
+                               "window=? AND period_start=?", (tenant, w, start))
+
+        await self._call(reset)
 
     async def expire(self, now: float | None = None) -> int:
-        now = time.time() if now is None else now
-        with self._transaction():
-            count = self._expire(now)
-            self._db.execute("DELETE FROM reservations WHERE state != 'active' AND expires_at < ?",
-                             (now - _KEEP_S,))
-            self._db.execute("DELETE FROM buckets WHERE period_end < ? AND reserved = 0",
-                             (now - _KEEP_S,))
-        return count
+        at = time.time() if now is None else now
+
+        def expire(db: sqlite3.Connection) -> int:
+            with _immediate(db):
+                count = self._expire(db, at)
+                db.execute("DELETE FROM reservations WHERE state != 'active' AND expires_at < ?",
+                           (at - _KEEP_S,))
+                db.execute("DELETE FROM buckets WHERE period_end < ? AND reserved = 0",
+                           (at - _KEEP_S,))
+            return count
+
+        return await self._call(expire)
 
     async def close(self) -> None:
-        self._db.close()
+        """Close the connection in its thread (after the operations queued before), then
+        let the thread go. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self._drop)
+        finally:
+            self._worker.shutdown(wait=False)
 
 
-class _Immediate:
-    """``with`` block = one BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, exc, tb) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` when the block or the commit
+    fails)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
