@@ -71,7 +71,7 @@ def cache_dir() -> Path:
 
 def _chunk_files(model: CatalogModel) -> list[Path]:
     files: list[Path] = []
-    for module, dist in zip(model.packages, model.distributions()):
+    for module, dist in zip(model.packages, model.distributions(), strict=True):
         try:
             installed = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -120,7 +120,7 @@ def run_tests(problem: dict, completion: str, mode: str = "completion") -> tuple
         path.write_text(program)
         try:
             proc = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, capture_output=True,
-                                  text=True, timeout=TEST_TIMEOUT_S)
+                                  text=True, timeout=TEST_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
             return False, "timeout"
     if proc.returncode == 0:
@@ -226,8 +226,10 @@ def cmd_curve(args: argparse.Namespace) -> int:
     sources = {r["energy_source"] for rows in (small, full) for r in rows.values()}
 
     def point(to_full: list[bool]) -> tuple[float, float, float]:
-        passed = sum((full if f else small)[i]["passed"] for i, f in zip(ids, to_full))
-        joules = sum((full if f else small)[i]["energy_joules"] for i, f in zip(ids, to_full))
+        passed = sum((full if f else small)[i]["passed"]
+                     for i, f in zip(ids, to_full, strict=True))
+        joules = sum((full if f else small)[i]["energy_joules"]
+                     for i, f in zip(ids, to_full, strict=True))
         return sum(to_full) / n, passed / n, joules
 
     _, p_small, j_small = point([False] * n)

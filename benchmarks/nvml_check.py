@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 
@@ -60,7 +61,7 @@ def main() -> int:
     stop.set()
     sampler.join()
     window = [(t, w) for t, w in samples if t0 <= t <= t1]
-    integral = sum((w0 + w1) / 2 * (s1 - s0) for (s0, w0), (s1, w1) in zip(window, window[1:]))
+    integral = sum((w0 + w1) / 2 * (s1 - s0) for (s0, w0), (s1, w1) in pairwise(window))
     covered = window[-1][0] - window[0][0] if len(window) > 1 else 0.0
     counter_j = (e1 - e0) / 1000.0
     scaled = integral * (t1 - t0) / covered if covered else float("nan")

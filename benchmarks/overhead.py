@@ -46,6 +46,7 @@ its venv imports; the report records the commit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -146,10 +147,10 @@ class Service:
     def __init__(self, name: str, cmd: list[str], log_path: Path, cpus: str = "",
                  env: dict[str, str] | None = None):
         self.name, self.log_path = name, log_path
-        self.log_file = open(log_path, "wb")
-        self.proc = subprocess.Popen(on_cpus(cmd, cpus), stdin=subprocess.DEVNULL,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        with open(log_path, "wb") as log_file:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(on_cpus(cmd, cpus), stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
@@ -173,13 +174,10 @@ class Service:
             self._signal(signal.SIGKILL)
         if self.alive():
             self.proc.wait(5)
-        self.log_file.close()
 
     def _signal(self, sig: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def proc_stats() -> dict[int, tuple[int, int, int]]:
@@ -301,7 +299,8 @@ def run_wrk(url: str, conns: int, seconds: int, key: str, stream: bool, cpus: st
            "CHAT_PROMPT": PROMPT, "CHAT_MAX_TOKENS": "16"}
     cmd = on_cpus(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
                    "-s", str(CHAT_LUA), url], cpus)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60,
+                          check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"chat_lua"')]
     if done.returncode != 0 or not lines:
         sys.exit(f"wrk failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -484,7 +483,7 @@ def git_commit() -> str:
                               capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
                                 "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
+                               text=True, check=False).stdout.strip()
         return head + (" (uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -649,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"overhead-{stamp}.md"
     out.write_text(report)
-    raw = {"started": started, "args": {k: v for k, v in vars(args).items()}, "versions": versions,
+    raw = {"started": started, "args": dict(vars(args)), "versions": versions,
            "ready_s": ready_s, "cores": os.cpu_count(), "cpu": cpu_model(),
            "summary": [{"target": t, "mode": m, "conns": c, **row}
                        for (t, m, c), row in summary.items()],

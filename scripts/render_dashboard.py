@@ -74,7 +74,8 @@ def render(prometheus: str, out: Path, minutes: float, variables: dict[str, str]
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 5.2, rows * 2.9), squeeze=False)
     drawn = 0
-    for ax, panel in zip(axes.flat, shown):
+    # strict=False: the grid's last row may have spare axes.
+    for ax, panel in zip(axes.flat, shown, strict=False):
         unit = UNITS.get(panel["fieldConfig"]["defaults"].get("unit", "none"), "")
         ax.set_title(panel["title"] + (f" ({unit})" if unit else ""), fontsize=9)
         ax.tick_params(labelsize=7)
@@ -84,7 +85,7 @@ def render(prometheus: str, out: Path, minutes: float, variables: dict[str, str]
                 points = [(float(t) - end, float(v)) for t, v in series["values"]
                           if math.isfinite(float(v))]
                 if points:
-                    xs, ys = zip(*points)
+                    xs, ys = zip(*points, strict=True)
                     ax.plot([x / 60 for x in xs], ys, linewidth=1.2,
                             label=legend(target.get("legendFormat", ""), series["metric"]))
                     drawn += 1

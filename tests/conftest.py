@@ -181,11 +181,11 @@ class Gateway:
         self.policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
 
     def start(self, timeout: float = 180) -> Gateway:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(self.policy_path),
-             "--port", str(self.port), "--workers", str(self.workers)], stdout=log, stderr=subprocess.STDOUT, env=self._env,
-            start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(self.policy_path),
+                 "--port", str(self.port), "--workers", str(self.workers)],
+                stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
 
         wait_until(lambda: answers_ok(self.proc, f"{self.url}/healthz", "gateway", self.log),
                    timeout, interval=0.2, what="gateway start")
@@ -233,7 +233,8 @@ class FakeUpstream:
     12 + 12 tokens)."""
 
     def __init__(self, delay_ms: int = 0, options: tuple[str, ...] = ()):
-        self.stderr = tempfile.TemporaryFile()
+        # Kept open: read if the upstream fails to start, closed when it stops.
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, str(FAKE_UPSTREAM), "--port", "0",
                                       "--delay-ms", str(delay_ms), *options],
                                      stdout=subprocess.PIPE, stderr=self.stderr)
@@ -305,7 +306,8 @@ class RedisServer:
                                       "127.0.0.1", "--save", "", "--appendonly", "no"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
-                                          capture_output=True, text=True).stdout.strip() == "PONG",
+                                          capture_output=True, text=True,
+                                          check=False).stdout.strip() == "PONG",
                    20, 0.05, "redis-server")
 
     def stop(self) -> None:
@@ -383,9 +385,9 @@ class VLLMServer:
                 *self.args]
 
     def start(self, timeout: float = 400) -> VLLMServer:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=vllm_env(self.workdir), start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=vllm_env(self.workdir), start_new_session=True)
 
         wait_until(lambda: answers_ok(
             self.proc, f"http://127.0.0.1:{self.port}/health", "vLLM",

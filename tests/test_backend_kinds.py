@@ -57,7 +57,7 @@ def test_the_policy_union_is_exactly_the_registrys_kinds():
     members = _members(BackendSpec)
     assert [m.backend_kind for m in members] == list(KINDS.values())
     assert list(KINDS) == ["llamacpp", "openai", "vllm", "wordllama"]  # the order messages list
-    for member, kind in zip(members, KINDS.values()):
+    for member, kind in zip(members, KINDS.values(), strict=True):
         assert issubclass(member, kind.settings)  # the kind's own defaults and validators
         assert list(member.model_fields) == ["kind", *kind.settings.model_fields, "energy"]
         assert typing.get_args(member.model_fields["kind"].annotation) == (kind.name,)

@@ -69,7 +69,7 @@ def write_policy(folder: Path, ledger: dict | None = None) -> Path:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway.cli", "budget", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 # -- simulate: JSONL with times crossing a window boundary --------------------------------

@@ -61,7 +61,7 @@ def exported_series() -> set[str]:
     """Every series name the gateway's metrics can produce, with the type suffixes."""
     names = set()
     for metric in vars(Metrics()).values():
-        for family in getattr(metric, "describe", lambda: [])():
+        for family in getattr(metric, "describe", list)():
             suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
             names |= {family.name + s for s in suffixes.get(family.type, [""])}
     return names
@@ -122,7 +122,8 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("promtool")
     if exe is None:
         pytest.fail("promtool is missing: scripts/test installs Debian's prometheus")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          check=False)
 
 
 @pytest.mark.e2e
@@ -154,11 +155,12 @@ class Prometheus:
             "scrape_configs": [{"job_name": "joulegate", "static_configs": [{"targets": [target]}]}],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = open(workdir / "prometheus.log", "wb")
-        self.proc = subprocess.Popen(
-            [exe, f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+        with open(workdir / "prometheus.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [exe, f"--config.file={workdir / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={workdir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: answers_ok(self.proc, f"{self.url}/-/ready", "prometheus"), 60, 0.2,
                    "prometheus to be ready")
 
@@ -173,7 +175,6 @@ class Prometheus:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
-        self.log.close()
 
 
 def truth_policy(dead_port: int) -> dict:
@@ -223,7 +224,7 @@ def chat(client: openai.OpenAI, prompt: str, model: str = "auto", stream: bool =
     if stream:
         with client.chat.completions.create(model=model, messages=messages, max_tokens=6,
                                             stream=True) as events:
-            return [e for e in events]
+            return list(events)
     return client.chat.completions.create(model=model, messages=messages, max_tokens=6)
 
 
@@ -322,7 +323,7 @@ def test_every_panel_shows_data_from_a_real_prometheus(gateways, prometheus_for,
     out = Path(os.environ.get("JOULEGATE_DASHBOARD_PNG", tmp_path / "dashboard.png"))
     rendered = subprocess.run([sys.executable, str(RENDER), "--prometheus", prom.url, "--out",
                                str(out), "--minutes", "2"], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, check=False)
     assert rendered.returncode == 0, rendered.stderr
     assert out.stat().st_size > 20_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -22,9 +22,10 @@ def test_serve_with_the_embedded_default_policy(tmp_path, small_model_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEGATE_")}
     env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONUNBUFFERED="1")
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
     try:
         wait_until(lambda: "Uvicorn running" in log.read_text() or proc.poll() is not None, 240,
                    0.2, "default gateway start")

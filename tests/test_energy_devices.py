@@ -220,7 +220,7 @@ def test_runtime_reloads_touch_devices_only_when_meter_settings_change(tmp_path)
             _write(path, root, state, {"a": 0.3, "b": 2.0}, interval_s=0.25, extra={
                 "c": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1",
                       "energy": {"meter": "rapl", "rapl_root": str(tmp_path / "none")}}})
-            with pytest.raises(PolicyError, match="backends.c.energy"):
+            with pytest.raises(PolicyError, match=r"backends\.c\.energy"):
                 await rt.reload()
             assert rt.energy.devices == [replacement] and not replacement.closed
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -219,7 +220,7 @@ def test_workers_share_the_port_and_stop_with_the_parent():
         up.stop()
     assert child_pids(up.proc.pid) == set()
     for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read()
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in Path(f"/proc/{pid}/stat").read_text()
 
 
 def test_it_runs_in_process_on_a_running_loop():

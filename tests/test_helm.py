@@ -222,7 +222,7 @@ def test_operator_objects_and_dashboard(tmp_path):
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(yaml.safe_dump(rule["spec"]))
     check = subprocess.run([shutil.which("promtool") or "promtool", "check", "rules",
-                            str(rules_file)], capture_output=True, text=True)
+                            str(rules_file)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     alerts = {r.get("alert") for g in rule["spec"]["groups"] for r in g["rules"]}
     assert {"JoulegateBudgetSoftThreshold", "JoulegateTenantRejected", "JoulegateBackendDown",

@@ -31,7 +31,7 @@ def redis_url(tmp_path_factory):
 
     def ping() -> bool:
         return subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                              text=True).stdout.strip() == "PONG"
+                              text=True, check=False).stdout.strip() == "PONG"
 
     wait_until(ping, 20, 0.05, "redis-server")
     yield f"redis://127.0.0.1:{port}/0"
@@ -71,7 +71,7 @@ def ledgers(request, tmp_path):
     yield Ledgers(request.param, tmp_path, url)
     if url:  # a clean database for the next test
         subprocess.run(["redis-cli", "-p", url.rsplit(":", 1)[1].split("/")[0], "flushall"],
-                       capture_output=True)
+                       capture_output=True, check=False)
 
 
 def test_reserve_settle_and_idempotency(ledgers):

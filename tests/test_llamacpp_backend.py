@@ -43,7 +43,7 @@ async def _hold_slot(backend):
 def test_queue_timeout_and_full_queue(small_model_path):
     async def body(backend):
         stream = await _hold_slot(backend)
-        with pytest.raises(BackendUnavailable, match="no free slot within 0.3 s") as info:
+        with pytest.raises(BackendUnavailable, match=r"no free slot within 0\.3 s") as info:
             await backend.complete(SHORT())
         assert info.value.retry_after_s is not None
         waiter = asyncio.create_task(backend.complete(SHORT()))  # takes the single queue place

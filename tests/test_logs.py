@@ -65,7 +65,7 @@ class RecordingUpstream:
         seen = self.headers = []
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's name
+            def do_POST(self):  # http.server's name for it
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 seen.append(dict(self.headers))
                 body = json.dumps({

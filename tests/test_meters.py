@@ -117,7 +117,7 @@ def test_prometheus_meter_reads_a_real_exporter():
     energy = Counter("dcgm_energy_mj", "test counter", ["gpu", "Hostname"], registry=registry)
     power = Gauge("dcgm_power_w", "test gauge", ["gpu"], registry=registry)
     port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     url = f"http://127.0.0.1:{port}/metrics"
 
     async def scenario():

@@ -36,7 +36,7 @@ def test_assembles_verifies_and_reuses(tmp_path):
 def test_bad_hash_is_refused_and_leaves_nothing(tmp_path):
     model, _ = _last_chunk()
     wrong = CatalogModel(model.name, "", model.packages, model.version, model.size, "0" * 64)
-    with pytest.raises(ModelError, match="expected .* with sha256 0000"):
+    with pytest.raises(ModelError, match=r"expected .* with sha256 0000"):
         assemble(wrong, tmp_path)
     assert list(tmp_path.iterdir()) == []
 

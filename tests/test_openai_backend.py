@@ -26,12 +26,12 @@ HELLO = [{"role": "user", "content": "Write a Python function that adds two numb
 def upstream(tmp_path_factory, small_model_path):
     """llama.cpp's OpenAI-compatible server on a loopback port, serving the real Qwen 0.5B."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("upstream") / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(small_model_path),
-         "--model_alias", "up-model", "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048", "--n_threads", "2"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path_factory.mktemp("upstream") / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(small_model_path),
+             "--model_alias", "up-model", "--host", "127.0.0.1", "--port", str(port),
+             "--n_ctx", "2048", "--n_threads", "2"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
 
     wait_until(lambda: answers_ok(proc, f"{url}/models", "llama_cpp.server"), 180, 0.2,

@@ -40,7 +40,7 @@ def test_estimators_score_in_unit_interval_and_rank_hard_above_easy(name):
 
 
 def test_unknown_estimator_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown difficulty estimator 'bert'.*heuristic, learned"):
+    with pytest.raises(ValueError, match=r"unknown difficulty estimator 'bert'.*heuristic, learned"):
         create_estimator("bert")
 
 
@@ -92,8 +92,9 @@ def test_learned_fit_finds_an_interaction_and_predicts_as_it_was_fitted():
     expected = _predict(_fit_ridge(x, gain, 1.0), x)
     got = [est.predict(f) for f in features]
     assert got == pytest.approx(list(expected), abs=1e-5)
-    helped = [est.to_score(p) for p, e in zip(got, examples) if e.strong and not e.weak]
-    others = [est.to_score(p) for p, e in zip(got, examples) if e.weak]
+    helped = [est.to_score(p) for p, e in zip(got, examples, strict=True)
+              if e.strong and not e.weak]
+    others = [est.to_score(p) for p, e in zip(got, examples, strict=True) if e.weak]
     assert min(helped) > sorted(others)[len(others) // 2]  # every helped prompt above the median
 
 
@@ -128,7 +129,7 @@ def test_apgr_random_is_one_half_and_an_oracle_is_far_above():
     weak = [rng.random() < 0.6 for _ in range(500)]
     strong = [w or rng.random() < 0.5 for w in weak]
     assert routing_curve("random", [0.0] * 500, weak, strong).apgr == pytest.approx(0.5)
-    oracle = [float(s and not w) for w, s in zip(weak, strong)]
+    oracle = [float(s and not w) for w, s in zip(weak, strong, strict=True)]
     curve = routing_curve("oracle", oracle, weak, strong)
     need = sum(oracle) / 500
     assert curve.apgr > 0.85 and curve.cpt50 == pytest.approx(0.5 * need)
@@ -304,7 +305,7 @@ def test_routing_mistakes_are_reported_with_their_paths():
 def test_an_unknown_estimator_refuses_the_policy(tmp_path, monkeypatch):
     monkeypatch.setenv("X", "k")
     policy = parse_policy(base_policy(routing={"estimator": "bert"}), "p.yaml")
-    with pytest.raises(PolicyError, match="routing.estimator: unknown difficulty estimator 'bert'"):
+    with pytest.raises(PolicyError, match=r"routing\.estimator: unknown difficulty estimator 'bert'"):
         Runtime(tmp_path / "p.yaml")._routing(policy, None)
 
 

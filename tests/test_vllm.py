@@ -7,6 +7,7 @@ last test kills it on purpose.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -109,12 +110,10 @@ def test_a_saturated_vllm_queue_is_skipped(gateway, vllm_server):
     def flood():
         with httpx.Client(timeout=120) as c:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(httpx.HTTPError):  # keep the queue full regardless
                     c.post(f"{vllm_server.url}/completions",
                            json={"model": TINY_MOE_NAME, "prompt": "energy", "max_tokens": 600,
                                  "ignore_eos": True})
-                except httpx.HTTPError:
-                    pass  # keep the queue full regardless
 
     threads = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
     for t in threads:
@@ -149,12 +148,12 @@ def llama_server(small_model_path, tmp_path):
     port = free_port()
 
     def start():
-        log = open(tmp_path / "llama.log", "ab")
-        return subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(small_model_path),
-             "--model_alias", TINY_MOE_NAME, "--host", "127.0.0.1", "--port", str(port),
-             "--n_ctx", "1024", "--n_threads", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(tmp_path / "llama.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(small_model_path),
+                 "--model_alias", TINY_MOE_NAME, "--host", "127.0.0.1", "--port", str(port),
+                 "--n_ctx", "1024", "--n_threads", "1"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_up():
         wait_until(lambda: _ok(f"http://127.0.0.1:{port}/v1/models"), 180, 0.2, "llama server")
@@ -270,7 +269,7 @@ def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
         stream_options={"include_usage": True})
     received = 0
     with pytest.raises(openai.APIError) as err:
-        for chunk in stream:
+        for _ in stream:
             received += 1
             if received == 5:
                 vllm_server.kill()
