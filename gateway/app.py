@@ -81,13 +81,13 @@ def create_app(policy_path: str | Path | None = None,
 
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        saver = loop.create_task(_save_calibration(runtime))
+        saver = runtime.supervise("calibration_saver", lambda: _save_calibration(runtime))
         snap = runtime.current
         log.info("joulegate serving policy %s: tiers %s", path, ", ".join(snap.tiers))
         try:
             yield
         finally:
-            saver.cancel()
+            await saver.close()  # (runtime.close() closes every other background loop)
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             await _settle_open_streams(app)
@@ -295,7 +295,8 @@ def _admin(runtime: Runtime, request: Request) -> None:
 
 
 async def _save_calibration(runtime: Runtime, every_s: float = 30.0) -> None:
-    """Persist the calibration table while it changes (and once more at shutdown)."""
+    """Persist the calibration table while it changes (and once more at shutdown); runs
+    supervised (:meth:`Runtime.supervise`)."""
     while True:
         await asyncio.sleep(every_s)
         if runtime.calibration.dirty:

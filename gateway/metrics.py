@@ -124,6 +124,11 @@ class Metrics:
         self.backend_up = Gauge("joulegate_backend_up",
                                 "1 when the backend's last health probe passed, else 0.",
                                 ["backend"], registry=r, multiprocess_mode="mostrecent")
+        self.background_task_restarts = Counter("joulegate_background_task_restarts",
+                                                "Background loops (budget reconcile, health "
+                                                "watch, calibration saver, energy timers, "
+                                                "meter pollers) restarted after they failed.",
+                                                ["task"], registry=r)
         self._children: dict[tuple[str, str, str, str], RequestMetrics] = {}
         self._decisions: dict[tuple[str, str, str], object] = {}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +42,7 @@ from .energy import (
 )
 from .metrics import Metrics
 from .routing import CapacityTracker, DifficultyEstimator, create_estimator
+from .supervise import Backoff, Supervisor
 
 if TYPE_CHECKING:
     from policies.schema import BackendSpec
@@ -141,7 +142,7 @@ class Runtime:
         #: (:func:`build_from_kind`). Tests plug a scripted backend in here.
         self.build_backend = build_backend or build_from_kind
         self.metrics = Metrics()
-        self.energy = EnergyAccounting(on_tick=self._on_energy_tick)
+        self.energy = EnergyAccounting(on_tick=self._on_energy_tick, metrics=self.metrics)
         self.calibration: Calibration = Calibration()
         self.budgets: BudgetGuard | None = None
         self.capacity = CapacityTracker()
@@ -149,7 +150,10 @@ class Runtime:
         self._retired: list[Snapshot] = []
         self._reload_lock = asyncio.Lock()
         self._closing: set[asyncio.Task] = set()
-        self._health_task: asyncio.Task | None = None
+        #: The supervised background loops (health watch, calibration saver), closed with
+        #: the runtime. How long a failed loop waits before it restarts:
+        self.backoff = Backoff()
+        self.background: list[Supervisor] = []
 
     @property
     def current(self) -> Snapshot:
@@ -181,7 +185,14 @@ class Runtime:
         self._current = await self._build(policy, version=1)
         self.budgets.watch(policy)
         self.budgets.start()
-        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+        self.supervise("health_watch", self._watch_health)
+
+    def supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> Supervisor:
+        """Run ``loop()`` as a supervised background task (restarted when it fails, counted
+        in ``joulegate_background_task_restarts_total``) until :meth:`close`."""
+        supervisor = Supervisor(name, loop, self.metrics, self.backoff).start()
+        self.background.append(supervisor)
+        return supervisor
 
     def _budget_guard(self, policy: Policy, state: Path) -> BudgetGuard:
         spec = policy.ledger
@@ -233,10 +244,8 @@ class Runtime:
             await asyncio.sleep(snap.policy.server.health_interval_s)
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
-            self._health_task = None
+        background, self.background = self.background, []
+        await asyncio.gather(*(s.close() for s in background))
         live = {id(b): b for s in [self._current, *self._retired] if s for b in s.backends.values()}
         await asyncio.gather(*(b.close() for b in live.values()), return_exceptions=True)
         self.energy.close()

@@ -27,6 +27,7 @@ from ..energy import Calibration
 from ..errors import BudgetExhausted, BudgetNeverFits, LedgerUnavailableError
 from ..metrics import Metrics
 from ..routing import TierPlan
+from ..supervise import Backoff, Supervisor, supervise
 from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
 
 log = logging.getLogger("joulegate.budgets")
@@ -96,27 +97,32 @@ class Record:
 
 class BudgetGuard:
     def __init__(self, ledger: Ledger, ttl_s: float, fail_open: bool, metrics: Metrics,
-                 calibration: Calibration):
+                 calibration: Calibration, *, reconcile_every_s: float = 1.0,
+                 expire_every_s: float = 30.0, backoff: Backoff | None = None):
         self.ledger = ledger
         self.ttl_s = ttl_s
         self.fail_open = fail_open
         self.metrics = metrics
         self.calibration = calibration
         self._pending: list[Settle | Record] = []  # waiting for the ledger
-        self._task: asyncio.Task | None = None
+        #: The reconcile loop (:meth:`_reconcile`), supervised: restarted when it fails.
+        self.reconcile_every_s = reconcile_every_s
+        self.expire_every_s = expire_every_s
+        self.backoff = backoff or Backoff()
+        self.reconciler: Supervisor | None = None
+        self._swept_at: float | None = None  # loop time of the last expiry sweep
         #: Budgeted tenants seen so far (bounded by the policy), whose gauges are refreshed.
         self._watched: dict[str, list[Limit]] = {}
         #: tenant → the smallest remaining fraction over its windows, as last seen.
         self._remaining: dict[str, float] = {}
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._reconcile())
+        self.reconciler = supervise("budget_reconcile", self._reconcile, self.metrics,
+                                    self.backoff)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self.reconciler is not None:
+            await self.reconciler.close()
         await self._flush()
         if self._pending:
             log.error("%d budget settles could not reach the ledger before shutdown",
@@ -286,19 +292,22 @@ class BudgetGuard:
                 return
             self._pending.pop(0)
 
-    async def _reconcile(self, every_s: float = 1.0, expire_every: int = 30) -> None:
-        """Every second: retry queued settles and refresh the budget gauges of the tenants
-        seen; every 30 s: sweep expired reservations (each tenant's own are also swept on
-        its next reservation)."""
-        ticks = 0
+    async def _reconcile(self) -> None:
+        """Every ``reconcile_every_s`` (1 s): retry queued settles and refresh the budget
+        gauges of the tenants seen (which also returns their expired reservations); every
+        ``expire_every_s`` (30 s): sweep every tenant's expired reservations. Supervised: an
+        unexpected failure restarts it (the sweep's clock survives the restart)."""
+        loop = asyncio.get_running_loop()
+        if self._swept_at is None:
+            self._swept_at = loop.time()
         while True:
-            await asyncio.sleep(every_s)
-            ticks += 1
+            await asyncio.sleep(self.reconcile_every_s)
             if self._pending:
                 await self._flush()
             for tenant, limits in list(self._watched.items()):
                 with contextlib.suppress(LedgerUnavailable):
                     self._gauges(tenant, await self.ledger.status(tenant, limits))
-            if ticks % expire_every == 0:
+            if loop.time() - self._swept_at >= self.expire_every_s:
                 with contextlib.suppress(LedgerUnavailable):
                     await self.ledger.expire()
+                    self._swept_at = loop.time()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backends import Usage
 from policies import EnergySpec, Policy
@@ -32,6 +33,9 @@ from .meter import Meter, MeterUnavailable, Reading
 from .nvml import NvmlMeter
 from .prometheus import PrometheusMeter
 from .rapl import RaplMeter
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("joulegate.energy")
 
@@ -137,8 +141,11 @@ class EnergyPlan:
 class EnergyAccounting:
     """All energy devices of the gateway, one per piece of hardware; lives as long as the app."""
 
-    def __init__(self, on_tick: Callable[[EnergyDevice, Reading, float], None] | None = None):
+    def __init__(self, on_tick: Callable[[EnergyDevice, Reading, float], None] | None = None,
+                 metrics: Metrics | None = None):
         self.on_tick = on_tick
+        #: Where the devices' supervised timers and pollers count their restarts.
+        self.metrics = metrics
         self._devices: dict[str, EnergyDevice] = {}
         self._specs: dict[str, DeviceSpec] = {}
 
@@ -170,7 +177,8 @@ class EnergyAccounting:
                 if device.key not in plan.new and self._specs.get(device.key) != device:
                     try:
                         new = EnergyDevice(device.key, device.factory(),
-                                           interval_s=energy.interval_s, on_tick=self.on_tick)
+                                           interval_s=energy.interval_s, on_tick=self.on_tick,
+                                           metrics=self.metrics)
                         new.meter.start()  # fails here if it cannot work; charges from commit
                     except MeterUnavailable as exc:
                         raise EnergySettingsError(name, f"meter '{energy.meter}' unavailable: "

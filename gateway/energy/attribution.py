@@ -32,10 +32,15 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backends import Usage
 
+from ..supervise import Supervisor
 from .meter import Meter, Reading
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("joulegate.energy")
 
@@ -84,16 +89,19 @@ class EnergyDevice:
     how a request's work is weighed comes with the request (:class:`Attribution`)."""
 
     def __init__(self, name: str, meter: Meter, *, interval_s: float = 0.5,
-                 on_tick: Callable[[EnergyDevice, Reading, float], None] | None = None):
+                 on_tick: Callable[[EnergyDevice, Reading, float], None] | None = None,
+                 metrics: Metrics | None = None):
         self.name = name
         self.meter = meter
+        self.metrics = meter.metrics = metrics
         self.interval_s = interval_s
         self.on_tick = on_tick
         self.totals = DeviceTotals()
         self._active: list[Share] = []
         self._last_j = 0.0
         self._idle_pending = 0.0
-        self._task: asyncio.Task | None = None
+        #: The supervised timer (:meth:`_run`): restarted if it ever fails.
+        self.timer: Supervisor | None = None
         self.closed = False
         self.last_reading = Reading(0.0)
         #: The gateway's fraction of the device's recent work, when others share it.
@@ -120,9 +128,11 @@ class EnergyDevice:
         ticks run every ``interval_s`` when there is an event loop. A device prepared beside
         the one it replaces starts its meter early and is activated when it takes over."""
         self._last_j = self.meter.read().joules
-        if self._task is None:
+        if self.timer is None:
             with contextlib.suppress(RuntimeError):  # no loop: ticks only at request edges
-                self._task = asyncio.get_running_loop().create_task(self._run())
+                asyncio.get_running_loop()
+                self.timer = Supervisor("energy_timer", self._run,
+                                        self.metrics).start()
 
     async def _run(self) -> None:
         while True:
@@ -133,9 +143,9 @@ class EnergyDevice:
                 log.exception("energy device %s: reading failed", self.name)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        if self.timer is not None:
+            self.timer.cancel()  # ends at the loop's next turn, whatever it was doing
+            self.timer = None
         if not self.closed:
             self.closed = True
             self.meter.close()

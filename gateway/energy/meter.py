@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +32,9 @@ class Meter(abc.ABC):
     source: str = "measured"
     #: Short kind name as written in policies.
     kind: str = ""
+    #: Where a meter that polls in the background counts its poller's restarts; set by
+    #: the device that owns the meter, before :meth:`start`.
+    metrics: Metrics | None = None
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Begin reading (open handles, start pollers). Raises when the meter cannot work."""

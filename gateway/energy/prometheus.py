@@ -20,6 +20,7 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..supervise import Supervisor
 from .meter import Meter, MeterUnavailable, Reading
 
 log = logging.getLogger("joulegate.energy")
@@ -70,16 +71,17 @@ class PrometheusMeter(Meter):
         self._last_t: float | None = None
         self._total_j = 0.0
         self._watts: dict[str, float] = {}
-        self._task: asyncio.Task | None = None
+        #: The supervised poller (:meth:`_run`): restarted if it fails unexpectedly.
+        self.poller: Supervisor | None = None
         self._session: aiohttp.ClientSession | None = None
         self.errors = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.poller = Supervisor("prometheus_meter", self._run, self.metrics).start()
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        if self.poller is not None:
+            self.poller.cancel()  # its session closes as the task ends
 
     async def _run(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
