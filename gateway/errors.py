@@ -47,7 +47,7 @@ class APIError(Exception):
             self.status = status
         self.headers = headers or {}
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 

@@ -10,7 +10,9 @@ from the policy, anything else is ``other``.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,13 +24,18 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+if TYPE_CHECKING:
+    from backends.base import Backend, Health
+
+    from .routing.plan import TierPlan
+
 OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 _JPT_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
 
 
-def bound(value: str | None, allowed) -> str:
+def bound(value: str | None, allowed: Collection[str]) -> str:
     """``value`` if the policy knows it, else ``other`` (keeps label cardinality bounded)."""
     return value if value is not None and value in allowed else OTHER
 
@@ -130,7 +137,7 @@ class Metrics:
                                                 "meter pollers) restarted after they failed.",
                                                 ["task"], registry=r)
         self._children: dict[tuple[str, str, str, str], RequestMetrics] = {}
-        self._decisions: dict[tuple[str, str, str], object] = {}
+        self._decisions: dict[tuple[str, str, str], Counter] = {}
 
     def for_request(self, tenant: str, tier: str, source: str, backend: str) -> RequestMetrics:
         """The labelled children one request updates, cached per label combination (the
@@ -149,7 +156,7 @@ class Metrics:
             )
         return children
 
-    def record_route(self, tenant: str, plan) -> None:
+    def record_route(self, tenant: str, plan: TierPlan) -> None:
         """Count a request's tier plan (:class:`gateway.routing.TierPlan`) once it is done:
         the tier that served and why it was the one."""
         key = (tenant, plan.tier.name, plan.reason)
@@ -162,7 +169,7 @@ class Metrics:
         for window, _ in plan.decision.entries:
             self.capacity_fraction.labels(tenant, window.tier).set(window.fraction())
 
-    def record_backend_load(self, backends: dict) -> None:
+    def record_backend_load(self, backends: Mapping[str, Backend]) -> None:
         """Queue depth and token rates of backends that report load (vLLM), as last scraped."""
         for name, backend in backends.items():
             now = backend.load()
@@ -173,7 +180,7 @@ class Metrics:
             self.backend_token_rate.labels(name, "prompt").set(now.prompt_tokens_per_s)
             self.backend_token_rate.labels(name, "generation").set(now.generation_tokens_per_s)
 
-    def record_health(self, health: dict, gone: set[str]) -> None:
+    def record_health(self, health: Mapping[str, Health], gone: set[str]) -> None:
         """``joulegate_backend_up`` from the latest probes (backend name → Health); the series
         of backends a reload removed are dropped."""
         for name, result in health.items():

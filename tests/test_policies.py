@@ -44,8 +44,8 @@ def test_valid_policy_orders_tiers_by_cost():
 @pytest.mark.unit
 def test_shipped_default_policy_is_valid():
     policy = load_policy(DEFAULT_POLICY_PATH)
-    assert [t.name for t in policy.ordered_tiers()] == ["small", "full"]
-    assert {b.kind for b in policy.backends.values()} == {"llamacpp"}
+    assert [t.name for t in policy.ordered_tiers()] == ["embed", "small", "full"]
+    assert {b.kind for b in policy.backends.values()} == {"llamacpp", "wordllama"}
 
 
 @pytest.mark.unit
