@@ -104,7 +104,8 @@ def test_admin_api_grant_reset_and_errors(gateway_for):
     assert ask(gw).status_code == 429  # the 1h window still binds
     admin(gw, "POST", "/acme/budget/grant", json={"window": "1h", "joules": 100})
     assert ask(gw).status_code == 200
-    assert admin(gw, "POST", "/acme/budget/reset", json={}).status_code == 200
+    assert admin(gw, "POST", "/acme/budget/reset", json={}).status_code == 400  # never "all"
+    assert admin(gw, "POST", "/acme/budget/reset", json={"all": True}).status_code == 200
     windows = admin(gw, "GET", "/acme/budget").json()["windows"]
     assert [(w["spent_joules"], w["granted_joules"]) for w in windows] == [(0, 0), (0, 0)]
     assert admin(gw, "POST", "/acme/budget/grant", json={"window": "7d", "joules": 1}).status_code == 400
