@@ -17,7 +17,13 @@ from backends.base import GenerationRequest
 
 from .errors import InvalidRequest
 
-_STRICT = ConfigDict(extra="forbid", strict=True)
+# No NaN or Infinity: JSON has neither, and no backend samples with them.
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+#: Bounds of the numeric fields, to what every backend accepts: a seed is a signed 64-bit
+#: integer upstream (vLLM, llama.cpp); a larger value passed validation and failed there.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+MAX_TOKENS_CAP = 1 << 20
+MAX_STOP_CHARS = 512
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -66,11 +72,11 @@ class _Sampling(BaseModel):
 
     model_config = _STRICT
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -82,8 +88,9 @@ class _Sampling(BaseModel):
         if stop is None:
             return None
         stops = [stop] if isinstance(stop, str) else stop
-        if len(stops) > 4 or any(not s for s in stops):
-            raise PydanticCustomError("invalid_value", "stop takes up to 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise PydanticCustomError("invalid_value", "stop takes up to 4 non-empty strings "
+                                      "of at most {most} characters", {"most": MAX_STOP_CHARS})
         return stops
 
     @field_validator("n")
@@ -111,7 +118,7 @@ class _Sampling(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
 
     @model_validator(mode="after")
     def _one_limit(self) -> ChatCompletionRequest:
@@ -137,7 +144,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str
-    max_tokens: int | None = Field(16, ge=1, le=1 << 20)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_CAP)  # OpenAI's default for completions
 
     def to_generation(self, model: str, request_id: str) -> GenerationRequest:
         return GenerationRequest(
