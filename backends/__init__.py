@@ -13,6 +13,7 @@ from .base import (
     Backend,
     BackendError,
     BackendFailure,
+    BackendInvalidResponse,
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
@@ -27,7 +28,7 @@ from .kind import BackendKind, Capabilities, Requirement, Settings
 from .registry import KINDS
 
 __all__ = [
-    "KINDS", "Backend", "BackendError", "BackendFailure", "BackendKind", "BackendRejected",
-    "BackendTimeout", "BackendUnavailable", "Capabilities", "Chunk", "Generation",
-    "GenerationRequest", "Health", "Load", "Requirement", "Settings", "Usage",
+    "KINDS", "Backend", "BackendError", "BackendFailure", "BackendInvalidResponse",
+    "BackendKind", "BackendRejected", "BackendTimeout", "BackendUnavailable", "Capabilities",
+    "Chunk", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "Usage",
 ]

@@ -40,6 +40,9 @@ class GenerationRequest:
     #: Tokens processed so far, updated by the backend while it works (from its worker
     #: thread for in-process backends); energy attribution reads it on every tick.
     progress: Usage = field(default_factory=lambda: Usage())
+    #: Set by the backend when the upstream produced more completion tokens than
+    #: ``max_tokens``: the backend stopped relaying there and reports at most ``max_tokens``.
+    overran: bool = False
 
     @property
     def is_chat(self) -> bool:
@@ -128,6 +131,10 @@ class BackendTimeout(BackendError):
 
 class BackendFailure(BackendError):
     """The backend broke: an upstream 5xx, a malformed answer, a dropped connection."""
+
+
+class BackendInvalidResponse(BackendFailure):
+    """The upstream answered, but not in the OpenAI format: wrong types, not JSON, not SSE."""
 
 
 class BackendRejected(BackendError):

@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -26,6 +27,7 @@ from pydantic import Field
 from .base import (
     Backend,
     BackendFailure,
+    BackendInvalidResponse,
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
@@ -70,47 +72,159 @@ def _resolve_secret(value: str | None) -> str | None:
 
 
 _MAX_EVENT_BYTES = 1 << 20
+#: More tokens than any upstream reports for one request: a larger count is garbage.
+_MAX_TOKEN_COUNT = 1 << 31
+
+
+# -- what comes back, validated ------------------------------------------------------------
+#
+# An upstream's answer is checked for exactly the fields the gateway reads, with their
+# types; anything else in it is ignored. A wrong type is never relayed or coerced: it is a
+# BackendInvalidResponse (502 ``upstream_invalid_response`` before the first byte, an error
+# event mid-stream). The checks are plain isinstance tests: this is the hot path.
+
+
+class Malformed(ValueError):
+    """What is wrong with an upstream's answer (safe to show a client)."""
+
+
+def parse_usage(value: object) -> Usage | None:
+    """``usage``: absent or null (``None``), or an object of token counts."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise Malformed(f"usage is a {type(value).__name__}, not an object")
+    counts = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        n = value.get(key)
+        if n is None:
+            n = 0
+        elif type(n) is not int or not 0 <= n < _MAX_TOKEN_COUNT:
+            raise Malformed(f"usage.{key} is not a token count")
+        counts.append(n)
+    return Usage(counts[0], counts[1])
+
+
+def _optional_str(value: object, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise Malformed(f"{what} is a {type(value).__name__}, not a string")
+
+
+def _choice_text(choice: object, chat: bool, key: str) -> tuple[str | None, str | None]:
+    """One choice's text (``message``/``delta`` content for chat) and finish reason."""
+    if not isinstance(choice, dict):
+        raise Malformed(f"a choice is a {type(choice).__name__}, not an object")
+    finish = _optional_str(choice.get("finish_reason"), "finish_reason")
+    if not chat:
+        return _optional_str(choice.get("text"), "text"), finish
+    message = choice.get(key)
+    if message is None:
+        return None, finish
+    if not isinstance(message, dict):
+        raise Malformed(f"{key} is a {type(message).__name__}, not an object")
+    return _optional_str(message.get("content"), f"{key}.content"), finish
+
+
+def _object(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise Malformed(f"{what} is not JSON") from None
+    if not isinstance(data, dict):
+        raise Malformed(f"{what} is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def parse_completion(raw: bytes, chat: bool) -> tuple[str, str, Usage | None]:
+    """A whole (non-streamed) answer: its text, finish reason and usage.
+    Raises :class:`Malformed`."""
+    data = _object(raw, "the completion")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise Malformed("the completion has no choices")
+    text, finish = _choice_text(choices[0], chat, "message")
+    return text or "", finish or "stop", parse_usage(data.get("usage"))
+
+
+@dataclass(slots=True)
+class Event:
+    """One SSE ``data:`` event of a stream, validated."""
+
+    texts: list[str]
+    finish: str | None
+    usage: Usage | None
+    #: The upstream reported an error instead of a chunk.
+    error: bool = False
+
+
+def parse_event(payload: bytes, chat: bool) -> Event:
+    """One streamed chunk (the JSON after ``data:``). Raises :class:`Malformed`."""
+    data = _object(payload, "an event")
+    if "error" in data:
+        return Event([], None, None, error=True)
+    choices = data.get("choices")
+    if choices is None:
+        choices = []
+    elif not isinstance(choices, list):
+        raise Malformed(f"choices is a {type(choices).__name__}, not a list")
+    texts: list[str] = []
+    finish = None
+    for choice in choices:
+        text, reason = _choice_text(choice, chat, "delta")
+        if text:
+            texts.append(text)
+        finish = reason or finish
+    return Event(texts, finish, parse_usage(data.get("usage")))
 
 
 class _StreamState:
     """What one relayed stream has seen so far."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, name: str):
         self.request = request
+        self.name = name
         self.alive = False  # any event yet: until then the first-byte deadline applies
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.text_events = 0
 
-    def feed(self, line: bytes, texts: list[str], name: str) -> bool:
-        """Take one SSE line, appending any text to ``texts``. True at ``[DONE]``."""
+    def feed(self, line: bytes, texts: list[str]) -> bool:
+        """Take one SSE line, appending any text to ``texts``. True at ``[DONE]``, and when
+        the upstream goes past ``max_tokens`` (``request.overran``): nothing more is relayed."""
         if not line.startswith(b"data:"):
             return False
         payload = line[5:].strip()
         if payload == b"[DONE]":
             return True
         self.alive = True
+        request = self.request
         try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise BackendFailure(f"upstream '{name}' sent a malformed event") from None
-        if "error" in event:
-            raise BackendFailure(f"upstream '{name}' reported an error mid-stream")
-        progress = self.request.progress
-        if event.get("usage"):
-            u = event["usage"]
-            self.usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
-            progress.prompt_tokens = self.usage.prompt_tokens
-            progress.completion_tokens = self.usage.completion_tokens
-        for choice in event.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content") if self.request.is_chat else choice.get("text")
-            self.finish = choice.get("finish_reason") or self.finish
-            if text:
-                self.text_events += 1
-                if self.usage is None:
-                    progress.completion_tokens = self.text_events  # ~1 token per event
-                texts.append(text)
+            event = parse_event(payload, request.is_chat)
+        except Malformed as exc:
+            raise BackendInvalidResponse(f"upstream '{self.name}' sent an invalid event: "
+                                         f"{exc}") from None
+        if event.error:
+            raise BackendFailure(f"upstream '{self.name}' reported an error mid-stream")
+        progress, limit = request.progress, request.max_tokens
+        if event.usage is not None:
+            usage = event.usage
+            if limit is not None and usage.completion_tokens > limit:
+                request.overran = True  # charged at most what was asked for
+                usage.completion_tokens = limit
+            self.usage = usage
+            progress.prompt_tokens = usage.prompt_tokens
+            progress.completion_tokens = usage.completion_tokens
+        self.finish = event.finish or self.finish
+        for text in event.texts:
+            if limit is not None and self.text_events >= limit:
+                request.overran = True  # the upstream ignores max_tokens: stop relaying
+                self.finish = "length"
+                return True
+            self.text_events += 1
+            if self.usage is None:
+                progress.completion_tokens = self.text_events  # ~1 token per event
+            texts.append(text)
         return False
 
 
@@ -239,17 +353,21 @@ class OpenAIBackend(Backend):
         finally:
             response.release()
         try:
-            data = orjson.loads(raw)
-            choice = data["choices"][0]
-            text = choice["message"]["content"] if request.is_chat else choice["text"]
-            usage = data.get("usage") or {}
-            progress = request.progress
-            progress.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            progress.completion_tokens = int(usage.get("completion_tokens") or 0)
-            return Generation(text=text or "", finish_reason=choice.get("finish_reason") or "stop",
-                              usage=Usage(progress.prompt_tokens, progress.completion_tokens))
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
-            raise BackendFailure(f"upstream '{self.name}' sent a malformed completion") from None
+            text, finish, usage = parse_completion(raw, request.is_chat)
+        except Malformed as exc:
+            raise BackendInvalidResponse(f"upstream '{self.name}' sent an invalid completion: "
+                                         f"{exc}") from None
+        usage = usage or Usage()
+        limit = request.max_tokens
+        if limit is not None and usage.completion_tokens > limit:
+            # The upstream ignored max_tokens: its text is relayed (it cannot be cut by
+            # tokens here), but no more than what was asked for (and reserved) is charged.
+            request.overran = True
+            usage.completion_tokens = limit
+        request.progress.prompt_tokens = usage.prompt_tokens
+        request.progress.completion_tokens = usage.completion_tokens
+        return Generation(text=text, finish_reason=finish,
+                          usage=Usage(usage.prompt_tokens, usage.completion_tokens))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Relay the upstream's SSE stream. Every event that arrived in one network read
@@ -257,9 +375,14 @@ class OpenAIBackend(Backend):
         instead of one per token, and a model streaming token by token is unchanged."""
         deadline = time.monotonic() + self.total_s
         response = await self._send(request, stream=True, deadline=deadline)
+        if response.content_type != "text/event-stream":
+            response.close()
+            raise BackendInvalidResponse(
+                f"upstream '{self.name}' answered a stream request with "
+                f"'{response.content_type}', not an event stream")
         first_deadline = min(deadline, time.monotonic() + self.first_byte_s)
-        state = _StreamState(request)
-        complete = False
+        state = _StreamState(request, self.name)
+        complete = done = False
         buffer = b""
         try:
             while not complete:
@@ -283,14 +406,23 @@ class OpenAIBackend(Backend):
                         raise BackendFailure(f"upstream '{self.name}' sent an event over "
                                              f"{_MAX_EVENT_BYTES} bytes")
                 texts: list[str] = []
-                for line in lines:
-                    if state.feed(line, texts, self.name):
-                        complete = True
-                        break
+                try:
+                    for line in lines:
+                        if state.feed(line, texts):
+                            complete = done = True
+                            break
+                except BackendFailure:
+                    if texts:  # what came before the bad event is relayed, then the error
+                        yield Chunk(text="".join(texts))
+                    raise
                 if texts:
                     yield Chunk(text="".join(texts))
+            if not done and state.finish is None:
+                # The body ended with neither [DONE] nor a finish reason: cut short.
+                raise BackendFailure(f"upstream '{self.name}' closed the stream before it "
+                                     "finished")
         finally:
-            if complete:
+            if complete and not request.overran:
                 response.release()
             else:  # a stream abandoned mid-way must not go back to the pool
                 response.close()

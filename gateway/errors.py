@@ -18,6 +18,7 @@ from starlette.responses import Response
 from backends.base import (
     BackendError,
     BackendFailure,
+    BackendInvalidResponse,
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
@@ -82,6 +83,12 @@ class UpstreamError(APIError):
     status = 502
     type = "api_error"
     code = "upstream_error"
+
+
+class UpstreamInvalidResponse(UpstreamError):
+    """The upstream answered something that is not an OpenAI response."""
+
+    code = "upstream_invalid_response"
 
 
 class ServiceUnavailable(APIError):
@@ -151,6 +158,8 @@ def _from_backend_error(exc: BackendError) -> APIError:
         return ServiceUnavailable(str(exc), headers=headers)
     if isinstance(exc, BackendTimeout):
         return UpstreamTimeout(str(exc))
+    if isinstance(exc, BackendInvalidResponse):
+        return UpstreamInvalidResponse(str(exc))
     if isinstance(exc, BackendFailure):
         return UpstreamError(str(exc))
     return UpstreamError("the backend failed")

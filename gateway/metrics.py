@@ -115,6 +115,10 @@ class Metrics:
                                        "on a capacity-limited tier, over its window.",
                                        ["tenant", "tier"], registry=r,
                                        multiprocess_mode="mostrecent")
+        self.upstream_overruns = Counter("joulegate_upstream_overruns",
+                                         "Answers of upstreams that went past max_tokens: "
+                                         "cut (streams) or charged only up to it.", ["backend"],
+                                         registry=r)
         self.fallbacks = Counter("joulegate_fallbacks",
                                  "Requests retried on another tier after their tier failed "
                                  "before answering.", ["tenant", "from", "to"], registry=r)

@@ -153,6 +153,13 @@ class Call:
         m.requests.labels(tenant, tier, str(self.status)).inc()
         if self.plan is not None:
             m.record_route(tenant, self.plan)
+        if self.generation is not None and self.generation.overran:
+            spec = snap.tiers.get(tier)
+            backend = spec.backend if spec is not None else OTHER
+            m.upstream_overruns.labels(backend).inc()
+            log.warning("request %s: backend '%s' went past max_tokens=%s; stopped and charged "
+                        "at most that", self.request_id, backend, self.generation.max_tokens)
+            self.error = self.error or "upstream_overran_max_tokens"
         if self.energy is not None:
             spec = snap.tiers.get(tier)
             c = m.for_request(tenant, tier, self.energy.source,
@@ -364,8 +371,20 @@ async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
     call.record(runtime, snap)
 
 
+def _fill_prompt(call: Call) -> None:
+    """A stream that ended before the upstream reported usage (it failed, the client left,
+    or it was cut at ``max_tokens``) may know its completion tokens but not its prompt's.
+    The prompt was processed all the same: it is charged at the gateway's estimate."""
+    if call.generation is None:
+        return
+    progress = call.generation.progress
+    if progress.prompt_tokens == 0 and progress.completion_tokens > 0:
+        progress.prompt_tokens = call.prompt_estimate
+
+
 def _take_tokens(call: Call) -> None:
     """The tokens the backend processed so far (also when it failed part-way)."""
+    _fill_prompt(call)
     call.prompt_tokens = call.generation.progress.prompt_tokens
     call.completion_tokens = call.generation.progress.completion_tokens
 
@@ -531,6 +550,10 @@ async def _sse_events(call: Call, chunks: AsyncIterator[Chunk],
                     wire.chat_chunk(rid, created, model, {"content": chunk.text}, None) if chat
                     else wire.text_chunk(rid, created, model, chunk.text, None)))
             if chunk.usage is not None:
+                cut = call.generation
+                if cut is not None and cut.overran and chunk.usage.prompt_tokens == 0:
+                    _fill_prompt(call)  # cut before the upstream's usage: the estimate
+                    chunk.usage.prompt_tokens = cut.progress.prompt_tokens
                 call.prompt_tokens = chunk.usage.prompt_tokens
                 call.completion_tokens = chunk.usage.completion_tokens
             if chunk.finish_reason is not None:
@@ -547,6 +570,13 @@ async def _sse_events(call: Call, chunks: AsyncIterator[Chunk],
                 yield b"".join(parts)
                 parts = []
             chunk = await anext(chunks, None)
-    except BackendError as exc:
+    except BackendError as exc:  # after the headers: an error event, then [DONE]
         parts.append(_event(call.failed(exc).body()))
+        parts.append(_SSE_DONE)
+        yield b"".join(parts)
+    except Exception:  # a bug, not the backend: still an OpenAI-shaped end, and logged
+        log.exception("stream %s failed", call.request_id)
+        err = APIError("internal error; see the gateway log", status=500, code="internal_error")
+        parts.append(_event(call.failed(err).body()))
+        parts.append(_SSE_DONE)
         yield b"".join(parts)

@@ -27,6 +27,10 @@ completion token per delta) only when ``stream_options.include_usage`` is true, 
 
 In-process use: ``server = await start(Options(...), "127.0.0.1", 0)`` on a running loop.
 Every request is answered by :meth:`Connection.answer`, the one place that picks a response.
+
+Faults: a completion request whose ``X-Request-Id`` is ``fault-<name>`` (optionally
+followed by ``.<anything>``) gets the broken answer :data:`FAULTS` names instead (the
+gateway forwards its request id to the upstream, so a test picks the fault per request).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import traceback
 from dataclasses import dataclass
@@ -150,6 +155,32 @@ def prepare(options: Options) -> dict[str, object]:
             "health": {ka: response(b"200 OK", b"ok", ka, b"text/plain") for ka in (True, False)}}
 
 
+#: The broken answers, by name (see :meth:`Connection.fault`).
+FAULTS = {
+    "usage-string": "usage is a string",
+    "data-int": "the body / an event is the JSON number 123",
+    "data-list": "the body / an event is the JSON list [1,2]",
+    "content-int": "the content / a delta's content is a number",
+    "not-sse": "a stream request answered with a plain JSON 200",
+    "truncated": "the body ends early: 2 deltas then the end, no finish, no [DONE]",
+    "stall": "2 deltas (a stream) or nothing (a whole answer), then silence",
+    "reset": "2 deltas (a stream) or half the body, then a TCP reset",
+    "reset-early": "a TCP reset before any response byte",
+    "ignore-max-tokens": "50 tokens (streamed 1 per 100 ms) whatever max_tokens says",
+}
+OVERRUN_TOKENS = 50
+OVERRUN_DELAY_S = 0.1
+FAULT_PREFIX = b"fault-"
+
+
+def fault_name(request_id: bytes) -> str | None:
+    """The fault a request id asks for, or None."""
+    if not request_id.startswith(FAULT_PREFIX):
+        return None
+    name = request_id[len(FAULT_PREFIX):].split(b".")[0].decode("latin-1")
+    return name if name in FAULTS else None
+
+
 STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
 INCLUDE_USAGE_TRUE = re.compile(rb'"include_usage"\s*:\s*true')
 
@@ -172,6 +203,7 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url, self.body = b"", []
+        self.request_id = b""
         self.tasks: list[asyncio.Task] = []  # answers still to come, oldest first
 
     def connection_made(self, transport):
@@ -191,7 +223,11 @@ class Connection(asyncio.Protocol):
                                                               "bad_request"), False), False)
 
     def on_message_begin(self):
-        self.url, self.body = b"", []
+        self.url, self.body, self.request_id = b"", [], b""
+
+    def on_header(self, name: bytes, value: bytes):
+        if len(name) == 12 and name.lower() == b"x-request-id":
+            self.request_id = value
 
     def on_url(self, url: bytes):
         self.url += url
@@ -208,6 +244,10 @@ class Connection(asyncio.Protocol):
         answer = self.answers.get(route)
         if isinstance(answer, Generation):
             mode = stream_mode(body)
+            fault = fault_name(self.request_id) if self.request_id else None
+            if fault is not None:
+                self.later(self.fault, fault, route == "chat", mode, keep_alive)
+                return
             if self.delay or (mode and self.chunk_delay) or self.tasks:
                 self.later(self.generate, answer, mode, keep_alive)
                 return
@@ -258,6 +298,116 @@ class Connection(asyncio.Protocol):
             if self.transport.is_closing():
                 return
             self.transport.write(frame)
+        self.send(END_OF_CHUNKS, keep_alive)
+
+
+    # -- faults -------------------------------------------------------------------------
+
+    def reset(self):
+        """Close the connection with a TCP reset (RST), not a FIN."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    async def fault(self, name: str, chat: bool, mode: int, keep_alive: bool):
+        """Answer with the broken answer ``name`` (:data:`FAULTS`)."""
+        if name == "reset-early":
+            self.reset()
+            return
+        if mode:
+            await self.fault_stream(name, chat, keep_alive)
+        else:
+            await self.fault_whole(name, chat, keep_alive)
+
+    def fault_body(self, chat: bool, content, usage) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content},
+                   "finish_reason": "stop"} if chat
+                  else {"index": 0, "text": content, "finish_reason": "stop"})
+        return {"id": "fault", "object": "chat.completion" if chat else "text_completion",
+                "created": CREATED, "model": self.options.model, "choices": [choice],
+                "usage": usage}
+
+    async def fault_whole(self, name: str, chat: bool, keep_alive: bool):
+        usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": 14}
+        if name == "stall":
+            await asyncio.Event().wait()  # until the client gives up (connection_lost)
+        body = {
+            "usage-string": lambda: dumps(self.fault_body(chat, "hi", "14")),
+            "data-int": lambda: b"123",
+            "data-list": lambda: b"[1,2]",
+            "content-int": lambda: dumps(self.fault_body(chat, 123, usage)),
+            "ignore-max-tokens": lambda: dumps(self.fault_body(
+                chat, "x" * OVERRUN_TOKENS,
+                {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": OVERRUN_TOKENS,
+                 "total_tokens": PROMPT_TOKENS + OVERRUN_TOKENS})),
+        }.get(name, lambda: dumps(self.fault_body(chat, "hi", usage)))()
+        if name in ("truncated", "reset"):
+            whole = response(b"200 OK", body, False)
+            self.transport.write(whole[:len(whole) - len(body) // 2])
+            if name == "reset":
+                self.reset()
+            else:
+                self.transport.close()
+            return
+        self.send(response(b"200 OK", body, keep_alive), keep_alive)
+
+    def fault_chunk(self, chat: bool, **fields) -> dict:
+        return {"id": "fault", "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": CREATED, "model": self.options.model, **fields}
+
+    def fault_piece(self, chat: bool, content) -> bytes:
+        choice = ({"index": 0, "delta": {"content": content}, "finish_reason": None} if chat
+                  else {"index": 0, "text": content, "finish_reason": None})
+        return sse(self.fault_chunk(chat, choices=[choice]))
+
+    async def fault_stream(self, name: str, chat: bool, keep_alive: bool):
+        if name == "not-sse":
+            body = dumps(self.fault_body(chat, "hi", {"prompt_tokens": PROMPT_TOKENS,
+                                                      "completion_tokens": 1,
+                                                      "total_tokens": PROMPT_TOKENS + 1}))
+            self.send(response(b"200 OK", body, keep_alive), keep_alive)
+            return
+        write = self.transport.write
+        end_keep_alive = keep_alive and name not in ("truncated",)
+        write(stream_head(end_keep_alive))
+        write(self.fault_piece(chat, "Hello"))
+        write(self.fault_piece(chat, " there"))
+        finish = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
+            {"index": 0, "text": "", "finish_reason": "stop"}
+        usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": 14}
+        if name == "usage-string":
+            write(sse(self.fault_chunk(chat, choices=[finish])))
+            write(sse(self.fault_chunk(chat, choices=[], usage="14")))
+        elif name == "data-int":
+            write(sse(b"123"))
+        elif name == "data-list":
+            write(sse(b"[1,2]"))
+        elif name == "content-int":
+            write(self.fault_piece(chat, 123))
+        elif name == "truncated":
+            self.send(END_OF_CHUNKS, False)
+            return
+        elif name == "stall":
+            await asyncio.Event().wait()  # until the client gives up (connection_lost)
+        elif name == "reset":
+            await asyncio.sleep(0.05)  # let the deltas go out first
+            self.reset()
+            return
+        elif name == "ignore-max-tokens":
+            for i in range(OVERRUN_TOKENS - 2):
+                await asyncio.sleep(OVERRUN_DELAY_S)
+                if self.transport.is_closing():
+                    return
+                write(self.fault_piece(chat, f" t{i}"))
+            write(sse(self.fault_chunk(chat, choices=[finish])))
+            write(sse(self.fault_chunk(chat, choices=[], usage={
+                "prompt_tokens": PROMPT_TOKENS, "completion_tokens": OVERRUN_TOKENS,
+                "total_tokens": PROMPT_TOKENS + OVERRUN_TOKENS})))
+        else:
+            write(sse(self.fault_chunk(chat, choices=[finish])))
+            write(sse(self.fault_chunk(chat, choices=[], usage=usage)))
+        write(sse(b"[DONE]"))
         self.send(END_OF_CHUNKS, keep_alive)
 
 

@@ -29,7 +29,7 @@ async def test_a_mid_stream_failure_ends_with_an_error_event_and_charges_the_tok
         r = await gw.chat(model="big", stream=True, stream_options={"include_usage": True})
         assert r.status_code == 200  # the headers went out with the first token
         events = sse_events(r.text)
-        role, a, b, error = events
+        role, a, b, error, done = events
         assert role["choices"][0]["delta"]["role"] == "assistant"
         assert [a["choices"][0]["delta"], b["choices"][0]["delta"]] == [{"content": "a"},
                                                                         {"content": "b"}]
@@ -37,7 +37,7 @@ async def test_a_mid_stream_failure_ends_with_an_error_event_and_charges_the_tok
         assert set(error["error"]) == {"message", "type", "param", "code"}
         assert error["error"]["code"] == "upstream_error"
         assert "dropped the connection" in error["error"]["message"]
-        assert "[DONE]" not in events
+        assert done == "[DONE]"  # every stream ends with [DONE], a failed one after its error
         # Charged: the prompt and the two tokens produced, no more, no less.
         spent = joules(7, 2, "big")
         assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(spent)
