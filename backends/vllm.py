@@ -185,7 +185,7 @@ class VLLMBackend(Backend):
             for i, url in enumerate(urls)]
         self._rotation = 0
         self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -236,7 +236,7 @@ class VLLMBackend(Backend):
             prompt_tokens_total=values.get("vllm:prompt_tokens_total", 0.0),
             generation_tokens_total=values.get("vllm:generation_tokens_total", 0.0),
             scraped_at=now)
-        own = tuple(replica.own_tokens)
+        own = (replica.own_tokens[0], replica.own_tokens[1])
         if old.scraped_at:
             server_work = (max(load.prompt_tokens_total - old.prompt_tokens_total, 0) * PREFILL_WEIGHT
                            + max(load.generation_tokens_total - old.generation_tokens_total, 0))
@@ -376,7 +376,7 @@ class VLLMBackend(Backend):
                           {"managed": self.managed.info()})
         results = await asyncio.gather(*(r.backend.health() for r in self.replicas))
         now = time.monotonic()
-        ok = [h.ok and r.in_service(now) for r, h in zip(self.replicas, results)]
+        ok = [h.ok and r.in_service(now) for r, h in zip(self.replicas, results, strict=True)]
         load = self.load()
         info: dict[str, object] = {
             "replicas": [r.info() for r in self.replicas], "waiting": load.waiting,
@@ -403,7 +403,9 @@ def _runs_vllm_here(settings: Mapping[str, Any]) -> bool:
 
 
 KIND = BackendKind(
-    VLLMBackend.kind, VLLMSettings, Capabilities(streaming=True), VLLMBackend,
+    VLLMBackend.kind, VLLMSettings,
+    # tools, structured output, logprobs: passed through to vLLM (its server flags decide).
+    Capabilities(streaming=True, tools=True, structured_output=True, logprobs=True), VLLMBackend,
     requirement=Requirement("vllm", "vllm", "vllm", mode="managed",
                             hint="or set managed.python to a Python that has vLLM"),
     needs_requirement=_runs_vllm_here)

@@ -12,9 +12,9 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
@@ -22,12 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Route
 
-from policies import DEFAULT_POLICY_PATH, PolicyError
+from policies import DEFAULT_POLICY_PATH, PolicyError, TenantSpec
 from policies.schema import LimitsSpec, resolve_key_ref
 
 from . import pipeline
 from .auth import KeyIndex, authenticate
-from .budgets import LedgerUnavailable
+from .budgets import Ledger, LedgerUnavailable
 from .budgets.guard import BudgetGuard
 from .capabilities import model_objects
 from .embeddings import handle_embeddings
@@ -38,6 +38,7 @@ from .errors import (
     LedgerUnavailableError,
     NotFound,
     ReloadRefused,
+    ServiceUnavailable,
     api_error_handler,
     unexpected_error_handler,
 )
@@ -72,7 +73,7 @@ def create_app(policy_path: str | Path | None = None,
         await runtime.start()
         app.state.runtime = runtime
         loop = asyncio.get_running_loop()
-        reloads: set[asyncio.Task] = set()
+        reloads: set[asyncio.Task[None]] = set()
 
         def on_sighup() -> None:
             task = loop.create_task(_reload_logged(runtime))
@@ -178,8 +179,8 @@ def create_app(policy_path: str | Path | None = None,
 
     @app.get("/admin/tenants/{tenant}/budget")
     async def budget_show(tenant: str, request: Request) -> Response:
-        runtime, spec = _admin_tenant(request, tenant)
-        states = await _ledger(runtime.budgets.ledger.status(tenant, BudgetGuard.limits(spec)))
+        ledger, spec = _admin_tenant(request, tenant)
+        states = await _ledger(ledger.status(tenant, BudgetGuard.limits(spec)))
         return _json({"tenant": tenant, "windows": [
             {"window": s.window, "period_start": s.period_start, "period_end": s.period_end,
              "limit_joules": s.limit, "granted_joules": s.granted, "spent_joules": s.spent,
@@ -187,31 +188,31 @@ def create_app(policy_path: str | Path | None = None,
 
     @app.post("/admin/tenants/{tenant}/budget/reset")
     async def budget_reset(tenant: str, request: Request) -> Response:
-        runtime, spec = _admin_tenant(request, tenant)
+        ledger, spec = _admin_tenant(request, tenant)
         body = await _admin_body(request)
         # Explicit only: {"window": "1h"} or {"all": true}; an empty or unknown window is a
         # 400, never "reset everything".
+        given: list[object]
         if body.get("all") is True and "window" not in body:
-            windows = [b.window for b in spec.budgets]
+            given = [b.window for b in spec.budgets]
         elif "window" in body and "all" not in body:
-            windows = [body["window"]]
+            given = [body["window"]]
         else:
             raise InvalidRequest("give 'window' (one of this tenant's budget windows: "
                                  f"{', '.join(b.window for b in spec.budgets) or 'none'}) "
                                  "or 'all': true", param="window")
-        _known_windows(spec, windows)
-        await _ledger(runtime.budgets.ledger.reset(tenant, windows))
+        windows = _known_windows(spec, given)
+        await _ledger(ledger.reset(tenant, windows))
         return _json({"tenant": tenant, "reset": windows})
 
     @app.post("/admin/tenants/{tenant}/budget/grant")
     async def budget_grant(tenant: str, request: Request) -> Response:
-        runtime, spec = _admin_tenant(request, tenant)
+        ledger, spec = _admin_tenant(request, tenant)
         body = await _admin_body(request)
-        window, joules = body.get("window"), body.get("joules")
-        _known_windows(spec, [window])
+        [window], joules = _known_windows(spec, [body.get("window")]), body.get("joules")
         if not isinstance(joules, (int, float)) or isinstance(joules, bool) or joules <= 0:
             raise InvalidRequest("'joules' must be a positive number", param="joules")
-        await _ledger(runtime.budgets.ledger.grant(tenant, window, float(joules)))
+        await _ledger(ledger.grant(tenant, window, float(joules)))
         return _json({"tenant": tenant, "window": window, "granted_joules": joules})
 
     return app
@@ -252,16 +253,19 @@ async def _settle_open_streams(app: FastAPI, timeout_s: float = 5.0) -> None:
         await asyncio.wait(streams, timeout=timeout_s)
 
 
-def _admin_tenant(request: Request, tenant: str):
+def _admin_tenant(request: Request, tenant: str) -> tuple[Ledger, TenantSpec]:
+    """The budget ledger and the tenant's policy entry, for an admin's budget request."""
     runtime: Runtime = request.app.state.runtime
     _admin(runtime, request)
     spec = runtime.current.policy.tenants.get(tenant)
     if spec is None:
         raise NotFound(f"no tenant '{tenant}' in the policy")
-    return runtime, spec
+    if runtime.budgets is None:  # set when the runtime starts, before the app serves
+        raise ServiceUnavailable("the gateway is still starting")
+    return runtime.budgets.ledger, spec
 
 
-async def _admin_body(request: Request) -> dict:
+async def _admin_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = orjson.loads(raw) if raw else {}
@@ -272,15 +276,22 @@ async def _admin_body(request: Request) -> dict:
     return body
 
 
-def _known_windows(spec, windows: list) -> None:
-    known = [b.window for b in spec.budgets]
-    for window in windows:
-        if window not in known:
+def _known_windows(spec: TenantSpec, given: list[object]) -> list[str]:
+    """``given`` (from a request body), each one of the tenant's budget windows."""
+    known: list[str] = [b.window for b in spec.budgets]
+    windows: list[str] = []
+    for window in given:
+        if not isinstance(window, str) or window not in known:
             raise InvalidRequest(f"'window' must be one of this tenant's budget windows "
                                  f"({', '.join(known) or 'none'})", param="window")
+        windows.append(window)
+    return windows
 
 
-async def _ledger(operation):
+_T = TypeVar("_T")
+
+
+async def _ledger(operation: Awaitable[_T]) -> _T:
     try:
         return await operation
     except LedgerUnavailable as exc:
@@ -311,7 +322,7 @@ async def _reload_logged(runtime: Runtime) -> None:
         await runtime.reload()
     except PolicyError as exc:
         log.error("SIGHUP reload refused, the previous policy keeps serving: %s", exc)
-    except Exception:  # noqa: BLE001 - a reload must never take the gateway down
+    except Exception:  # a reload must never take the gateway down (logged with its trace)
         log.exception("SIGHUP reload failed, the previous policy keeps serving")
 
 

@@ -243,7 +243,7 @@ class BudgetGuard:
 
     def _warning(self, tenant: str, spec: TenantSpec, windows: list[WindowState]) -> str | None:
         notes = []
-        for budget, state in zip(spec.budgets, windows):
+        for budget, state in zip(spec.budgets, windows, strict=True):
             total = state.limit + state.granted
             used = (state.spent + state.reserved) / total * 100 if total > 0 else 100.0
             if used >= budget.soft_pct:

@@ -75,11 +75,12 @@ def _rapl(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
 
 
 def _prometheus(backend: str, local: bool, spec: EnergySpec) -> DeviceSpec:
-    if not spec.prometheus_url:
+    url = spec.prometheus_url
+    if not url:
         raise MeterUnavailable("meter 'prometheus' needs prometheus_url")
-    return DeviceSpec(f"prometheus:{spec.prometheus_url}:{spec.prometheus_series}",
+    return DeviceSpec(f"prometheus:{url}:{spec.prometheus_series}",
                       _settings(spec, "prometheus_unit"),
-                      lambda: PrometheusMeter(spec.prometheus_url, spec.prometheus_series,
+                      lambda: PrometheusMeter(url, spec.prometheus_series,
                                               spec.prometheus_unit, spec.interval_s))
 
 

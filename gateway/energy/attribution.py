@@ -139,7 +139,7 @@ class EnergyDevice:
             await asyncio.sleep(self.interval_s)
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - a meter hiccup must not stop accounting
+            except Exception:  # a meter hiccup must not stop accounting (logged with its trace)
                 log.exception("energy device %s: reading failed", self.name)
 
     def close(self) -> None:

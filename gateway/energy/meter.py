@@ -46,7 +46,7 @@ class Meter(abc.ABC):
     def read(self) -> Reading:
         """The cumulative reading now (or as of the latest poll)."""
 
-    def weighed(self, work: float) -> None:
+    def weighed(self, work: float) -> None:  # noqa: B027 - optional hook
         """The device weighed ``work`` of a request's tokens (a meter that prices tokens
         counts it as joules; one that reads hardware ignores it)."""
 

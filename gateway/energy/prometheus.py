@@ -121,9 +121,9 @@ class PrometheusMeter(Meter):
         else:
             scale = 1e-3 if self.unit == "mJ" else 1.0
             for device, value in values.items():
-                before = self._last.get(device)
-                if before is not None:
-                    delta = value - before if value >= before else value  # restart: from zero
+                previous = self._last.get(device)
+                if previous is not None:
+                    delta = value - previous if value >= previous else value  # restart: from zero
                     self._total_j += delta * scale
                     if self._last_t is not None and t > self._last_t:
                         self._watts[device] = delta * scale / (t - self._last_t)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from backends import GenerationRequest
 from policies import AUTO_MODEL, RoutingSpec, TierSpec
@@ -118,7 +119,7 @@ def pressure_raise(curve: list[list[float]], remaining: float | None) -> float:
     points = sorted((p[0], p[1]) for p in curve)
     if remaining <= points[0][0]:
         return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in pairwise(points):
         if remaining <= x1:
             return y0 + (y1 - y0) * (remaining - x0) / (x1 - x0)
     return points[-1][1]
