@@ -173,5 +173,5 @@ async def api_error_handler(_: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return APIError("internal error; see the gateway log", status=500, code="internal_error").response()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from backends.base import GenerationRequest
 
@@ -161,7 +161,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def _invalid(err: dict[str, Any]) -> InvalidRequest:
+def _invalid(err: ErrorDetails) -> InvalidRequest:
     kind = err["type"]
     param = _param(tuple(err["loc"])) or (err.get("ctx") or {}).get("param")
     if kind == "json_invalid":
@@ -177,7 +177,7 @@ def _invalid(err: dict[str, Any]) -> InvalidRequest:
     if kind in ("unsupported_value", "unsupported_content", "unsupported_role"):
         return InvalidRequest(f"invalid value for '{param}': {err['msg']}", param=param,
                               code="unsupported_value")
-    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "invalid_type":
+    if kind.endswith(("_type", "_parsing")) or kind == "invalid_type":
         got = err.get("input")
         return InvalidRequest(f"invalid type for '{param}': {err['msg'].lower()} "
                               f"(got {type(got).__name__})", param=param, code="invalid_type")
@@ -200,15 +200,17 @@ def parse_request(model_cls: type[_Sampling], body: bytes) -> Any:
 
 # -- responses ---------------------------------------------------------------------------
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, extra: dict[str, Any] | None = None) -> dict:
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+def usage_dict(prompt_tokens: int, completion_tokens: int,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if extra:
         usage.update(extra)
     return usage
 
 
-def chat_completion(rid: str, created: int, model: str, text: str, finish: str, usage: dict) -> dict:
+def chat_completion(rid: str, created: int, model: str, text: str, finish: str,
+                    usage: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -217,7 +219,8 @@ def chat_completion(rid: str, created: int, model: str, text: str, finish: str, 
     }
 
 
-def text_completion(rid: str, created: int, model: str, text: str, finish: str, usage: dict) -> dict:
+def text_completion(rid: str, created: int, model: str, text: str, finish: str,
+                    usage: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
@@ -225,16 +228,19 @@ def text_completion(rid: str, created: int, model: str, text: str, finish: str, 
     }
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None) -> dict:
+def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any],
+               finish: str | None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
 
-def text_chunk(rid: str, created: int, model: str, text: str, finish: str | None) -> dict:
+def text_chunk(rid: str, created: int, model: str, text: str,
+               finish: str | None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
 
-def usage_chunk(rid: str, created: int, model: str, chat: bool, usage: dict) -> dict:
+def usage_chunk(rid: str, created: int, model: str, chat: bool,
+                usage: dict[str, Any]) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": model, "choices": [], "usage": usage}

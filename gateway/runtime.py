@@ -78,7 +78,7 @@ def index_keys(policy: Policy, source: str) -> tuple[KeyIndex, KeyIndex]:
     """Tenant and admin key indexes; an ``env:`` reference to an unset variable is an error."""
     issues: list[PolicyIssue] = []
 
-    def resolve(path: str):
+    def resolve(path: str) -> Callable[[str], str]:
         def _resolve(ref: str) -> str:
             try:
                 return resolve_key_ref(ref)
@@ -124,7 +124,7 @@ def build_from_kind(name: str, spec: BackendSpec) -> Backend:
     return spec.backend_kind.build(name, spec)
 
 
-def _same_backend(old, new) -> bool:
+def _same_backend(old: BackendSpec | None, new: BackendSpec) -> bool:
     """Whether a backend can be kept across a reload: its energy settings are the energy
     accounting's business (they never restart a backend)."""
     return old is not None and old.model_copy(update={"energy": None}) == \
@@ -149,7 +149,7 @@ class Runtime:
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
         self._reload_lock = asyncio.Lock()
-        self._closing: set[asyncio.Task] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         #: The supervised background loops (health watch, calibration saver), closed with
         #: the runtime. How long a failed loop waits before it restarts:
         self.backoff = Backoff()
@@ -230,7 +230,7 @@ class Runtime:
         results = await asyncio.gather(*(snap.backends[n].health() for n in names),
                                        return_exceptions=True)
         return {n: r if isinstance(r, Health) else Health(False, str(r))
-                for n, r in zip(names, results)}
+                for n, r in zip(names, results, strict=True)}
 
     async def _watch_health(self) -> None:
         """Probe every backend of the current snapshot every ``server.health_interval_s``
@@ -276,8 +276,9 @@ class Runtime:
                 backends[name] = backend
                 fresh.append(backend)
             results = await asyncio.gather(*(b.start() for b in fresh), return_exceptions=True)
-            failures = [(b, r) for b, r in zip(fresh, results) if isinstance(r, BaseException)]
-            for backend, result in zip(fresh, results):
+            failures = [(b, r) for b, r in zip(fresh, results, strict=True)
+                        if isinstance(r, BaseException)]
+            for backend, result in zip(fresh, results, strict=True):
                 if not isinstance(result, BaseException):
                     log.info("backend '%s' (%s) started", backend.name, backend.kind)
             if failures:
@@ -299,7 +300,8 @@ class Runtime:
                         models={t.model: t for t in tiers.values()}, energy=energy,
                         routing=routing, estimators=estimators)
 
-    def _routing(self, policy: Policy, reuse: Snapshot | None):
+    def _routing(self, policy: Policy, reuse: Snapshot | None
+                 ) -> tuple[dict[str, RoutingSpec], dict[str, DifficultyEstimator]]:
         """Each tenant's routing settings and the estimators they name (built once each)."""
         routing = {name: policy.tenant_routing(name) for name in policy.tenants}
         estimators: dict[str, DifficultyEstimator] = {}
@@ -314,8 +316,8 @@ class Runtime:
             try:
                 estimators[name] = create_estimator(name)
             except ValueError as exc:
-                where = "routing" if (policy.tenants[tenant].routing is None
-                                      or policy.tenants[tenant].routing.estimator is None) \
+                own = policy.tenants[tenant].routing
+                where = "routing" if own is None or own.estimator is None \
                     else f"tenants.{tenant}.routing"
                 issues.append(PolicyIssue(f"{where}.estimator", str(exc)))
         if issues:

@@ -16,7 +16,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
@@ -148,6 +148,9 @@ class BackendEntry(_Strict):
     kind: str
     #: The descriptor of the entry's kind: its capabilities and how it is built.
     backend_kind: ClassVar[BackendKind]
+    if TYPE_CHECKING:
+        # Declared by backend_spec after the kind's settings (field order); typed here.
+        energy: EnergySpec
 
 
 def backend_spec(kind: BackendKind) -> type[BackendEntry]:
@@ -158,9 +161,11 @@ def backend_spec(kind: BackendKind) -> type[BackendEntry]:
     Field order is what error messages list: ``kind`` comes first because
     :class:`BackendEntry` is the last base, whose fields pydantic collects first.
     """
-    spec = create_model(f"{kind.settings.__name__}Entry", __base__=(kind.settings, BackendEntry),
-                        __module__=__name__, __doc__=kind.settings.__doc__,
-                        kind=(Literal[kind.name], ...), energy=(EnergySpec, EnergySpec()))
+    tag: Any = Literal[kind.name]  # one Literal per kind, built at runtime
+    spec = cast("type[BackendEntry]", create_model(
+        f"{kind.settings.__name__}Entry", __base__=(kind.settings, BackendEntry),
+        __module__=__name__, __doc__=kind.settings.__doc__,
+        kind=(tag, ...), energy=(EnergySpec, EnergySpec())))
     spec.backend_kind = kind
     return spec
 
@@ -171,8 +176,11 @@ def backend_union(kinds: Iterable[BackendKind]) -> Any:
     return Annotated[Union[specs], Field(discriminator="kind")]  # noqa: UP007 - built at runtime
 
 
-#: A policy's backend entry, of any kind the registry lists.
-BackendSpec = backend_union(KINDS.values())
+#: A policy's backend entry, of any kind the registry lists (statically: their common base).
+if TYPE_CHECKING:
+    BackendSpec = BackendEntry
+else:
+    BackendSpec = backend_union(KINDS.values())
 
 
 class TierSpec(_Strict):
@@ -327,11 +335,11 @@ def did_you_mean(word: object, choices: Iterable[object]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _mapping(value: Any) -> dict:
+def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _items(value: Any) -> list:
+def _items(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
@@ -358,8 +366,8 @@ def _routing_issues(where: str, spec: Any, tiers: list[str]) -> list[tuple[str, 
         for tier in _mapping(spec.get(key)):
             if isinstance(tier, str) and tier not in tiers:
                 issues.append((f"{where}.{key}.{tier}", _not_a_tier(tier, tiers)))
-    points = [_number(p[0]) for p in _items(spec.get("pressure")) if _items(p)]
-    points = [p for p in points if p is not None]
+    given = [_number(p[0]) for p in _items(spec.get("pressure")) if _items(p)]
+    points = [p for p in given if p is not None]
     if points != sorted(points, reverse=True) or len(set(points)) != len(points):
         issues.append((f"{where}.pressure", "points must go from more remaining budget to "
                        "less, e.g. [[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]]"))
