@@ -26,6 +26,7 @@ from backends.base import (
 from policies import PolicyError
 
 from .routing.tiers import AboveMaxTier, ModelNotFound, RouteRefusal
+from .tier_slots import TierQueueFull
 
 log = logging.getLogger("joulegate")
 
@@ -152,10 +153,11 @@ def _from_backend_error(exc: BackendError) -> APIError:
     if isinstance(exc, BackendRejected):
         return InvalidRequest(str(exc), param=exc.param, code="rejected_by_backend")
     if isinstance(exc, BackendUnavailable):
+        code = "tier_queue_full" if isinstance(exc, TierQueueFull) else None
         headers = {}
         if exc.retry_after_s is not None:
             headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
-        return ServiceUnavailable(str(exc), headers=headers)
+        return ServiceUnavailable(str(exc), code=code, headers=headers)
     if isinstance(exc, BackendTimeout):
         return UpstreamTimeout(str(exc))
     if isinstance(exc, BackendInvalidResponse):

@@ -113,6 +113,8 @@ class Call:
     dropped_params: list[str] = field(default_factory=list)
     #: The ledger's key for this request: never the client's X-Request-Id, which may repeat.
     ledger_id: str = field(default_factory=lambda: os.urandom(12).hex())
+    #: The tier whose place (:mod:`gateway.tier_slots`) the request holds, if any.
+    slot: str | None = None
 
     @property
     def endpoint(self) -> str:
@@ -307,8 +309,11 @@ async def _on_plan(runtime: Runtime, snap: Snapshot, call: Call,
         call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
                                           scale=tier.cost)
         try:
+            runtime.tier_slots.enter(tier.name, snap.policy.server.limits.max_pending_per_tier)
+            call.slot = tier.name
             return await attempt(call, snap.backend_for(tier))
         except (BackendUnavailable, BackendTimeout) as exc:
+            _leave_slot(runtime, call)
             if plan.fall_back(str(exc)) is None:
                 raise
             call.spent_before = call.settle_energy()  # the failed attempt's joules count
@@ -362,6 +367,7 @@ async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
     """The request's last step: its joules settle the capacity windows and the budget
     reservation, then metrics, calibration and the access log. Runs exactly once per
     request, on every path."""
+    _leave_slot(runtime, call)
     joules = call.settle_energy()
     if call.plan is not None:
         call.plan.settle(joules)
@@ -369,6 +375,13 @@ async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
         await runtime.budgets.settle(snap.policy.tenants[call.tenant], call.tenant,
                                      call.ledger_id, call.admission, joules)
     call.record(runtime, snap)
+
+
+def _leave_slot(runtime: Runtime, call: Call) -> None:
+    """Give back the request's place on its tier (see :mod:`gateway.tier_slots`)."""
+    if call.slot is not None:
+        runtime.tier_slots.leave(call.slot)
+        call.slot = None
 
 
 def _fill_prompt(call: Call) -> None:

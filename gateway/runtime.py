@@ -43,6 +43,7 @@ from .energy import (
 from .metrics import Metrics
 from .routing import CapacityTracker, DifficultyEstimator, create_estimator
 from .supervise import Backoff, Supervisor
+from .tier_slots import TierSlots
 
 if TYPE_CHECKING:
     from policies.schema import BackendSpec
@@ -146,6 +147,7 @@ class Runtime:
         self.calibration: Calibration = Calibration()
         self.budgets: BudgetGuard | None = None
         self.capacity = CapacityTracker()
+        self.tier_slots = TierSlots()
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
         self._reload_lock = asyncio.Lock()

@@ -80,6 +80,10 @@ class LimitsSpec(_Strict):
     #: Open connections (and requests in progress) per worker process; beyond: 503 with
     #: Retry-After.
     max_connections: int = Field(1024, ge=1, le=1_000_000)
+    #: Requests one tier holds at once (running or queued at its backend), per worker
+    #: process; beyond: the next tier of the request's plan, else 503 ``tier_queue_full``
+    #: with Retry-After.
+    max_pending_per_tier: int = Field(256, ge=1, le=1_000_000)
 
 
 class ServerSpec(_Strict):
