@@ -135,7 +135,7 @@ def test_file_errors(tmp_path: Path):
 
 def _cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True,
-                          text=True, env=env, input=stdin, timeout=60)
+                          text=True, env=env, input=stdin, timeout=60, check=False)
 
 
 @pytest.mark.e2e
