@@ -12,6 +12,9 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
+
+from .features import ResponseFormat, TokenLogprob, ToolCall, ToolCallDelta, ToolChoice, ToolSpec
 
 
 @dataclass(slots=True)
@@ -25,8 +28,11 @@ class GenerationRequest:
     """One generation, already validated and stripped of everything gateway-specific."""
 
     model: str
-    #: Chat messages as ``{"role": ..., "content": str}``; ``None`` for a plain completion.
-    messages: list[dict[str, str]] | None = None
+    #: Chat messages in OpenAI's wire shape: ``{"role": ..., "content": str}``, plus an
+    #: assistant's ``tool_calls`` (``[{"id", "type": "function", "function": {"name",
+    #: "arguments": str}}]``, content may be ``None``) and a tool message's ``tool_call_id``
+    #: (and optional ``name``). ``None`` for a plain completion.
+    messages: list[dict[str, Any]] | None = None
     #: Prompt of a plain completion; ``None`` for chat.
     prompt: str | None = None
     max_tokens: int | None = None
@@ -37,6 +43,18 @@ class GenerationRequest:
     #: Opaque end-user id, forwarded to HTTP upstreams.
     user: str | None = None
     request_id: str = ""
+    #: Functions the model may call (chat only); ``None``/empty: no tools.
+    tools: list[ToolSpec] | None = None
+    #: ``"none"``, ``"auto"``, ``"required"`` or one :class:`NamedToolChoice`; ``None`` means
+    #: OpenAI's default (``auto`` with tools).
+    tool_choice: ToolChoice | None = None
+    #: Whether the model may make several calls in one turn; ``None``: OpenAI's default (yes).
+    parallel_tool_calls: bool | None = None
+    #: ``text`` (``None`` too), ``json_object`` or ``json_schema``.
+    response_format: ResponseFormat | None = None
+    #: Return each generated token's log-probability, with ``top_logprobs`` alternatives.
+    logprobs: bool = False
+    top_logprobs: int | None = None
     #: Tokens processed so far, updated by the backend while it works (from its worker
     #: thread for in-process backends); energy attribution reads it on every tick.
     progress: Usage = field(default_factory=lambda: Usage())
@@ -56,6 +74,10 @@ class Generation:
     text: str
     finish_reason: str
     usage: Usage
+    #: The calls the model made (``finish_reason == "tool_calls"``); ``None``: none.
+    tool_calls: list[ToolCall] | None = None
+    #: Per-token log-probabilities, when the request asked for them.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -89,6 +111,10 @@ class Chunk:
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    #: Pieces of tool calls; a call's pieces share its ``index`` and concatenate.
+    tool_calls: list[ToolCallDelta] | None = None
+    #: Log-probabilities of the tokens this chunk's text came from.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +161,12 @@ class BackendFailure(BackendError):
 
 class BackendInvalidResponse(BackendFailure):
     """The upstream answered, but not in the OpenAI format: wrong types, not JSON, not SSE."""
+
+
+class BackendInvalidOutput(BackendFailure):
+    """The model's own output broke the request's contract: a tool call that does not parse
+    or names no offered function, or JSON that does not match the requested schema. Nothing
+    partial is returned; the message says what failed."""
 
 
 class BackendRejected(BackendError):

@@ -36,9 +36,15 @@ class Capabilities:
     #: Chat and text completions (``complete``); False for an embeddings-only kind.
     generation: bool = True
     streaming: bool = False
+    #: ``tools``/``tool_choice``/``parallel_tool_calls`` and tool messages are served, and
+    #: :class:`~backends.base.Generation`/:class:`~backends.base.Chunk` carry ``tool_calls``.
+    #: For an HTTP kind this means pass-through: the fields go to the upstream as given and
+    #: the upstream's answer decides (a model served without tool support refuses there).
     tools: bool = False
+    #: ``response_format`` ``json_object``/``json_schema`` (pass-through for HTTP kinds).
     structured_output: bool = False
     embeddings: bool = False
+    #: ``logprobs``/``top_logprobs`` (pass-through for HTTP kinds).
     logprobs: bool = False
     #: The model runs in this process, on this host, so a host meter (RAPL, CPU time)
     #: measures it; otherwise it is a remote upstream, metered by an exporter or priced

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -36,6 +37,13 @@ from .base import (
     Usage,
 )
 from .kind import BackendKind, Capabilities, Requirement, Settings
+from .llamacpp_features import (
+    LogprobRecorder,
+    RequestPlan,
+    StreamShaper,
+    plan_request,
+    shape_answer,
+)
 from .models import ModelError, resolve_model_path
 
 # OpenAI's sampling defaults, used when the client gives none (llama-cpp-python's differ).
@@ -74,6 +82,8 @@ class _TokenTap:
     def __init__(self, progress: Usage) -> None:
         self.cancelled = threading.Event()
         self.progress = progress
+        #: Set when the request asked for log-probabilities.
+        self.recorder: LogprobRecorder | None = None
 
     def usage(self) -> Usage:
         return Usage(self.progress.prompt_tokens, self.progress.completion_tokens)
@@ -106,6 +116,8 @@ def _counting_llama(llama_cpp: Any) -> type:
                     return
                 if not llama_cpp.llama_vocab_is_eog(vocab, token):
                     progress.completion_tokens += 1
+                    if tap.recorder is not None:
+                        tap.recorder.record(token)
                 yield token
 
     return CountingLlama
@@ -129,6 +141,11 @@ class LlamaCppBackend(Backend):
         self._executor: ThreadPoolExecutor | None = None
         self._loaded = False
         self._error = ""
+        #: Whether the chat template renders ``tools`` itself (Qwen2.5's GGUF template does);
+        #: otherwise tools, calls and results are written into the messages as Hermes text.
+        self._template_tools = False
+        self._grammar_class: Any = None  # llama_cpp.LlamaGrammar, once loaded
+        self._processors: Any = None  # llama_cpp.LogitsProcessorList
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -155,6 +172,10 @@ class LlamaCppBackend(Backend):
                         for _ in range(self.slots)]
 
         self._free = await asyncio.to_thread(load_slots)
+        template = self._free[0].metadata.get("tokenizer.chat_template") or ""
+        self._template_tools = self.chat_format is None and "tools" in template
+        self._grammar_class = importlib.import_module("llama_cpp.llama_grammar").LlamaGrammar
+        self._processors = llama_cpp.LogitsProcessorList
         self._slot_sem = asyncio.Semaphore(self.slots)
         self._loaded = True
 
@@ -204,7 +225,11 @@ class LlamaCppBackend(Backend):
 
     # -- generation ---------------------------------------------------------------------
 
-    def _call(self, llm: Any, req: GenerationRequest, tap: _TokenTap, stream: bool) -> Any:
+    def _plan(self, req: GenerationRequest) -> RequestPlan:
+        return plan_request(req, template_renders_tools=self._template_tools)
+
+    def _call(self, llm: Any, req: GenerationRequest, plan: RequestPlan, tap: _TokenTap,
+              stream: bool) -> Any:
         llm.tap = tap
         kwargs: dict[str, Any] = {
             "max_tokens": req.max_tokens,
@@ -214,20 +239,27 @@ class LlamaCppBackend(Backend):
             "seed": req.seed,
             "stream": stream,
         }
+        if plan.grammar is not None:
+            kwargs["grammar"] = self._grammar_class.from_string(plan.grammar, verbose=False)
+        if plan.top_logprobs is not None:
+            tap.recorder = LogprobRecorder(plan.top_logprobs, llm.detokenize)
+            kwargs["logits_processor"] = self._processors([tap.recorder.observe])
         try:
-            if req.messages is not None:
-                return llm.create_chat_completion(messages=req.messages, **kwargs)
+            if plan.messages is not None:
+                return llm.create_chat_completion(messages=plan.messages,
+                                                  tools=plan.template_tools, **kwargs)
             return llm.create_completion(prompt=req.prompt or "", **kwargs)
         except ValueError as exc:  # llama-cpp-python: prompt longer than the context window
             raise BackendRejected(str(exc), param="messages" if req.messages else "prompt") from None
 
     async def complete(self, request: GenerationRequest) -> Generation:
+        plan = self._plan(request)
         llm = await self._acquire()
         tap = _TokenTap(request.progress)
 
         def work(llm: Any) -> Any:
             try:
-                return self._call(llm, request, tap, stream=False)
+                return self._call(llm, request, plan, tap, stream=False)
             finally:
                 llm.tap = None
 
@@ -240,10 +272,14 @@ class LlamaCppBackend(Backend):
             raise BackendFailure(f"llama.cpp failed: {exc}") from None
         choice = out["choices"][0]
         text = choice["message"]["content"] if request.messages is not None else choice["text"]
-        return Generation(text=text or "", finish_reason=choice.get("finish_reason") or "stop",
-                          usage=tap.usage())
+        content, calls, finish = shape_answer(plan, text or "",
+                                              choice.get("finish_reason") or "stop")
+        return Generation(text=content, finish_reason=finish, usage=tap.usage(), tool_calls=calls,
+                          logprobs=tap.recorder.all() if tap.recorder is not None else None)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        plan = self._plan(request)
+        shaper = StreamShaper(plan)
         llm = await self._acquire()
         tap = _TokenTap(request.progress)
         loop = asyncio.get_running_loop()
@@ -251,8 +287,10 @@ class LlamaCppBackend(Backend):
 
         def work(llm: Any) -> None:
             try:
-                for part in self._call(llm, request, tap, stream=True):
-                    loop.call_soon_threadsafe(queue.put_nowait, part)
+                for part in self._call(llm, request, plan, tap, stream=True):
+                    # The tokens recorded so far are those whose text this part carries.
+                    drained = tap.recorder.drain() if tap.recorder is not None else None
+                    loop.call_soon_threadsafe(queue.put_nowait, (part, drained))
                     if tap.cancelled.is_set():
                         break
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -269,16 +307,22 @@ class LlamaCppBackend(Backend):
                     raise part
                 if isinstance(part, BaseException):
                     raise BackendFailure(f"llama.cpp failed: {part}")
+                part, drained = part
                 choice = part["choices"][0]
                 if request.messages is not None:
                     text = (choice.get("delta") or {}).get("content") or ""
                 else:
                     text = choice.get("text") or ""
                 finish = choice.get("finish_reason") or finish
-                if text:
-                    yield Chunk(text=text)
+                if text or drained:
+                    for chunk in shaper.feed(text, drained):
+                        yield chunk
             await done
-            yield Chunk(finish_reason=finish or "stop", usage=tap.usage())
+            rest = tap.recorder.drain() if tap.recorder is not None else None
+            chunks, final = shaper.finish(finish or "stop", rest)
+            for chunk in chunks:
+                yield chunk
+            yield Chunk(finish_reason=final, usage=tap.usage())
         finally:
             tap.cancelled.set()  # no-op when finished; stops generation when abandoned
 
@@ -290,5 +334,6 @@ class LlamaCppBackend(Backend):
 
 
 KIND = BackendKind(LlamaCppBackend.kind, LlamaCppSettings,
-                   Capabilities(streaming=True, local=True), LlamaCppBackend,
+                   Capabilities(streaming=True, tools=True, structured_output=True,
+                                logprobs=True, local=True), LlamaCppBackend,
                    requirement=_LLAMA_CPP)

@@ -41,7 +41,16 @@ from .base import (
 )
 from .embeddings_wire import Malformed as MalformedEmbeddings
 from .embeddings_wire import embeddings_body, parse_embeddings
+from .features import TokenLogprob, ToolCallDelta
 from .kind import BackendKind, Capabilities, Settings
+from .openai_features import (
+    WireFormatError,
+    completion_extras,
+    event_extras,
+    merge_deltas,
+    request_fields,
+    wants_extras,
+)
 
 #: An HTTP(S) base URL, e.g. ``http://10.0.0.5:8000/v1``.
 URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
@@ -188,6 +197,19 @@ class _StreamState:
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.text_events = 0
+        #: Tool-call pieces and log-probabilities not yet relayed (parsed only when asked for).
+        self.extras = wants_extras(request)
+        self.tool_calls: list[ToolCallDelta] = []
+        self.logprobs: list[TokenLogprob] = []
+
+    def take_chunk(self, texts: list[str]) -> Chunk | None:
+        """The chunk for what one network read brought, or ``None`` if nothing."""
+        if not (texts or self.tool_calls or self.logprobs):
+            return None
+        chunk = Chunk(text="".join(texts), tool_calls=merge_deltas(self.tool_calls) or None,
+                      logprobs=self.logprobs or None)
+        self.tool_calls, self.logprobs = [], []
+        return chunk
 
     def feed(self, line: bytes, texts: list[str]) -> bool:
         """Take one SSE line, appending any text to ``texts``. True at ``[DONE]``, and when
@@ -206,6 +228,14 @@ class _StreamState:
                                          f"{exc}") from None
         if event.error:
             raise BackendFailure(f"upstream '{self.name}' reported an error mid-stream")
+        if self.extras:
+            try:
+                deltas, logprobs = event_extras(payload, request.is_chat)
+            except WireFormatError as exc:
+                raise BackendInvalidResponse(f"upstream '{self.name}' sent an invalid event: "
+                                             f"{exc}") from None
+            self.tool_calls += deltas
+            self.logprobs += logprobs
         progress, limit = request.progress, request.max_tokens
         if event.usage is not None:
             usage = event.usage
@@ -274,6 +304,7 @@ class OpenAIBackend(Backend):
             value = getattr(req, key)
             if value is not None:
                 body[key] = value
+        body.update(request_fields(req))
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -366,8 +397,16 @@ class OpenAIBackend(Backend):
             usage.completion_tokens = limit
         request.progress.prompt_tokens = usage.prompt_tokens
         request.progress.completion_tokens = usage.completion_tokens
+        calls, logprobs = None, None
+        if wants_extras(request):
+            try:
+                calls, logprobs = completion_extras(raw, request.is_chat)
+            except WireFormatError as exc:
+                raise BackendInvalidResponse(f"upstream '{self.name}' sent an invalid "
+                                             f"completion: {exc}") from None
         return Generation(text=text, finish_reason=finish,
-                          usage=Usage(usage.prompt_tokens, usage.completion_tokens))
+                          usage=Usage(usage.prompt_tokens, usage.completion_tokens),
+                          tool_calls=calls, logprobs=logprobs)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Relay the upstream's SSE stream. Every event that arrived in one network read
@@ -412,11 +451,12 @@ class OpenAIBackend(Backend):
                             complete = done = True
                             break
                 except BackendFailure:
-                    if texts:  # what came before the bad event is relayed, then the error
-                        yield Chunk(text="".join(texts))
+                    # what came before the bad event is relayed, then the error
+                    if (chunk := state.take_chunk(texts)) is not None:
+                        yield chunk
                     raise
-                if texts:
-                    yield Chunk(text="".join(texts))
+                if (chunk := state.take_chunk(texts)) is not None:
+                    yield chunk
             if not done and state.finish is None:
                 # The body ended with neither [DONE] nor a finish reason: cut short.
                 raise BackendFailure(f"upstream '{self.name}' closed the stream before it "
@@ -469,4 +509,5 @@ class OpenAIBackend(Backend):
 
 
 KIND = BackendKind(OpenAIBackend.kind, OpenAISettings,
-                   Capabilities(streaming=True, embeddings=True), OpenAIBackend)
+                   Capabilities(streaming=True, embeddings=True, tools=True,
+                                structured_output=True, logprobs=True), OpenAIBackend)

@@ -68,15 +68,15 @@ def test_each_kind_is_declared_by_its_own_module():
     assert KINDS["openai"] is openai_http.KIND
     assert KINDS["vllm"] is vllm.KIND
     assert KINDS["wordllama"] is wordllama_embed.KIND
-    assert llamacpp.KIND.capabilities == Capabilities(streaming=True, local=True)
+    features = {"tools": True, "structured_output": True, "logprobs": True}
+    assert llamacpp.KIND.capabilities == Capabilities(streaming=True, local=True, **features)
     assert openai_http.KIND.capabilities == Capabilities(streaming=True, embeddings=True,
-                                                         local=False)
-    assert vllm.KIND.capabilities == Capabilities(streaming=True, local=False)
+                                                         local=False, **features)
+    assert vllm.KIND.capabilities == Capabilities(streaming=True, local=False, **features)
     assert wordllama_embed.KIND.capabilities == Capabilities(generation=False, embeddings=True,
                                                              local=True)
-    for kind in KINDS.values():  # a later issue adds these; none claims them yet
-        caps = kind.capabilities
-        assert not (caps.tools or caps.structured_output or caps.logprobs)
+    caps = wordllama_embed.KIND.capabilities  # an embeddings-only kind generates nothing
+    assert not (caps.tools or caps.structured_output or caps.logprobs)
 
 
 def test_the_registry_cannot_be_changed_in_place():
