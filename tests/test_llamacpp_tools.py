@@ -94,7 +94,8 @@ def test_auto_calls_the_tool_a_question_needs(small_model_path):
 
 
 def test_tool_round_trip(small_model_path):
-    history = ASK + [
+    history = [
+        *ASK,
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function",
              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
@@ -134,7 +135,7 @@ def test_structured_outputs(small_model_path):
         assert isinstance(json.loads(obj.text), dict)
 
         # cut by max_tokens inside the JSON: a clear error, never invalid JSON
-        with pytest.raises(BackendInvalidOutput, match="not valid JSON.*max_tokens"):
+        with pytest.raises(BackendInvalidOutput, match=r"not valid JSON.*max_tokens"):
             await backend.complete(chat([{"role": "user", "content": "Ana, 31, Lisbon."}],
                                         response_format=fmt, max_tokens=4))
         stream = backend.stream(chat([{"role": "user", "content": "Ana, 31, Lisbon."}],

@@ -205,7 +205,7 @@ def test_stream_shaper_sends_name_first_then_arguments_and_finishes_with_tool_ca
 def test_stream_shaper_errors_when_a_required_call_never_came():
     shaper = StreamShaper(_plan(tools=TOOLS, tool_choice="required"))
     shaper.feed("<tool_")
-    with pytest.raises(BackendInvalidOutput, match="no tool call.*max_tokens"):
+    with pytest.raises(BackendInvalidOutput, match=r"no tool call.*max_tokens"):
         shaper.finish("length")
 
 
@@ -222,7 +222,7 @@ def test_stream_shaper_checks_json_at_the_end_and_carries_logprobs():
 def test_shape_answer_checks_json_formats():
     plan = _plan(response_format=ResponseFormat("json_object"))
     assert shape_answer(plan, '{"a": 1}', "stop") == ('{"a": 1}', None, "stop")
-    with pytest.raises(BackendInvalidOutput, match="not valid JSON.*max_tokens"):
+    with pytest.raises(BackendInvalidOutput, match=r"not valid JSON.*max_tokens"):
         shape_answer(plan, '{"a": ', "length")
     with pytest.raises(BackendInvalidOutput, match="not an object"):
         shape_answer(plan, "[1]", "stop")
