@@ -96,7 +96,7 @@ def create_app(policy_path: str | Path | None = None,
 
     app = FastAPI(title="joulegate", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
-    #: Streams in progress (pipeline._SSEResponse): shutdown waits for their cleanup.
+    #: Streams in progress (streaming.SSEResponse): shutdown waits for their cleanup.
     app.state.open_streams = set()
     app.add_middleware(HeaderLimits, limits=lambda: _header_limits(app))
     app.add_exception_handler(APIError, api_error_handler)

@@ -42,10 +42,11 @@ from policies import AUTO_MODEL
 
 from . import openai_types as wire
 from .auth import authenticate
+from .call import Call
 from .errors import APIError
-from .pipeline import Call, _admit, _headers, _on_plan, _route_context, finish, read_body
 from .routing import MAX_TIER_HEADER, Decision, RouteRefusal, TierPlan, pick_tier
 from .runtime import Runtime, Snapshot
+from .steps import admit, finish, on_plan, read_body, response_headers, route_context
 
 #: OpenAI's limit on the inputs of one request.
 MAX_INPUTS = 2048
@@ -126,7 +127,7 @@ async def handle_embeddings(runtime: Runtime, request: Request) -> Response:
         call.tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
         await _read(snap, call, request)
         _plan(runtime, snap, call, request.headers.get(MAX_TIER_HEADER))
-        await _admit(runtime, snap, call)
+        await admit(runtime, snap, call)
         return await _embed(runtime, snap, call)
     except (APIError, BackendError, RouteRefusal) as exc:
         raise call.failed(exc) from None
@@ -151,7 +152,7 @@ async def _read(snap: Snapshot, call: EmbeddingCall, request: Request) -> None:
 def _plan(runtime: Runtime, snap: Snapshot, call: EmbeddingCall, max_tier: str | None) -> None:
     """Among the tenant's embedding tiers: the pinned one, or for ``auto`` the cheapest
     (the one predicted to spend the fewest joules among equally cheap ones)."""
-    ctx = _route_context(runtime, snap, call, capability="embeddings")
+    ctx = route_context(runtime, snap, call, capability="embeddings")
     if call.model == AUTO_MODEL:
         decision = Decision(min(ctx.tiers, key=lambda t: (t.cost, ctx.predict(t))), "gate")
     else:
@@ -175,10 +176,10 @@ async def _embed(runtime: Runtime, snap: Snapshot, call: EmbeddingCall) -> Respo
             call.prompt_tokens = embedding.progress.prompt_tokens
             call.settle_energy()
 
-    result = await _on_plan(runtime, snap, call, attempt)
+    result = await on_plan(runtime, snap, call, attempt)
     call.prompt_tokens = result.prompt_tokens
     assert call.plan is not None and call.energy is not None
-    headers = _headers(call)
+    headers = response_headers(call)
     headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
     headers["x-joulegate-energy-source"] = call.energy.source
     encode = _base64 if call.encoding_format == "base64" else None

@@ -165,6 +165,13 @@ class Runtime:
 
     # -- request side -----------------------------------------------------------------
 
+    @property
+    def guard(self) -> BudgetGuard:
+        """The budget guard (made by :meth:`start`)."""
+        if self.budgets is None:
+            raise RuntimeError("the runtime is not started")
+        return self.budgets
+
     def acquire(self) -> Snapshot:
         """The snapshot a new request uses; pair with :meth:`release`."""
         snap = self.current
