@@ -10,7 +10,7 @@ subclasses that say *what* went wrong, and the gateway decides how to answer.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +57,7 @@ class GenerationRequest:
     top_logprobs: int | None = None
     #: Tokens processed so far, updated by the backend while it works (from its worker
     #: thread for in-process backends); energy attribution reads it on every tick.
-    progress: Usage = field(default_factory=lambda: Usage())
+    progress: Usage = field(default_factory=Usage)
     #: Set by the backend when the upstream produced more completion tokens than
     #: ``max_tokens``: the backend stopped relaying there and reports at most ``max_tokens``.
     overran: bool = False
@@ -201,7 +201,7 @@ class Backend(abc.ABC):
         """Generate the whole answer."""
 
     @abc.abstractmethod
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         """Generate incrementally. Closing the iterator early (``aclose``) stops generation
         and frees whatever the request held. The final chunk carries usage."""
 

@@ -19,7 +19,7 @@ import contextlib
 import importlib
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -277,7 +277,7 @@ class LlamaCppBackend(Backend):
         return Generation(text=content, finish_reason=finish, usage=tap.usage(), tool_calls=calls,
                           logprobs=tap.recorder.all() if tap.recorder is not None else None)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         plan = self._plan(request)
         shaper = StreamShaper(plan)
         llm = await self._acquire()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -408,7 +408,7 @@ class OpenAIBackend(Backend):
                           usage=Usage(usage.prompt_tokens, usage.completion_tokens),
                           tool_calls=calls, logprobs=logprobs)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         """Relay the upstream's SSE stream. Every event that arrived in one network read
         becomes one chunk (their texts joined): a fast upstream costs one write per read
         instead of one per token, and a model streaming token by token is unchanged."""

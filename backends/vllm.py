@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from typing import Annotated, Any
 
 import aiohttp
@@ -342,7 +342,7 @@ class VLLMBackend(Backend):
             return result
         raise last or self._unavailable()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         last: BackendError | None = None
         for replica in self._attempts():
             replica.outstanding += 1

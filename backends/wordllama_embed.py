@@ -22,7 +22,7 @@ import asyncio
 import importlib.util
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -170,7 +170,7 @@ class WordLlamaBackend(Backend):
     async def complete(self, request: GenerationRequest) -> Generation:
         raise self._no_generation()
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         raise self._no_generation()
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from backends import (
@@ -194,7 +194,7 @@ class ScriptedBackend(Backend):
         request.progress.prompt_tokens = tokens
         return Embeddings([scripted_vector(t, size) for t in request.inputs], tokens)
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         script = self._receive(request)
         record = StreamRecord(request)
         self.calls.streams.append(record)
