@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from backends import GenerationRequest
@@ -241,7 +241,7 @@ def _time(where: str, value: object) -> float | None:
                     f"{where}: 'time' must be Unix seconds or an ISO-8601 date and time, "
                     f"not {value!r}") from None
             if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
+                moment = moment.replace(tzinfo=UTC)
             seconds = moment.timestamp()
     else:
         raise SimulationInputError(f"{where}: 'time' must be Unix seconds or ISO-8601")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 WINDOW_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 WINDOWS = (*WINDOW_SECONDS, "calendar-month")
@@ -24,9 +24,9 @@ def period(window: str, now: float | None = None) -> tuple[int, int]:
         start = int(now // length) * length
         return start, start + length
     if window == "calendar-month":
-        day = datetime.fromtimestamp(now, tz=timezone.utc)
-        first = datetime(day.year, day.month, 1, tzinfo=timezone.utc)
+        day = datetime.fromtimestamp(now, tz=UTC)
+        first = datetime(day.year, day.month, 1, tzinfo=UTC)
         year, month = (day.year + 1, 1) if day.month == 12 else (day.year, day.month + 1)
-        following = datetime(year, month, 1, tzinfo=timezone.utc)
+        following = datetime(year, month, 1, tzinfo=UTC)
         return calendar.timegm(first.timetuple()), calendar.timegm(following.timetuple())
     raise ValueError(f"unknown budget window {window!r}; expected one of {', '.join(WINDOWS)}")
