@@ -506,7 +506,7 @@ def worker(inherited: socket.socket, host: str, port: int, options: Options, tol
         os.write(told, b".")
         os.close(told)
         serve_forever(sock, options, os.getppid())
-    except Exception:
+    except Exception:  # noqa: BLE001 - a forked worker reports any failure as its exit status
         traceback.print_exc()
         return 1
     return 0

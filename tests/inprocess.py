@@ -148,6 +148,15 @@ class InProcessGateway:
         return await self.http.post("/admin/reload", headers=ADMIN)
 
 
+async def until(predicate, what: str = "condition", polls: int = 2000) -> None:
+    """Yield to the app until ``predicate()`` holds (gateway state with no event to await)."""
+    for _ in range(polls):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)  # the state polled has no event to await
+    raise AssertionError(f"never happened: {what}")
+
+
 def sse_events(text: str) -> list:
     """The ``data:`` payloads of an SSE body, JSON-decoded; ``[DONE]`` stays a string."""
     events = []
@@ -165,7 +174,7 @@ def joules(prompt_tokens: int, completion_tokens: int, tier: str) -> float:
 
 
 async def stream_then_disconnect(app, path: str, body: dict, headers: dict[str, str],
-                                 events_before_disconnect: int, timeout: float = 10
+                                 events_before_disconnect: int, limit_s: float = 10
                                  ) -> tuple[int, list[bytes]]:
     """Drive ``app`` over ASGI as a client that reads ``events_before_disconnect`` body
     messages of a streamed response and then goes away (``http.disconnect``); returns the
@@ -203,7 +212,7 @@ async def stream_then_disconnect(app, path: str, body: dict, headers: dict[str, 
             if len(bodies) >= events_before_disconnect:
                 gone.set()
 
-    await asyncio.wait_for(app(scope, receive, send), timeout)
+    await asyncio.wait_for(app(scope, receive, send), limit_s)
     return status[0], bodies
 
 

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from .inprocess import InProcessGateway, chat_body, policy
+from .inprocess import InProcessGateway, chat_body, policy, until
 from .scripted import Script
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -26,8 +26,7 @@ async def test_a_full_tier_refuses_with_503_and_frees_its_place_afterwards(tmp_p
     async with InProcessGateway(tmp_path, capped_policy(fallback="off"),
                                 scripts={"up-big": [slow, Script()]}) as gw:
         held = asyncio.create_task(gw.post("/v1/chat/completions", chat_body()))
-        while gw.runtime.tier_slots.held("big") == 0:  # the first request holds big's place
-            await asyncio.sleep(0.01)
+        await until(lambda: gw.runtime.tier_slots.held("big") == 1, "big's place taken")
         refused = await gw.post("/v1/chat/completions", chat_body())
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         err = refused.json()["error"]
@@ -47,8 +46,7 @@ async def test_a_full_tier_hands_the_request_to_the_next_tier(tmp_path):
     async with InProcessGateway(tmp_path, capped_policy(fallback="all"),
                                 scripts={"up-big": [slow]}) as gw:
         held = asyncio.create_task(gw.post("/v1/chat/completions", chat_body()))
-        while gw.runtime.tier_slots.held("big") == 0:
-            await asyncio.sleep(0.01)
+        await until(lambda: gw.runtime.tier_slots.held("big") == 1, "big's place taken")
         moved = await gw.post("/v1/chat/completions", chat_body())
         assert moved.status_code == 200
         assert moved.headers["x-joulegate-tier"] == "small"
@@ -62,8 +60,7 @@ async def test_a_stream_holds_its_place_until_it_ends(tmp_path):
                                 scripts={"up-big": [Script(tokens=["x"] * 3, token_delay_s=0.2)]}
                                 ) as gw:
         streamed = asyncio.create_task(gw.post("/v1/chat/completions", chat_body(stream=True)))
-        while gw.runtime.tier_slots.held("big") == 0:
-            await asyncio.sleep(0.01)
+        await until(lambda: gw.runtime.tier_slots.held("big") == 1, "big's place taken")
         assert (await gw.post("/v1/chat/completions", chat_body())).status_code == 503
         done = await streamed
         assert done.status_code == 200 and done.text.rstrip().endswith("data: [DONE]")
