@@ -55,6 +55,10 @@ class GenerationRequest:
     #: Return each generated token's log-probability, with ``top_logprobs`` alternatives.
     logprobs: bool = False
     top_logprobs: int | None = None
+    #: Further OpenAI request fields (``presence_penalty``, ``logit_bias``, ``metadata``, ...),
+    #: in OpenAI's spelling, for HTTP upstreams to forward as given; in-process backends
+    #: use what they can of it (the gateway tells the client what they did not use).
+    extra: dict[str, Any] = field(default_factory=dict)
     #: Tokens processed so far, updated by the backend while it works (from its worker
     #: thread for in-process backends); energy attribution reads it on every tick.
     progress: Usage = field(default_factory=Usage)
