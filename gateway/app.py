@@ -44,6 +44,7 @@ from .errors import (
 )
 from .limits import HeaderLimits
 from .openapi import openapi_spec
+from .responses import handle_responses
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -118,6 +119,11 @@ def create_app(policy_path: str | Path | None = None,
         return await handle_embeddings(request.app.state.runtime, request)
 
     app.router.routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
+
+    async def responses(request: Request) -> Response:
+        return await handle_responses(request.app.state.runtime, request)
+
+    app.router.routes.append(Route("/v1/responses", responses, methods=["POST"]))
 
     @app.get("/openapi.json")
     async def openapi_document(request: Request) -> Response:

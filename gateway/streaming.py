@@ -60,6 +60,11 @@ class SSEResponse(Response):
         self._content = content
         self._cleanup = cleanup
 
+    def shutdown_tail(self) -> bytes:
+        """The last bytes of a stream the server's shutdown stops (an endpoint with
+        another event format overrides it)."""
+        return _SSE_SHUTTING_DOWN + SSE_DONE
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         streaming = asyncio.current_task()
         assert streaming is not None
@@ -115,7 +120,7 @@ class SSEResponse(Response):
                 finished = True
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     async with asyncio.timeout(1.0):  # a client not reading gets no more
-                        await end(_SSE_SHUTTING_DOWN + SSE_DONE)
+                        await end(self.shutdown_tail())
             # else: we cancelled ourselves: the client left, nothing to raise
         finally:
             finished = True

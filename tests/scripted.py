@@ -34,6 +34,7 @@ from backends import (
     Usage,
 )
 from backends.base import EmbeddingRequest, Embeddings
+from backends.features import ToolCall, ToolCallDelta
 
 
 @dataclass
@@ -51,6 +52,10 @@ class Script:
     fail: BackendError | None = None
     fail_after: int = 0
     finish_reason: str = "stop"
+    #: Calls the model makes after its text (then ``finish_reason`` is ``tool_calls``);
+    #: streamed as deltas: the id and name first, then the arguments in two pieces, one
+    #: completion token each.
+    tool_calls: Sequence[ToolCall] = ()
 
     @classmethod
     def unavailable(cls, message: str = "scripted: no slot free", retry_after_s: float | None = None,
@@ -166,6 +171,12 @@ class ScriptedBackend(Backend):
                 finish = last_finish or finish
         finally:
             await tokens.aclose()
+        if script.tool_calls and finish != "length":
+            request.progress.completion_tokens += 2 * len(script.tool_calls)
+            return Generation("".join(pieces), "tool_calls",
+                              Usage(request.progress.prompt_tokens,
+                                    request.progress.completion_tokens),
+                              tool_calls=list(script.tool_calls))
         return Generation("".join(pieces), finish, Usage(request.progress.prompt_tokens,
                                                          request.progress.completion_tokens))
 
@@ -208,6 +219,19 @@ class ScriptedBackend(Backend):
                 record.tokens_sent += 1 if piece else 0
                 if finish is None:
                     yield Chunk(text=piece)
+                elif script.tool_calls and finish != "length":
+                    if piece:
+                        yield Chunk(text=piece)
+                    for i, call in enumerate(script.tool_calls):
+                        half = len(call.arguments) // 2
+                        yield Chunk(tool_calls=[ToolCallDelta(i, call.id, call.name)])
+                        for part in (call.arguments[:half], call.arguments[half:]):
+                            request.progress.completion_tokens += 1
+                            yield Chunk(tool_calls=[ToolCallDelta(i, arguments=part)])
+                    record.finished = True
+                    yield Chunk(finish_reason="tool_calls",
+                                usage=Usage(request.progress.prompt_tokens,
+                                            request.progress.completion_tokens))
                 else:
                     record.finished = True
                     yield Chunk(text=piece, finish_reason=finish,
