@@ -1,7 +1,9 @@
 """What each tier can do, read from its backend kind's :class:`~backends.kind.Capabilities`,
 and the tiers a request that needs one capability may run on.
 
-A chat or text completion needs ``generation``; an embeddings request needs ``embeddings``.
+A chat or text completion needs ``generation``, and also ``tools``, ``structured_output`` or
+``logprobs`` when it uses them (:func:`gateway.fields.needed_capabilities`); an embeddings
+request needs ``embeddings``.
 Routing (difficulty, budget degrade, fallback) then chooses only among those tiers. A
 request pinned to a tier that cannot do it, or a tenant with no such tier, is a 400
 (``capability_missing``) that names the capability and the models that have it.
@@ -9,6 +11,7 @@ request pinned to a tier that cannot do it, or a tenant with no such tier, is a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from backends.kind import Capabilities
@@ -19,7 +22,9 @@ from .errors import InvalidRequest
 from .routing.tiers import resolve_model, tenant_models
 
 #: How a capability is named to a client.
-_SAYS = {"generation": "chat and text completions", "embeddings": "embeddings"}
+_SAYS = {"generation": "chat and text completions", "embeddings": "embeddings",
+         "tools": "tool calls (tools)", "structured_output": "structured output (response_format)",
+         "logprobs": "log-probabilities (logprobs)"}
 
 
 class CapabilityMissing(InvalidRequest):
@@ -43,13 +48,16 @@ def model_capabilities(caps: list[Capabilities]) -> dict[str, bool]:
             "structured_output": some("structured_output")}
 
 
-def capable_tiers(policy: Policy, tenant: str, capability: str, model: str | None
-                  ) -> tuple[TierSpec, ...]:
-    """The tenant's tiers that have ``capability``, cheapest first. Raises
-    :class:`CapabilityMissing` when ``model`` pins a tier without it or none has it, and
+def capable_tiers(policy: Policy, tenant: str, capability: str | Sequence[str],
+                  model: str | None) -> tuple[TierSpec, ...]:
+    """The tenant's tiers that have ``capability`` (one name, or several that must all be
+    there), cheapest first. Raises :class:`CapabilityMissing` naming what is missing when
+    ``model`` pins a tier without it or no tier has it, and
     :class:`~gateway.routing.ModelNotFound` for a model the tenant may not use."""
+    wanted = (capability,) if isinstance(capability, str) else tuple(capability)
     tiers = policy.tenant_tiers(tenant)
-    able = tuple(t for t in tiers if getattr(tier_capabilities(policy, t), capability))
+    caps = {t.name: tier_capabilities(policy, t) for t in tiers}
+    able = tuple(t for t in tiers if all(getattr(caps[t.name], c) for c in wanted))
     pinned = None
     if model is not None and model != AUTO_MODEL:
         pinned = resolve_model(tiers, model)  # ModelNotFound when it is not the tenant's
@@ -57,10 +65,17 @@ def capable_tiers(policy: Policy, tenant: str, capability: str, model: str | Non
         return able
     if pinned is None and able:
         return able
-    which = f"the model '{model}' cannot serve" if pinned is not None else "no model of yours serves"
+    if pinned is not None:
+        missing = [c for c in wanted if not getattr(caps[pinned.name], c)]
+        which = f"the model '{model}' cannot serve"
+    else:
+        missing = [c for c in wanted if not any(getattr(k, c) for k in caps.values())] or list(wanted)
+        which = "no model of yours serves"
     others = ", ".join(t.name for t in able)
+    what = " with ".join(_SAYS.get(c, c) for c in missing)
+    names = ", ".join(f"'{c}'" for c in missing)
     raise CapabilityMissing(
-        f"{which} {_SAYS.get(capability, capability)}: capability '{capability}' missing"
+        f"{which} {what}: capabilit{'ies' if len(missing) > 1 else 'y'} {names} missing"
         + (f"; models that can: {others}" if others else ""), param="model")
 
 

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from backends.base import (
     BackendError,
     BackendFailure,
+    BackendInvalidOutput,
     BackendInvalidResponse,
     BackendRejected,
     BackendTimeout,
@@ -92,6 +93,14 @@ class UpstreamInvalidResponse(UpstreamError):
     code = "upstream_invalid_response"
 
 
+class ModelOutputInvalid(UpstreamError):
+    """The model's output broke the request's contract (a tool call that does not parse,
+    JSON that does not match the schema): the request was valid, the answer could not be
+    made so, and nothing partial is returned. 502, like any unusable upstream answer."""
+
+    code = "model_output_invalid"
+
+
 class ServiceUnavailable(APIError):
     status = 503
     type = "api_error"
@@ -162,6 +171,8 @@ def _from_backend_error(exc: BackendError) -> APIError:
         return UpstreamTimeout(str(exc))
     if isinstance(exc, BackendInvalidResponse):
         return UpstreamInvalidResponse(str(exc))
+    if isinstance(exc, BackendInvalidOutput):
+        return ModelOutputInvalid(str(exc))
     if isinstance(exc, BackendFailure):
         return UpstreamError(str(exc))
     return UpstreamError("the backend failed")

@@ -37,7 +37,9 @@ from backends.features import (
     ToolSpec,
     tool_choice_from_openai,
 )
+from policies import Policy, TierSpec
 
+from .capabilities import tier_capabilities
 from .errors import InvalidRequest
 
 Handling = Literal["gateway", "pass", "translate", "drop", "refuse"]
@@ -256,3 +258,23 @@ def local_drops(req: GenerationRequest) -> list[str]:
 
 def joined(params: Iterable[str]) -> str:
     return ", ".join(f"'{p}'" for p in params)
+
+
+def on_tier(policy: Policy, tenant: str, tier: TierSpec, req: GenerationRequest,
+            dropped: list[str]) -> list[str]:
+    """``tier`` is about to serve ``req``, whose dropped parameters so far are ``dropped``:
+    the dropped parameters on this tier. On an in-process tier, the pass-through fields it
+    does not use join them, or, for a tenant whose ``unsupported_params`` is ``reject``,
+    the request is refused with a 400 naming them."""
+    unused = local_drops(req)
+    kept = [p for p in dropped if p not in unused]
+    drops = unused if tier_capabilities(policy, tier).local else []
+    if drops and policy.tenants[tenant].unsupported_params == "reject":
+        err = InvalidRequest(
+            f"unsupported parameter{'s' if len(drops) > 1 else ''}: {joined(drops)} "
+            f"{'are' if len(drops) > 1 else 'is'} not used by tier '{tier.name}', "
+            "and your policy's unsupported_params is 'reject'", param=drops[0],
+            code="unsupported_parameter")
+        err.rejected_params = tuple(drops)
+        raise err
+    return sorted({*kept, *drops})

@@ -1,20 +1,24 @@
 """The OpenAI wire format: validated requests in, response dictionaries out.
 
 Requests are parsed straight from the body bytes by pydantic in strict mode, so a wrong
-type is an error rather than a coercion, and any field this gateway does not implement
-(``tools``, ``n`` > 1, image parts, ``logprobs``, ...) is a 400 that names it instead of
-being silently ignored.
+type is an error rather than a coercion. Every field of OpenAI's request bodies is known,
+typed and bounded; how each is handled (passed on, translated, dropped or refused) is the
+table of :mod:`gateway.fields`. An unknown field is refused, and a 400 names every invalid
+field of the body at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from backends.base import GenerationRequest
+from backends.features import TokenLogprob, ToolCall
 
+from . import fields
 from .errors import InvalidRequest
 
 # No NaN or Infinity: JSON has neither, and no backend samples with them.
@@ -24,47 +28,161 @@ _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
 MAX_TOKENS_CAP = 1 << 20
 MAX_STOP_CHARS = 512
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_TOOLS = 128
+MAX_TOP_LOGPROBS = 20
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+          "tool": "tool"}
+_FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _refused(what: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported_value", "{what}", {"what": what})
+
+
+def _text(content: Any, parts: tuple[str, ...] = ("text",)) -> str:
+    """A message's content as one string: a string, or text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise PydanticCustomError("invalid_type", "content must be a string or a list of "
+                                  "text parts")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        key = "refusal" if kind == "refusal" else "text"
+        if (kind not in parts or not isinstance(part.get(key), str)
+                or not set(part) <= {"type", key, "prompt_cache_breakpoint"}):
+            shown = kind if isinstance(kind, str) else type(part).__name__
+            raise PydanticCustomError(
+                "unsupported_content", "content part of type '{kind}' is not supported; "
+                "only parts of type 'text' are", {"kind": shown})
+        texts.append(part[key])
+    return "\n".join(texts)
+
+
+class FunctionCallParam(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str
+
+
+class ToolCallParam(BaseModel):
+    """An assistant message's earlier call."""
+
+    model_config = _STRICT
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
 
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: str
-    content: Any
-    name: str | None = None
+    content: Any = None
+    name: str | None = Field(None, max_length=256)
+    #: An assistant message's calls, and a tool message's answer to one.
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+    refusal: str | None = None
+    audio: Any = None
+    function_call: Any = None
 
     @field_validator("role")
     @classmethod
     def _role(cls, role: str) -> str:
         if role not in _ROLES:
             raise PydanticCustomError(
-                "unsupported_role", "role '{role}' is not supported; use system, developer, user "
-                "or assistant", {"role": role})
+                "unsupported_role", "role '{role}' is not supported; use system, developer, user, "
+                "assistant or tool", {"role": role})
         return _ROLES[role]
 
-    @field_validator("content")
+    @field_validator("audio")
     @classmethod
-    def _content(cls, content: Any) -> str:
-        if isinstance(content, str):
-            return content
-        if not isinstance(content, list):
-            raise PydanticCustomError("invalid_type", "content must be a string or a list of "
-                                      "text parts")
-        texts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
-                shown = kind if isinstance(kind, str) else type(part).__name__
-                raise PydanticCustomError(
-                    "unsupported_content", "content part of type '{kind}' is not supported; "
-                    "only parts of type 'text' are", {"kind": shown})
-            texts.append(part["text"])
-        return "\n".join(texts)
+    def _audio(cls, value: Any) -> None:
+        if value is not None:
+            raise _refused("audio is not supported")
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_call(cls, value: Any) -> None:
+        if value is not None:
+            raise _refused("function_call is deprecated and not supported; use tool_calls")
+
+    @model_validator(mode="after")
+    def _by_role(self) -> ChatMessage:
+        role = self.role
+        if self.tool_calls is not None and role != "assistant":
+            raise PydanticCustomError("invalid_value", "only assistant messages have tool_calls",
+                                      {"field": "tool_calls"})
+        if self.tool_call_id is not None and role != "tool":
+            raise PydanticCustomError("invalid_value", "only tool messages have a tool_call_id",
+                                      {"field": "tool_call_id"})
+        if role == "tool" and self.tool_call_id is None:
+            raise PydanticCustomError("missing_field", "missing required parameter",
+                                      {"field": "tool_call_id"})
+        if self.refusal is not None and role != "assistant":
+            raise PydanticCustomError("invalid_value", "only assistant messages have a refusal",
+                                      {"field": "refusal"})
+        if self.content is None:
+            if role != "assistant" or not (self.tool_calls or self.refusal is not None):
+                raise PydanticCustomError("missing_field", "missing required parameter",
+                                          {"field": "content"})
+        else:
+            try:
+                self.content = _text(self.content, ("text", "refusal") if role == "assistant"
+                                     else ("text",))
+            except PydanticCustomError as exc:
+                raise PydanticCustomError(exc.type, exc.message(),
+                                          {**(exc.context or {}), "field": "content"}) from None
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """The message as backends get it: OpenAI's shape, text content as one string."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.refusal is not None:
+            out["refusal"] = self.refusal
+        return out
 
 
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(BaseModel):
+    model_config = _STRICT
+    type: str = "function"
+    function: FunctionDef | None = None
+    custom: Any = None
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, kind: str) -> str:
+        if kind != "function":
+            raise _refused(f"tools of type '{kind}' are not supported; use 'function' tools")
+        return kind
+
+    @model_validator(mode="after")
+    def _function(self) -> ToolParam:
+        if self.function is None:
+            raise PydanticCustomError("missing_field", "missing required parameter",
+                                      {"field": "function"})
+        return self
 
 
 class _Sampling(BaseModel):
@@ -77,10 +195,13 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     n: int | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, int] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -97,60 +218,218 @@ class _Sampling(BaseModel):
     @classmethod
     def _n(cls, n: int | None) -> int | None:
         if n is not None and n != 1:
-            raise PydanticCustomError("unsupported_value", "only n=1 is supported")
+            raise _refused("only n=1 is supported")
         return n
 
-    @model_validator(mode="after")
-    def _stream_options(self) -> _Sampling:
-        if self.stream_options is not None and not self.stream:
-            raise PydanticCustomError("invalid_value", "stream_options is only allowed when "
-                                      "stream is true", {"param": "stream_options"})
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, int] | None) -> dict[str, int] | None:
+        if bias is None:
+            return None
+        if len(bias) > 300 or any(not k.isdigit() or len(k) > 10 or not -100 <= v <= 100
+                                  for k, v in bias.items()):
+            raise PydanticCustomError("invalid_value", "logit_bias maps at most 300 token ids "
+                                      "to values from -100 to 100")
+        return bias
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Mistakes across fields, as ``(param, message)``: each one a 400."""
+        out = []
+        if self.stream_options is not None and not self.stream:
+            out.append(("stream_options", "stream_options is only allowed when stream is true"))
+        return out
+
     def dropped_params(self) -> list[str]:
-        """Fields accepted but not passed on to the backend."""
-        return []
+        """Fields the table drops on every backend that the request gives."""
+        out = []
+        for name in self.model_fields_set:
+            if getattr(self, name) is None:
+                continue
+            try:
+                kind = fields.rule(name, self.endpoint).handling
+            except KeyError:
+                continue
+            if kind == "drop":
+                out.append(name)
+        options = self.stream_options
+        if options is not None and options.include_obfuscation is not None:
+            out.append("stream_options.include_obfuscation")
+        return sorted(out)
+
+    endpoint: ClassVar[fields.Endpoint] = "chat"
+
+    def _extra(self) -> dict[str, Any]:
+        """The pass-through fields given, for HTTP upstreams."""
+        return {name: value for name in sorted(self.model_fields_set)
+                if name in fields.EXTRA_FIELDS and (value := getattr(self, name)) is not None}
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    tools: list[ToolParam] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    safety_identifier: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    moderation: Any = None
 
-    @model_validator(mode="after")
-    def _one_limit(self) -> ChatCompletionRequest:
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, meta: dict[str, str] | None) -> dict[str, str] | None:
+        if meta is not None and (len(meta) > 16 or any(len(k) > 64 or len(v) > 512
+                                                       for k, v in meta.items())):
+            raise PydanticCustomError("invalid_value", "metadata takes at most 16 pairs, keys of "
+                                      "at most 64 characters and values of at most 512")
+        return meta
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and "audio" in value:
+            raise _refused("audio output is not supported; only 'text'")
+        return value
+
+    @field_validator("audio", "prediction", "web_search_options", "functions", "function_call",
+                     "moderation")
+    @classmethod
+    def _refuse(cls, value: Any, info: Any) -> None:
+        if value is not None:
+            why = {"audio": "audio output is not supported",
+                   "prediction": "predicted outputs are not supported",
+                   "web_search_options": "web search is not supported",
+                   "functions": "functions is deprecated and not supported; use tools",
+                   "function_call": "function_call is deprecated and not supported; use tool_choice",
+                   "moderation": "moderation is not supported"}[info.field_name]
+            raise _refused(why)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if set(value) - {"type", "json_schema"}:
+            raise PydanticCustomError("invalid_value", "response_format takes 'type' and "
+                                      "'json_schema' only")
+        try:
+            fmt = fields.response_format_from_openai(value)
+        except InvalidRequest as exc:
+            raise PydanticCustomError("invalid_value", "{why}", {"why": exc.message.split(": ", 1)[-1]}) from None
+        if fmt is not None and fmt.type == "json_schema":
+            spec = value["json_schema"]
+            if set(spec) - {"name", "schema", "strict", "description"}:
+                raise PydanticCustomError("invalid_value", "response_format.json_schema takes "
+                                          "name, schema, strict and description")
+            import re
+
+            if not re.fullmatch(_FUNCTION_NAME[1:-1], spec["name"]):
+                raise PydanticCustomError("invalid_value", "response_format.json_schema.name must "
+                                          "be 1-64 letters, digits, '_' or '-'")
+        elif "json_schema" in value:
+            raise PydanticCustomError("invalid_value", "json_schema is only given with type "
+                                      "'json_schema'")
+        return value
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
-            raise PydanticCustomError("invalid_value", "give max_completion_tokens or max_tokens, "
-                                      "not two different values", {"param": "max_tokens"})
-        return self
+            out.append(("max_tokens", "give max_completion_tokens or max_tokens, not two "
+                                      "different values"))
+        if self.top_logprobs is not None and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
+        try:
+            self._tools()
+        except InvalidRequest as exc:
+            out.append((exc.param or "tools", exc.message.split(": ", 1)[-1]))
+        return out
+
+    def _tools(self) -> tuple[Any, Any]:
+        tools = fields.tools_from_openai([t.model_dump(exclude_none=True, exclude={"custom"})
+                                          for t in self.tools] if self.tools else None)
+        return fields.tool_choice_and_tools(self.tool_choice, tools)
 
     def dropped_params(self) -> list[str]:
-        """Fields accepted but not passed on to the backend: a message's ``name``."""
-        return [f"messages[{i}].name" for i, m in enumerate(self.messages) if m.name is not None]
+        out = super().dropped_params()
+        if not self.tools:  # nothing to choose from
+            if self.tool_choice in ("none", "auto"):
+                out.append("tool_choice")
+            if self.parallel_tool_calls is not None:
+                out.append("parallel_tool_calls")
+        return sorted(out)
 
     def to_generation(self, model: str, request_id: str) -> GenerationRequest:
+        choice, tools = self._tools()
         return GenerationRequest(
             model=model,
-            messages=[{"role": m.role, "content": m.content} for m in self.messages],
+            messages=[m.wire() for m in self.messages],
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=self.temperature, top_p=self.top_p, stop=self.stop,  # type: ignore[arg-type]
             seed=self.seed, user=self.user, request_id=request_id,
+            tools=tools, tool_choice=choice if tools else None,
+            parallel_tool_calls=self.parallel_tool_calls if tools else None,
+            response_format=fields.response_format_from_openai(self.response_format),
+            logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs if self.logprobs else None,
+            extra=self._extra(),
         )
 
 
 class CompletionRequest(_Sampling):
+    endpoint: ClassVar[fields.Endpoint] = "completions"
     prompt: str
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_CAP)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise _refused("only best_of=1 is supported")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, value: bool | None) -> bool | None:
+        if value:
+            raise _refused("echo is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> None:
+        if value is not None:
+            raise _refused("suffix is not supported")
 
     def to_generation(self, model: str, request_id: str) -> GenerationRequest:
         return GenerationRequest(
             model=model, prompt=self.prompt, max_tokens=self.max_tokens,
             temperature=self.temperature, top_p=self.top_p, stop=self.stop,  # type: ignore[arg-type]
             seed=self.seed, user=self.user, request_id=request_id,
+            logprobs=self.logprobs is not None, top_logprobs=self.logprobs,
+            extra=self._extra(),
         )
 
 
@@ -161,41 +440,90 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def _invalid(err: ErrorDetails) -> InvalidRequest:
+def _problem(err: ErrorDetails) -> tuple[str | None, str, str]:
+    """One pydantic error as ``(param, message, code)``."""
     kind = err["type"]
-    param = _param(tuple(err["loc"])) or (err.get("ctx") or {}).get("param")
-    if kind == "json_invalid":
-        return InvalidRequest("the request body is not valid JSON", code="invalid_json")
-    if kind in ("model_type", "model_attributes_type") and not err["loc"]:
-        return InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    ctx = err.get("ctx") or {}
+    param = _param(tuple(err["loc"]))
+    if ctx.get("field"):
+        param = f"{param}.{ctx['field']}" if param else str(ctx["field"])
+    param = param or ctx.get("param")
     if kind == "extra_forbidden":
-        return InvalidRequest(f"unsupported parameter: '{param}' is not supported by joulegate",
-                              param=param, code="unsupported_parameter")
-    if kind == "missing":
-        return InvalidRequest(f"missing required parameter: '{param}'", param=param,
-                              code="missing_required_parameter")
+        return param, f"unsupported parameter: '{param}' is not supported by joulegate", \
+            "unsupported_parameter"
+    if kind in ("missing", "missing_field"):
+        return param, f"missing required parameter: '{param}'", "missing_required_parameter"
     if kind in ("unsupported_value", "unsupported_content", "unsupported_role"):
-        return InvalidRequest(f"invalid value for '{param}': {err['msg']}", param=param,
-                              code="unsupported_value")
+        return param, f"invalid value for '{param}': {err['msg']}", "unsupported_value"
     if kind.endswith(("_type", "_parsing")) or kind == "invalid_type":
         got = err.get("input")
-        return InvalidRequest(f"invalid type for '{param}': {err['msg'].lower()} "
-                              f"(got {type(got).__name__})", param=param, code="invalid_type")
-    return InvalidRequest(f"invalid value for '{param}': {err['msg'][:1].lower()}{err['msg'][1:]}",
-                          param=param, code="invalid_value")
+        return param, (f"invalid type for '{param}': {err['msg'].lower()} "
+                       f"(got {type(got).__name__})"), "invalid_type"
+    return param, f"invalid value for '{param}': {err['msg'][:1].lower()}{err['msg'][1:]}", \
+        "invalid_value"
 
 
-def parse_request(model_cls: type[_Sampling], body: bytes) -> Any:
-    """Parse ``body`` as ``model_cls`` or raise the :class:`InvalidRequest` for its first
-    error, carrying the names of every unsupported field (for the access log)."""
+def _refusal(problems: list[tuple[str | None, str, str]]) -> InvalidRequest:
+    """One 400 for every problem: the message lists them all, ``param`` is the first."""
+    param, message, code = problems[0]
+    if len(problems) > 1:
+        message = f"{len(problems)} invalid parameters: " + "; ".join(m for _, m, _ in problems)
+    err = InvalidRequest(message, param=param, code=code)
+    err.rejected_params = tuple(dict.fromkeys(p for p, _, _ in problems if p))
+    return err
+
+
+def _droppable_in(body: bytes, endpoint: fields.Endpoint) -> list[str]:
+    """The fields the table drops that a body (which failed validation) gives."""
     try:
-        return model_cls.model_validate_json(body)
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(raw, dict):
+        return []
+    out = []
+    for name, value in raw.items():
+        try:
+            if value is not None and fields.rule(name, endpoint).handling == "drop":
+                out.append(name)
+        except KeyError:
+            pass
+    return out
+
+
+def parse_request(model_cls: type[_Sampling], body: bytes,
+                  unsupported: Literal["drop", "reject"] = "drop") -> Any:
+    """Parse ``body`` as ``model_cls`` or raise one :class:`InvalidRequest` naming every
+    invalid field (and, with ``unsupported="reject"``, every field the table would drop)."""
+    endpoint: fields.Endpoint | None = getattr(model_cls, "endpoint", None)
+    try:
+        req = model_cls.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        err = _invalid(errors[0])
-        err.rejected_params = tuple(p for e in errors if e["type"] == "extra_forbidden"
-                                    and (p := _param(tuple(e["loc"]))))
-        raise err from None
+        first = errors[0]
+        if first["type"] == "json_invalid":
+            raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+        if first["type"] in ("model_type", "model_attributes_type") and not first["loc"]:
+            raise InvalidRequest("the request body must be a JSON object",
+                                 code="invalid_json") from None
+        problems = [_problem(e) for e in errors]
+        if unsupported == "reject" and endpoint is not None:
+            problems += [_unsupported(name) for name in _droppable_in(body, endpoint)]
+        raise _refusal(problems) from None
+    if not isinstance(req, _Sampling):
+        return req
+    found: list[tuple[str | None, str, str]] = [(p, f"invalid value for '{p}': {m}", "invalid_value")
+                                                for p, m in req.problems()]
+    if unsupported == "reject":
+        found += [_unsupported(name) for name in req.dropped_params()]
+    if found:
+        raise _refusal(found)
+    return req
+
+
+def _unsupported(name: str) -> tuple[str, str, str]:
+    return name, (f"unsupported parameter: '{name}' is not used by this gateway, and your "
+                  "policy's unsupported_params is 'reject'"), "unsupported_parameter"
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -209,35 +537,66 @@ def usage_dict(prompt_tokens: int, completion_tokens: int,
     return usage
 
 
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a chat answer or chunk."""
+    if entries is None:
+        return None
+    return {"content": [e.to_openai() for e in entries], "refusal": None}
+
+
+def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a legacy completion: parallel lists of tokens, their
+    log-probabilities, the alternatives (token → log-probability) and text offsets."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+            "text_offset": offsets}
+
+
 def chat_completion(rid: str, created: int, model: str, text: str, finish: str,
-                    usage: dict[str, Any]) -> dict[str, Any]:
+                    usage: dict[str, Any], tool_calls: list[ToolCall] | None = None,
+                    logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = [c.to_openai() for c in tool_calls]
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": message,
+                     "logprobs": chat_logprobs(logprobs), "finish_reason": finish}],
         "usage": usage,
     }
 
 
 def text_completion(rid: str, created: int, model: str, text: str, finish: str,
-                    usage: dict[str, Any]) -> dict[str, Any]:
+                    usage: dict[str, Any], logprobs: list[TokenLogprob] | None = None
+                    ) -> dict[str, Any]:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": text_logprobs(logprobs),
+                     "finish_reason": finish}],
         "usage": usage,
     }
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any],
-               finish: str | None) -> dict[str, Any]:
+               finish: str | None, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs),
+                         "finish_reason": finish}]}
 
 
 def text_chunk(rid: str, created: int, model: str, text: str,
-               finish: str | None) -> dict[str, Any]:
+               finish: str | None, logprobs: list[TokenLogprob] | None = None,
+               offset: int = 0) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "text": text, "logprobs": text_logprobs(logprobs, offset),
+                         "finish_reason": finish}]}
 
 
 def usage_chunk(rid: str, created: int, model: str, chat: bool,

@@ -37,6 +37,7 @@ from starlette.responses import Response
 
 from backends import Backend, BackendError, Generation
 
+from . import fields
 from . import openai_types as wire
 from .auth import authenticate
 from .call import Call
@@ -72,15 +73,25 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
 
 async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
     """The whole answer at once."""
-    result = await on_plan(runtime, snap, call, complete_on)
+    async def attempt(call: Call, backend: Backend) -> Generation:
+        call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
+                                             call.dropped_params)
+        return await complete_on(call, backend)
+
+    result = await on_plan(runtime, snap, call, attempt)
     call.prompt_tokens = result.usage.prompt_tokens
     call.completion_tokens = result.usage.completion_tokens
     headers = response_headers(call)
     headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
     headers["x-joulegate-energy-source"] = call.metered.source
-    build = wire.chat_completion if call.chat else wire.text_completion
-    payload = build(response_id(call), call.created, call.planned.tier.model, result.text,
-                    result.finish_reason, call.usage())
+    rid, model = response_id(call), call.planned.tier.model
+    if call.chat:
+        payload = wire.chat_completion(rid, call.created, model, result.text,
+                                       result.finish_reason, call.usage(), result.tool_calls,
+                                       result.logprobs)
+    else:
+        payload = wire.text_completion(rid, call.created, model, result.text,
+                                       result.finish_reason, call.usage(), result.logprobs)
     return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from starlette.requests import Request
 
 from backends import Backend, BackendTimeout, BackendUnavailable, Usage
 
+from . import fields
 from . import openai_types as wire
 from .budgets.guard import estimate_prompt_tokens
 from .call import Call
@@ -56,7 +57,8 @@ async def read(snap: Snapshot, call: Call, request: Request) -> None:
     schema = wire.ChatCompletionRequest if call.chat else wire.CompletionRequest
     server = snap.policy.server
     body = wire.parse_request(schema, await read_body(request, server.max_body_bytes,
-                                                      server.limits.body_read_timeout_s))
+                                                      server.limits.body_read_timeout_s),
+                              snap.policy.tenants[call.who].unsupported_params)
     call.stream, call.model, call.include_usage = body.stream, body.model, body.include_usage
     call.dropped_params = body.dropped_params()
     call.generation = generation = body.to_generation(body.model, call.request_id)
@@ -65,14 +67,15 @@ async def read(snap: Snapshot, call: Call, request: Request) -> None:
 
 def plan(runtime: Runtime, snap: Snapshot, call: Call, max_tier: str | None) -> None:
     """The request's tier plan, decided once (see :mod:`gateway.routing`)."""
-    ctx = route_context(runtime, snap, call)
+    ctx = route_context(runtime, snap, call,
+                        ("generation", *fields.needed_capabilities(call.req)))
     call.plan = TierPlan.route(ctx, pick_tier(ctx, call.model or "", call.req, max_tier))
 
 
 def route_context(runtime: Runtime, snap: Snapshot, call: Call,
-                  capability: str = "generation") -> RouteContext:
+                  capability: str | Sequence[str] = "generation") -> RouteContext:
     """What routing sees of this tenant and gateway now, as plain data: only the tiers
-    that have the ``capability`` the request needs."""
+    that have the ``capability`` (or every capability) the request needs."""
     tenant, generation = call.who, call.req
     spec, routing = snap.policy.tenants[tenant], snap.routing[tenant]
     tiers = capable_tiers(snap.policy, tenant, capability, call.model)

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from backends import Backend, BackendError, Chunk
 
+from . import fields
 from . import openai_types as wire
 from .call import Call
 from .errors import APIError
@@ -134,7 +135,12 @@ class SSEResponse(Response):
 async def open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
     """The stream, once its first chunk came: from then on it owns the snapshot and the
     request's last step."""
-    chunks, first = await on_plan(runtime, snap, call, first_chunk)
+    async def attempt(call: Call, backend: Backend) -> tuple[AsyncGenerator[Chunk, None], Chunk]:
+        call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
+                                             call.dropped_params)
+        return await first_chunk(call, backend)
+
+    chunks, first = await on_plan(runtime, snap, call, attempt)
     call.first_token_s = time.perf_counter() - call.started
     ended = False  # the stream reached [DONE] or an error event
 
@@ -181,14 +187,23 @@ async def sse_events(call: Call, chunks: AsyncIterator[Chunk],
         parts.append(_event(wire.chat_chunk(rid, created, model,
                                             {"role": "assistant", "content": ""}, None)))
     chunk: Chunk | None = first
+    offset = 0  # a completion's text so far, for its logprobs' text_offset
     try:
         while True:
             if chunk is None:  # the backend ended without a finish reason
                 chunk = Chunk(finish_reason="stop")
-            if chunk.text:
-                parts.append(_event(
-                    wire.chat_chunk(rid, created, model, {"content": chunk.text}, None) if chat
-                    else wire.text_chunk(rid, created, model, chunk.text, None)))
+            if chat and (chunk.text or chunk.tool_calls or chunk.logprobs):
+                delta: dict[str, Any] = {}
+                if chunk.text or not chunk.tool_calls:
+                    delta["content"] = chunk.text
+                if chunk.tool_calls:
+                    delta["tool_calls"] = [d.to_openai() for d in chunk.tool_calls]
+                parts.append(_event(wire.chat_chunk(rid, created, model, delta, None,
+                                                    chunk.logprobs)))
+            elif not chat and (chunk.text or chunk.logprobs):
+                parts.append(_event(wire.text_chunk(rid, created, model, chunk.text, None,
+                                                    chunk.logprobs, offset)))
+                offset += len(chunk.text)
             if chunk.usage is not None:
                 cut = call.generation
                 if cut is not None and cut.overran and chunk.usage.prompt_tokens == 0:

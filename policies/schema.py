@@ -297,6 +297,11 @@ class TenantSpec(_Strict):
     #: max_tokens assumed (and enforced) for budgeted requests that give none, so that a
     #: reservation bounds what the request may spend.
     default_max_tokens: int = Field(1024, ge=1, le=1 << 20)
+    #: OpenAI request fields the gateway does not use (``store``, ``service_tier``, or
+    #: ``presence_penalty`` on an in-process tier; see the README's field table): ``drop``
+    #: them (named in ``X-Joulegate-Dropped-Params``) or ``reject`` the request with a 400.
+    #: LiteLLM's ``drop_params``.
+    unsupported_params: Literal["drop", "reject"] = "drop"
 
 
 class Policy(_Strict):

@@ -34,7 +34,7 @@ from backends import (
     Usage,
 )
 from backends.base import EmbeddingRequest, Embeddings
-from backends.features import ToolCall, ToolCallDelta
+from backends.features import TokenLogprob, ToolCall, ToolCallDelta, TopLogprob
 
 
 @dataclass
@@ -109,6 +109,20 @@ def scripted_vector(text: str | list[int], size: int) -> list[float]:
     return [x / norm for x in vector]
 
 
+def scripted_logprobs(pieces: Sequence[str], request: GenerationRequest
+                      ) -> list[TokenLogprob] | None:
+    """The tokens' log-probabilities as the scripted model reports them, when asked: -0.25
+    each, with ``top_logprobs`` alternatives (the token itself, then ``alt1``, ``alt2``...)."""
+    if not request.logprobs:
+        return None
+    top = request.top_logprobs or 0
+    return [TokenLogprob(p, -0.25, list(p.encode()),
+                         [TopLogprob(p, -0.25, list(p.encode()))]
+                         + [TopLogprob(f"alt{i}", -1.0 - i, list(f"alt{i}".encode()))
+                            for i in range(1, top)] if top else [])
+            for p in pieces]
+
+
 class ScriptedBackend(Backend):
     kind = "scripted"
 
@@ -176,9 +190,11 @@ class ScriptedBackend(Backend):
             return Generation("".join(pieces), "tool_calls",
                               Usage(request.progress.prompt_tokens,
                                     request.progress.completion_tokens),
-                              tool_calls=list(script.tool_calls))
+                              tool_calls=list(script.tool_calls),
+                              logprobs=scripted_logprobs(pieces, request))
         return Generation("".join(pieces), finish, Usage(request.progress.prompt_tokens,
-                                                         request.progress.completion_tokens))
+                                                         request.progress.completion_tokens),
+                          logprobs=scripted_logprobs(pieces, request))
 
     #: The size of :meth:`embed`'s vectors when a request gives no ``dimensions``.
     embedding_size = 8
@@ -217,11 +233,12 @@ class ScriptedBackend(Backend):
         try:
             async for piece, finish in tokens:
                 record.tokens_sent += 1 if piece else 0
+                logprobs = scripted_logprobs([piece], request)
                 if finish is None:
-                    yield Chunk(text=piece)
+                    yield Chunk(text=piece, logprobs=logprobs)
                 elif script.tool_calls and finish != "length":
                     if piece:
-                        yield Chunk(text=piece)
+                        yield Chunk(text=piece, logprobs=logprobs)
                     for i, call in enumerate(script.tool_calls):
                         half = len(call.arguments) // 2
                         yield Chunk(tool_calls=[ToolCallDelta(i, call.id, call.name)])
@@ -234,7 +251,7 @@ class ScriptedBackend(Backend):
                                             request.progress.completion_tokens))
                 else:
                     record.finished = True
-                    yield Chunk(text=piece, finish_reason=finish,
+                    yield Chunk(text=piece, finish_reason=finish, logprobs=logprobs,
                                 usage=Usage(request.progress.prompt_tokens,
                                             request.progress.completion_tokens))
         finally:

@@ -106,8 +106,8 @@ def test_invalid_requests(gateway):
     client = gateway.client()
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="auto", messages=HELLO, tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert info.value.body["param"] == "tools" and info.value.body["code"] == "unsupported_parameter"
+            {"type": "custom", "custom": {"name": "f"}}])
+    assert info.value.body["param"] == "tools[0].type" and info.value.body["code"] == "unsupported_value"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gpt-9", messages=HELLO)
     assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"

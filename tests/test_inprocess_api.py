@@ -168,7 +168,11 @@ async def test_auth_errors_are_401_and_reach_no_backend(tmp_path, scripts):
     (b'{"model": "big", "messages": [{"role": "user", "content": "hi"}], "n": 3}',
      "unsupported_value", "n"),
     (b'{"model": "big", "messages": [{"role": "user", "content": "hi"}], "tools": []}',
-     "unsupported_parameter", "tools"),
+     "invalid_value", "tools"),
+    (b'{"model": "big", "messages": [{"role": "user", "content": "hi"}], "web_search_options": {}}',
+     "unsupported_value", "web_search_options"),
+    (b'{"model": "big", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}',
+     "unsupported_parameter", "frobnicate"),
     (b'{"model": "huge", "messages": [{"role": "user", "content": "hi"}]}',
      "model_not_found", "model"),
 ])

@@ -59,14 +59,15 @@ def test_log_config_applies_one_format_to_uvicorn_and_joulegate():
 
 class RecordingUpstream:
     """An OpenAI-compatible upstream that answers one fixed completion and keeps the
-    headers of every request it gets."""
+    headers and bodies of every request it gets."""
 
     def __init__(self) -> None:
         seen = self.headers = []
+        bodies = self.bodies = []
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # http.server's name for it
-                self.rfile.read(int(self.headers.get("content-length", 0)))
+                bodies.append(json.loads(self.rfile.read(int(self.headers.get("content-length", 0)))))
                 seen.append(dict(self.headers))
                 body = json.dumps({
                     "id": "x", "object": "chat.completion", "created": 0, "model": "m",
@@ -100,16 +101,18 @@ def test_access_log_records_and_request_ids(gateways):
         auth = {"authorization": f"Bearer {KEYS['acme']}"}
         ok = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
                         headers={**auth, "x-request-id": "trace-123"},
-                        json={"model": "big", "max_tokens": 5,
+                        json={"model": "big", "max_tokens": 5, "store": True,
                               "messages": [{"role": "user", "content": "hi", "name": "ann"}]})
         assert ok.status_code == 200
         assert ok.headers["x-request-id"] == "trace-123"
-        assert ok.headers["x-joulegate-dropped-params"] == "messages[0].name"
+        assert ok.headers["x-joulegate-dropped-params"] == "store"
         assert upstream.headers[-1].get("x-request-id") == "trace-123"  # forwarded upstream
+        assert upstream.bodies[-1]["messages"][0]["name"] == "ann"  # an HTTP upstream gets it
+        assert "store" not in upstream.bodies[-1]
 
         refused = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, headers=auth,
                              json={"model": "big", "messages": HI, "tools": [],
-                                   "logit_bias": {}})
+                                   "frobnicate": {}})
         assert refused.status_code == 400
         own_id = refused.headers["x-request-id"]  # made by the gateway when not given
 
@@ -120,9 +123,9 @@ def test_access_log_records_and_request_ids(gateways):
         assert (served["prompt_tokens"], served["completion_tokens"]) == (12, 1)
         assert served["energy_joules"] == pytest.approx(26.0)  # 13 tokens x 2 J
         assert served["energy_source"] == "estimated" and served["latency_s"] > 0
-        assert served["dropped_params"] == ["messages[0].name"]
+        assert served["dropped_params"] == ["store"]
         bad = next(r for r in records if r["status"] == 400)
-        assert sorted(bad["rejected_params"]) == ["logit_bias", "tools"]
+        assert sorted(bad["rejected_params"]) == ["frobnicate", "tools"]
         assert bad["request_id"] == own_id
         text = gw.log()
         assert KEYS["acme"] not in text and "Say hello" not in text  # never keys or prompts

@@ -24,16 +24,15 @@ def error_of(body, cls=ChatCompletionRequest) -> dict:
     return err
 
 
-@pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"),
-    ("logprobs", True),
-    ("response_format", {"type": "json_object"}),
-    ("frequency_penalty", 0.5),
+@pytest.mark.parametrize("field,value,code", [
+    ("frobnicate", 1, "unsupported_parameter"),
+    ("functions", [{"name": "f"}], "unsupported_value"),
+    ("prediction", {"type": "content", "content": "x"}, "unsupported_value"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "unsupported_value"),
 ])
-def test_unsupported_fields_are_named(field, value):
+def test_unknown_and_refused_fields_are_named(field, value, code):
     err = error_of({"model": "auto", "messages": MSGS, field: value})
-    assert err["param"] == field and err["code"] == "unsupported_parameter"
+    assert err["param"] == field and err["code"] == code
     assert f"'{field}'" in err["message"]
 
 
@@ -58,8 +57,10 @@ def test_types_and_ranges():
     assert error_of({"model": "auto", "messages": MSGS, "stream": "yes"})["code"] == "invalid_type"
     assert error_of({"model": "auto", "messages": MSGS, "stop": ["a"] * 5})["param"] == "stop"
     assert error_of({"model": "auto", "messages": []})["param"] == "messages"
-    assert error_of({"model": "auto", "messages": [{"role": "tool", "content": "x"}]})["param"] == \
+    assert error_of({"model": "auto", "messages": [{"role": "function", "content": "x"}]})["param"] == \
         "messages[0].role"
+    assert error_of({"model": "auto", "messages": [{"role": "tool", "content": "x"}]})["param"] == \
+        "messages[0].tool_call_id"
 
 
 def test_malformed_bodies():
