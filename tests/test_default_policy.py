@@ -37,13 +37,17 @@ def test_serve_with_the_embedded_default_policy(tmp_path, small_model_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
                                api_key=keys["JOULEGATE_DEMO_KEY"], max_retries=0, timeout=120)
         assert [m.id for m in client.models.list()] == [
-            "auto", "small", "qwen2.5-coder-0.5b-instruct", "full", "qwen2.5-coder-1.5b-instruct"]
+            "auto", "embed", "wordllama-l2-supercat", "small", "qwen2.5-coder-0.5b-instruct",
+            "full", "qwen2.5-coder-1.5b-instruct"]
         msgs = [{"role": "user", "content": "Say hi."}]
         auto = client.chat.completions.with_raw_response.create(model="auto", messages=msgs,
                                                                  max_tokens=2)
         assert auto.headers["x-joulegate-tier"] == "small"
         full = client.chat.completions.create(model="full", messages=msgs, max_tokens=2)
         assert full.model == "qwen2.5-coder-1.5b-instruct" and full.usage.completion_tokens == 2
+        vectors = client.embeddings.create(model="auto", input=["one", "two"])
+        assert vectors.model == "wordllama-l2-supercat" and len(vectors.data) == 2
+        assert len(vectors.data[0].embedding) == 256
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
