@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import openai_types as wire
+from .responses import ResponsesRequest
 
 _REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -87,7 +88,7 @@ def openapi_spec(app: FastAPI) -> dict[str, Any]:
             "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                            "param": {"type": ["string", "null"]},
                            "code": {"type": ["string", "null"]}}}}}}
-    for model in (wire.ChatCompletionRequest, wire.CompletionRequest):
+    for model in (wire.ChatCompletionRequest, wire.CompletionRequest, ResponsesRequest):
         schema = model.model_json_schema(ref_template=_REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -108,6 +109,7 @@ def openapi_spec(app: FastAPI) -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": _generation("ChatCompletionRequest", "chat completion"),
             "/v1/completions": _generation("CompletionRequest", "text completion"),
+            "/v1/responses": _generation("ResponsesRequest", "a response (the Responses API)"),
             "/v1/models": {"get": {"summary": "the models this key may use",
                                    "security": [{"bearer": []}],
                                    "responses": _responses(_json_ok("the model list"), _AUTH)}},

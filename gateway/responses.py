@@ -218,7 +218,7 @@ InputItem = Annotated[
     Discriminator(_item_tag)]
 
 
-class FunctionTool(BaseModel):
+class ResponsesFunctionTool(BaseModel):
     """A Responses function tool: flat, unlike chat's ``{"type", "function": {...}}``."""
 
     model_config = _STRICT
@@ -257,7 +257,7 @@ def _tool_tag(value: Any) -> str:
     return "function" if _kind(value) == "function" else "unsupported"
 
 
-Tool = Annotated[Annotated[FunctionTool, Tag("function")]
+Tool = Annotated[Annotated[ResponsesFunctionTool, Tag("function")]
                  | Annotated[UnsupportedTool, Tag("unsupported")], Discriminator(_tool_tag)]
 
 
@@ -296,7 +296,7 @@ class TextConfig(BaseModel):
     verbosity: Literal["low", "medium", "high"] | None = None  # dropped
 
 
-class StreamOptions(BaseModel):
+class ResponsesStreamOptions(BaseModel):
     model_config = _STRICT
     include_obfuscation: bool | None = None  # dropped: nothing is obfuscated
 
@@ -324,7 +324,7 @@ class ResponsesRequest(BaseModel):
     store: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None
     # accepted and dropped (named in X-Joulegate-Dropped-Params when given)
-    stream_options: StreamOptions | None = None
+    stream_options: ResponsesStreamOptions | None = None
     include: list[Annotated[str, Field(max_length=128)]] | None = Field(None, max_length=32)
     reasoning: dict[str, Any] | None = None
     service_tier: str | None = Field(None, max_length=32)
@@ -427,9 +427,9 @@ class ResponsesRequest(BaseModel):
                 messages.append(tool)
         return messages
 
-    def functions(self) -> list[FunctionTool]:
+    def functions(self) -> list[ResponsesFunctionTool]:
         """The tools (validation leaves only functions)."""
-        return [t for t in self.tools or () if isinstance(t, FunctionTool)]
+        return [t for t in self.tools or () if isinstance(t, ResponsesFunctionTool)]
 
     def tool_choice_value(self) -> ToolChoice | None:
         choice = self.tool_choice
