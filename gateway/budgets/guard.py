@@ -20,6 +20,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import orjson
+
 from backends import GenerationRequest
 from policies import Policy, TenantSpec, TierSpec
 
@@ -52,10 +54,19 @@ def _until_fits(reservation: Reservation, now: float) -> tuple[float, WindowStat
 
 
 def estimate_prompt_tokens(generation: GenerationRequest) -> int:
-    """About 4 characters per token, plus a few tokens of chat framing per message."""
-    if generation.messages is not None:
-        return sum(len(m["content"]) // 4 + 4 for m in generation.messages)
-    return len(generation.prompt or "") // 4 + 1
+    """About 4 characters per token, plus a few tokens of chat framing per message; an
+    assistant's calls, the tools and the response schema count as their JSON (the backend
+    puts them in the prompt)."""
+    if generation.messages is None:
+        return len(generation.prompt or "") // 4 + 1
+    tokens = sum(len(m.get("content") or "") // 4 + 4 for m in generation.messages)
+    chars = sum(len(orjson.dumps(m["tool_calls"])) for m in generation.messages
+                if m.get("tool_calls"))
+    for tool in generation.tools or ():
+        chars += len(orjson.dumps(tool.to_openai()))
+    if generation.response_format is not None and generation.response_format.schema:
+        chars += len(orjson.dumps(generation.response_format.schema))
+    return tokens + chars // 4
 
 
 @dataclass
