@@ -340,3 +340,17 @@ async def test_openai_agents_sdk_runner_with_a_function_tool(tmp_path):
         async for _ in streamed.stream_events():
             pass
         assert streamed.final_output
+
+
+async def test_a_client_that_leaves_mid_stream_stops_generation_and_is_charged(tmp_path):
+    from .inprocess import auth, stream_then_disconnect, until
+
+    slow = Script(tokens=["a"] * 50, token_delay_s=0.01, prompt_tokens=4)
+    async with InProcessGateway(tmp_path, scripts={"up-big": slow}) as gw:
+        status, bodies = await stream_then_disconnect(
+            gw.app, RESPONSES, {"model": "big", "input": "x", "stream": True}, auth(), 2)
+        assert status == 200 and bodies[0].startswith(b"event: response.created")
+        [record] = gw.backends["up-big"].calls.streams
+        await until(lambda: record.closed_early, "the backend stream closed")
+        assert await gw.metric("joulegate_requests_total", tier="big", status="499") == 1
+        assert record.tokens_sent < 50
