@@ -33,6 +33,8 @@ MAX_TOP_LOGPROBS = 20
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
           "tool": "tool"}
 _FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+#: The OpenAPI schema of a field refused unless null.
+_NULL_ONLY: dict[str, Any] = {"type": "null"}
 
 
 def _refused(what: str) -> PydanticCustomError:
@@ -84,8 +86,8 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
     refusal: str | None = None
-    audio: Any = None
-    function_call: Any = None
+    audio: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    function_call: Any = Field(None, json_schema_extra=_NULL_ONLY)
 
     @field_validator("role")
     @classmethod
@@ -166,9 +168,9 @@ class FunctionDef(BaseModel):
 
 class ToolParam(BaseModel):
     model_config = _STRICT
-    type: str = "function"
+    type: str = Field("function", json_schema_extra={"enum": ["function"]})
     function: FunctionDef | None = None
-    custom: Any = None
+    custom: Any = Field(None, json_schema_extra=_NULL_ONLY)
 
     @field_validator("type")
     @classmethod
@@ -201,7 +203,9 @@ class _Sampling(BaseModel):
     n: int | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, int] | None = None
+    logit_bias: dict[str, int] | None = Field(None, json_schema_extra={
+        "maxProperties": 300, "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+        "additionalProperties": {"type": "integer", "minimum": -100, "maximum": 100}})
 
     @field_validator("stop")
     @classmethod
@@ -272,9 +276,24 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     tools: list[ToolParam] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
-    tool_choice: Any = None
+    tool_choice: Any = Field(None, json_schema_extra={"anyOf": [
+        {"type": "null"}, {"enum": ["none", "auto"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}},
+        {"type": "object", "required": ["type", "allowed_tools"], "properties": {
+            "type": {"const": "allowed_tools"}, "allowed_tools": {"type": "object"}}}]})
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["type"], "additionalProperties": False,
+         "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+         "properties": {"type": {"const": "json_schema"}, "json_schema": {
+             "type": "object", "required": ["name"], "additionalProperties": False,
+             "properties": {"name": {"type": "string", "pattern": _FUNCTION_NAME},
+                            "schema": {"type": "object"}, "strict": {"type": "boolean"},
+                            "description": {"type": "string"}}}}}]})
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     metadata: dict[str, str] | None = None
@@ -287,12 +306,13 @@ class ChatCompletionRequest(_Sampling):
     prompt_cache_key: str | None = Field(None, max_length=1024)
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: dict[str, Any] | None = None
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    functions: Any = None
-    function_call: Any = None
-    moderation: Any = None
+    # Refused unless null (the table's ``refuse``): the schema says so.
+    audio: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    prediction: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    web_search_options: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    functions: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    function_call: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    moderation: Any = Field(None, json_schema_extra=_NULL_ONLY)
 
     @field_validator("metadata")
     @classmethod
