@@ -24,7 +24,6 @@ The answer is OpenAI's: ``{"object": "list", "data": [{"object": "embedding", "i
 from __future__ import annotations
 
 import base64
-import os
 import sys
 from array import array
 from dataclasses import dataclass
@@ -36,17 +35,16 @@ from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from backends import Backend, BackendError, GenerationRequest
+from backends import Backend, GenerationRequest
 from backends.base import EmbeddingRequest, Embeddings
 from policies import AUTO_MODEL
 
 from . import openai_types as wire
-from .auth import authenticate
 from .call import Call
-from .errors import APIError
-from .routing import MAX_TIER_HEADER, Decision, RouteRefusal, TierPlan, pick_tier
+from .pipeline import run_request
+from .routing import Decision, TierPlan, pick_tier
 from .runtime import Runtime, Snapshot
-from .steps import admit, finish, on_plan, read_body, response_headers, route_context
+from .steps import answer_headers, on_plan, read_body, request_id, route_context
 
 #: OpenAI's limit on the inputs of one request.
 MAX_INPUTS = 2048
@@ -120,26 +118,15 @@ class EmbeddingCall(Call):
 
 async def handle_embeddings(runtime: Runtime, request: Request) -> Response:
     """Serve ``POST /v1/embeddings``."""
-    call = EmbeddingCall((request.headers.get("x-request-id") or "")[:128]
-                         or os.urandom(16).hex(), chat=False)
-    snap = runtime.acquire()
-    try:
-        call.tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
-        await _read(snap, call, request)
-        _plan(runtime, snap, call, request.headers.get(MAX_TIER_HEADER))
-        await admit(runtime, snap, call)
-        return await _embed(runtime, snap, call)
-    except (APIError, BackendError, RouteRefusal) as exc:
-        raise call.failed(exc) from None
-    finally:
-        runtime.release(snap)
-        await finish(runtime, snap, call)
+    return await run_request(runtime, request, EmbeddingCall(request_id(request), chat=False),
+                             _read, _embed, _plan)
 
 
 async def _read(snap: Snapshot, call: EmbeddingCall, request: Request) -> None:
     """The body, size-limited and validated, as the backend request. The budget sees it
     as a generation of no output tokens."""
-    raw = await read_body(request, snap.policy.server.max_body_bytes)
+    server = snap.policy.server
+    raw = await read_body(request, server.max_body_bytes, server.limits.body_read_timeout_s)
     body: EmbeddingsRequest = wire.parse_request(EmbeddingsRequest, raw)  # type: ignore[arg-type]
     call.model, call.encoding_format = body.model, body.encoding_format
     call.embedding = EmbeddingRequest(body.model, body.input, body.dimensions, body.user,
@@ -156,14 +143,13 @@ def _plan(runtime: Runtime, snap: Snapshot, call: EmbeddingCall, max_tier: str |
     if call.model == AUTO_MODEL:
         decision = Decision(min(ctx.tiers, key=lambda t: (t.cost, ctx.predict(t))), "gate")
     else:
-        assert call.generation is not None
-        decision = pick_tier(ctx, call.model or "", call.generation, max_tier)
+        decision = pick_tier(ctx, call.model or "", call.req, max_tier)
     call.plan = TierPlan.route(ctx, decision)
 
 
 async def _embed(runtime: Runtime, snap: Snapshot, call: EmbeddingCall) -> Response:
-    embedding, generation = call.embedding, call.generation
-    assert embedding is not None and generation is not None
+    embedding, generation = call.embedding, call.req
+    assert embedding is not None  # set by _read
 
     async def attempt(_: Call, backend: Backend) -> Embeddings:
         embedding.model, embedding.progress = generation.model, generation.progress
@@ -178,17 +164,14 @@ async def _embed(runtime: Runtime, snap: Snapshot, call: EmbeddingCall) -> Respo
 
     result = await on_plan(runtime, snap, call, attempt)
     call.prompt_tokens = result.prompt_tokens
-    assert call.plan is not None and call.energy is not None
-    headers = response_headers(call)
-    headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
-    headers["x-joulegate-energy-source"] = call.energy.source
     encode = _base64 if call.encoding_format == "base64" else None
     data = [{"object": "embedding", "index": i,
              "embedding": encode(vector) if encode is not None else vector}
             for i, vector in enumerate(result.vectors)]
-    payload = {"object": "list", "data": data, "model": call.plan.tier.model,
+    payload = {"object": "list", "data": data, "model": call.planned.tier.model,
                "usage": call.usage()}
-    return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+    return Response(orjson.dumps(payload), media_type="application/json",
+                    headers=answer_headers(call))
 
 
 def _base64(vector: list[float]) -> str:

@@ -29,7 +29,8 @@ client that disconnects closes the backend stream, which stops generation and fr
 
 from __future__ import annotations
 
-import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -44,31 +45,55 @@ from .call import Call
 from .errors import APIError
 from .routing import MAX_TIER_HEADER, RouteRefusal
 from .runtime import Runtime, Snapshot
-from .steps import admit, finish, on_plan, plan, read, response_headers, response_id, take_tokens
-from .streaming import open_stream
+from .steps import (
+    admit,
+    answer_headers,
+    complete_on,
+    finish,
+    on_plan,
+    plan,
+    read,
+    request_id,
+    response_id,
+)
+from .streaming import SSEResponse, open_stream
+
+C = TypeVar("C", bound=Call)
 
 
-async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> Response:
-    """Serve ``POST /v1/chat/completions`` (``chat``) or ``POST /v1/completions``."""
-    call = Call((request.headers.get("x-request-id") or "")[:128] or os.urandom(16).hex(), chat)
+async def run_request(runtime: Runtime, request: Request, call: C,
+                      read: Callable[[Snapshot, C, Request], Awaitable[None]],
+                      answer: Callable[[Runtime, Snapshot, C], Awaitable[Response]],
+                      plan: Callable[[Runtime, Snapshot, C, str | None], None] = plan,
+                      ) -> Response:
+    """One request of any endpoint, top to bottom: authenticate, ``read`` its body, ``plan``
+    its tiers, reserve its joules, ``answer``; then :func:`~gateway.steps.finish`, once,
+    however it ended. A streamed answer (an :class:`SSEResponse`) owns the snapshot and
+    the last step from then on."""
     snap = runtime.acquire()
-    streaming = False  # a stream releases the snapshot and finishes when it ends
+    handed_off = False
     try:
         call.tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
         await read(snap, call, request)
         plan(runtime, snap, call, request.headers.get(MAX_TIER_HEADER))
         await admit(runtime, snap, call)
-        if not call.stream:
-            return await complete(runtime, snap, call)
-        response = await open_stream(runtime, snap, call)
-        streaming = True
+        response = await answer(runtime, snap, call)
+        handed_off = isinstance(response, SSEResponse)
         return response
     except (APIError, BackendError, RouteRefusal) as exc:
         raise call.failed(exc) from None
     finally:
-        if not streaming:
+        if not handed_off:
             runtime.release(snap)
             await finish(runtime, snap, call)
+
+
+async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> Response:
+    """Serve ``POST /v1/chat/completions`` (``chat``) or ``POST /v1/completions``."""
+    async def answer(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
+        return await (open_stream if call.stream else complete)(runtime, snap, call)
+
+    return await run_request(runtime, request, Call(request_id(request), chat), read, answer)
 
 
 async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
@@ -81,9 +106,7 @@ async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
     result = await on_plan(runtime, snap, call, attempt)
     call.prompt_tokens = result.usage.prompt_tokens
     call.completion_tokens = result.usage.completion_tokens
-    headers = response_headers(call)
-    headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
-    headers["x-joulegate-energy-source"] = call.metered.source
+    headers = answer_headers(call)
     rid, model = response_id(call), call.planned.tier.model
     if call.chat:
         payload = wire.chat_completion(rid, call.created, model, result.text,
@@ -93,11 +116,3 @@ async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
         payload = wire.text_completion(rid, call.created, model, result.text,
                                        result.finish_reason, call.usage(), result.logprobs)
     return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-
-
-async def complete_on(call: Call, backend: Backend) -> Generation:
-    try:
-        return await backend.complete(call.req)
-    finally:
-        take_tokens(call)
-        call.settle_energy()

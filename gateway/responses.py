@@ -58,16 +58,24 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from backends import Backend, BackendError, Chunk, Generation, GenerationRequest
+from backends import BackendError, Chunk, GenerationRequest
 from backends.features import NamedToolChoice, ResponseFormat, ToolCall, ToolChoice, ToolSpec
 
-from .auth import authenticate
 from .call import Call
 from .errors import APIError, InvalidRequest
-from .routing import MAX_TIER_HEADER, RouteRefusal, TierPlan, pick_tier
+from .pipeline import run_request
+from .routing import TierPlan, pick_tier
 from .runtime import Runtime, Snapshot
-from .steps import admit, finish, on_plan, read_body, response_headers, route_context, take_tokens
-from .streaming import SSEResponse, first_chunk
+from .steps import (
+    answer_headers,
+    complete_on,
+    on_plan,
+    read_body,
+    request_id,
+    route_context,
+    take_tokens,
+)
+from .streaming import SSEResponse, first_chunk, stream_response
 
 log = logging.getLogger("joulegate")
 
@@ -597,26 +605,11 @@ class ResponsesCall(Call):
 
 async def handle_responses(runtime: Runtime, request: Request) -> Response:
     """Serve ``POST /v1/responses``."""
-    call = ResponsesCall((request.headers.get("x-request-id") or "")[:128]
-                         or os.urandom(16).hex(), chat=True)
-    snap = runtime.acquire()
-    streaming = False  # a stream releases the snapshot and finishes when it ends
-    try:
-        call.tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
-        await _read(snap, call, request)
-        _plan(runtime, snap, call, request.headers.get(MAX_TIER_HEADER))
-        await admit(runtime, snap, call)
-        if not call.stream:
-            return await _complete(runtime, snap, call)
-        response = await _open_stream(runtime, snap, call)
-        streaming = True
-        return response
-    except (APIError, BackendError, RouteRefusal) as exc:
-        raise call.failed(exc) from None
-    finally:
-        if not streaming:
-            runtime.release(snap)
-            await finish(runtime, snap, call)
+    async def answer(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Response:
+        return await (_open_stream if call.stream else _complete)(runtime, snap, call)
+
+    return await run_request(runtime, request, ResponsesCall(request_id(request), chat=True),
+                             _read, answer, _plan)
 
 
 async def _read(snap: Snapshot, call: ResponsesCall, request: Request) -> None:
@@ -682,14 +675,7 @@ def _status(finish_reason: str) -> str:
 
 
 async def _complete(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Response:
-    async def attempt(_: Call, backend: Backend) -> Generation:
-        try:
-            return await backend.complete(call.req)
-        finally:
-            take_tokens(call)
-            call.settle_energy()
-
-    result = await on_plan(runtime, snap, call, attempt)
+    result = await on_plan(runtime, snap, call, complete_on)
     call.prompt_tokens = result.usage.prompt_tokens
     call.completion_tokens = result.usage.completion_tokens
     status = _status(result.finish_reason)
@@ -698,11 +684,8 @@ async def _complete(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Re
         output.append(message_item(_new_id("msg_"), result.text, status))
     for tc in result.tool_calls or ():
         output.append(call_item(_new_id("fc_"), tc.id, tc.name, tc.arguments, "completed"))
-    headers = response_headers(call)
-    headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
-    headers["x-joulegate-energy-source"] = call.metered.source
     return Response(orjson.dumps(call.response(status, output)), media_type="application/json",
-                    headers=headers)
+                    headers=answer_headers(call))
 
 
 # -- the stream --------------------------------------------------------------------------
@@ -813,29 +796,13 @@ class _Events:
 
 
 async def _open_stream(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Response:
-    """The stream, once the backend's first chunk came: from then on it owns the snapshot
-    and the request's last step."""
+    """The stream of Responses events, once the backend's first chunk came."""
     chunks, first = await on_plan(runtime, snap, call, first_chunk)
     call.first_token_s = time.perf_counter() - call.started
     events = _Events(call)
-    ended = False  # the stream reached its terminal event
-
-    async def body() -> AsyncGenerator[bytes, None]:
-        nonlocal ended
-        async for event in _stream_events(call, events, chunks, first):
-            yield event
-        ended = True
-
-    async def cleanup() -> None:
-        await chunks.aclose()  # stops generation and frees the slot if still running
-        if not ended and call.status == 200:
-            call.status, call.error = 499, "client_disconnected"
-        if call.status != 200:  # failed or abandoned: charge the tokens actually processed
-            take_tokens(call)
-        runtime.release(snap)
-        await finish(runtime, snap, call)
-
-    return ResponsesSSE(body(), cleanup, response_headers(call), events)
+    return stream_response(runtime, snap, call, chunks, _stream_events(call, events, chunks, first),
+                           lambda body, cleanup, headers: ResponsesSSE(body, cleanup, headers,
+                                                                       events))
 
 
 async def _stream_events(call: ResponsesCall, events: _Events, chunks: AsyncIterator[Chunk],

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from starlette.requests import Request
 
-from backends import Backend, BackendTimeout, BackendUnavailable, Usage
+from backends import Backend, BackendTimeout, BackendUnavailable, Generation, Usage
 
 from . import fields
 from . import openai_types as wire
@@ -185,6 +186,28 @@ def take_tokens(call: Call) -> None:
     fill_prompt(call)
     progress = call.req.progress
     call.prompt_tokens, call.completion_tokens = progress.prompt_tokens, progress.completion_tokens
+
+
+def request_id(request: Request) -> str:
+    """The client's ``X-Request-Id`` (up to 128 characters), or a new one."""
+    return (request.headers.get("x-request-id") or "")[:128] or os.urandom(16).hex()
+
+
+def answer_headers(call: Call) -> dict[str, str]:
+    """A whole answer's headers: :func:`response_headers` and the request's joules."""
+    headers = response_headers(call)
+    headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
+    headers["x-joulegate-energy-source"] = call.metered.source
+    return headers
+
+
+async def complete_on(call: Call, backend: Backend) -> Generation:
+    """The backend's whole answer; the tokens it processed are taken however it ends."""
+    try:
+        return await backend.complete(call.req)
+    finally:
+        take_tokens(call)
+        call.settle_energy()
 
 
 def response_id(call: Call) -> str:

@@ -133,8 +133,7 @@ class SSEResponse(Response):
 
 
 async def open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
-    """The stream, once its first chunk came: from then on it owns the snapshot and the
-    request's last step."""
+    """A chat or completions stream, once its first chunk came."""
     async def attempt(call: Call, backend: Backend) -> tuple[AsyncGenerator[Chunk, None], Chunk]:
         call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
                                              call.dropped_params)
@@ -142,11 +141,24 @@ async def open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
 
     chunks, first = await on_plan(runtime, snap, call, attempt)
     call.first_token_s = time.perf_counter() - call.started
-    ended = False  # the stream reached [DONE] or an error event
+    return stream_response(runtime, snap, call, chunks, sse_events(call, chunks, first))
 
-    async def events() -> AsyncGenerator[bytes, None]:
+
+def stream_response(runtime: Runtime, snap: Snapshot, call: Call,
+                    chunks: AsyncGenerator[Chunk, None], events: AsyncGenerator[bytes, None],
+                    respond: Callable[[AsyncGenerator[bytes, None], Callable[[], Awaitable[None]],
+                                       dict[str, str]], SSEResponse] | None = None
+                    ) -> SSEResponse:
+    """The response that sends ``events`` (made from the backend's ``chunks``) and from then
+    on owns the snapshot and the request's last step: when it ends, however it ends, the
+    backend stream is closed, an abandoned or failed request is charged the tokens it
+    processed, and :func:`~gateway.steps.finish` runs. ``respond`` makes the response
+    (default :class:`SSEResponse`)."""
+    ended = False  # the stream reached its last event (or an error event)
+
+    async def body() -> AsyncGenerator[bytes, None]:
         nonlocal ended
-        async for event in sse_events(call, chunks, first):
+        async for event in events:
             yield event
         ended = True
 
@@ -159,7 +171,7 @@ async def open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
         runtime.release(snap)
         await finish(runtime, snap, call)
 
-    return SSEResponse(events(), cleanup, response_headers(call))
+    return (respond or SSEResponse)(body(), cleanup, response_headers(call))
 
 
 async def first_chunk(call: Call, backend: Backend
