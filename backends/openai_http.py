@@ -367,14 +367,11 @@ class OpenAIBackend(Backend):
         # 401/403/404 mean the gateway's own upstream settings are wrong, not the client's.
         return BackendFailure(f"upstream '{self.name}' answered HTTP {status}")
 
-    # -- the interface ------------------------------------------------------------------
-
-    async def complete(self, request: GenerationRequest) -> Generation:
-        deadline = time.monotonic() + self.total_s
-        response = await self._send(request, stream=False, deadline=deadline)
+    async def _read_all(self, response: aiohttp.ClientResponse, deadline: float) -> bytes:
+        """A whole answer's body, by ``deadline``; the connection is released either way."""
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
-                raw = await response.read()
+                return await response.read()
         except TimeoutError:
             raise BackendTimeout(f"upstream '{self.name}' did not finish within "
                                  f"{self.total_s:g} s") from None
@@ -383,6 +380,13 @@ class OpenAIBackend(Backend):
                                  f"{type(exc).__name__}") from None
         finally:
             response.release()
+
+    # -- the interface ------------------------------------------------------------------
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        deadline = time.monotonic() + self.total_s
+        response = await self._send(request, stream=False, deadline=deadline)
+        raw = await self._read_all(response, deadline)
         try:
             text, finish, usage = parse_completion(raw, request.is_chat)
         except Malformed as exc:
@@ -475,21 +479,11 @@ class OpenAIBackend(Backend):
         deadline = time.monotonic() + self.total_s
         response = await self._post(self._embeddings_url, embeddings_body(request),
                                     request.request_id, deadline)
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
-                raw = await response.read()
-        except TimeoutError:
-            raise BackendTimeout(f"upstream '{self.name}' did not finish within "
-                                 f"{self.total_s:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise BackendFailure(f"upstream '{self.name}' failed mid-response: "
-                                 f"{type(exc).__name__}") from None
-        finally:
-            response.release()
+        raw = await self._read_all(response, deadline)
         try:
             vectors, tokens = parse_embeddings(raw, len(request.inputs))
         except MalformedEmbeddings as exc:
-            raise BackendFailure(f"upstream '{self.name}' sent invalid embeddings: {exc}"
+            raise BackendInvalidResponse(f"upstream '{self.name}' sent invalid embeddings: {exc}"
                                  ) from None
         request.progress.prompt_tokens = tokens
         return Embeddings(vectors, tokens)
