@@ -15,7 +15,6 @@ import sys
 import threading
 
 import httpx
-import openai
 import pytest
 
 from backends import GenerationRequest
@@ -261,6 +260,8 @@ def _alive(pid: int) -> bool:
 
 def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
     """Last in the module: it kills the shared server."""
+    import openai
+
     before = metric(gateway, "joulegate_energy_joules_total", tier="moe")
     # Greedy: a sampled stream from random weights may draw the end-of-sequence token early
     # and finish before the kill.
