@@ -11,6 +11,7 @@ request pinned to a tier that cannot do it, or a tenant with no such tier, is a 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +33,10 @@ class CapabilityMissing(InvalidRequest):
 
 
 def tier_capabilities(policy: Policy, tier: TierSpec) -> Capabilities:
+    """What ``tier`` can do: its backend kind's capabilities less the tier's ``disable``."""
     spec: BackendEntry = policy.backends[tier.backend]
-    return spec.backend_kind.capabilities
+    caps = spec.backend_kind.capabilities
+    return dataclasses.replace(caps, **dict.fromkeys(tier.disable, False)) if tier.disable else caps
 
 
 def model_capabilities(caps: list[Capabilities]) -> dict[str, bool]:

@@ -200,6 +200,11 @@ class TierSpec(_Strict):
     #: measured requests refine them.
     joules_per_prompt_token: float = Field(0.01, ge=0)
     joules_per_output_token: float = Field(0.5, ge=0)
+    #: What this tier must not be used for, although its backend kind could: e.g. an HTTP
+    #: upstream whose model is a chat model serves no embeddings, or a small model whose
+    #: tool calls are poor. Routing then sends such requests to other tiers.
+    disable: list[Literal["tools", "structured_output", "logprobs", "embeddings"]] = Field(
+        default_factory=list)
 
 
 class BudgetSpec(_Strict):

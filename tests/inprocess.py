@@ -39,6 +39,16 @@ def policy(tenant_extra: dict | None = None, **top) -> dict:
     return p
 
 
+def in_process_small(p: dict, disable: list[str] | None = None) -> dict:
+    """``p`` with tier ``small`` on an in-process kind (llama.cpp, scripted here), optionally
+    with some of its capabilities turned off by the policy (``disable``)."""
+    p["backends"]["up-small"] = {"kind": "llamacpp", "model": "unused.gguf",
+                                 "energy": {"meter": "estimated"}}
+    if disable:
+        next(t for t in p["tiers"] if t["name"] == "small")["disable"] = disable
+    return p
+
+
 def chat_body(content: str = "Say hello in one short sentence.", model: str = "big", **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
@@ -73,7 +83,9 @@ class InProcessGateway:
         self.http: httpx.AsyncClient | None = None
 
     def _build(self, name: str, spec) -> ScriptedBackend:
-        assert spec.kind == "openai", f"backend '{name}' would not be scripted"
+        # An openai entry is an HTTP tier, a llamacpp entry an in-process one: the kind's
+        # real capabilities and metering apply, the scripted backend answers either way.
+        assert spec.kind in ("openai", "llamacpp"), f"backend '{name}' would not be scripted"
         backend = ScriptedBackend(name, self.scripts.get(name))
         self.backends[name] = backend
         self.built.append(backend)

@@ -6,20 +6,18 @@ through httpx and the official SDK; a model output that cannot be made valid."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
 import pytest
 from pydantic import BaseModel
 
-import gateway.capabilities
 import gateway.fields
 from backends.base import BackendInvalidOutput
 from backends.features import NamedToolChoice, ResponseFormat, ToolCall, ToolSpec
 from gateway.fields import FIELDS, markdown_table
 
-from .inprocess import InProcessGateway, chat_body, policy, sse_events
+from .inprocess import InProcessGateway, chat_body, in_process_small, policy, sse_events
 from .scripted import Script
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -30,24 +28,6 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
 CALL = ToolCall("call_abc123", "get_weather", '{"city": "Paris"}')
-
-
-@pytest.fixture
-def local_small(monkeypatch):
-    """Tier ``small``'s backend behaves as an in-process kind (llama.cpp): ``local``; with
-    ``lacking``, it also lacks those capabilities."""
-    real = gateway.capabilities.tier_capabilities
-
-    def patch(**lacking: bool):
-        def caps(policy, tier):
-            c = real(policy, tier)
-            if tier.backend == "up-small":
-                c = dataclasses.replace(c, local=True, **lacking)
-            return c
-        monkeypatch.setattr(gateway.capabilities, "tier_capabilities", caps)
-        monkeypatch.setattr(gateway.fields, "tier_capabilities", caps)
-    patch()
-    return patch
 
 
 def with_messages(**fields):
@@ -73,6 +53,21 @@ CASES = {
         lambda b: b.update(messages=[{"role": "user", "content": "q"},
                                      {"role": "assistant", "content": None, "refusal": "no"},
                                      {"role": "user", "content": "please"}]),
+        lambda s: s.messages[1]),
+    ("chat", "messages[].provider_specific_fields"): (
+        lambda b: b.update(messages=[{"role": "user", "content": "q"},
+                                     {"role": "assistant", "content": "a", "provider_specific_fields": {"refusal": None}},
+                                     {"role": "user", "content": "again"}]),
+        lambda s: s.messages[1]),
+    ("chat", "messages[].reasoning_content"): (
+        lambda b: b.update(messages=[{"role": "user", "content": "q"},
+                                     {"role": "assistant", "content": "a", "reasoning_content": "hm"},
+                                     {"role": "user", "content": "again"}]),
+        lambda s: s.messages[1]),
+    ("chat", "messages[].thinking_blocks"): (
+        lambda b: b.update(messages=[{"role": "user", "content": "q"},
+                                     {"role": "assistant", "content": "a", "thinking_blocks": [{"type": "thinking"}]},
+                                     {"role": "user", "content": "again"}]),
         lambda s: s.messages[1]),
     ("completions", "prompt"): ("Once upon", lambda s: s.prompt),
     ("chat", "stream"): (False, None),
@@ -152,6 +147,10 @@ EXPECTED = {
     ("chat", "messages"): [{"role": "system", "content": "a\nb"}, {"role": "user", "content": "hi"}],
     "messages[].name": "ann",
     "messages[].refusal": {"role": "assistant", "content": None, "refusal": "no"},
+    # dropped: the backend gets the message without them
+    "messages[].provider_specific_fields": {"role": "assistant", "content": "a"},
+    "messages[].reasoning_content": {"role": "assistant", "content": "a"},
+    "messages[].thinking_blocks": {"role": "assistant", "content": "a"},
     "prompt": "Once upon", "max_tokens": 7, "max_completion_tokens": 9, "temperature": 0.5,
     "top_p": 0.9, "seed": 42, "stop": ["END"], "frequency_penalty": 0.5,
     "presence_penalty": -0.5, "logit_bias": {"50256": -100}, "user": "u-1",
@@ -195,13 +194,14 @@ def _request(endpoint, name, model):
 
 @pytest.mark.parametrize("endpoint, name", sorted(CASES))
 @pytest.mark.parametrize("tier", ["big", "small"])
-async def test_field_matrix(tmp_path, local_small, endpoint, name, tier):
+async def test_field_matrix(tmp_path, endpoint, name, tier):
     """``big`` is an HTTP upstream, ``small`` an in-process kind."""
     rule = gateway.fields.rule(name, endpoint)
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     model = "big" if name == "model" else tier
-    async with InProcessGateway(tmp_path, scripts={"up-big": Script(tokens=TOKENS),
-                                                   "up-small": Script(tokens=TOKENS)}) as gw:
+    async with InProcessGateway(tmp_path, in_process_small(policy()),
+                                scripts={"up-big": Script(tokens=TOKENS),
+                                         "up-small": Script(tokens=TOKENS)}) as gw:
         r = await gw.post(path, _request(endpoint, name, model))
         if rule.handling == "refuse":
             assert r.status_code == 400, r.text
@@ -214,7 +214,8 @@ async def test_field_matrix(tmp_path, local_small, endpoint, name, tier):
         dropped = r.headers.get("x-joulegate-dropped-params", "").split(",")
         (seen,) = gw.backends["up-" + model].requests
         local = model == "small"
-        shown = name.replace("[]", "[0]" if name != "messages[].refusal" else "[1]")
+        on_reply = name.startswith("messages[]") and name not in ("messages[].name",)
+        shown = name.replace("[]", "[1]" if on_reply else "[0]")
         if rule.handling == "drop":
             assert shown in dropped
             assert name not in seen.extra
@@ -253,8 +254,8 @@ async def test_the_access_record_lists_rejected_and_dropped_params(tmp_path, cap
         assert served["status"] == 200 and served["dropped_params"] == ["service_tier", "store"]
 
 
-async def test_unsupported_params_reject(tmp_path, local_small):
-    p = policy({"unsupported_params": "reject"})
+async def test_unsupported_params_reject(tmp_path):
+    p = in_process_small(policy({"unsupported_params": "reject"}))
     async with InProcessGateway(tmp_path, p) as gw:
         r = await gw.chat(store=True, service_tier="flex", n=3)
         assert r.status_code == 400
@@ -279,9 +280,8 @@ async def test_unsupported_params_reject(tmp_path, local_small):
         assert r.status_code == 200 and r.headers["x-joulegate-dropped-params"] == "store"
 
 
-async def test_routed_only_among_tiers_with_the_capability(tmp_path, local_small):
-    local_small(tools=False, structured_output=False)
-    p = policy({"default_tier": "small"})
+async def test_routed_only_among_tiers_with_the_capability(tmp_path):
+    p = in_process_small(policy({"default_tier": "small"}), ["tools", "structured_output"])
     async with InProcessGateway(tmp_path, p) as gw:
         assert (await gw.chat(model="auto")).headers["x-joulegate-tier"] == "small"
         r = await gw.chat(model="auto", tools=[WEATHER])
@@ -301,11 +301,11 @@ async def test_routed_only_among_tiers_with_the_capability(tmp_path, local_small
         assert len(gw.backends["up-small"].requests) == served
 
 
-async def test_no_tier_with_the_capability_is_a_400(tmp_path, monkeypatch):
-    real = gateway.capabilities.tier_capabilities
-    monkeypatch.setattr(gateway.capabilities, "tier_capabilities",
-                        lambda p, t: dataclasses.replace(real(p, t), logprobs=False))
-    async with InProcessGateway(tmp_path) as gw:
+async def test_no_tier_with_the_capability_is_a_400(tmp_path):
+    p = policy()
+    for tier in p["tiers"]:  # the operator turns log-probabilities off everywhere
+        tier["disable"] = ["logprobs"]
+    async with InProcessGateway(tmp_path, p) as gw:
         r = await gw.chat(model="auto", logprobs=True)
         assert r.status_code == 400
         err = r.json()["error"]
