@@ -77,6 +77,10 @@ class ToolCallParam(BaseModel):
     function: FunctionCallParam
 
 
+#: Fields a client library keeps on the messages it returns (LiteLLM), dropped on the way in.
+CLIENT_MESSAGE_FIELDS = ("provider_specific_fields", "reasoning_content", "thinking_blocks")
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: str
@@ -86,6 +90,11 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
     refusal: str | None = None
+    #: What LiteLLM's client puts on a message it returned, when the caller sends that
+    #: message back: accepted, never passed on (see gateway/fields.py).
+    provider_specific_fields: Any = None
+    reasoning_content: Any = None
+    thinking_blocks: Any = None
     audio: Any = Field(None, json_schema_extra=_NULL_ONLY)
     function_call: Any = Field(None, json_schema_extra=_NULL_ONLY)
 
@@ -391,6 +400,8 @@ class ChatCompletionRequest(_Sampling):
 
     def dropped_params(self) -> list[str]:
         out = super().dropped_params()
+        out += [f"messages[{i}].{name}" for i, m in enumerate(self.messages)
+                for name in CLIENT_MESSAGE_FIELDS if getattr(m, name) is not None]
         if not self.tools:  # nothing to choose from
             if self.tool_choice in ("none", "auto"):
                 out.append("tool_choice")
