@@ -1,4 +1,4 @@
-"""The checkout stands alone: nothing reads the folder beside it (``../shared``).
+"""The checkout stands alone: nothing reads the folder ``shared`` beside it.
 
 Users and CI have only the repository, so no tracked file may name that path or build it
 (``"shared" / "bench"``, ``parent / "shared"``). Markdown may still cite where things came
@@ -20,7 +20,7 @@ THIS_FILE = Path(__file__).resolve()  # its examples below spell the path out on
 SKIP_DIRS = {".git", ".venv", ".venv-vllm", "__pycache__", ".pytest_cache", ".tools", "build",
              "node_modules"}
 
-# The path written out, or built from parts: "../shared", parent / "shared",
+# The path written out (two dots, a slash, "shared"), or built from parts: parent / "shared",
 # "shared" / "bench", Path("..", "shared"), os.path.join(.., "shared").
 OUTSIDE = re.compile(
     r"""\.\.[/\\]shared\b"""
@@ -66,7 +66,7 @@ def test_no_tracked_file_reads_the_folder_beside_the_checkout():
 
 
 @pytest.mark.parametrize("line", [
-    'HARNESS = "../shared/bench/run_compare.sh"',
+    'HARNESS = "..' + '/shared/bench/run_compare.sh"',  # joined: this file stays clean
     'SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"',
     'data = ROOT.parent / "shared" / "routing-data"',
     "return Path(__file__).resolve().parents[2].parent / 'shared'",
