@@ -42,7 +42,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 from pydantic import (
@@ -124,19 +124,25 @@ def _part_tag(value: Any) -> str:
     return kind if kind in _PART_TAGS else "unsupported"
 
 
-class UnsupportedPart(BaseModel):
-    """Any other content part (images, files, audio): refused by name."""
+class _Unsupported(BaseModel):
+    """Anything of a ``type`` not listed: refused by that name (``refused`` says what is)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
+    refused: ClassVar[str]
     type: Any = None
 
     @field_validator("type")
     @classmethod
     def _refuse(cls, kind: Any) -> Any:
-        raise PydanticCustomError(
-            "unsupported_value", "content parts of type '{kind}' are not supported; only "
-            "input_text, output_text and refusal are",
-            {"kind": kind if isinstance(kind, str) else type(kind).__name__})
+        raise PydanticCustomError("unsupported_value", cls.refused,
+                                  {"kind": kind if isinstance(kind, str) else type(kind).__name__})
+
+
+class UnsupportedPart(_Unsupported):
+    """Any other content part (images, files, audio)."""
+
+    refused = ("content parts of type '{kind}' are not supported; only input_text, output_text "
+               "and refusal are")
 
 
 ContentPart = Annotated[
@@ -197,19 +203,11 @@ class FunctionCallOutputItem(BaseModel):
                          for p in self.output)
 
 
-class UnsupportedItem(BaseModel):
+class UnsupportedItem(_Unsupported):
     """Any other input item (``item_reference``, ``reasoning``, hosted tools' calls)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Any = None
-
-    @field_validator("type")
-    @classmethod
-    def _refuse(cls, kind: Any) -> Any:
-        raise PydanticCustomError(
-            "unsupported_value", "input items of type '{kind}' are not supported; only message, "
-            "function_call and function_call_output are (nothing is stored, so send the whole "
-            "conversation)", {"kind": kind if isinstance(kind, str) else type(kind).__name__})
+    refused = ("input items of type '{kind}' are not supported; only message, function_call and "
+               "function_call_output are (nothing is stored, so send the whole conversation)")
 
 
 def _item_tag(value: Any) -> str:
