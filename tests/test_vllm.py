@@ -121,11 +121,15 @@ def test_a_saturated_vllm_queue_is_skipped(gateway, vllm_server):
     try:
         # The queue empties and refills as answers finish, and the gateway reads it every
         # 0.3 s: ask until a request lands while the tier is seen saturated (bounded).
+        # A request sent to moe just before the queue filled may instead wait behind the
+        # flood, time out and fall back to small: that is a fallback, not a load skip, so
+        # only a reply without the fallback header ends the loop.
         tiers = []
         for _ in range(40):
             raw = gateway.client().chat.completions.with_raw_response.create(
                 model="auto", messages=[{"role": "user", "content": HARD}], max_tokens=4)
-            tiers.append(raw.headers["x-joulegate-tier"])
+            tiers.append(raw.headers["x-joulegate-tier"] + (
+                "(fallback)" if "x-joulegate-fallback" in raw.headers else ""))
             if tiers[-1] == "small":
                 break
             time.sleep(0.2)
@@ -264,6 +268,7 @@ def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
     import openai
 
     before = metric(gateway, "joulegate_energy_joules_total", tier="moe")
+    fallbacks = metric(gateway, "joulegate_fallbacks_total", **{"from": "moe", "to": "small"})
     # Greedy: a sampled stream from random weights may draw the end-of-sequence token early
     # and finish before the kill.
     stream = gateway.client().completions.create(
@@ -277,7 +282,7 @@ def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
                 vllm_server.kill()
     assert received >= 5 and "upstream" in str(err.value)
     # The joules spent on the tokens produced before the failure are charged, not lost.
-    wait_until(lambda: metric(gateway, "joulegate_requests_total", tier="moe", status="502") == 1,
+    wait_until(lambda: metric(gateway, "joulegate_requests_total", tier="moe", status="502") >= 1,
                10, 0.1, "the failed stream to be recorded")
     assert metric(gateway, "joulegate_energy_joules_total", tier="moe") > before
 
@@ -285,7 +290,8 @@ def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
         model="auto", messages=[{"role": "user", "content": HARD}], max_tokens=4)
     assert raw.headers["x-joulegate-tier"] == "small"
     assert raw.headers["x-joulegate-fallback"] == "moe->small"
-    assert metric(gateway, "joulegate_fallbacks_total", **{"from": "moe", "to": "small"}) == 1
+    assert metric(gateway, "joulegate_fallbacks_total",
+                  **{"from": "moe", "to": "small"}) == fallbacks + 1
     with pytest.raises(openai.APIStatusError) as pinned:  # pinned: no fallback by default
         gateway.client().chat.completions.create(
             model="moe", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
