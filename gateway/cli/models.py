@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
-from backends.models import CATALOG, ModelError, assemble, is_assembled
+from backends.models import CATALOG, ModelError, assemble, cache_dir, is_assembled
 
 from .common import add_policy_option, policy_state
 
@@ -49,7 +52,78 @@ class AssemblyProgress:
         self.out.flush()
 
 
+#: What scripts/bootstrap records about the llama.cpp build it made, in the environment.
+BUILD_RECORD = "joulegate-llama-build.json"
+#: The SIMD features that decide llama.cpp's speed on x86, as llama_print_system_info names them.
+X86_FEATURES = ("AVX2", "FMA", "F16C", "AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
+                "AVX512_BF16", "AMX_INT8")
+
+
+def system_info_features(info: str) -> dict[str, str]:
+    """``llama_print_system_info()`` (``CPU : AVX = 1 | AVX2 = 1 | ...``) as a dict."""
+    features = {}
+    for part in info.replace("\n", "|").split("|"):
+        if " : " in part:  # the backend's name leads its first feature
+            part = part.split(" : ", 1)[1]
+        key, sep, value = part.partition("=")
+        if sep and key.strip():
+            features[key.strip()] = value.strip()
+    return features
+
+
+def build_record(prefix: Path) -> dict[str, Any] | None:
+    """The bootstrap's record of the llama.cpp build in the environment at ``prefix``."""
+    try:
+        record = json.loads((prefix / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def llama_system_info() -> tuple[str, str] | None:
+    """The installed llama-cpp-python's version and system info; None when not installed."""
+    try:
+        llama_cpp: Any = importlib.import_module("llama_cpp")
+    except ImportError:
+        return None
+    info = llama_cpp.llama_print_system_info()
+    return str(llama_cpp.__version__), info.decode() if isinstance(info, bytes) else str(info)
+
+
+def describe_build(system: tuple[str, str] | None, record: dict[str, Any] | None,
+                   record_path: Path) -> list[str]:
+    """Lines about the llama.cpp build in use: the features the loaded library reports,
+    and the build the bootstrap chose for this CPU (when it recorded one)."""
+    if system is None:
+        return ["llama.cpp: not installed (pip install 'joulegate[llamacpp]', "
+                "or scripts/bootstrap)"]
+    version, info = system
+    features = system_info_features(info)
+    on = [name for name, value in features.items() if value == "1"]
+    lines = [f"llama.cpp: llama-cpp-python {version}"]
+    if record is not None:
+        lines[0] += (f", build '{record.get('build', '?')}' "
+                     f"(chosen for this CPU by scripts/bootstrap: {record_path})")
+        if record.get("llama_cpp_python") not in (None, "", version):
+            lines.append(f"  note: the record is of version {record['llama_cpp_python']}, "
+                         "not the one installed; run scripts/bootstrap")
+    else:
+        lines[0] += ", build not recorded (not installed by scripts/bootstrap)"
+    lines.append("  x86 SIMD: " + "  ".join(
+        f"{name} {'yes' if features.get(name) == '1' else 'no'}" for name in X86_FEATURES))
+    lines.append(f"  features in use: {' '.join(on) if on else '(none reported)'}")
+    if record is not None and record.get("cmake_args"):
+        lines.append(f"  cmake: {' '.join(str(a) for a in record['cmake_args'])}")
+    return lines
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.info:
+        prefix = Path(sys.prefix)  # the environment this command runs in (the venv)
+        for line in describe_build(llama_system_info(), build_record(prefix),
+                                   prefix / BUILD_RECORD):
+            print(line)
+        print(f"models in {cache_dir()}:")
     for model in CATALOG.values():
         if args.assemble and not is_assembled(model):
             progress = AssemblyProgress(model.name, model.size, sys.stderr, sys.stderr.isatty())
@@ -89,6 +163,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "whether they are assembled in the model cache.")
     models.add_argument("--assemble", action="store_true",
                         help="assemble and sha256-check every catalog model now")
+    models.add_argument("--info", action="store_true",
+                        help="show the llama.cpp build in use (its CPU features, and the "
+                             "build the bootstrap chose for this CPU) and the models present")
     models.set_defaults(func=cmd_models)
 
     energy = sub.add_parser(
