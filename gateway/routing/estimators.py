@@ -11,6 +11,12 @@ A higher score means the request more likely needs a stronger (costlier) tier. T
   model (strong right minus weak right: +1, 0 or -1), i.e. the expected quality the strong
   model buys, which is what routing should rank by (relative to a typical prompt). The score is that prediction's quantile
   among the training prompts, so a threshold of 0.8 sends about the hardest 20% up.
+- ``semantic``: the strong model's expected gain from the prompt's WordLlama embedding
+  (its nearest labelled prompts, or a linear head) blended with the shape features
+  (:mod:`gateway.routing.semantic`), trained on every labelled source by
+  ``joulegate router train`` and shipped as ``semantic_model.npz``; the score is again a
+  quantile among the training prompts. Needs the ``wordllama`` package (the ``models``
+  extra): without it the estimator refuses to load, so a policy naming it is refused.
 
 Add an estimator by subclassing :class:`DifficultyEstimator` and registering it in
 :data:`ESTIMATORS`.
@@ -30,6 +36,7 @@ from typing import Any, ClassVar, TypedDict
 from backends import GenerationRequest
 
 from .features import RequestText, extract
+from .semantic import SEMANTIC_FILE, Neighbour, SemanticModel
 
 MODEL_FILE = Path(__file__).with_name("router_model.json")
 
@@ -102,6 +109,24 @@ def interaction_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i, k)]
 
 
+def quantile_score(quantiles: list[float], prediction: float, tail: float) -> float:
+    """``prediction``'s quantile among sorted training predictions, in (0, 1), interpolated.
+
+    The table's quantiles fill [tail, 1 - tail]; predictions beyond the training range map
+    into the two tails, decaying with their distance in units of that range, so prompts
+    unlike any training prompt keep their order instead of all scoring 0 or 1."""
+    q = quantiles
+    width = max(q[-1] - q[0], 1e-12)
+    if prediction <= q[0]:
+        return tail / (1.0 + (q[0] - prediction) / width)
+    if prediction >= q[-1]:
+        return 1.0 - tail / (1.0 + (prediction - q[-1]) / width)
+    i = bisect.bisect_right(q, prediction)
+    lo, hi = q[i - 1], q[i]
+    frac = (prediction - lo) / (hi - lo) if hi > lo else 0.0
+    return tail + (1 - 2 * tail) * (i - 1 + frac) / (len(q) - 1)
+
+
 class LearnedEstimator(DifficultyEstimator):
     """A linear model of the strong model's expected gain; see the module docstring."""
 
@@ -142,26 +167,42 @@ class LearnedEstimator(DifficultyEstimator):
         map into the two tails, decaying with their distance in units of that range, so
         prompts unlike any training prompt (code, say) keep their order instead of all
         scoring 0 or 1."""
-        q, tail = self.quantiles, self.TAIL
-        width = max(q[-1] - q[0], 1e-12)
-        if prediction <= q[0]:
-            return tail / (1.0 + (q[0] - prediction) / width)
-        if prediction >= q[-1]:
-            return 1.0 - tail / (1.0 + (prediction - q[-1]) / width)
-        i = bisect.bisect_right(q, prediction)
-        lo, hi = q[i - 1], q[i]
-        frac = (prediction - lo) / (hi - lo) if hi > lo else 0.0
-        return tail + (1 - 2 * tail) * (i - 1 + frac) / (len(q) - 1)
+        return quantile_score(self.quantiles, prediction, self.TAIL)
 
     def score_text(self, text: RequestText) -> Difficulty:
         features = extract(text)
         return Difficulty(self.to_score(self.predict(features)), features)
 
 
+class SemanticEstimator(DifficultyEstimator):
+    """Embedding neighbours (or a linear head) blended with shape features; see
+    :mod:`gateway.routing.semantic`. Loading needs ``wordllama``; scoring does no I/O."""
+
+    name = "semantic"
+    TAIL = 0.01
+
+    def __init__(self, model: SemanticModel):
+        self.model = model
+
+    @classmethod
+    def load(cls, path: Path = SEMANTIC_FILE) -> SemanticEstimator:
+        return cls(SemanticModel.load(path))
+
+    def score_text(self, text: RequestText) -> Difficulty:
+        prediction, features = self.model.predict_text(text)
+        return Difficulty(quantile_score(self.model.quantiles, prediction, self.TAIL), features)
+
+    def explain(self, request: GenerationRequest, k: int = 5) -> list[Neighbour]:
+        """The ``k`` labelled training prompts most similar to this request's, with the
+        cheap and strong tiers' outcomes on them."""
+        return self.model.neighbours(RequestText.of(request), k)
+
+
 #: name → factory. Factories, not instances: a snapshot builds the ones its policy names.
 ESTIMATORS: dict[str, Callable[[], DifficultyEstimator]] = {
     HeuristicEstimator.name: HeuristicEstimator,
     LearnedEstimator.name: LearnedEstimator.load,
+    SemanticEstimator.name: SemanticEstimator.load,
 }
 
 

@@ -35,6 +35,7 @@ from .estimators import (
     interaction_pairs,
 )
 from .features import RequestText, extract
+from .labels import Example
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,18 +69,6 @@ def default_data_dir() -> Path:
             "(data/routing), not with the installed package; pass --data DIR (a folder "
             "holding mmlu/mmlu_*.csv) or set JOULEGATE_ROUTING_DATA")
     return data
-
-
-@dataclass(frozen=True, slots=True)
-class Example:
-    subject: str
-    prompt: str
-    weak: bool
-    strong: bool
-
-    @property
-    def needs_strong(self) -> bool:
-        return self.strong and not self.weak
 
 
 def _normalise(text: str) -> str:

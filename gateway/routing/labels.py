@@ -1,0 +1,194 @@
+"""Labelled routing data from every source, and the wordings a prompt is asked in.
+
+A *source* is one labelled data set: a folder ``data/routing/<source>/`` holding CSV files
+with (at least) the columns ``prompt,cheap_ok,strong_ok`` (``0``/``1``: whether the cheap and
+the strong tier answered that prompt correctly), and optionally ``cheap_joules`` and
+``strong_joules`` (what answering it cost on each tier), ``joules`` (one figure, the strong
+tier's) and ``format`` (how it was asked: ``completion`` for a text completion, ``chat`` for
+a prompt already worded as a chat request; default ``bare``, a plain user message).
+``mmlu/`` is RouteLLM's format (one column per model, ``True``/``False``) and is read as
+such: cheap = Mixtral-8x7B, strong = GPT-4. ``mt_bench/`` holds no labels and is skipped.
+
+:func:`request_for` builds the request a prompt becomes in each :data:`FORMATS` wording, so
+estimators can be checked for how much their scores move when the same task is asked
+differently. Plain Python: no NumPy needed to read the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends import GenerationRequest
+
+WEAK_COLUMN = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+STRONG_COLUMN = "gpt-4-1106-preview"
+#: Folders under the data folder that hold no labels.
+UNLABELLED = frozenset({"mt_bench"})
+
+#: A source with fewer labelled prompts is neither trained on nor held out (a collection
+#: still under way, say).
+MIN_PROMPTS = 30
+#: The wordings every estimator is evaluated in (see :func:`request_for`).
+FORMATS = ("bare", "system", "fewshot", "completion", "chat")
+
+SYSTEM_PROMPT = "You are a helpful assistant. Answer accurately and concisely."
+#: The chat wording of a code task (benchmarks/humaneval.py asks the local tiers this way).
+CODE_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
+                    "including its imports, in one ```python code block.")
+TASK_INSTRUCTION = "Answer the following question. Think it through, then give the final answer."
+#: Two fixed worked examples per kind of task, prepended for the ``fewshot`` wording.
+FEW_SHOT = {
+    "code": ("def add(a: int, b: int) -> int:\n    \"\"\"Return the sum of a and b.\"\"\"\n"
+             "    return a + b\n\n"
+             "def is_even(n: int) -> bool:\n    \"\"\"Return True if n is even.\"\"\"\n"
+             "    return n % 2 == 0\n\n"),
+    "text": ("Question: What is 3 + 4?\nAnswer: 7\n\n"
+             "Question: Which planet is closest to the Sun?\nAnswer: Mercury\n\n"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One labelled prompt."""
+
+    subject: str
+    prompt: str
+    weak: bool
+    strong: bool
+    #: The data set it came from (its folder under the data folder).
+    source: str = ""
+    #: How the tiers were asked: ``bare`` (a user message), ``completion`` or ``chat``.
+    format: str = "bare"
+    weak_joules: float | None = None
+    strong_joules: float | None = None
+
+    @property
+    def needs_strong(self) -> bool:
+        return self.strong and not self.weak
+
+    @property
+    def kind(self) -> str:
+        """``code`` for a function to complete, else ``text``."""
+        return "code" if "def " in self.prompt and '"""' in self.prompt else "text"
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def read_label_file(path: Path, source: str = "") -> list[Example]:
+    """A ``prompt,cheap_ok,strong_ok[,...]`` CSV (see the module docstring), in file order."""
+    examples = []
+    with Path(path).open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"prompt", "cheap_ok", "strong_ok"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
+                             "expected prompt,cheap_ok,strong_ok (0/1)")
+        for row in reader:
+            strong_j = _number(row.get("strong_joules")) or _number(row.get("joules"))
+            examples.append(Example(
+                Path(path).stem, row["prompt"], _flag(row["cheap_ok"]), _flag(row["strong_ok"]),
+                source or Path(path).parent.name, row.get("format") or "bare",
+                _number(row.get("cheap_joules")), strong_j))
+    return examples
+
+
+def _read_mmlu(folder: Path) -> list[Example]:
+    examples = []
+    for path in sorted(folder.glob("mmlu_*.csv")):
+        subject = path.stem.removeprefix("mmlu_")
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                examples.append(Example(subject, row["prompt"], row[WEAK_COLUMN] == "True",
+                                        row[STRONG_COLUMN] == "True", "mmlu"))
+    return examples
+
+
+def contaminated(data_dir: Path) -> set[str]:
+    """Normalised MMLU prompts that match a common router-training prompt (kept out)."""
+    listing = Path(data_dir) / "mmlu" / "contaminated_prompts.jsonl"
+    out: set[str] = set()
+    if listing.exists():
+        for line in listing.read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                out.update(normalise(item[k]) for k in ("eval_prompt", "train_prompt")
+                           if item.get(k))
+    return out
+
+
+def load_sources(data_dir: Path) -> dict[str, list[Example]]:
+    """Every labelled source under ``data_dir`` (source name → its prompts), contaminated
+    MMLU prompts left out; sources in name order."""
+    data_dir = Path(data_dir)
+    dropped = contaminated(data_dir)
+    sources: dict[str, list[Example]] = {}
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        if folder.name in UNLABELLED:
+            continue
+        if folder.name == "mmlu":
+            examples = _read_mmlu(folder)
+        else:
+            examples = [e for path in sorted(folder.glob("*.csv"))
+                        for e in read_label_file(path, folder.name)]
+        examples = [e for e in examples if normalise(e.prompt) not in dropped]
+        if examples:
+            sources[folder.name] = examples
+    if not sources:
+        raise FileNotFoundError(f"no labelled routing data under {data_dir}")
+    return sources
+
+
+def _few_shot(example_kind: str, prompt: str) -> str:
+    if example_kind == "code":
+        return FEW_SHOT["code"] + prompt
+    return f"{FEW_SHOT['text']}Question: {prompt}\nAnswer:"
+
+
+def request_for(example: Example, wording: str | None = None) -> GenerationRequest:
+    """The request a labelled prompt becomes in ``wording`` (one of :data:`FORMATS`; default:
+    the format it was labelled in). ``completion`` is a text completion (a code task as its
+    docstring, anything else as ``Question/Answer``); ``chat`` the task inside an instruction
+    (a code task as benchmarks/humaneval.py asks it); ``system`` a bare question after a
+    system prompt; ``fewshot`` the question after two worked examples of its kind."""
+    wording = wording or example.format
+    prompt, kind = example.prompt, example.kind
+    if wording == "completion":
+        text = prompt if kind == "code" else f"Question: {prompt}\nAnswer:"
+        return GenerationRequest(model="auto", prompt=text, max_tokens=512)
+    if wording == "chat":
+        content = (f"{CODE_INSTRUCTION}\n\n```python\n{prompt}```" if kind == "code"
+                   else f"{TASK_INSTRUCTION}\n\n{prompt}")
+        return GenerationRequest(model="auto", messages=[{"role": "user", "content": content}],
+                                 max_tokens=512)
+    messages: list[dict[str, Any]] = []
+    if wording == "system":
+        messages.append({"role": "system", "content": SYSTEM_PROMPT})
+    content = _few_shot(kind, prompt) if wording == "fewshot" else prompt
+    messages.append({"role": "user", "content": content})
+    return GenerationRequest(model="auto", messages=messages)
+
+
+def by_source(examples: Iterable[Example]) -> dict[str, list[int]]:
+    """Source name → the indices of its examples."""
+    out: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        out.setdefault(e.source, []).append(i)
+    return out

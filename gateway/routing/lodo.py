@@ -1,0 +1,261 @@
+"""Leave-one-dataset-out benchmark of every estimator, in several wordings, and scoring
+anyone's labelled CSV with the shipped estimators (NumPy).
+
+:func:`evaluate`: each labelled source (:func:`gateway.routing.labels.load_sources`) is held
+out in turn; ``learned`` and ``semantic`` are refitted on the other sources only (their
+penalty, head and blend chosen by cross-validation inside those sources), ``heuristic`` has
+nothing to fit; every estimator then scores the held-out source's prompts in each wording of
+:data:`gateway.routing.labels.FORMATS` (the labels stay those of the wording the tiers were
+asked in). Per (source, wording, estimator): APGR, the strong fraction and the joules needed
+for 95% of the strong tier's quality (a sweep over the score order: no threshold is chosen on
+the reported set), and, where the source has joules, the least margin over random routing at
+equal joules. Random and oracle baselines are given per source.
+
+:func:`score_label_file`: the shipped estimators as trained in the package, nothing refitted,
+on a user's ``prompt,cheap_ok,strong_ok`` CSV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backends import GenerationRequest
+
+from . import semantic_train
+from .estimators import ESTIMATORS, DifficultyEstimator, LearnedEstimator, SemanticEstimator
+from .features import RequestText, extract
+from .labels import FORMATS, MIN_PROMPTS, Example, load_sources, read_label_file, request_for
+from .semantic import Embedder, SemanticUnavailable
+from .train import _designs, fit_artefact, routing_curve, select
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+    Floats = NDArray[np.float64]
+
+QUALITY_SHARE = 0.95
+ESTIMATOR_NAMES = ("heuristic", "learned", "semantic")
+#: Fixed semantic variants measured beside the selected one, so the choice is visible:
+#: embedding-only kNN and embedding-only linear head.
+VARIANTS: dict[str, tuple[tuple[str, float], tuple[float, ...]]] = {
+    "semantic-knn": (("knn", 16), (1.0, 0.0, 0.0)),
+    "semantic-linear": (("linear", 3.0), (1.0, 0.0, 0.0)),
+}
+
+
+@dataclass
+class Cell:
+    """One estimator on one held-out source in one wording."""
+
+    source: str
+    wording: str
+    estimator: str
+    apgr: float
+    #: Strong fraction needed for 95% of the strong tier's quality (1.0: never reached).
+    fraction95: float
+    #: Joules needed for it, as a share of always-strong joules (None: no joules labelled).
+    joules95: float | None
+    #: Least (quality - random quality at the same joules) over the curve (None: no joules).
+    margin: float | None
+    curve: tuple[list[float], list[float]] = field(default=([], []), repr=False)
+
+
+def cost_curve(scores: Sequence[float], examples: Sequence[Example]
+               ) -> tuple[list[float], list[float], list[float]]:
+    """Strong fraction, quality and joules (share of always-strong joules; the strong
+    fraction when the source has no joules) as the highest scores go strong first; tied
+    scores are one block (the straight line across it is the expected curve)."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=float)
+    order = np.argsort(-s, kind="stable")
+    n = len(s)
+    weak = np.array([examples[i].weak for i in order], dtype=float)
+    strong = np.array([examples[i].strong for i in order], dtype=float)
+    has_joules = all(e.weak_joules is not None and e.strong_joules is not None for e in examples)
+    wj = np.array([examples[i].weak_joules or 0.0 for i in order]) if has_joules else np.zeros(n)
+    sj = np.array([examples[i].strong_joules or 0.0 for i in order]) if has_joules else np.ones(n)
+    ends = [0] + [i for i in range(1, n) if s[order][i] != s[order][i - 1]] + [n]
+    quality = (weak.sum() + np.concatenate([[0.0], np.cumsum(strong - weak)])[ends]) / n
+    joules = (wj.sum() + np.concatenate([[0.0], np.cumsum(sj - wj)])[ends]) / sj.sum()
+    return (np.array(ends, dtype=float) / n).tolist(), quality.tolist(), joules.tolist()
+
+
+def _first_reaching(xs: list[float], ys: list[float], target: float) -> float:
+    """Smallest x (interpolated) at which the curve reaches ``target``; 1.0 if never."""
+    if ys[0] >= target:
+        return xs[0]
+    for i in range(1, len(xs)):
+        if ys[i] >= target:
+            lo, hi = ys[i - 1], ys[i]
+            return xs[i - 1] + (xs[i] - xs[i - 1]) * (target - lo) / (hi - lo) if hi > lo else xs[i]
+    return 1.0
+
+
+def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
+         examples: Sequence[Example]) -> Cell:
+    weak = [e.weak for e in examples]
+    strong = [e.strong for e in examples]
+    apgr = routing_curve(estimator, scores, weak, strong).apgr if sum(weak) != sum(strong) else 0.5
+    fractions, quality, joules = cost_curve(scores, examples)
+    target = QUALITY_SHARE * sum(strong) / len(strong)
+    has_joules = all(e.weak_joules is not None and e.strong_joules is not None for e in examples)
+    margin = None
+    if has_joules:
+        # Random routing at equal joules: the straight line between always-cheap and
+        # always-strong (in expectation).
+        j0, j1, q0, q1 = joules[0], joules[-1], quality[0], quality[-1]
+        margin = min(q - (q0 + (q1 - q0) * (j - j0) / (j1 - j0)) for j, q in
+                     zip(joules[1:-1], quality[1:-1], strict=True)) if len(joules) > 2 else 0.0
+    return Cell(source, wording, estimator, apgr, _first_reaching(fractions, quality, target),
+                _first_reaching(joules, quality, target) if has_joules else None, margin,
+                (joules, quality))
+
+
+def _requests(examples: Sequence[Example], wording: str) -> list[RequestText]:
+    """``native``: as each prompt was labelled."""
+    return [RequestText.of(request_for(e, None if wording == "native" else wording))
+            for e in examples]
+
+
+def _fit_learned(examples: list[Example], rows: list[int]) -> LearnedEstimator:
+    """``learned`` as ``router train`` fits it (degree and penalty chosen across the training
+    prompts' subjects), on ``rows`` only."""
+    features = [extract(RequestText.of(request_for(examples[r]))) for r in rows]
+    subset = [examples[r] for r in rows]
+    degree, alpha = select(_designs(features), subset, range(len(subset)))
+    return LearnedEstimator(fit_artefact(features, subset, degree, alpha))
+
+
+def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
+             progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """The leave-one-dataset-out report: ``cells`` (list of :class:`Cell`), ``sources``
+    (name → prompts, weak and strong quality), ``chosen`` (held-out source → the semantic
+    head and blend chosen without it)."""
+    from .estimators import HeuristicEstimator
+
+    sources = load_sources(data_dir)
+    small = [name for name, rows in sources.items() if len(rows) < MIN_PROMPTS]
+    for name in small:
+        progress(f"skipping source {name}: {len(sources.pop(name))} labelled prompts "
+                 f"(fewer than {MIN_PROMPTS})")
+    if len(sources) < 2:
+        raise ValueError(f"leave-one-dataset-out needs at least two labelled sources under "
+                         f"{data_dir}; found {', '.join(sources) or 'none'}")
+    examples = [e for rows in sources.values() for e in rows]
+    embedder = Embedder.load(semantic_train.DIMS)
+    progress(f"embedding {len(examples)} labelled prompts from {len(sources)} sources ...")
+    inputs = semantic_train.prepare(examples, embedder)
+    cells: list[Cell] = []
+    chosen: dict[str, str] = {}
+    heuristic = HeuristicEstimator()
+    for held_out in sources:
+        train_rows, test_rows = split(examples, held_out)
+        progress(f"held out {held_out}: fitting learned and semantic on "
+                 f"{len(train_rows)} prompts of {', '.join(s for s in sources if s != held_out)}")
+        learned = _fit_learned(examples, train_rows)
+        model, _ = semantic_train.fit(inputs, examples, train_rows, embedder=embedder)
+        semantic = SemanticEstimator(model)
+        chosen[held_out] = describe(model)
+        test = [examples[r] for r in test_rows]
+        estimators: list[DifficultyEstimator] = [heuristic, learned, semantic]
+        for label, (head, blend) in VARIANTS.items():
+            variant = SemanticEstimator(semantic_train.fit(inputs, examples, train_rows, head,
+                                                           blend, embedder)[0])
+            variant.name = label
+            estimators.append(variant)
+        for wording in ("native", *wordings):
+            texts = _requests(test, wording)
+            for est in estimators:
+                scores = [est.score_text(t).score for t in texts]
+                cells.append(cell(held_out, wording, est.name, scores, test))
+                if wording == "native":
+                    cells.extend(_per_file(held_out, est.name, scores, test))
+            progress(f"  {held_out} / {wording}: " + ", ".join(
+                f"{c.estimator} {c.apgr:.3f}" for c in cells
+                if c.source == held_out and c.wording == wording))
+        for name, baseline in (("random", [0.0] * len(test)),
+                               ("oracle", [float(e.strong) - float(e.weak) for e in test])):
+            cells.append(cell(held_out, "native", name, baseline, test))
+            cells.extend(_per_file(held_out, name, baseline, test))
+    info = {name: {"prompts": len(rows), "weak": sum(e.weak for e in rows) / len(rows),
+                   "strong": sum(e.strong for e in rows) / len(rows),
+                   "joules": all(e.strong_joules is not None for e in rows)}
+            for name, rows in sources.items()}
+    return {"cells": cells, "sources": info, "chosen": chosen}
+
+
+def _per_file(source: str, name: str, scores: Sequence[float], test: Sequence[Example]
+              ) -> list[Cell]:
+    """A source's files one by one (``humaneval/chat``), when it has several and they are
+    not MMLU subjects: the same problems labelled in different wordings."""
+    files = sorted({e.subject for e in test})
+    if source == "mmlu" or len(files) < 2:
+        return []
+    return [cell(f"{source}/{f}", "native", name, [s for s, e in zip(scores, test, strict=True)
+                                                   if e.subject == f],
+                 [e for e in test if e.subject == f]) for f in files]
+
+
+def describe(model: Any) -> str:
+    """The semantic model's head and blend in words."""
+    head = f"kNN k={model.k}" if model.head == "knn" else f"linear L2={model.meta['l2']:g}"
+    return head + ", weights " + ", ".join(f"{k} {v:g}" for k, v in model.blend.items())
+
+
+def split(examples: Sequence[Example], held_out: str) -> tuple[list[int], list[int]]:
+    """(training rows, test rows): the test rows are exactly the held-out source's."""
+    train = [i for i, e in enumerate(examples) if e.source != held_out]
+    test = [i for i, e in enumerate(examples) if e.source == held_out]
+    return train, test
+
+
+def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
+    """Per estimator: mean and worst held-out APGR in the labelled wording (``native``), the
+    worst over every wording, and the widest spread (max - min APGR over wordings) of any
+    source."""
+    out: dict[str, dict[str, float]] = {}
+    for name in (*ESTIMATOR_NAMES, *VARIANTS):
+        mine = [c for c in cells if c.estimator == name]
+        if not mine:
+            continue
+        native = [c.apgr for c in mine if c.wording == "native" and "/" not in c.source]
+        spreads = []
+        for source in sorted({c.source for c in mine if "/" not in c.source}):
+            values = [c.apgr for c in mine if c.source == source]
+            spreads.append(max(values) - min(values))
+        out[name] = {"mean": sum(native) / len(native), "worst": min(native),
+                     "worst_any_wording": min(c.apgr for c in mine if "/" not in c.source),
+                     "widest_spread": max(spreads)}
+    return out
+
+
+# -- anyone's labelled set -----------------------------------------------------------------
+
+def score_label_file(path: Path, names: Sequence[str] | None = None
+                     ) -> tuple[list[Example], dict[str, dict[str, Any]]]:
+    """Every shipped estimator (or ``names``), as trained in the package, on the CSV's
+    prompts asked as plain user messages (or the CSV's ``format`` column): per estimator
+    ``apgr`` and ``scores`` in file order, or ``error`` when it cannot load here."""
+    examples = read_label_file(path)
+    if not examples:
+        raise ValueError(f"{path}: no labelled rows")
+    out: dict[str, dict[str, Any]] = {}
+    requests: list[GenerationRequest] = [request_for(e) for e in examples]
+    # ``cascade`` decides after the cheap tier's first tokens, not from the prompt: it has
+    # no up-front score to rank by.
+    for name in names or [n for n in sorted(ESTIMATORS) if n != "cascade"]:
+        try:
+            est = ESTIMATORS[name]()
+        except (SemanticUnavailable, ValueError, OSError) as exc:
+            out[name] = {"error": str(exc)}
+            continue
+        scores = [est.score(r).score for r in requests]
+        c = cell(path.stem, "file", name, scores, examples)
+        out[name] = {"apgr": c.apgr, "fraction95": c.fraction95, "joules95": c.joules95,
+                     "scores": scores}
+    return examples, out

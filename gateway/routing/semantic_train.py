@@ -1,0 +1,288 @@
+"""Fitting the ``semantic`` estimator (:mod:`.semantic`) on labelled prompts (NumPy).
+
+:func:`fit` chooses the embedding head (kNN with ``k`` neighbours, or a ridge head) and the
+blend with the shape features by grouped cross-validation *inside the prompts it is given*
+(MMLU subjects, other sources whole), scoring each candidate by the mean APGR over the
+sources of its held-out groups, then fits the chosen model on all of them. So when the
+leave-one-dataset-out benchmark (:mod:`.lodo`) calls it without the held-out source, nothing
+of that source informs the choice. :func:`train` fits on every labelled source and writes
+the shipped ``semantic_model.npz``. Deterministic: the same data gives the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .estimators import HeuristicEstimator
+from .features import RequestText, extract
+from .labels import MIN_PROMPTS, Example, load_sources, normalise, request_for
+from .semantic import SEMANTIC_FILE, Embedder, SemanticModel
+from .train import routing_curve
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+    Floats = NDArray[np.float64]
+    Ints = NDArray[np.int64]
+
+#: Embedding heads tried: ("knn", k) or ("linear", L2 penalty).
+HEADS: list[tuple[str, float]] = [("knn", 16), ("knn", 64), ("linear", 3.0), ("linear", 30.0)]
+#: Weights of the (embedding, shape, prior) parts tried: a grid on the simplex, step 1/4.
+BLENDS = [(e / 4, s / 4, (4 - e - s) / 4) for e in range(5) for s in range(5 - e)]
+PARTS = ("embedding", "shape", "prior")
+SHAPE_L2 = 100.0
+#: Stored (kNN reference) prompts per source at most: keeps the file to a few MB.
+CAP_PER_SOURCE = 4000
+DIMS = 256
+FOLDS = 4
+EXCERPT_CHARS = 160
+
+
+@dataclass
+class Inputs:
+    """What fitting needs of each example: embedding, shape features, gain."""
+
+    vectors: Any       # (n, DIMS) float32, unit length
+    features: Any      # (n, F) float64
+    names: list[str]
+    gain: Any          # (n,) strong - weak
+    texts: list[str]   # the text embedded (the request's last user turn or prompt)
+
+    @property
+    def prior_weights(self) -> Any:
+        """The heuristic's weights, aligned to :attr:`names` (0 for features it ignores)."""
+        import numpy as np
+
+        weights = HeuristicEstimator.WEIGHTS
+        return np.array([weights.get(n, 0.0) for n in self.names])
+
+
+def prepare(examples: Sequence[Example], embedder: Embedder,
+            wording: str | None = None) -> Inputs:
+    """Embed and featurise each example as the request ``wording`` makes it (default: the
+    format it was labelled in)."""
+    import numpy as np
+
+    texts, rows = [], []
+    for e in examples:
+        text = RequestText.of(request_for(e, wording))
+        texts.append(text.last)
+        rows.append(extract(text))
+    names = sorted(rows[0])
+    features = np.array([[r[n] for n in names] for r in rows], dtype=float)
+    gain = np.array([float(e.strong) - float(e.weak) for e in examples])
+    return Inputs(embedder.embed_many(texts), features, names, gain, texts)
+
+
+def _ridge(x: Floats, y: Floats, alpha: float, standardise: bool = True
+           ) -> tuple[Floats, Floats, Floats]:
+    import numpy as np
+
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0) if standardise else np.ones(x.shape[1])
+    scale[scale < 1e-9] = 1.0
+    z = (x - mean) / scale
+    w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+    return mean, scale, w
+
+
+def reference_rows(examples: Sequence[Example], rows: Sequence[int],
+                   cap: int = CAP_PER_SOURCE) -> list[int]:
+    """The rows kept as kNN references: every row of a source, or an evenly spaced ``cap``
+    of them (deterministic)."""
+    by: dict[str, list[int]] = {}
+    for r in rows:
+        by.setdefault(examples[r].source, []).append(r)
+    kept: list[int] = []
+    for source_rows in by.values():
+        if len(source_rows) > cap:
+            step = len(source_rows) / cap
+            source_rows = [source_rows[int(i * step)] for i in range(cap)]
+        kept.extend(source_rows)
+    return sorted(kept)
+
+
+def _top(query: Any, ref: Any, k: int, exclude_self: Sequence[int] | None = None) -> Ints:
+    """Indices into ``ref`` of each query row's ``k`` most similar rows, most similar first
+    (chunked). ``exclude_self[i]``: a ``ref`` index query ``i`` may not use (itself)."""
+    import numpy as np
+
+    k = min(k, len(ref) - (1 if exclude_self is not None else 0))
+    out = np.zeros((len(query), k), dtype=np.int64)
+    for start in range(0, len(query), 2048):
+        sims = query[start:start + 2048] @ ref.T
+        if exclude_self is not None:
+            own = np.asarray(exclude_self[start:start + 2048])
+            sims[np.arange(len(own)), own] = -np.inf
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        out[start:start + len(top)] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def _parts(inputs: Inputs, fit: Sequence[int], ref: Sequence[int], query: Ints,
+           exclude_self: Sequence[int] | None = None) -> dict[Any, Floats]:
+    """Each head's embedding part and the shape part for the query rows."""
+    import numpy as np
+
+    fit_a, ref_a = np.asarray(fit), np.asarray(ref)
+    gain = inputs.gain
+    parts: dict[Any, Floats] = {}
+    mean, scale, w = _ridge(inputs.features[fit_a], gain[fit_a], SHAPE_L2)
+    parts["shape"] = ((inputs.features[query] - mean) / scale) @ w
+    parts["prior"] = inputs.features[query] @ inputs.prior_weights
+    kmax = int(max(k for h, k in HEADS if h == "knn"))
+    top = _top(inputs.vectors[query], inputs.vectors[ref_a], kmax, exclude_self)
+    ref_gain = gain[ref_a]
+    for head, value in HEADS:
+        if head == "knn":
+            parts[(head, value)] = ref_gain[top[:, : int(value)]].mean(axis=1) - gain[fit_a].mean()
+        else:
+            m, _, lw = _ridge(inputs.vectors[fit_a].astype(float), gain[fit_a], value, False)
+            parts[(head, value)] = (inputs.vectors[query] - m) @ lw
+    return parts
+
+
+def _spread(x: Floats) -> float:
+    s = float(x.std())
+    return s if s > 1e-9 else 1.0
+
+
+def _mean_apgr(scores: Floats, examples: Sequence[Example], rows: Sequence[int]) -> float:
+    by: dict[str, list[int]] = {}
+    for k, r in enumerate(rows):
+        by.setdefault(examples[r].source, []).append(k)
+    values = []
+    for ks in by.values():
+        weak = [examples[rows[k]].weak for k in ks]
+        strong = [examples[rows[k]].strong for k in ks]
+        if sum(strong) != sum(weak):
+            values.append(routing_curve("", scores[ks], weak, strong).apgr)
+    return sum(values) / len(values) if values else 0.0
+
+
+def groups(examples: Sequence[Example], rows: Sequence[int]) -> list[list[int]]:
+    """Cross-validation folds of ``rows``: one per source when there are several (so the
+    choice is the one that carried over to a source it was not fitted on); within a single
+    source, MMLU subjects or (other sources, whose files may hold the same problems in two
+    wordings) prompts, dealt round-robin into :data:`FOLDS`."""
+    sources = sorted({examples[r].source for r in rows})
+    if len(sources) > 1:
+        return [[r for r in rows if examples[r].source == s] for s in sources]
+
+    def key(e: Example) -> str:
+        return e.subject if e.source == "mmlu" else normalise(e.prompt)
+
+    keys = sorted({key(examples[r]) for r in rows})
+    folds = [set(keys[k::FOLDS]) for k in range(FOLDS)]
+    return [[r for r in rows if key(examples[r]) in fold] for fold in folds if fold]
+
+
+def _blend(weights: tuple[float, ...], parts: Sequence[Floats]) -> Floats:
+    return sum(b * p / _spread(p) for b, p in zip(weights, parts, strict=True))  # type: ignore[return-value]
+
+
+def select(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int]
+           ) -> tuple[tuple[str, float], tuple[float, ...], float]:
+    """The (head, blend) with the best mean held-out APGR across ``rows``' folds, and it."""
+    import numpy as np
+
+    rows = list(rows)
+    pooled: dict[Any, list[Floats]] = {}
+    order: list[int] = []
+    for held in groups(examples, rows):
+        held_set = set(held)
+        fit = [r for r in rows if r not in held_set]
+        parts = _parts(inputs, fit, reference_rows(examples, fit), np.asarray(held))
+        shape, prior = parts.pop("shape"), parts.pop("prior")
+        for head, emb in parts.items():
+            for blend in BLENDS:
+                pooled.setdefault((head, blend), []).append(_blend(blend, (emb, shape, prior)))
+        order.extend(held)
+    best: tuple[float, tuple[str, float], tuple[float, ...]] | None = None
+    for (head, blend), chunks in pooled.items():
+        apgr = _mean_apgr(np.concatenate(chunks), examples, order)
+        if best is None or apgr > best[0] + 1e-9:
+            best = (apgr, head, blend)
+    assert best is not None
+    return best[1], best[2], best[0]
+
+
+def fit(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int],
+        head: tuple[str, float] | None = None, blend: tuple[float, ...] | None = None,
+        embedder: Embedder | None = None) -> tuple[SemanticModel, dict[str, Any]]:
+    """The model fitted on ``rows`` (head and blend chosen by :func:`select` unless given),
+    and its arrays as the artefact stores them."""
+    import numpy as np
+
+    rows = list(rows)
+    chosen_apgr = None
+    if head is None or blend is None:
+        head, blend, chosen_apgr = select(inputs, examples, rows)
+    ref = reference_rows(examples, rows)
+    ref_pos = {r: i for i, r in enumerate(ref)}
+    fit_a = np.asarray(rows)
+    mean, scale, w = _ridge(inputs.features[fit_a], inputs.gain[fit_a], SHAPE_L2)
+    if head[0] == "linear":
+        lmean, _, lw = _ridge(inputs.vectors[fit_a].astype(float), inputs.gain[fit_a], head[1], False)
+    else:
+        lmean, lw = np.zeros(inputs.vectors.shape[1]), np.zeros(inputs.vectors.shape[1])
+    gain_mean = float(inputs.gain[fit_a].mean())
+    # Training predictions, each reference prompt not its own neighbour: spreads, quantiles.
+    own = [ref_pos.get(r, -1) for r in rows]
+    shape_pred = ((inputs.features[fit_a] - mean) / scale) @ w
+    if head[0] == "knn":
+        exclude = [o if o >= 0 else 0 for o in own]
+        top = _top(inputs.vectors[fit_a], inputs.vectors[np.asarray(ref)], int(head[1]) + 1, exclude)
+        emb_pred = inputs.gain[np.asarray(ref)][top[:, : int(head[1])]].mean(axis=1) - gain_mean
+    else:
+        emb_pred = (inputs.vectors[fit_a] - lmean) @ lw
+    prior_pred = inputs.features[fit_a] @ inputs.prior_weights
+    combined = _blend(blend, (emb_pred, shape_pred, prior_pred))
+    sources = sorted({examples[r].source for r in ref})
+    meta = {"head": head[0], "k": int(head[1]) if head[0] == "knn" else 0,
+            "l2": head[1] if head[0] == "linear" else 0.0,
+            "blend": dict(zip(PARTS, blend, strict=True)),
+            "spread": {"embedding": _spread(emb_pred), "shape": _spread(shape_pred),
+                       "prior": _spread(prior_pred)},
+            "gain_mean": gain_mean, "features": inputs.names, "dims": int(inputs.vectors.shape[1]),
+            "examples": len(rows), "references": len(ref), "selection_apgr": chosen_apgr,
+            "sources": {s: sum(1 for r in rows if examples[r].source == s)
+                        for s in sorted({examples[r].source for r in rows})}}
+    arrays: dict[str, Any] = {
+        "meta": np.array(json.dumps(meta, sort_keys=True)),
+        "vectors": inputs.vectors[np.asarray(ref)].astype(np.float16),
+        "gain": inputs.gain[np.asarray(ref)].astype(np.int8),
+        "cheap_ok": np.array([examples[r].weak for r in ref], dtype=np.uint8),
+        "strong_ok": np.array([examples[r].strong for r in ref], dtype=np.uint8),
+        "source": np.array([sources.index(examples[r].source) for r in ref], dtype=np.uint8),
+        "sources": np.array(sources),
+        "excerpts": np.array([" ".join(examples[r].prompt.split())[:EXCERPT_CHARS]
+                              for r in ref]),
+        "feature_mean": mean, "feature_scale": scale, "feature_weights": w,
+        "prior_weights": inputs.prior_weights,
+        "linear": lw.astype(np.float32), "linear_mean": lmean.astype(np.float32),
+        "quantiles": np.round(np.quantile(combined, np.linspace(0, 1, 101)), 8),
+    }
+    return SemanticModel(arrays, embedder), arrays
+
+
+def train(data_dir: Path, out: Path = SEMANTIC_FILE, embedder: Embedder | None = None
+          ) -> dict[str, Any]:
+    """Fit on every labelled source and write the artefact; returns its metadata."""
+    import numpy as np
+
+    embedder = embedder or Embedder.load(DIMS)
+    sources = load_sources(data_dir)
+    examples = [e for rows in sources.values() if len(rows) >= MIN_PROMPTS for e in rows]
+    inputs = prepare(examples, embedder)
+    _, arrays = fit(inputs, examples, range(len(examples)))
+    with Path(out).open("wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    meta: dict[str, Any] = json.loads(str(arrays["meta"]))
+    return meta

@@ -1,0 +1,184 @@
+"""The semantic estimator, its explanation, `router eval --labels` and the LODO splits."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+
+from backends import GenerationRequest
+from gateway.cli import main
+from gateway.routing import create_estimator
+from gateway.routing.estimators import SemanticEstimator
+from gateway.routing.labels import Example, read_label_file, request_for
+from gateway.runtime import Runtime
+from policies import PolicyError, parse_policy
+
+pytestmark = pytest.mark.unit
+
+pytest.importorskip("numpy")
+pytest.importorskip("wordllama")
+
+EASY = "What is the capital of France?"
+HARD = ("Prove step by step that the algorithm below terminates, then derive its worst-case "
+        "complexity.\n```python\ndef f(xs):\n    return sorted(xs)[::2]\n```\n"
+        + "Consider the edge cases. " * 30)
+
+
+def chat(text: str) -> GenerationRequest:
+    return GenerationRequest(model="auto", messages=[{"role": "user", "content": text}])
+
+
+@pytest.fixture(scope="module")
+def semantic() -> SemanticEstimator:
+    est = create_estimator("semantic")
+    assert isinstance(est, SemanticEstimator)
+    return est
+
+
+def test_semantic_loads_from_the_package_and_scores(semantic):
+    easy, hard = semantic.score(chat(EASY)), semantic.score(chat(HARD))
+    assert 0.0 < easy.score < hard.score < 1.0
+    assert semantic.score(chat(EASY)) == easy  # deterministic
+    completion = semantic.score(GenerationRequest(model="auto", prompt="def f(x):\n    \"\"\"Sum.\"\"\"\n"))
+    assert 0.0 < completion.score < 1.0
+    assert semantic.score(chat("")).score >= 0.0  # no tokens: still a score
+
+
+def test_explanation_returns_the_nearest_labelled_prompts(semantic):
+    neighbours = semantic.explain(chat("Write a Python function that reverses a linked list."), 4)
+    assert len(neighbours) == 4
+    sims = [n.similarity for n in neighbours]
+    assert sims == sorted(sims, reverse=True) and sims[0] > 0.3
+    assert all(n.source in semantic.model.sources and n.excerpt for n in neighbours)
+    assert all(isinstance(n.cheap_ok, bool) and isinstance(n.strong_ok, bool) for n in neighbours)
+
+
+def test_route_json_carries_the_neighbours(capsys):
+    assert main(["route", "--estimator", "semantic", "--json", "--neighbours", "3",
+                 "Write a Python function that merges two sorted lists."]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["estimator"] == "semantic" and len(out["neighbours"]) == 3
+    assert set(out["neighbours"][0]) == {"similarity", "source", "excerpt", "cheap_ok", "strong_ok"}
+    assert main(["route", "--estimator", "semantic", "What is 2 + 2?"]) == 0
+    assert "nearest labelled prompts" in capsys.readouterr().out
+
+
+def test_without_wordllama_a_policy_naming_semantic_is_refused_at_load(tmp_path, monkeypatch):
+    from tests.test_routing import base_policy
+
+    monkeypatch.setitem(sys.modules, "wordllama", None)  # as if the package were absent
+    monkeypatch.setenv("X", "k")
+    policy = parse_policy(base_policy(routing={"estimator": "semantic"}), "p.yaml")
+    with pytest.raises(PolicyError, match=r"routing\.estimator: .*'semantic' needs the wordllama "
+                                          r"package.*joulegate\[models\]"):
+        Runtime(tmp_path / "p.yaml")._routing(policy, None)
+
+
+def _write(path, rows):
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "cheap_ok", "strong_ok"])
+        w.writerows(rows)
+
+
+def test_router_eval_labels_scores_every_shipped_estimator_in_file_order(tmp_path, capsys):
+    rows = [(EASY, 1, 1), (HARD, 0, 1), ("Name a primary colour.", 1, 1),
+            ("Implement a B-tree with deletion in C and prove its invariants.", 0, 1),
+            ("Who wrote Hamlet?", 1, 0), ("Solve x^2 - 5x + 6 = 0 step by step.", 0, 0)]
+    path = tmp_path / "mine.csv"
+    _write(path, rows)
+    assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompts"] == len(rows) and "nothing is fitted" in out["note"]
+    assert {"heuristic", "learned", "semantic"} <= set(out["estimators"])
+    for name in ("heuristic", "learned", "semantic"):
+        result = out["estimators"][name]
+        est = create_estimator(name)
+        expected = [est.score(chat(prompt)).score for prompt, _, _ in rows]
+        assert result["scores"] == pytest.approx(expected, abs=1e-6)  # file order
+        assert -1.0 < result["apgr"] < 3.0
+    assert main(["router", "eval", "--labels", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "| semantic |" in text and "nothing is fitted" in text
+
+
+def test_router_eval_labels_refuses_a_file_without_the_columns(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text("question,label\nx,1\n")
+    assert main(["router", "eval", "--labels", str(path)]) == 2
+    assert "missing column(s) cheap_ok, prompt, strong_ok" in capsys.readouterr().err
+
+
+def test_apgr_cost_and_margin_by_hand():
+    """4 prompts; only the second needs the strong tier. Cheap 0.5, strong 0.75. The score
+    order sends it first: quality 0.5, 0.75, 0.75, 0.75, 0.75 at strong share 0..1, so PGR
+    0, 1, 1, 1, 1 and APGR = 0.125 + 3 * 0.25 = 0.875. 95% of strong (0.7125) is reached at
+    share 0.2125. Joules: cheap 1 J, strong 3 J each (always-strong 12 J): 4/12 at share 0,
+    6/12 at the first step, so 95% at (4 + 2 * 0.85) / 12 = 0.475; random at equal joules is
+    the line from (1/3, 0.5) to (1, 0.75), whose least gap below the curve is at 10/12:
+    0.75 - 0.6875 = 0.0625."""
+    from gateway.routing.lodo import cell
+
+    examples = [Example("t", f"p{i}", w, s, "t", "bare", 1.0, 3.0)
+                for i, (w, s) in enumerate([(1, 1), (0, 1), (0, 0), (1, 1)])]
+    c = cell("t", "native", "x", [0.1, 0.9, 0.5, 0.2], examples)
+    assert c.apgr == pytest.approx(0.875)
+    assert c.fraction95 == pytest.approx(0.2125)
+    assert c.joules95 == pytest.approx(0.475)
+    assert c.margin == pytest.approx(0.0625)
+    flat = cell("t", "native", "random", [0.0] * 4, examples)
+    assert flat.apgr == pytest.approx(0.5) and flat.margin == pytest.approx(0.0)
+
+
+def _synthetic(n_per_source: int = 40) -> list[Example]:
+    out = []
+    for source, topic in (("alpha", "Explain the history of"), ("beta", "Compute the sum of"),
+                          ("gamma", "Write a function that sorts")):
+        for i in range(n_per_source):
+            hard = i % 3 == 0
+            prompt = f"{topic} item {i}" + (" step by step, then prove it." * 3 if hard else ".")
+            out.append(Example(f"{source}-file", prompt, not hard, True, source))
+    return out
+
+
+def test_lodo_splits_never_put_the_held_out_source_in_training(semantic):
+    from gateway.routing import semantic_train
+    from gateway.routing.lodo import split
+
+    examples = _synthetic()
+    inputs = semantic_train.prepare(examples, semantic.model.embedder)
+    for held in ("alpha", "beta", "gamma"):
+        train_rows, test_rows = split(examples, held)
+        assert {examples[r].source for r in test_rows} == {held}
+        assert held not in {examples[r].source for r in train_rows}
+        assert sorted(train_rows + test_rows) == list(range(len(examples)))
+        # Model selection inside training leaves one *training* source out at a time.
+        folds = semantic_train.groups(examples, train_rows)
+        assert [{examples[r].source for r in f} for f in folds] == \
+            [{s} for s in sorted({"alpha", "beta", "gamma"} - {held})]
+        model, _ = semantic_train.fit(inputs, examples, train_rows, embedder=semantic.model.embedder)
+        assert held not in model.sources and held not in model.meta["sources"]
+        assert model.meta["examples"] == len(train_rows)
+        stored = {" ".join(e.split()) for e in model.excerpts}
+        assert not stored & {" ".join(examples[r].prompt.split()) for r in test_rows}
+
+
+def test_label_files_and_wordings(tmp_path):
+    path = tmp_path / "x.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules", "format"])
+        w.writerow(['def f(x):\n    """Double x."""\n', "True", "0", "1.5", "4", "completion"])
+    (e,) = read_label_file(path)
+    assert (e.weak, e.strong, e.weak_joules, e.strong_joules, e.format, e.kind) == \
+        (True, False, 1.5, 4.0, "completion", "code")
+    assert request_for(e).prompt == e.prompt and request_for(e).messages is None
+    chat_request = request_for(e, "chat").messages
+    assert chat_request is not None and "```python" in chat_request[0]["content"]
+    system = request_for(e, "system").messages
+    assert system is not None and [m["role"] for m in system] == ["system", "user"]
+    fewshot = request_for(e, "fewshot").messages
+    assert fewshot is not None and fewshot[0]["content"].endswith(e.prompt)
