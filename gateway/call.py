@@ -157,8 +157,9 @@ class Call:
             if self.completion_tokens > 0:
                 c.joules_per_token.observe(self.joules / self.completion_tokens)
             if self.status == 200 and self.tier is not None:
+                # the serving tier's own joules: not a failed attempt's or a cascade probe's
                 runtime.calibration.update(self.tier, self.prompt_tokens,
-                                           self.completion_tokens, self.joules)
+                                           self.completion_tokens, self.joules - self.spent_before)
         if snap.policy.server.access_log and access_log.isEnabledFor(logging.INFO):
             logs.access(access_log, self.access_record(elapsed))
 

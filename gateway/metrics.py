@@ -122,6 +122,10 @@ class Metrics:
         self.fallbacks = Counter("joulegate_fallbacks",
                                  "Requests retried on another tier after their tier failed "
                                  "before answering.", ["tenant", "from", "to"], registry=r)
+        self.cascade_escalations = Counter(
+            "joulegate_cascade_escalations",
+            "Requests (estimator: cascade) whose cheap tier's first tokens were too unsure, "
+            "escalated to a costlier tier.", ["tenant", "from", "to"], registry=r)
         self.backend_waiting = Gauge("joulegate_backend_waiting_requests",
                                      "Requests queued in an upstream server (vLLM).", ["backend"],
                                      registry=r, multiprocess_mode="mostrecent")

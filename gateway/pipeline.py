@@ -38,7 +38,7 @@ from starlette.responses import Response
 
 from backends import Backend, BackendError, Generation
 
-from . import fields
+from . import cascade, fields
 from . import openai_types as wire
 from .auth import authenticate
 from .call import Call
@@ -50,7 +50,6 @@ from .steps import (
     answer_headers,
     complete_on,
     finish,
-    on_plan,
     plan,
     read,
     request_id,
@@ -103,7 +102,7 @@ async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
                                              call.dropped_params)
         return await complete_on(call, backend)
 
-    result = await on_plan(runtime, snap, call, attempt)
+    result = await cascade.on_plan(runtime, snap, call, attempt, cascade.whole)
     call.prompt_tokens = result.usage.prompt_tokens
     call.completion_tokens = result.usage.completion_tokens
     headers = answer_headers(call)

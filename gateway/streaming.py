@@ -16,12 +16,12 @@ from starlette.responses import Response
 
 from backends import Backend, BackendError, Chunk
 
-from . import fields
+from . import cascade, fields
 from . import openai_types as wire
 from .call import Call
 from .errors import APIError
 from .runtime import Runtime, Snapshot
-from .steps import fill_prompt, finish, on_plan, response_headers, response_id, take_tokens
+from .steps import fill_prompt, finish, response_headers, response_id, take_tokens
 
 log = logging.getLogger("joulegate")
 
@@ -139,7 +139,7 @@ async def open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
                                              call.dropped_params)
         return await first_chunk(call, backend)
 
-    chunks, first = await on_plan(runtime, snap, call, attempt)
+    chunks, first = await cascade.on_plan(runtime, snap, call, attempt, cascade.streamed)
     call.first_token_s = time.perf_counter() - call.started
     return stream_response(runtime, snap, call, chunks, sse_events(call, chunks, first))
 

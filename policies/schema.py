@@ -247,11 +247,25 @@ class CapacitySpec(_Strict):
     window_s: float = Field(300.0, gt=0, le=86400)
 
 
+class CascadeSpec(_Strict):
+    """``estimator: cascade``: an ``auto`` request is answered by its routed (cheapest) tier,
+    whose first ``probe_tokens`` tokens are looked at before anything reaches the client; when
+    their confidence (the geometric mean of their probabilities, exp(mean log-probability))
+    is below ``threshold``, that answer is dropped and the request escalates to ``to`` (see
+    :mod:`gateway.cascade`)."""
+
+    threshold: float = Field(0.8, ge=0, le=1)
+    probe_tokens: int = Field(8, ge=1, le=256)
+    #: The tier to escalate to; default: the next costlier tier the request may use.
+    to: str | None = Field(None, pattern=NAME_PATTERN)
+
+
 class RoutingSpec(_Strict):
     """How ``model: "auto"`` picks a tier. Every key is optional; a tenant's ``routing``
     overrides the policy's key by key."""
 
-    #: Difficulty estimator: ``heuristic`` or ``learned`` (see `joulegate route`).
+    #: Difficulty estimator: ``heuristic`` or ``learned`` (see `joulegate route`), or
+    #: ``cascade``: start on the cheapest tier and escalate on low confidence (``cascade``).
     estimator: str | None = Field(None, pattern=NAME_PATTERN)
     #: Tier name → the lowest difficulty score that may use it. The cheapest tier needs
     #: none; a costlier tier without a threshold is never chosen by the gate (only pinned).
@@ -269,6 +283,8 @@ class RoutingSpec(_Strict):
     fallback: Literal["off", "auto", "all"] | None = None
     #: The ladder, most preferred first; default: the tenant's tiers from costliest down.
     fallback_ladder: list[str] | None = None
+    #: ``estimator: cascade``'s probe and threshold (default: :class:`CascadeSpec`'s).
+    cascade: CascadeSpec | None = None
 
     def merged(self, override: RoutingSpec | None) -> RoutingSpec:
         if override is None:

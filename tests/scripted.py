@@ -56,6 +56,8 @@ class Script:
     #: streamed as deltas: the id and name first, then the arguments in two pieces, one
     #: completion token each.
     tool_calls: Sequence[ToolCall] = ()
+    #: The log-probability each token reports (when the request asks for log-probabilities).
+    logprob: float = -0.25
 
     @classmethod
     def unavailable(cls, message: str = "scripted: no slot free", retry_after_s: float | None = None,
@@ -109,15 +111,16 @@ def scripted_vector(text: str | list[int], size: int) -> list[float]:
     return [x / norm for x in vector]
 
 
-def scripted_logprobs(pieces: Sequence[str], request: GenerationRequest
+def scripted_logprobs(pieces: Sequence[str], request: GenerationRequest, logprob: float = -0.25
                       ) -> list[TokenLogprob] | None:
-    """The tokens' log-probabilities as the scripted model reports them, when asked: -0.25
-    each, with ``top_logprobs`` alternatives (the token itself, then ``alt1``, ``alt2``...)."""
+    """The tokens' log-probabilities as the scripted model reports them, when asked:
+    ``logprob`` (the script's, default -0.25) each, with ``top_logprobs`` alternatives (the
+    token itself, then ``alt1``, ``alt2``...)."""
     if not request.logprobs:
         return None
     top = request.top_logprobs or 0
-    return [TokenLogprob(p, -0.25, list(p.encode()),
-                         [TopLogprob(p, -0.25, list(p.encode()))]
+    return [TokenLogprob(p, logprob, list(p.encode()),
+                         [TopLogprob(p, logprob, list(p.encode()))]
                          + [TopLogprob(f"alt{i}", -1.0 - i, list(f"alt{i}".encode()))
                             for i in range(1, top)] if top else [])
             for p in pieces]
@@ -191,10 +194,10 @@ class ScriptedBackend(Backend):
                               Usage(request.progress.prompt_tokens,
                                     request.progress.completion_tokens),
                               tool_calls=list(script.tool_calls),
-                              logprobs=scripted_logprobs(pieces, request))
+                              logprobs=scripted_logprobs(pieces, request, script.logprob))
         return Generation("".join(pieces), finish, Usage(request.progress.prompt_tokens,
                                                          request.progress.completion_tokens),
-                          logprobs=scripted_logprobs(pieces, request))
+                          logprobs=scripted_logprobs(pieces, request, script.logprob))
 
     #: The size of :meth:`embed`'s vectors when a request gives no ``dimensions``.
     embedding_size = 8
@@ -233,7 +236,7 @@ class ScriptedBackend(Backend):
         try:
             async for piece, finish in tokens:
                 record.tokens_sent += 1 if piece else 0
-                logprobs = scripted_logprobs([piece], request)
+                logprobs = scripted_logprobs([piece], request, script.logprob)
                 if finish is None:
                     yield Chunk(text=piece, logprobs=logprobs)
                 elif script.tool_calls and finish != "length":

@@ -198,9 +198,20 @@ class SemanticEstimator(DifficultyEstimator):
         return self.model.neighbours(RequestText.of(request), k)
 
 
+class CascadeEstimator(DifficultyEstimator):
+    """``cascade``: no score up front (0 for every request), so ``auto`` starts on the
+    default tier; :mod:`gateway.cascade` escalates when that tier's first tokens are unsure."""
+
+    name = "cascade"
+
+    def score_text(self, text: RequestText) -> Difficulty:
+        return Difficulty(0.0, {})
+
+
 #: name → factory. Factories, not instances: a snapshot builds the ones its policy names.
 ESTIMATORS: dict[str, Callable[[], DifficultyEstimator]] = {
     HeuristicEstimator.name: HeuristicEstimator,
+    CascadeEstimator.name: CascadeEstimator,
     LearnedEstimator.name: LearnedEstimator.load,
     SemanticEstimator.name: SemanticEstimator.load,
 }

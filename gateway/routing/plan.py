@@ -48,6 +48,10 @@ class TierPlan:
     #: ``fallback`` after a failure.
     reason: str = ""
     degraded_from: str | None = None
+    #: ``estimator: cascade``: the probe's confidence in the first tier's answer (None: no
+    #: probe ran), and that tier when the request escalated from it.
+    confidence: float | None = None
+    escalated_from: str | None = None
     _at: int = 0
 
     @classmethod
@@ -106,6 +110,16 @@ class TierPlan:
                 self._move(i, "fallback", f"failed: {error}")
                 return c.tier
         return None
+
+    def escalate(self, tier: TierSpec, confidence: float) -> None:
+        """The tier in force answered with too little ``confidence`` (``estimator:
+        cascade``): run on the costlier ``tier`` instead."""
+        self.escalated_from = self.tier.name
+        index = next((i for i, c in enumerate(self.candidates) if c.tier.name == tier.name), None)
+        if index is None:
+            self.candidates.append(Candidate(tier))
+            index = len(self.candidates) - 1
+        self._move(index, "cascade", f"cascade: confidence {confidence:.3f}")
 
     def _move(self, index: int, reason: str, why: str | None = None) -> None:
         self.skipped.append(Skip(self.tier.name, why or reason))

@@ -1,0 +1,200 @@
+"""The cascade (``routing.estimator: cascade``): answer with the cheap tier, escalate when it
+is unsure.
+
+Routing scores nothing up front for a cascade tenant (the ``cascade`` estimator gives every
+request 0), so an ``auto`` request plans onto its default, cheapest tier. :func:`on_plan`
+then starts that tier's answer as a stream with log-probabilities on and reads its first
+``routing.cascade.probe_tokens`` tokens before anything reaches the client. Their
+*confidence* is the geometric mean of their probabilities, ``exp(mean log-probability)``:
+
+- at or above ``routing.cascade.threshold`` the answer is accepted: the tokens already made
+  are the start of the answer, and the rest follows from the same generation (whole, or
+  streamed: the buffered chunks first);
+- below it, the cheap stream is closed (generation stops), its joules are settled into
+  the request's (``Call.spent_before``, as for a fallback: the tenant pays for the probe and
+  the answer, exactly once each), and the plan escalates (:meth:`TierPlan.escalate`) to
+  ``routing.cascade.to`` or the next costlier tier that can serve the request, which then
+  answers as usual.
+
+Either way the response says so: ``X-Joulegate-Cascade`` (``small`` accepted, or
+``small->full``) and ``X-Joulegate-Cascade-Confidence``; escalations count in
+``joulegate_cascade_escalations_total{tenant,from,to}``. The cascade applies only to
+``auto`` requests that routing sent to their default tier (``gate``), without tools or a
+JSON response format, on a tier that reports log-probabilities; everything else (pinned
+models, budget-degraded or capped plans) runs as planned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from backends import Backend, Chunk, Generation, Usage
+from backends.features import TokenLogprob
+from policies import TierSpec
+from policies.schema import CascadeSpec
+
+from . import fields, steps
+from .call import Call
+from .capabilities import capable_tiers, tier_capabilities
+from .runtime import Runtime, Snapshot
+from .steps import leave_slot, take_tokens
+
+log = logging.getLogger("joulegate")
+
+T = TypeVar("T")
+
+#: The estimator name that turns the cascade on.
+CASCADE = "cascade"
+
+
+@dataclass(slots=True)
+class Probe:
+    """The cheap tier's answer so far: its stream (still open unless it ended), the chunks
+    read from it, and how sure the tokens in them were."""
+
+    chunks: AsyncGenerator[Chunk, None]
+    seen: list[Chunk]
+    confidence: float
+    #: The client asked for log-probabilities itself (else they are stripped).
+    logprobs: bool
+
+
+def confidence(logprobs: list[float]) -> float:
+    """``exp(mean log-probability)`` of the tokens, in [0, 1]; 1.0 for none."""
+    if not logprobs:
+        return 1.0
+    return math.exp(sum(logprobs) / len(logprobs))
+
+
+def cascade_for(snap: Snapshot, call: Call) -> tuple[CascadeSpec, TierSpec] | None:
+    """The cascade settings and the tier to escalate to, when this request cascades."""
+    routing = snap.routing[call.who]
+    plan, req = call.planned, call.req
+    if routing.estimator != CASCADE or plan.decision.reason != "gate" or plan.attempts:
+        return None
+    if req.tools or (req.response_format is not None and req.response_format.type != "text"):
+        return None
+    if not tier_capabilities(snap.policy, plan.tier).logprobs:
+        return None
+    spec = routing.cascade or CascadeSpec()
+    able = capable_tiers(snap.policy, call.who,
+                         ("generation", *fields.needed_capabilities(req)), call.model)
+    costlier = [t for t in able if t.cost > plan.tier.cost]
+    if spec.to is not None:
+        costlier = [t for t in costlier if t.name == spec.to]
+    return (spec, costlier[0]) if costlier else None
+
+
+async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
+                  attempt: Callable[[Call, Backend], Awaitable[T]],
+                  accept: Callable[[Call, Probe], Awaitable[T]]) -> T:
+    """:func:`gateway.steps.on_plan` with the cascade in front: ``attempt`` runs on the plan's
+    tier, unless the request cascades; then the cheap tier is probed and its answer taken
+    by ``accept`` (:func:`whole` or :func:`streamed`), or the request escalates and
+    ``attempt`` runs on the costlier tier."""
+    cascade = cascade_for(snap, call)
+    if cascade is None:
+        return await steps.on_plan(runtime, snap, call, attempt)
+    spec, target = cascade
+
+    async def probe_attempt(call: Call, backend: Backend) -> Probe:
+        call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
+                                             call.dropped_params)
+        return await probe(call, backend, spec.probe_tokens)
+
+    probed = await steps.on_plan(runtime, snap, call, probe_attempt)
+    plan = call.planned
+    plan.confidence = probed.confidence
+    if probed.confidence >= spec.threshold or plan.tier.name == target.name:
+        return await accept(call, probed)
+    cheap = plan.tier.name
+    await probed.chunks.aclose()  # stops the cheap tier's generation and frees its slot
+    take_tokens(call)
+    leave_slot(runtime, call)
+    call.spent_before = call.settle_energy()  # the probe's joules count
+    plan.escalate(target, probed.confidence)
+    runtime.metrics.cascade_escalations.labels(call.who, cheap, target.name).inc()
+    log.debug("request %s: tier '%s' confidence %.3f < %.3f; escalating to '%s'",
+              call.request_id, cheap, probed.confidence, spec.threshold, target.name)
+    return await steps.on_plan(runtime, snap, call, attempt)
+
+
+async def probe(call: Call, backend: Backend, tokens: int) -> Probe:
+    """Start ``backend``'s stream with log-probabilities on and read its first ``tokens``
+    tokens (fewer when the answer ends sooner)."""
+    req = call.req
+    wanted = req.logprobs
+    req.logprobs = True
+    chunks = backend.stream(req)
+    seen: list[Chunk] = []
+    logprobs: list[float] = []
+    try:
+        while len(logprobs) < tokens:
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                break
+            seen.append(chunk)
+            logprobs.extend(t.logprob for t in chunk.logprobs or ())
+            if chunk.finish_reason is not None:
+                break
+    except BaseException:  # incl. cancellation while waiting for a slot or prefill
+        await chunks.aclose()
+        take_tokens(call)
+        raise
+    finally:
+        req.logprobs = wanted
+    return Probe(chunks, seen, confidence(logprobs[:tokens]), wanted)
+
+
+def _client_view(chunk: Chunk, logprobs: bool) -> Chunk:
+    """The chunk as the client asked for it: without log-probabilities unless it asked."""
+    if logprobs or chunk.logprobs is None:
+        return chunk
+    return Chunk(chunk.text, chunk.finish_reason, chunk.usage, chunk.tool_calls, None)
+
+
+async def replay(probed: Probe) -> AsyncGenerator[Chunk, None]:
+    """The accepted answer as one stream: the probed chunks, then the rest."""
+    try:
+        for chunk in probed.seen:
+            yield _client_view(chunk, probed.logprobs)
+        if probed.seen and probed.seen[-1].finish_reason is not None:
+            return
+        async for chunk in probed.chunks:
+            yield _client_view(chunk, probed.logprobs)
+    finally:
+        await probed.chunks.aclose()
+
+
+async def whole(call: Call, probed: Probe) -> Generation:
+    """An accepted probe as the whole answer (``complete``)."""
+    text: list[str] = []
+    logprobs: list[TokenLogprob] | None = [] if probed.logprobs else None
+    finish, usage = "stop", None
+    stream = replay(probed)
+    try:
+        async for chunk in stream:
+            text.append(chunk.text)
+            if logprobs is not None and chunk.logprobs:
+                logprobs.extend(chunk.logprobs)
+            finish = chunk.finish_reason or finish
+            usage = chunk.usage or usage
+    finally:
+        await stream.aclose()
+        take_tokens(call)
+        call.settle_energy()
+    progress = call.req.progress
+    return Generation("".join(text), finish,
+                      usage or Usage(progress.prompt_tokens, progress.completion_tokens),
+                      logprobs=logprobs)
+
+
+async def streamed(call: Call, probed: Probe) -> tuple[AsyncGenerator[Chunk, None], Chunk]:
+    """An accepted probe as a stream and its first chunk (``open_stream``)."""
+    stream = replay(probed)
+    first = await anext(stream, None)
+    return stream, first if first is not None else Chunk(finish_reason="stop")

