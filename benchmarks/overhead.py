@@ -13,6 +13,7 @@ runs beside it (``overhead-<time>.json``); the logs of the upstream and the gate
     .venv/bin/python benchmarks/overhead.py                 # joulegate only
     .venv/bin/python benchmarks/overhead.py --litellm       # + LiteLLM, same run, same workers
     .venv/bin/python benchmarks/overhead.py --budgeted      # a joule budget in the path
+    .venv/bin/python benchmarks/overhead.py --full-path --litellm   # what a routed tenant takes
     .venv/bin/python benchmarks/overhead.py --duration 5 --repeats 1   # quick look
 
 Method:
@@ -34,6 +35,14 @@ Method:
   children they reaped) from ``/proc/<pid>/stat`` over a run, divided by the requests wrk
   completed. RSS is the sum over the same processes after the run. CPU used during a run by
   processes outside the benchmark is recorded as ``other_cores`` (noise from other jobs).
+* ``--full-path``: the path a real tenant takes. Two tiers (``small``, cost 1, and ``large``,
+  cost 4, two ``openai`` backends on the same fake upstream); the request asks for
+  ``model: "auto"``, so every request is scored by the ``learned`` difficulty estimator and
+  gated (threshold 0 on ``large``); ``large`` has a capacity of half the tenant's requests
+  (so about every other request takes it and the other half is demoted to ``small``: both
+  tiers serve); the tenant has a joule budget on the embedded SQLite ledger (reserve before,
+  settle after, every request); fallback on. The row is labelled ``joulegate (full path)``.
+  The plain path (``joulegate``) is measured in the same run before it, unless ``--no-plain``.
 * With ``--litellm`` the LiteLLM proxy (``litellm[proxy]``, a pinned release, ``--litellm-spec``;
   in a venv created on first use under ``${TMPDIR:-/tmp}/bench-venvs/litellm``, which takes
   minutes) runs on a config written here, the same way as joulegate: one
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -84,9 +94,32 @@ def log(message: str) -> None:
 
 
 def policy_yaml(budgeted: bool = False, upstream_port: int = UPSTREAM_PORT,
-                state_dir: Path = RESULTS / "runs" / "state") -> str:
+                state_dir: Path = RESULTS / "runs" / "state", full_path: bool = False) -> str:
     digest = hashlib.sha256(KEY.encode()).hexdigest()
-    budget = "\n    budgets: [{window: 1d, joules: 1.0e12}]" if budgeted else ""
+    budget = "\n    budgets: [{window: 1d, joules: 1.0e12}]" if budgeted or full_path else ""
+    if full_path:
+        return f"""version: 1
+state_dir: {state_dir}
+backends:
+  small:
+    kind: openai
+    base_url: http://127.0.0.1:{upstream_port}/v1
+  large:
+    kind: openai
+    base_url: http://127.0.0.1:{upstream_port}/v1
+tiers:
+  - {{name: small, backend: small, model: {MODEL}, cost: 1}}
+  - {{name: large, backend: large, model: {MODEL}-large, cost: 4}}
+routing:
+  estimator: learned
+  thresholds: {{large: 0.0}}
+  capacity: {{large: {{fraction: 0.5, by: requests, window_s: 60}}}}
+  fallback: auto
+tenants:
+  bench:
+    keys: ["sha256:{digest}"]
+    default_tier: small{budget}
+"""
     return f"""version: 1
 state_dir: {state_dir}
 backends:
@@ -225,21 +258,22 @@ def busy_ticks() -> int:
 
 # ---------------------------------------------------------------- requests
 
-def request_body(stream: bool) -> bytes:
-    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
+def request_body(stream: bool, model: str = MODEL) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}],
                        "max_tokens": 16, "stream": stream}, separators=(",", ":")).encode()
 
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
 
 
-def check_answer(base_url: str, key: str, stream: bool) -> None:
+def check_answer(base_url: str, key: str, stream: bool, model: str = MODEL) -> None:
     """One request as wrk will send it; raise ValueError unless the answer is a well-formed
     chat completion (or, streaming, an event stream of chunks ending in [DONE])."""
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(f"{base_url}/chat/completions", request_body(stream), headers)
+    req = urllib.request.Request(f"{base_url}/chat/completions", request_body(stream, model),
+                                 headers)
     try:
         with NO_PROXY.open(req, timeout=10) as resp:
             ctype, text = resp.headers.get("Content-Type", ""), resp.read().decode(errors="replace")
@@ -293,8 +327,9 @@ def wait_upstream_port(service: Service, timeout_s: float = 30.0) -> int:
 
 # ---------------------------------------------------------------- load
 
-def run_wrk(url: str, conns: int, seconds: int, key: str, stream: bool, cpus: str) -> dict:
-    env = {**os.environ, "CHAT_MODEL": MODEL, "CHAT_KEY": key,
+def run_wrk(url: str, conns: int, seconds: int, key: str, stream: bool, cpus: str,
+            model: str = MODEL) -> dict:
+    env = {**os.environ, "CHAT_MODEL": model, "CHAT_KEY": key,
            "CHAT_STREAM": "1" if stream else "0",
            "CHAT_PROMPT": PROMPT, "CHAT_MAX_TOKENS": "16"}
     cmd = on_cpus(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
@@ -308,12 +343,13 @@ def run_wrk(url: str, conns: int, seconds: int, key: str, stream: bool, cpus: st
 
 
 def measure(target: str, url: str, key: str, stream: bool, conns: int, seconds: int,
-            gateway: Service | None, upstream: Service, load_cpus: str) -> dict:
+            gateway: Service | None, upstream: Service, load_cpus: str,
+            model: str = MODEL) -> dict:
     """One recorded wrk run, with the CPU and memory of the gateway over it."""
     gw_sid = gateway.pid if gateway else None
     stats0, busy0, wall0 = proc_stats(), busy_ticks(), time.monotonic()
     children0, self0 = resource.getrusage(resource.RUSAGE_CHILDREN), os.times()
-    result = run_wrk(url, conns, seconds, key, stream, load_cpus)
+    result = run_wrk(url, conns, seconds, key, stream, load_cpus, model)
     stats1, busy1, wall = proc_stats(), busy_ticks(), time.monotonic() - wall0
     children1, self1 = resource.getrusage(resource.RUSAGE_CHILDREN), os.times()
     gw_ticks = session_usage(stats1, gw_sid)[0] - session_usage(stats0, gw_sid)[0]
@@ -344,22 +380,23 @@ def measure(target: str, url: str, key: str, stream: bool, conns: int, seconds: 
 
 
 def measure_target(target: str, base_url: str, key: str, stream: bool, args: argparse.Namespace,
-                   upstream: Service, gateway: Service | None = None) -> list[dict]:
+                   upstream: Service, gateway: Service | None = None,
+                   model: str = MODEL) -> list[dict]:
     mode = "stream" if stream else "json"
     try:
-        check_answer(base_url, key, stream)
+        check_answer(base_url, key, stream, model)
     except (OSError, ValueError) as e:
         sys.exit(f"{target} {mode}: the answer checked before measuring is wrong: {e}")
     url = f"{base_url}/chat/completions"
     if args.warmup > 0:
         log(f"{target} {mode}: warm-up {args.warmup} s at c={max(args.concurrency)}")
-        run_wrk(url, max(args.concurrency), args.warmup, key, stream, args.load_cpus)
+        run_wrk(url, max(args.concurrency), args.warmup, key, stream, args.load_cpus, model)
     runs = []
     for rep in range(1, args.repeats + 1):
         for conns in args.concurrency:
             time.sleep(0.5)
             r = measure(target, url, key, stream, conns, args.duration, gateway, upstream,
-                        args.load_cpus)
+                        args.load_cpus, model)
             r["rep"] = rep
             runs.append(r)
             cpu = (f"  CPU {r['gateway_cpu_ms_per_req']:.3f} ms/req"
@@ -374,20 +411,30 @@ def measure_target(target: str, base_url: str, key: str, stream: bool, args: arg
 
 # ---------------------------------------------------------------- gateways
 
-def start_joulegate(args: argparse.Namespace, run_dir: Path,
-                    upstream_port: int) -> tuple[Service, str, str]:
+def start_joulegate(args: argparse.Namespace, run_dir: Path, upstream_port: int,
+                    full_path: bool = False, code: str = "") -> tuple[Service, str, str, str]:
+    """``joulegate serve`` on a policy written here: the plain path (one tier, the model
+    pinned), or with ``full_path`` the routed, budgeted one (see the module docstring).
+    ``code``: a tree of the project whose packages it imports instead (``--baseline-code``)."""
     exe = Path(sys.executable).parent / "joulegate"
     if not exe.exists():
         sys.exit(f"no joulegate next to {sys.executable}: run this with the project's venv "
                  "(.venv/bin/python benchmarks/overhead.py)")
-    policy = run_dir / "policy.yaml"
-    policy.write_text(policy_yaml(args.budgeted, upstream_port, run_dir / "state"))
+    label = ("joulegate (full path)" if full_path
+             else "joulegate+budget" if args.budgeted else "joulegate")
+    slug = "joulegate-full" if full_path else label
+    env = None
+    if code:
+        label, slug = f"{label} [baseline]", f"{slug}-baseline"
+        env = {**os.environ, "PYTHONPATH": code}
+    policy = run_dir / f"{slug}-policy.yaml"
+    policy.write_text(policy_yaml(args.budgeted, upstream_port, run_dir / f"{slug}-state",
+                                  full_path))
     port = free_port()
     cmd = [str(exe), "serve", "--policy", str(policy), "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(args.workers)]  # default logging: one access record per request
-    label = "joulegate+budget" if args.budgeted else "joulegate"
-    service = Service(label, cmd, run_dir / f"{label}.log", args.proxy_cpus)
-    return service, f"http://127.0.0.1:{port}/v1", KEY
+    service = Service(label, cmd, run_dir / f"{slug}.log", args.proxy_cpus, env)
+    return service, f"http://127.0.0.1:{port}/v1", KEY, "auto" if full_path else MODEL
 
 
 def ensure_litellm(venv: Path, spec: str = LITELLM_SPEC) -> str:
@@ -403,19 +450,19 @@ def ensure_litellm(venv: Path, spec: str = LITELLM_SPEC) -> str:
 
 
 def start_litellm(args: argparse.Namespace, run_dir: Path,
-                  upstream_port: int) -> tuple[Service, str, str]:
+                  upstream_port: int) -> tuple[Service, str, str, str]:
     venv = Path(args.litellm_venv)
     config = run_dir / "litellm-config.yaml"
     config.write_text(litellm_config(upstream_port))
     port = free_port()
     env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "REDIS_URL", "REDIS_HOST")}
+           if k not in ("DATABASE_URL", "REDIS_URL", "REDIS_HOST", "PYTHONPATH")}
     env.update({"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION",
                 "LITELLM_LOCAL_MODEL_COST_MAP": "True"})  # no cost map fetched from the network
     cmd = [str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
            "--port", str(port), "--num_workers", str(args.workers)]
     service = Service("litellm", cmd, run_dir / "litellm.log", args.proxy_cpus, env)
-    return service, f"http://127.0.0.1:{port}/v1", LITELLM_KEY
+    return service, f"http://127.0.0.1:{port}/v1", LITELLM_KEY, MODEL
 
 
 # ---------------------------------------------------------------- report
@@ -446,11 +493,13 @@ def table(summary: dict[tuple[str, str, int], dict], targets: list[str], modes: 
           concs: list[int], workers: int) -> tuple[str, list[str]]:
     plural = "" if workers == 1 else "s"
     lines = [f"| target ({workers} worker{plural}) | mode | conc | req/s | p50 ms | p99 ms "
-             "| added p50 ms | CPU ms/req | RSS MB | errors |", "|" + "---|" * 10]
+             "| p99/p50 | added p50 ms | CPU ms/req | RSS MB | x LiteLLM req/s | errors |",
+             "|" + "---|" * 12]
     notes = []
     for mode in modes:
         for conc in concs:
             direct = summary.get(("direct", mode, conc))
+            litellm = summary.get(("litellm", mode, conc))
             for target in targets:
                 row = summary.get((target, mode, conc))
                 if row is None:
@@ -458,6 +507,10 @@ def table(summary: dict[tuple[str, str, int], dict], targets: list[str], modes: 
                 rps = f"{row['rps']:,.0f}"
                 if row["runs"] > 1:
                     rps += f" ({row['rps_min']:,.0f}-{row['rps_max']:,.0f})"
+                ratio = "-"
+                if litellm and target not in ("direct", "litellm") and litellm["rps"] > 0:
+                    ratio = f"{row['rps'] / litellm['rps']:.1f}"
+                tail = f"{row['p99_ms'] / row['p50_ms']:.1f}" if row["p50_ms"] > 0 else "-"
                 if target == "direct":
                     name, added, cpu, rss = "direct (upstream)", "-", "-", "-"
                 else:
@@ -473,7 +526,8 @@ def table(summary: dict[tuple[str, str, int], dict], targets: list[str], modes: 
                     notes.append(f"{target} {mode} c={conc}: {row['errors']} errors "
                                  "(see the raw runs)")
                 lines.append(f"| {name} | {mode} | {conc} | {rps} | {row['p50_ms']:.3f} | "
-                             f"{row['p99_ms']:.3f} | {added} | {cpu} | {rss} | {row['errors']} |")
+                             f"{row['p99_ms']:.3f} | {tail} | {added} | {cpu} | {rss} | {ratio} "
+                             f"| {row['errors']} |")
     return "\n".join(lines), notes
 
 
@@ -543,6 +597,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     parser.add_argument("--budgeted", action="store_true",
                         help="give the tenant a joule budget (embedded ledger in the path)")
+    parser.add_argument("--full-path", action="store_true",
+                        help="also measure the full path: model auto routed over 2 tiers with a "
+                             "capacity window, a joule budget on the embedded ledger")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --full-path, measure the plain path too")
+    parser.add_argument("--baseline-code", default="", metavar="DIR",
+                        help="also measure joulegate importing its packages from DIR (another "
+                             "tree of the project, e.g. from git archive): before/after in one "
+                             "run, with one venv")
     parser.add_argument("--litellm", action="store_true", help="also measure the LiteLLM proxy")
     parser.add_argument("--litellm-venv", default=str(Path(os.environ.get("TMPDIR") or "/tmp")
                                                       / "bench-venvs" / "litellm"),
@@ -604,9 +667,14 @@ def main(argv: list[str] | None = None) -> int:
         for stream in modes:
             runs += measure_target("direct", upstream_url, "", stream, args, upstream)
 
-        starters = [start_joulegate] + ([start_litellm] if args.litellm else [])
+        joulegates = [False] if args.plain or not args.full_path else []
+        joulegates += [True] if args.full_path else []
+        starters = [functools.partial(start_joulegate, full_path=full, code=code)
+                    for code in ([args.baseline_code] if args.baseline_code else []) + [""]
+                    for full in joulegates]
+        starters += [start_litellm] if args.litellm else []
         for start in starters:
-            gateway, base_url, key = start(args, run_dir, upstream_port)
+            gateway, base_url, key, model = start(args, run_dir, upstream_port)
             services.append(gateway)
             log(f"starting {gateway.name} ({args.workers} worker(s), CPUs '{args.proxy_cpus}')")
             ready_s[gateway.name] = wait_ready(gateway, base_url, key,
@@ -615,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{gateway.name} answered after {ready_s[gateway.name]:.1f} s")
             targets.append(gateway.name)
             for stream in modes:
-                runs += measure_target(gateway.name, base_url, key, stream, args, upstream, gateway)
+                runs += measure_target(gateway.name, base_url, key, stream, args, upstream, gateway,
+                                       model)
             log(f"stopping {gateway.name}")
             gateway.stop()
     finally:
@@ -634,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
                else "nothing pinned")
     body_bytes = runs[0]["request_bytes"] if runs else 0
     versions = f"joulegate {package_version('joulegate')} (commit {git_commit()})"
+    if args.baseline_code:
+        versions += f"; [baseline] rows import the gateway from {args.baseline_code}"
     if litellm_version:
         versions += f", LiteLLM {litellm_version}"
     report = (f"# Gateway overhead, {started}\n\n"
@@ -642,7 +713,12 @@ def main(argv: list[str] | None = None) -> int:
               f"keep-alive connection per unit of concurrency; request: {body_bytes} B chat "
               f"completion, max_tokens 16; fake upstream: {args.upstream_workers} worker(s), "
               f"{args.delay_ms:g} ms delay; {versions}"
-              + ("; tenant with a joule budget" if args.budgeted else "") + ".\n\n"
+              + ("; tenant with a joule budget" if args.budgeted else "")
+              + ("; full path: model auto over 2 tiers (learned estimator, capacity 0.5 of "
+                 "requests on the costlier), joule budget on the embedded ledger"
+                 if args.full_path else "")
+              + ". The CPU is shared with other jobs on this machine: compare rows of the "
+                "same run (ratios), not across runs.\n\n"
               + text + "\n"
               + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
