@@ -28,6 +28,7 @@ import abc
 import bisect
 import json
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,19 @@ class LearnedEstimator(DifficultyEstimator):
         #: Sorted predictions on the training prompts: the score is a quantile among them.
         self.quantiles: list[float] = artefact["quantiles"]
         self.meta: dict[str, Any] = artefact.get("meta", {})
+        # predict() folded once: sum(w (t - m) / s) = sum((w / s) t) - sum(w m / s), and the
+        # products' coefficients as one row per base feature i (its pairs (i, j >= i) are
+        # consecutive), so a zero feature skips its whole row.
+        coef = [w / s for w, s in zip(self.weights, self.scale, strict=True)]
+        self._offset = math.fsum(c * m for c, m in zip(coef, self.mean, strict=True))
+        k = len(self.features)
+        self._linear = coef[:k]
+        self._rows: list[list[float]] = []
+        if self.pairs:
+            at = k
+            for i in range(k):
+                self._rows.append(coef[at:at + k - i])
+                at += k - i
 
     @classmethod
     def load(cls, path: Path = MODEL_FILE) -> LearnedEstimator:
@@ -157,8 +171,12 @@ class LearnedEstimator(DifficultyEstimator):
     def predict(self, features: dict[str, float]) -> float:
         """Expected gain of the strong model on this prompt, relative to its mean gain over
         the training prompts (0: a typical prompt)."""
-        return sum(w * (v - m) / s for w, v, m, s in
-                   zip(self.weights, self.terms(features), self.mean, self.scale, strict=True))
+        x = [features[n] for n in self.features]
+        total: float = sum(map(operator.mul, self._linear, x)) - self._offset
+        for i, row in enumerate(self._rows):
+            if x[i]:
+                total += x[i] * sum(map(operator.mul, row, x[i:]))
+        return total
 
     def to_score(self, prediction: float) -> float:
         """The prediction's quantile among training prompts, in (0, 1), interpolated.
