@@ -27,6 +27,8 @@ from policies.schema import LimitsSpec, resolve_key_ref
 
 from . import pipeline
 from .auth import KeyIndex, authenticate
+from .batches import BatchService
+from .batches import routes as batch_routes
 from .budgets import Ledger, LedgerUnavailable
 from .budgets.guard import BudgetGuard
 from .capabilities import model_objects
@@ -73,6 +75,7 @@ def create_app(policy_path: str | Path | None = None,
         runtime = Runtime(path, build_backend=build_backend)
         await runtime.start()
         app.state.runtime = runtime
+        batches = app.state.batches = BatchService(runtime, app).start()
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[None]] = set()
 
@@ -89,6 +92,7 @@ def create_app(policy_path: str | Path | None = None,
         try:
             yield
         finally:
+            await batches.close()  # first: its requests in flight finish through the app
             await saver.close()  # (runtime.close() closes every other background loop)
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
@@ -124,6 +128,7 @@ def create_app(policy_path: str | Path | None = None,
         return await handle_responses(request.app.state.runtime, request)
 
     app.router.routes.append(Route("/v1/responses", responses, methods=["POST"]))
+    app.router.routes.extend(batch_routes())  # /v1/files, /v1/batches
 
     @app.get("/openapi.json")
     async def openapi_document(request: Request) -> Response:

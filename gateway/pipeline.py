@@ -42,7 +42,7 @@ from . import cascade, fields
 from . import openai_types as wire
 from .auth import authenticate
 from .call import Call
-from .errors import APIError
+from .errors import APIError, AuthenticationError
 from .routing import MAX_TIER_HEADER, RouteRefusal
 from .runtime import Runtime, Snapshot
 from .steps import (
@@ -59,6 +59,21 @@ from .streaming import SSEResponse, open_stream
 
 C = TypeVar("C", bound=Call)
 
+#: The ASGI scope key that names the tenant of a request the gateway sends to itself (a
+#: batch's request, :mod:`gateway.batches.dispatch`), in place of an API key. Only code in
+#: this process can put it in a scope: no HTTP client can set a scope key.
+TENANT_SCOPE_KEY = "joulegate.tenant"
+
+
+def tenant_of(snap: Snapshot, request: Request) -> str:
+    """The request's tenant: the one its own scope names, else its key's, else 401."""
+    own = request.scope.get(TENANT_SCOPE_KEY)
+    if isinstance(own, str):
+        if own not in snap.policy.tenants:
+            raise AuthenticationError(f"the tenant '{own}' is no longer in the policy")
+        return own
+    return authenticate(snap.tenant_keys, request.headers.get("authorization"))
+
 
 async def run_request(runtime: Runtime, request: Request, call: C,
                       read: Callable[[Snapshot, C, Request], Awaitable[None]],
@@ -72,7 +87,7 @@ async def run_request(runtime: Runtime, request: Request, call: C,
     snap = runtime.acquire()
     handed_off = False
     try:
-        call.tenant = authenticate(snap.tenant_keys, request.headers.get("authorization"))
+        call.tenant = tenant_of(snap, request)
         await read(snap, call, request)
         plan(runtime, snap, call, request.headers.get(MAX_TIER_HEADER))
         await admit(runtime, snap, call)

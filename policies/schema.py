@@ -325,6 +325,29 @@ class TenantSpec(_Strict):
     unsupported_params: Literal["drop", "reject"] = "drop"
 
 
+class BatchesSpec(_Strict):
+    """The Batch API (``/v1/files``, ``/v1/batches``): deferrable work, run when the grid
+    is cleanest inside each batch's window (see :mod:`gateway.batches`)."""
+
+    #: Largest upload; larger: 413.
+    max_file_bytes: int = Field(100 << 20, ge=1024, le=1 << 31)
+    #: Most requests in one batch input file; more: 400.
+    max_lines: int = Field(50_000, ge=1, le=1_000_000)
+    #: Longest ``completion_window`` accepted (OpenAI's is 24h).
+    max_window_s: float = Field(7 * 86400, ge=60, le=366 * 86400)
+    #: Requests of one batch in flight at once, per gateway process.
+    concurrency: int = Field(2, ge=1, le=256)
+    #: Seconds one request is expected to take: with ``concurrency``, how long a batch is
+    #: expected to run, which the cleanest start is chosen for.
+    line_seconds: float = Field(5.0, gt=0, le=3600)
+    #: Seconds between looks at the batch store for work other processes created or
+    #: cancelled (work created or cancelled here is seen at once).
+    poll_interval_s: float = Field(5.0, gt=0, le=3600)
+    #: How long a process may hold a batch without renewing its claim; past it another
+    #: process takes the batch over (the holder died).
+    lease_s: float = Field(60.0, ge=5, le=86400)
+
+
 class Policy(_Strict):
     version: Literal[1]
     #: Where calibration and other state persist; default ``~/.local/state/joulegate``.
@@ -337,6 +360,8 @@ class Policy(_Strict):
     tenants: dict[Annotated[str, Field(pattern=NAME_PATTERN)], TenantSpec] = Field(min_length=1)
     #: Difficulty routing defaults for every tenant (see RoutingSpec).
     routing: RoutingSpec | None = None
+    #: The Batch API's limits and pacing (see BatchesSpec).
+    batches: BatchesSpec = BatchesSpec()
 
     def tenant_routing(self, tenant: str) -> RoutingSpec:
         """The routing settings in force for a tenant: built-in defaults, then the policy's,
