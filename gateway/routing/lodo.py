@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     Floats = NDArray[np.float64]
 
 QUALITY_SHARE = 0.95
+#: Sources of our own tiers' labels with at least this many prompts are also evaluated with
+#: their problems held out (:func:`seen_source`), in this many folds.
+SEEN_MIN, SEEN_FOLDS = 100, 4
 ESTIMATOR_NAMES = ("heuristic", "learned", "semantic")
 #: Fixed semantic variants measured beside the selected one, so the choice is visible:
 #: embedding-only kNN and embedding-only linear head.
@@ -182,6 +185,9 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                                ("oracle", [float(e.strong) - float(e.weak) for e in test])):
             cells.append(cell(held_out, "native", name, baseline, test))
             cells.extend(_per_file(held_out, name, baseline, test))
+    for source, rows in sources.items():
+        if len(rows) >= SEEN_MIN and all(e.strong_joules is not None for e in rows):
+            cells.extend(seen_source(source, examples, inputs, embedder, progress))
     info = {name: {"prompts": len(rows), "weak": sum(e.weak for e in rows) / len(rows),
                    "strong": sum(e.strong for e in rows) / len(rows),
                    "joules": all(e.strong_joules is not None for e in rows)}
@@ -189,12 +195,51 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
     return {"cells": cells, "sources": info, "chosen": chosen}
 
 
+def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inputs,
+                embedder: Embedder, progress: Callable[[str], None]) -> list[Cell]:
+    """A source of our own tiers' labels with its *problems* held out instead: its prompts
+    dealt into :data:`SEEN_FOLDS` folds (a problem's wordings together), each scored by
+    models fitted on every other source and the other folds; reported as ``<source>+cv``.
+    This is what the shipped models, which do train on the source, can be expected to do on
+    new problems of the same kind."""
+    from .estimators import HeuristicEstimator
+    from .labels import normalise
+
+    rows = [i for i, e in enumerate(examples) if e.source == source]
+    keys = sorted({normalise(examples[r].prompt) for r in rows})
+    folds = [set(keys[k::SEEN_FOLDS]) for k in range(SEEN_FOLDS)]
+    scores: dict[str, dict[int, float]] = {"heuristic": {}, "learned": {}, "semantic": {}}
+    heuristic = HeuristicEstimator()
+    for k, fold in enumerate(folds):
+        test_rows = [r for r in rows if normalise(examples[r].prompt) in fold]
+        train_rows = [i for i in range(len(examples)) if i not in set(test_rows)]
+        progress(f"{source}, problems held out (fold {k + 1}/{SEEN_FOLDS}): fitting on "
+                 f"{len(train_rows)} prompts")
+        learned = _fit_learned(examples, train_rows)
+        semantic = SemanticEstimator(semantic_train.fit(inputs, examples, train_rows,
+                                                        embedder=embedder)[0])
+        texts = _requests([examples[r] for r in test_rows], "native")
+        for est in (heuristic, learned, semantic):
+            for r, t in zip(test_rows, texts, strict=True):
+                scores[est.name][r] = est.score_text(t).score
+    test = [examples[r] for r in rows]
+    label = f"{source}+cv"
+    out: list[Cell] = []
+    for name, by_row in [*scores.items(), ("random", dict.fromkeys(rows, 0.0)),
+                         ("oracle", {r: float(examples[r].strong) - float(examples[r].weak)
+                                     for r in rows})]:
+        ordered = [by_row[r] for r in rows]
+        out.append(cell(label, "native", name, ordered, test))
+        out.extend(_per_file(label, name, ordered, test))
+    return out
+
+
 def _per_file(source: str, name: str, scores: Sequence[float], test: Sequence[Example]
               ) -> list[Cell]:
     """A source's files one by one (``humaneval/chat``), when it has several and they are
     not MMLU subjects: the same problems labelled in different wordings."""
     files = sorted({e.subject for e in test})
-    if source == "mmlu" or len(files) < 2:
+    if source.startswith("mmlu") or len(files) < 2:
         return []
     return [cell(f"{source}/{f}", "native", name, [s for s, e in zip(scores, test, strict=True)
                                                    if e.subject == f],
@@ -223,6 +268,7 @@ def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
         mine = [c for c in cells if c.estimator == name]
         if not mine:
             continue
+        mine = [c for c in mine if "+cv" not in c.source]
         native = [c.apgr for c in mine if c.wording == "native" and "/" not in c.source]
         spreads = []
         for source in sorted({c.source for c in mine if "/" not in c.source}):

@@ -4,7 +4,8 @@ topic-independent shape features, combined.
 A prompt is embedded with WordLlama (MIT; a static embedding: the mean of its tokens' learned
 vectors, NumPy only, loaded from the weights and tokenizer its PyPI package ships, downloads
 disabled). The model predicts the *gain* of the strong tier on it (strong right minus cheap
-right, relative to the training prompts' mean) as a blend of two parts, each divided by its
+right, relative to the mean gain of the prompt's own source: routing ranks prompts within a
+workload) as a blend of two parts, each divided by its
 spread on the training prompts:
 
 - the embedding part: either the mean gain of the ``k`` most similar labelled prompts
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .features import RequestText, _scan, extract
+from .features import RequestText, extract
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
 SEMANTIC_FILE = Path(__file__).with_name("semantic_model.npz")
 #: The WordLlama configuration whose weights its package carries, and its native size.
 WORDLLAMA_CONFIG, WORDLLAMA_DIMS = "l2_supercat", 256
+#: The embedding reads at most this many characters of a prompt (half its head, half its
+#: tail): tokenising is most of its cost.
+EMBED_CHARS = 1536
 INSTALL_HINT = "pip install 'joulegate[models]'"
 _IMPORT_LOCK = threading.Lock()
 
@@ -102,7 +106,9 @@ class Embedder:
     def embed(self, text: str) -> Floats:
         import numpy as np
 
-        ids = self.tokenizer.encode(_scan(text), add_special_tokens=False).ids
+        if len(text) > EMBED_CHARS:  # head and tail: bounded cost for any prompt size
+            text = text[:EMBED_CHARS // 2] + "\n" + text[-EMBED_CHARS // 2:]
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             return np.zeros(self.dims, dtype=np.float32)
         v = self.table[np.clip(ids, 0, len(self.table) - 1)].mean(axis=0)
@@ -142,10 +148,10 @@ class SemanticModel:
         #: Weight of the embedding, shape and prior parts, each over its spread.
         self.blend: dict[str, float] = {k: float(v) for k, v in meta["blend"].items()}
         self.spread: dict[str, float] = {k: float(v) for k, v in meta["spread"].items()}
-        self.gain_mean: float = float(meta["gain_mean"])
         self.feature_names: list[str] = list(meta["features"])
         self.vectors = np.asarray(arrays["vectors"], dtype=np.float32)
-        self.gain = np.asarray(arrays["gain"], dtype=np.float32)
+        #: Each stored prompt's gain relative to its source's mean gain.
+        self.target = np.asarray(arrays["target"], dtype=np.float32)
         self.cheap_ok = np.asarray(arrays["cheap_ok"], dtype=bool)
         self.strong_ok = np.asarray(arrays["strong_ok"], dtype=bool)
         self.source_index = np.asarray(arrays["source"], dtype=np.int64)
@@ -177,7 +183,11 @@ class SemanticModel:
             raise SemanticUnavailable(f"difficulty estimator 'semantic': cannot read its model "
                                       f"{path}: {exc}; rebuild it with `joulegate router train`"
                                       ) from None
-        model = cls(arrays, embedder)
+        try:
+            model = cls(arrays, embedder)
+        except KeyError as exc:
+            raise SemanticUnavailable(f"difficulty estimator 'semantic': its model {path} lacks "
+                                      f"{exc}; rebuild it with `joulegate router train`") from None
         if embedder.dims != model.vectors.shape[1]:
             embedder = Embedder(embedder.table, embedder.tokenizer, model.vectors.shape[1])
             model.embedder = embedder
@@ -207,7 +217,7 @@ class SemanticModel:
     def embedding_part(self, vector: Floats) -> float:
         if self.head == "knn":
             top, _ = self.nearest(vector, self.k)
-            return float(self.gain[top].mean()) - self.gain_mean
+            return float(self.target[top].mean())
         return float((vector - self.linear_mean) @ self.linear)
 
     def combine(self, embedding: float, shape: float, prior: float) -> float:

@@ -38,7 +38,7 @@ PARTS = ("embedding", "shape", "prior")
 SHAPE_L2 = 100.0
 #: Stored (kNN reference) prompts per source at most: keeps the file to a few MB.
 CAP_PER_SOURCE = 4000
-DIMS = 256
+DIMS = 128
 FOLDS = 4
 EXCERPT_CHARS = 160
 
@@ -79,16 +79,42 @@ def prepare(examples: Sequence[Example], embedder: Embedder,
     return Inputs(embedder.embed_many(texts), features, names, gain, texts)
 
 
-def _ridge(x: Floats, y: Floats, alpha: float, standardise: bool = True
-           ) -> tuple[Floats, Floats, Floats]:
+def _ridge(x: Floats, y: Floats, alpha: float, standardise: bool = True,
+           weights: Floats | None = None) -> tuple[Floats, Floats, Floats]:
+    """Weighted ridge on (standardised) columns, no intercept after centring; ``weights``
+    sum to the row count (default: all 1)."""
     import numpy as np
 
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0) if standardise else np.ones(x.shape[1])
+    wts = np.ones(len(y)) if weights is None else weights
+    mean = (wts[:, None] * x).sum(axis=0) / wts.sum()
+    scale = (np.sqrt((wts[:, None] * (x - mean) ** 2).sum(axis=0) / wts.sum()) if standardise
+             else np.ones(x.shape[1]))
     scale[scale < 1e-9] = 1.0
     z = (x - mean) / scale
-    w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+    zw = z * wts[:, None]
+    w = np.linalg.solve(zw.T @ z + alpha * np.eye(z.shape[1]),
+                        zw.T @ (y - (wts * y).sum() / wts.sum()))
     return mean, scale, w
+
+
+def targets(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int]
+            ) -> tuple[Floats, Floats]:
+    """For ``rows``: the gain relative to its own source's mean gain (routing ranks prompts
+    within a workload, so what sets one source apart from another is noise to it), and
+    weights that give every source the same total (a large source does not drown the
+    others)."""
+    import numpy as np
+
+    src = np.array([examples[r].source for r in rows])
+    gain = inputs.gain[np.asarray(rows)]
+    target = np.zeros(len(rows))
+    weights = np.zeros(len(rows))
+    names = sorted(set(src))
+    for name in names:
+        mask = src == name
+        target[mask] = gain[mask] - gain[mask].mean()
+        weights[mask] = len(rows) / (len(names) * mask.sum())
+    return target, weights
 
 
 def reference_rows(examples: Sequence[Example], rows: Sequence[int],
@@ -125,25 +151,27 @@ def _top(query: Any, ref: Any, k: int, exclude_self: Sequence[int] | None = None
     return out
 
 
-def _parts(inputs: Inputs, fit: Sequence[int], ref: Sequence[int], query: Ints,
+def _parts(inputs: Inputs, examples: Sequence[Example], fit: Sequence[int],
+           ref: Sequence[int], query: Ints,
            exclude_self: Sequence[int] | None = None) -> dict[Any, Floats]:
     """Each head's embedding part and the shape part for the query rows."""
     import numpy as np
 
     fit_a, ref_a = np.asarray(fit), np.asarray(ref)
-    gain = inputs.gain
+    target, weights = targets(inputs, examples, fit)
     parts: dict[Any, Floats] = {}
-    mean, scale, w = _ridge(inputs.features[fit_a], gain[fit_a], SHAPE_L2)
+    mean, scale, w = _ridge(inputs.features[fit_a], target, SHAPE_L2, True, weights)
     parts["shape"] = ((inputs.features[query] - mean) / scale) @ w
     parts["prior"] = inputs.features[query] @ inputs.prior_weights
     kmax = int(max(k for h, k in HEADS if h == "knn"))
     top = _top(inputs.vectors[query], inputs.vectors[ref_a], kmax, exclude_self)
-    ref_gain = gain[ref_a]
+    position = {r: i for i, r in enumerate(fit)}
+    ref_target = target[[position[r] for r in ref]]
     for head, value in HEADS:
         if head == "knn":
-            parts[(head, value)] = ref_gain[top[:, : int(value)]].mean(axis=1) - gain[fit_a].mean()
+            parts[(head, value)] = ref_target[top[:, : int(value)]].mean(axis=1)
         else:
-            m, _, lw = _ridge(inputs.vectors[fit_a].astype(float), gain[fit_a], value, False)
+            m, _, lw = _ridge(inputs.vectors[fit_a].astype(float), target, value, False, weights)
             parts[(head, value)] = (inputs.vectors[query] - m) @ lw
     return parts
 
@@ -198,7 +226,7 @@ def select(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int]
     for held in groups(examples, rows):
         held_set = set(held)
         fit = [r for r in rows if r not in held_set]
-        parts = _parts(inputs, fit, reference_rows(examples, fit), np.asarray(held))
+        parts = _parts(inputs, examples, fit, reference_rows(examples, fit), np.asarray(held))
         shape, prior = parts.pop("shape"), parts.pop("prior")
         for head, emb in parts.items():
             for blend in BLENDS:
@@ -227,19 +255,21 @@ def fit(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int],
     ref = reference_rows(examples, rows)
     ref_pos = {r: i for i, r in enumerate(ref)}
     fit_a = np.asarray(rows)
-    mean, scale, w = _ridge(inputs.features[fit_a], inputs.gain[fit_a], SHAPE_L2)
+    target, weights = targets(inputs, examples, rows)
+    mean, scale, w = _ridge(inputs.features[fit_a], target, SHAPE_L2, True, weights)
     if head[0] == "linear":
-        lmean, _, lw = _ridge(inputs.vectors[fit_a].astype(float), inputs.gain[fit_a], head[1], False)
+        lmean, _, lw = _ridge(inputs.vectors[fit_a].astype(float), target, head[1], False, weights)
     else:
         lmean, lw = np.zeros(inputs.vectors.shape[1]), np.zeros(inputs.vectors.shape[1])
-    gain_mean = float(inputs.gain[fit_a].mean())
+    position = {r: i for i, r in enumerate(rows)}
+    ref_target = target[[position[r] for r in ref]]
     # Training predictions, each reference prompt not its own neighbour: spreads, quantiles.
     own = [ref_pos.get(r, -1) for r in rows]
     shape_pred = ((inputs.features[fit_a] - mean) / scale) @ w
     if head[0] == "knn":
         exclude = [o if o >= 0 else 0 for o in own]
         top = _top(inputs.vectors[fit_a], inputs.vectors[np.asarray(ref)], int(head[1]) + 1, exclude)
-        emb_pred = inputs.gain[np.asarray(ref)][top[:, : int(head[1])]].mean(axis=1) - gain_mean
+        emb_pred = ref_target[top[:, : int(head[1])]].mean(axis=1)
     else:
         emb_pred = (inputs.vectors[fit_a] - lmean) @ lw
     prior_pred = inputs.features[fit_a] @ inputs.prior_weights
@@ -250,14 +280,14 @@ def fit(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int],
             "blend": dict(zip(PARTS, blend, strict=True)),
             "spread": {"embedding": _spread(emb_pred), "shape": _spread(shape_pred),
                        "prior": _spread(prior_pred)},
-            "gain_mean": gain_mean, "features": inputs.names, "dims": int(inputs.vectors.shape[1]),
+            "features": inputs.names, "dims": int(inputs.vectors.shape[1]),
             "examples": len(rows), "references": len(ref), "selection_apgr": chosen_apgr,
             "sources": {s: sum(1 for r in rows if examples[r].source == s)
                         for s in sorted({examples[r].source for r in rows})}}
     arrays: dict[str, Any] = {
         "meta": np.array(json.dumps(meta, sort_keys=True)),
         "vectors": inputs.vectors[np.asarray(ref)].astype(np.float16),
-        "gain": inputs.gain[np.asarray(ref)].astype(np.int8),
+        "target": ref_target.astype(np.float32),
         "cheap_ok": np.array([examples[r].weak for r in ref], dtype=np.uint8),
         "strong_ok": np.array([examples[r].strong for r in ref], dtype=np.uint8),
         "source": np.array([sources.index(examples[r].source) for r in ref], dtype=np.uint8),
