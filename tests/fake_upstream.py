@@ -24,6 +24,8 @@ completion token per delta) only when ``stream_options.include_usage`` is true, 
 ``--port 0`` picks a free port; ``READY <port>`` is printed on stdout once it listens.
 ``--workers N`` runs N processes, each with its own socket on the port (SO_REUSEPORT).
 ``--delay-ms`` waits (without blocking the loop) before answering a completion request.
+``--record FILE`` appends the ``X-Request-Id`` of every completion request to FILE, one per
+line, as it arrives (tests count how often each request reached the upstream).
 
 In-process use: ``server = await start(Options(...), "127.0.0.1", 0)`` on a running loop.
 Every request is answered by :meth:`Connection.answer`, the one place that picks a response.
@@ -76,6 +78,8 @@ class Options:
     delay_ms: float = 0.0
     stream_chunks: int = 4
     stream_chunk_delay_ms: float = 0.0
+    #: A file to append each completion request's X-Request-Id to (None: nothing kept).
+    record: str | None = None
 
 
 def dumps(obj) -> bytes:
@@ -243,6 +247,9 @@ class Connection(asyncio.Protocol):
         route = ROUTES.get((method, path))
         answer = self.answers.get(route)
         if isinstance(answer, Generation):
+            if self.options.record is not None:
+                with open(self.options.record, "ab") as f:
+                    f.write(self.request_id + b"\n")
             mode = stream_mode(body)
             fault = fault_name(self.request_id) if self.request_id else None
             if fault is not None:
@@ -465,10 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-chunks", type=int, default=4, help="delta events per stream")
     parser.add_argument("--stream-chunk-delay-ms", type=float, default=0.0,
                         help="wait before each streamed event")
+    parser.add_argument("--record", metavar="FILE",
+                        help="append each completion request's X-Request-Id to FILE")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.stream_chunks < 1:
         parser.error("--workers and --stream-chunks must be at least 1")
-    options = Options(args.model, args.delay_ms, args.stream_chunks, args.stream_chunk_delay_ms)
+    options = Options(args.model, args.delay_ms, args.stream_chunks, args.stream_chunk_delay_ms,
+                      args.record)
 
     sock = listening_socket(args.host, args.port, reuse_port=args.workers > 1)
     port = sock.getsockname()[1]
