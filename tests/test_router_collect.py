@@ -14,6 +14,7 @@ from gateway.cli import main
 from .conftest import KEYS, SMALL_MODEL_ID, llamacpp_policy
 
 COLUMNS = ["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules", "source"]
+DETAIL = ["cheap_prompt_tokens", "cheap_completion_tokens", "cheap_logprobs"]
 
 
 def rows(path) -> list[dict]:
@@ -41,19 +42,29 @@ def test_collect_labels_prompts_on_two_tiers_and_resumes(gateways, tmp_path, sma
     assert first.returncode == 0, first.stderr
     assert "[2/2]" in first.stderr  # progress on stderr
     got = rows(out)
-    assert list(got[0]) == COLUMNS and len(got) == 2
+    assert list(got[0]) == [*COLUMNS, *DETAIL] and len(got) == 2
     for row in got:
         assert row["source"] == "mmlu" and row["prompt"].endswith("Answer:")
         assert row["cheap_ok"] in ("0", "1") and row["strong_ok"] in ("0", "1")
         assert float(row["cheap_joules"]) > 0 and float(row["strong_joules"]) > 0
+        # The cheap answer's tokens and first log-probabilities, for cascade simulations.
+        assert int(row["cheap_prompt_tokens"]) > 20 and int(row["cheap_completion_tokens"]) >= 1
+        firsts = [float(x) for x in row["cheap_logprobs"].split()]
+        assert 1 <= len(firsts) <= int(row["cheap_completion_tokens"])
+        assert all(x <= 0 for x in firsts)
     # Both tiers run the same model greedily: the same answer, the same grade.
     assert all(row["cheap_ok"] == row["strong_ok"] for row in got)
-    # A second run skips what is already in the file and adds the rest.
-    again = joulegate(*args, "--limit", "3")
+    # A second run skips what is already in the file and adds the rest; --replies keeps
+    # every answer and its grade.
+    replies = tmp_path / "replies.jsonl"
+    again = joulegate(*args, "--limit", "3", "--replies", str(replies))
     assert again.returncode == 0, again.stderr
     assert "2 already in" in again.stderr
     assert [r["prompt"] for r in rows(out)][:2] == [r["prompt"] for r in got]
     assert len(rows(out)) == 3
+    logged = [json.loads(line) for line in replies.read_text().splitlines()]
+    assert [r["tier"] for r in logged] == ["small", "full"]
+    assert logged[0]["prompt"] == rows(out)[2]["prompt"] and isinstance(logged[0]["ok"], bool)
     # A maths problem, graded on its final number (2 tokens cannot hold a right answer).
     maths = tmp_path / "gsm8k.csv"
     done = joulegate("router", "collect", "gsm8k", "--url", gw.url, "--key", KEYS["acme"],
@@ -99,3 +110,19 @@ def test_collect_from_cached_humaneval_outcomes(tmp_path, capsys):
 @pytest.mark.unit
 def test_collect_needs_two_tiers():
     assert main(["router", "collect", "mmlu", "--tiers", "small"]) == 2
+
+
+@pytest.mark.unit
+def test_a_label_file_with_fewer_columns_gets_the_new_ones(tmp_path):
+    from gateway.cli import router_collect
+
+    out = tmp_path / "labels.csv"
+    out.write_text("prompt,cheap_ok,strong_ok,cheap_joules,strong_joules,source\n"
+                   '"two\nlines",1,0,1.5,3.0,mmlu\n')
+    f, writer = router_collect.open_out(out, ["small", "full"], extra=DETAIL)
+    with f:
+        writer.writerow(["next", 0, 1, 2.0, 4.0, "mmlu", 10, 2, "-0.1000 -0.2000"])
+    got = rows(out)
+    assert list(got[0]) == [*COLUMNS, *DETAIL]
+    assert (got[0]["prompt"], got[0]["cheap_logprobs"]) == ("two\nlines", "")
+    assert (got[1]["prompt"], got[1]["cheap_logprobs"]) == ("next", "-0.1000 -0.2000")

@@ -46,8 +46,8 @@ DATASETS = ("gsm8k", "mmlu", "humaneval")
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "routing"
 
-MATH_INSTRUCTION = ("Solve the problem step by step, then give the final answer as a number "
-                    "on its own last line in the form: The answer is N.")
+MATH_INSTRUCTION = ("Solve the problem with brief steps (no LaTeX), then give the final answer "
+                    "as a number on its own last line in the form: The answer is N.")
 MCQ_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option only."
 CODE_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
                     "including its imports, in one ```python code block.")
@@ -121,6 +121,13 @@ def humaneval_items(max_tokens: int | None) -> Iterator[Item]:
 ITEMS = {"gsm8k": gsm8k_items, "mmlu": mmlu_items, "humaneval": humaneval_items}
 
 
+#: What a live run adds about the cheap tier's answer, for simulating a cascade offline
+#: (``benchmarks/cascade.py``): its token counts and the log-probabilities of its first
+#: :data:`PROBE_LOGPROBS` tokens, space-separated.
+CHEAP_DETAIL = ["cheap_prompt_tokens", "cheap_completion_tokens", "cheap_logprobs"]
+PROBE_LOGPROBS = 32
+
+
 def header(tiers: list[str]) -> list[str]:
     middle = [f"{t}_{what}" for t in tiers[1:-1] for what in ("ok", "joules")]
     return ["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules", "source", *middle]
@@ -134,6 +141,14 @@ def row_for(prompt: str, source: str, tiers: list[str], ok: dict[str, bool],
             round(joules[strong], 6), source, *middle]
 
 
+def cheap_detail(reply: dict[str, Any]) -> list[object]:
+    """:data:`CHEAP_DETAIL` of the cheap tier's reply."""
+    usage = reply["usage"]
+    content = ((reply["choices"][0].get("logprobs") or {}).get("content") or [])
+    firsts = " ".join(f"{e['logprob']:.4f}" for e in content[:PROBE_LOGPROBS])
+    return [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), firsts]
+
+
 def done_prompts(out: Path) -> set[str]:
     if not out.is_file():
         return set()
@@ -145,11 +160,21 @@ def open_out(out: Path, tiers: list[str], extra: list[str] | None = None
              ) -> tuple[IO[str], Any]:
     """``out`` for appending, with the header written when the file is new."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    columns = header(tiers) + (extra or [])
     fresh = not out.is_file() or out.stat().st_size == 0
+    if not fresh:  # a file written with fewer columns gets them (empty in its old rows)
+        with out.open(newline="") as old:
+            reader = csv.DictReader(old)
+            if reader.fieldnames is not None and list(reader.fieldnames) != columns:
+                kept = list(reader)
+                with out.open("w", newline="") as new:
+                    rewrite = csv.DictWriter(new, columns, restval="", extrasaction="ignore")
+                    rewrite.writeheader()
+                    rewrite.writerows(kept)
     f = out.open("a", newline="")
     writer = csv.writer(f)
     if fresh:
-        writer.writerow(header(tiers) + (extra or []))
+        writer.writerow(columns)
         f.flush()
     return f, writer
 
@@ -219,22 +244,33 @@ def collect_live(args: argparse.Namespace, tiers: list[str], out: Path) -> int:
     print(f"{args.dataset}: {len(items)} prompts, {len(items) - len(todo)} already in {out}, "
           f"{len(todo)} to ask on tiers {', '.join(tiers)}", file=sys.stderr)
     key = args.key or default_key()
-    f, writer = open_out(out, tiers)
+    replies = Path(args.replies).open("a") if args.replies else None  # noqa: SIM115 - closed below
+    f, writer = open_out(out, tiers, extra=CHEAP_DETAIL)
     wins = dict.fromkeys(tiers, 0)
     started = time.monotonic()
     try:
         for n, item in enumerate(todo, 1):
             ok: dict[str, bool] = {}
             joules: dict[str, float] = {}
+            detail: list[object] = []
             for tier in tiers:
-                reply = ask_retrying(args, key, request_body(item, tier), tier)
+                body = request_body(item, tier)
+                if tier == tiers[0]:
+                    body["logprobs"] = True  # greedy all the same: the same answer
+                reply = ask_retrying(args, key, body, tier)
                 if reply is None:
                     return 1
+                if tier == tiers[0]:
+                    detail = cheap_detail(reply)
                 text = reply["choices"][0]["message"].get("content") or ""
                 ok[tier] = item.grade(text)
+                if replies is not None:  # for auditing the grader
+                    replies.write(json.dumps({"prompt": item.prompt, "tier": tier, "ok": ok[tier],
+                                              "reply": text}) + "\n")
+                    replies.flush()
                 joules[tier] = float(reply["usage"].get("energy_joules", 0.0))
                 wins[tier] += ok[tier]
-            writer.writerow(row_for(item.prompt, args.dataset, tiers, ok, joules))
+            writer.writerow([*row_for(item.prompt, args.dataset, tiers, ok, joules), *detail])
             f.flush()
             elapsed = time.monotonic() - started
             print(f"[{n}/{len(todo)}] " + " ".join(
@@ -243,6 +279,8 @@ def collect_live(args: argparse.Namespace, tiers: list[str], out: Path) -> int:
                 + f"; {elapsed / n:.1f} s/prompt", file=sys.stderr, flush=True)
     finally:
         f.close()
+        if replies is not None:
+            replies.close()
     return 0
 
 
@@ -313,6 +351,8 @@ def register(router_sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     p.add_argument("--out", metavar="FILE",
                    help="CSV to append to (default: data/routing/DATASET/labels-TIERS.csv)")
+    p.add_argument("--replies", metavar="FILE",
+                   help="also append every answer and its grade to FILE (JSON lines)")
     p.add_argument("--from-results", metavar="DIR",
                    help="humaneval: rows from benchmarks/humaneval.py's cached outcomes in DIR")
     p.add_argument("--mode", choices=("completion", "chat"), default="chat",
