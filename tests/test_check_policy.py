@@ -12,6 +12,7 @@ import pytest
 from gateway.cli import main
 from gateway.preflight import CHECKS, REQUIREMENTS, Requirement, missing_extras
 from policies import PolicyError, inspect_policy, key_digest, load_policy
+from policies.schema import Policy
 
 KEY = "sha256:" + key_digest("k1")
 
@@ -68,8 +69,9 @@ def expected_mistakes(text: str) -> list[tuple[tuple[int, int], str, str]]:
     """(position, key path, message) of every mistake in MISTAKES, in file order."""
     line, column = at(text, "- name: mid")
     return [
-        (at(text, "servr:"), "servr", "unknown key; expected one of: version, state_dir, server, "
-         "admin, ledger, backends, tiers, tenants, routing (did you mean 'server'?)"),
+        # Every top-level section, in the schema's order (later issues add sections).
+        (at(text, "servr:"), "servr", "unknown key; expected one of: "
+         f"{', '.join(Policy.model_fields)} (did you mean 'server'?)"),
         (at(text, "kind: llamacp\n"), "backends.gpu", "unknown backend kind 'llamacp'; expected "
          "one of: 'llamacpp', 'openai', 'vllm', 'wordllama' (did you mean 'llamacpp'?)"),
         (at(text, "cost: 1", nth=1), "tiers[0].cost", "duplicate key 'cost' (first given on "
