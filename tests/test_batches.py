@@ -423,3 +423,50 @@ async def test_a_waiting_batch_survives_a_restart(tmp_path):
         await b.at(datetime(2026, 3, 2, 3, 0, tzinfo=UTC))
         done = await b.sdk.batches.retrieve(batch.id)
         assert done.status == "completed" and done.request_counts.completed == 2
+
+
+async def test_files_and_outputs_expire_as_asked(tmp_path):
+    async with batches_gateway(tmp_path, policy()) as b:
+        f = await b.sdk.files.create(file=("in.jsonl", jsonl([chat_line("a")])), purpose="batch",
+                                     expires_after={"anchor": "created_at", "seconds": 3600})
+        assert f.expires_at == int(T0.timestamp()) + 3600
+        batch = await b.sdk.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 7200})
+        await b.service.settle()
+        done = await b.sdk.batches.retrieve(batch.id)
+        out = await b.sdk.files.retrieve(done.output_file_id)
+        assert out.expires_at == int(T0.timestamp()) + 7200
+        await b.at(T0 + timedelta(hours=1))
+        with pytest.raises(openai.NotFoundError):
+            await b.sdk.files.retrieve(f.id)
+        assert (await b.sdk.files.retrieve(out.id)).id == out.id
+        await b.at(T0 + timedelta(hours=2))
+        with pytest.raises(openai.NotFoundError):
+            await b.sdk.files.content(out.id)
+        r = await b.gw.post("/v1/batches", {"input_file_id": f.id, "endpoint":
+                                            "/v1/chat/completions", "completion_window": "24h",
+                                            "output_expires_after": {"anchor": "created_at",
+                                                                     "seconds": 60}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "output_expires_after"
+
+
+def test_one_process_runs_a_batch_until_its_claim_lapses(tmp_path):
+    """Worker processes share the store: a batch is claimed by one; another takes it over
+    only once the holder's lease has run out (it died), or it gave the batch back."""
+    from gateway.batches.store import BatchStore
+
+    a, b = BatchStore(tmp_path / "b.sqlite"), BatchStore(tmp_path / "b.sqlite")
+    try:
+        doc = {"id": "batch_1", "status": "in_progress"}
+        a.create_batch("acme", doc, {}, [("x", b"{}")])
+        assert [r.id for r in a.claim("A", now=100.0, lease_s=60)] == ["batch_1"]
+        assert b.claim("B", now=130.0, lease_s=60) == []
+        assert [r.id for r in a.claim("A", now=150.0, lease_s=60)] == ["batch_1"]  # renewed
+        assert b.claim("B", now=200.0, lease_s=60) == []
+        assert [r.id for r in b.claim("B", now=211.0, lease_s=60)] == ["batch_1"]  # A died
+        b.release("B")
+        assert [r.id for r in a.claim("A", now=212.0, lease_s=60)] == ["batch_1"]
+    finally:
+        a.close()
+        b.close()

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 #: Multipart framing and the form's small fields, beside the file itself.
 _FORM_OVERHEAD = 64 * 1024
-_DAY_S = 86400
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -127,22 +126,16 @@ async def _upload(request: Request) -> Response:
                            f"{spec.max_file_bytes} bytes")
     parsed = wire.parse_input(data, spec.max_lines)
     created = unix(service.clock.now())
-    expires = _expires_after(form.get("expires_after[anchor]"),
-                             form.get("expires_after[seconds]"), created)
+    seconds = form.get("expires_after[seconds]")
+    expires = wire.expires_after(
+        None if form.get("expires_after[anchor]") is None and seconds is None else
+        {"anchor": form.get("expires_after[anchor]"),
+         "seconds": int(seconds) if isinstance(seconds, str) and seconds.isdigit() else seconds},
+        "expires_after")
     row = FileRow(wire.new_id("file-"), tenant, wire.PURPOSE, filename, len(data), created,
-                  expires, parsed.endpoint)
+                  None if expires is None else created + expires, parsed.endpoint)
     await service.store.call(service.store.put_file, row, data)
     return _json(wire.file_object(row.as_dict()))
-
-
-def _expires_after(anchor: object, seconds: object, created: int) -> int | None:
-    if anchor is None and seconds is None:
-        return None
-    if anchor != "created_at" or not isinstance(seconds, str) or not seconds.isdigit() \
-            or not 3600 <= int(seconds) <= 30 * _DAY_S:
-        raise InvalidRequest("'expires_after' takes anchor 'created_at' and seconds from 3600 "
-                             "to 2592000", param="expires_after")
-    return created + int(seconds)
 
 
 class _LimitedRequest(Request):
@@ -225,6 +218,7 @@ async def batches(request: Request) -> Response:
     plan = schedule(batch_site(snap, tenant, bodies), now, window_s, len(bodies),
                     spec.concurrency, spec.line_seconds).as_dict()
     plan["started_at"] = None
+    plan["output_expires_s"] = create.output_expires_s
     models = {orjson.loads(b).get("model") for b in bodies}
     doc: dict[str, Any] = {
         "id": wire.new_id("batch_"), "object": "batch", "endpoint": create.endpoint,

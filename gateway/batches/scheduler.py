@@ -227,8 +227,10 @@ class BatchService:
         changes: dict[str, Any] = {"status": status, f"{status}_at": when}
         if status == "completed":
             changes.setdefault("finalizing_at", row.doc.get("finalizing_at") or when)
+        keep = row.plan.get("output_expires_s")
         files = [FileRow(wire.new_id("file-"), row.tenant, wire.OUTPUT_PURPOSE,
-                         f"{row.id}_{kind}.jsonl", 0, when, None, None)
+                         f"{row.id}_{kind}.jsonl", 0, when, None if keep is None else when + keep,
+                         None)
                  for kind in ("output", "error")]
 
         def unfinished(idx: int, custom_id: str) -> dict[str, Any]:

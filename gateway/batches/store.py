@@ -136,7 +136,10 @@ class BatchStore:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s)
+            # One thread at a time uses it (the worker; a synchronous caller such as a
+            # test or a CLI), never two at once.
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s,
+                                 check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)

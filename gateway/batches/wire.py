@@ -134,6 +134,8 @@ class CreateBatch:
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None
+    #: Seconds the output and error files are kept after they are written (None: kept).
+    output_expires_s: int | None = None
 
 
 _CREATE_KEYS = {"input_file_id", "endpoint", "completion_window", "metadata",
@@ -160,7 +162,21 @@ def parse_create(body: object) -> CreateBatch:
     if not isinstance(window, str):
         raise InvalidRequest("'completion_window' is required, e.g. '24h'",
                              param="completion_window")
-    return CreateBatch(file_id, endpoint, window, check_metadata(body.get("metadata")))
+    return CreateBatch(file_id, endpoint, window, check_metadata(body.get("metadata")),
+                       expires_after(body.get("output_expires_after"), "output_expires_after"))
+
+
+def expires_after(given: object, param: str) -> int | None:
+    """``{"anchor": "created_at", "seconds": n}`` (an hour to 30 days) as seconds."""
+    if given is None:
+        return None
+    seconds = given.get("seconds") if isinstance(given, dict) else None
+    if not isinstance(given, dict) or given.get("anchor") != "created_at" \
+            or not isinstance(seconds, int) or isinstance(seconds, bool) \
+            or not 3600 <= seconds <= 30 * 86400:
+        raise InvalidRequest(f"'{param}' takes anchor 'created_at' and seconds from 3600 to "
+                             "2592000", param=param)
+    return seconds
 
 
 def check_metadata(meta: object) -> dict[str, str] | None:
