@@ -48,6 +48,7 @@ from .limits import HeaderLimits
 from .openapi import openapi_spec
 from .responses import handle_responses
 from .runtime import Runtime
+from .sustainability import in_unit
 
 if TYPE_CHECKING:
     from backends import Backend
@@ -195,7 +196,8 @@ def create_app(policy_path: str | Path | None = None,
         return _json({"tenant": tenant, "windows": [
             {"window": s.window, "period_start": s.period_start, "period_end": s.period_end,
              "limit_joules": s.limit, "granted_joules": s.granted, "spent_joules": s.spent,
-             "reserved_joules": s.reserved, "remaining_joules": s.remaining} for s in states]})
+             "reserved_joules": s.reserved, "remaining_joules": s.remaining,
+             **in_unit(s)} for s in states]})
 
     @app.post("/admin/tenants/{tenant}/budget/reset")
     async def budget_reset(tenant: str, request: Request) -> Response:

@@ -19,6 +19,7 @@ from .errors import APIError, to_api_error
 from .metrics import OTHER, bound
 from .routing import RouteRefusal, TierPlan
 from .runtime import Runtime, Snapshot
+from .sustainability import Factors, Footprint
 
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
 log = logging.getLogger("joulegate")
@@ -69,6 +70,11 @@ class Call:
     ledger_id: str = field(default_factory=lambda: os.urandom(12).hex())
     #: The tier whose place (:mod:`gateway.tier_slots`) the request holds, if any.
     slot: str | None = None
+    #: The facility, water and carbon figures of the site of the tier being tried, taken
+    #: when the request started there (:mod:`gateway.sustainability`).
+    factors: Factors | None = None
+    #: Deferred work (a batch): Unix time it was submitted, when it could have run at once.
+    submitted_at: float | None = None
 
     # Each step after authentication, reading, planning, admission and metering may rely on
     # what that step set; the accessors below say so to the type checker, and fail loudly
@@ -120,10 +126,21 @@ class Call:
             self.joules = self.spent_before + self.energy.finish()
         return self.joules
 
+    @property
+    def footprint(self) -> Footprint | None:
+        """Facility joules, water and CO₂ of the joules so far (None before a tier ran)."""
+        return None if self.factors is None else self.factors.footprint(self.joules)
+
+    def footprint_usage(self) -> dict[str, object]:
+        """``usage``'s facility_joules, water_ml, co2_g, site and co2_source."""
+        fp = self.footprint
+        return {} if fp is None else fp.usage_fields()
+
     def usage(self) -> dict[str, object]:
         extra = None
         if self.energy is not None:
-            extra = {"energy_joules": round(self.joules, 6), "energy_source": self.energy.source}
+            extra = {"energy_joules": round(self.joules, 6), "energy_source": self.energy.source,
+                     **self.footprint_usage()}
         return wire.usage_dict(self.prompt_tokens, self.completion_tokens, extra)
 
     def record(self, runtime: Runtime, snap: Snapshot) -> None:
@@ -160,8 +177,27 @@ class Call:
                 # the serving tier's own joules: not a failed attempt's or a cascade probe's
                 runtime.calibration.update(self.tier, self.prompt_tokens,
                                            self.completion_tokens, self.joules - self.spent_before)
+            fp = self.footprint
+            if fp is not None:
+                m.record_footprint(tenant, tier, fp.site, fp.facility_joules,
+                                   fp.water_ml / 1000.0, fp.co2_g)
+                if runtime.usage_log is not None:
+                    runtime.usage_log.append(self.usage_record(tier, fp))
         if snap.policy.server.access_log and access_log.isEnabledFor(logging.INFO):
             logs.access(access_log, self.access_record(elapsed))
+
+    def usage_record(self, tier: str, fp: Footprint) -> dict[str, object]:
+        """This request's line in the usage log (:mod:`gateway.usage_log`)."""
+        record: dict[str, object] = {
+            "t": round(time.time(), 3), "tenant": self.tenant, "tier": tier, "site": fp.site,
+            "ep": self.endpoint, "status": self.status, "pt": self.prompt_tokens,
+            "ct": self.completion_tokens, "j": round(self.joules, 6),
+            "es": self.energy.source if self.energy else None,
+            "fj": round(fp.facility_joules, 6), "w": round(fp.water_ml, 6),
+            "co2": round(fp.co2_g, 6), "g": fp.g_per_kwh, "cs": fp.co2_source}
+        if self.submitted_at is not None:
+            record["sub"] = self.submitted_at
+        return record
 
     def access_record(self, elapsed: float) -> dict[str, object]:
         """The access log's record of this request: never prompt text or keys."""

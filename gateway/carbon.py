@@ -8,7 +8,7 @@ Three sources, named by their ``source`` label:
 ``constant``
     :class:`ConstantCarbon`: one figure, always (a yearly grid average).
 ``schedule``
-    :class:`ScheduleCarbon`: a daily schedule, hour of day (0–23, in ``tz``) → gCO₂/kWh.
+    :class:`ScheduleCarbon`: a daily schedule, hour of day (0-23, in ``tz``) → gCO₂/kWh.
     No interpolation: an instant takes the value of its hour. Hours left out take the value
     of the nearest listed hour before them (wrapping past midnight), so ``{0: 300, 8: 450,
     18: 350}`` is a three-step day.

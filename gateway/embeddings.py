@@ -113,6 +113,7 @@ class EmbeddingCall(Call):
                                  "total_tokens": self.prompt_tokens}
         if self.energy is not None:
             usage.update(energy_joules=round(self.joules, 6), energy_source=self.energy.source)
+            usage.update(self.footprint_usage())
         return usage
 
 

@@ -144,6 +144,19 @@ class Metrics:
                                                 "watch, calibration saver, energy timers, "
                                                 "meter pollers) restarted after they failed.",
                                                 ["task"], registry=r)
+        self.facility_energy = Counter("joulegate_facility_energy_joules",
+                                       "Facility energy of requests (IT joules x the site's "
+                                       "PUE), joules.", ["tenant", "tier", "site"], registry=r)
+        self.water = Counter("joulegate_water_litres",
+                             "Site water of requests (IT kWh x the site's WUE), litres.",
+                             ["tenant", "tier", "site"], registry=r)
+        self.co2 = Counter("joulegate_co2_grams",
+                           "CO2 of requests (facility kWh x the site's carbon intensity), grams.",
+                           ["tenant", "tier", "site"], registry=r)
+        self.carbon_intensity = Gauge("joulegate_carbon_intensity_g_per_kwh",
+                                      "A site's grid carbon intensity now, gCO2/kWh.", ["site"],
+                                      registry=r, multiprocess_mode="mostrecent")
+        self._footprints: dict[tuple[str, str, str], tuple[Counter, Counter, Counter]] = {}
         self._children: dict[tuple[str, str, str, str], RequestMetrics] = {}
         self._decisions: dict[tuple[str, str, str], Counter] = {}
 
@@ -163,6 +176,18 @@ class Metrics:
                 joules_per_token=self.joules_per_token.labels(tier),
             )
         return children
+
+    def record_footprint(self, tenant: str, tier: str, site: str, facility_joules: float,
+                         water_litres: float, co2_g: float) -> None:
+        """Count a request's facility joules, water and CO₂ (children cached per labels)."""
+        key = (tenant, tier, site)
+        children = self._footprints.get(key)
+        if children is None:
+            children = self._footprints[key] = (self.facility_energy.labels(*key),
+                                                self.water.labels(*key), self.co2.labels(*key))
+        children[0].inc(facility_joules)
+        children[1].inc(water_litres)
+        children[2].inc(co2_g)
 
     def record_route(self, tenant: str, plan: TierPlan) -> None:
         """Count a request's tier plan (:class:`gateway.routing.TierPlan`) once it is done:

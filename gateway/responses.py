@@ -584,6 +584,7 @@ class ResponsesCall(Call):
             "total_tokens": self.prompt_tokens + self.completion_tokens}
         if self.energy is not None:
             usage.update(energy_joules=round(self.joules, 6), energy_source=self.energy.source)
+            usage.update(self.footprint_usage())
         return usage
 
     def response(self, status: str, output: list[dict[str, Any]], *,

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from policies import (
 from .auth import KeyIndex
 from .budgets import open_ledger
 from .budgets.guard import BudgetGuard
+from .carbon import CarbonSource, PrometheusCarbon
 from .energy import (
     BackendEnergy,
     Calibration,
@@ -43,7 +44,9 @@ from .energy import (
 from .metrics import Metrics
 from .routing import CapacityTracker, DifficultyEstimator, create_estimator
 from .supervise import Backoff, Supervisor
+from .sustainability import DEFAULT_SITE, Factors, Site, backend_sites, build_sites
 from .tier_slots import TierSlots
+from .usage_log import USAGE_LOG_NAME, UsageLog
 
 if TYPE_CHECKING:
     from policies.schema import BackendSpec
@@ -70,9 +73,17 @@ class Snapshot:
     estimators: dict[str, DifficultyEstimator]
     in_flight: int = 0
     retired: bool = False
+    #: backend name → the site it runs at; site name → site (the default site included).
+    sites: dict[str, Site] = field(default_factory=dict)
+    site_by_name: dict[str, Site] = field(default_factory=lambda: {DEFAULT_SITE: Site(DEFAULT_SITE)})
 
     def backend_for(self, tier: TierSpec) -> Backend:
         return self.backends[tier.backend]
+
+    def factors(self, tier: TierSpec) -> Factors:
+        """The facility, water and carbon figures of ``tier``'s site now."""
+        site = self.sites.get(tier.backend)
+        return (site or self.site_by_name[DEFAULT_SITE]).factors()
 
 
 def index_keys(policy: Policy, source: str) -> tuple[KeyIndex, KeyIndex]:
@@ -128,8 +139,8 @@ def build_from_kind(name: str, spec: BackendSpec) -> Backend:
 def _same_backend(old: BackendSpec | None, new: BackendSpec) -> bool:
     """Whether a backend can be kept across a reload: its energy settings are the energy
     accounting's business (they never restart a backend)."""
-    return old is not None and old.model_copy(update={"energy": None}) == \
-        new.model_copy(update={"energy": None})
+    return old is not None and old.model_copy(update={"energy": None, "site": None}) == \
+        new.model_copy(update={"energy": None, "site": None})
 
 
 class Runtime:
@@ -156,6 +167,11 @@ class Runtime:
         #: the runtime. How long a failed loop waits before it restarts:
         self.backoff = Backoff()
         self.background: list[Supervisor] = []
+        #: site name → (its ``carbon`` spec, the source built from it): kept across reloads
+        #: while the spec is unchanged; Prometheus sources refresh in the background.
+        self.carbon_sources: dict[str, tuple[object, CarbonSource]] = {}
+        #: One line per finished request, for ``joulegate report`` (made by :meth:`start`).
+        self.usage_log: UsageLog | None = None
 
     @property
     def current(self) -> Snapshot:
@@ -190,11 +206,14 @@ class Runtime:
         policy = load_policy(self.policy_path)
         state = state_dir(policy)
         self.calibration = Calibration(state / "calibration.json")
+        self.usage_log = UsageLog(state / USAGE_LOG_NAME).start()
         self.budgets = self._budget_guard(policy, state)
         self._current = await self._build(policy, version=1)
         self.budgets.watch(policy)
         self.budgets.start()
         self.supervise("health_watch", self._watch_health)
+        await self._swap_carbon(self._current)
+        self.supervise("carbon_intensity", self._watch_carbon)
 
     def supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> Supervisor:
         """Run ``loop()`` as a supervised background task (restarted when it fails, counted
@@ -223,6 +242,7 @@ class Runtime:
             if new.policy.ledger != old.policy.ledger:
                 log.warning("ledger settings changed: they take effect at the next restart")
             self._current = new
+            await self._swap_carbon(new)
             if self.budgets is not None:
                 self.budgets.watch(new.policy)
             old.retired = True
@@ -252,13 +272,46 @@ class Runtime:
             reported = set(health)
             await asyncio.sleep(snap.policy.server.health_interval_s)
 
+    async def _swap_carbon(self, snap: Snapshot) -> None:
+        """Start the carbon sources ``snap`` brought in; close those it no longer uses."""
+        used = {id(s.carbon): s.carbon for s in snap.site_by_name.values() if s.carbon is not None}
+        for source in used.values():
+            if isinstance(source, PrometheusCarbon):
+                source.start(self.metrics)
+        dropped = [src for _, src in self.carbon_sources.values() if id(src) not in used]
+        self.carbon_sources = {name: (site_spec.carbon, site.carbon)
+                               for name, site in snap.site_by_name.items()
+                               if site.carbon is not None
+                               and (site_spec := snap.policy.sites.get(name)) is not None}
+        for source in dropped:
+            if isinstance(source, PrometheusCarbon):
+                await source.close()
+        self._record_carbon(snap)
+
+    def _record_carbon(self, snap: Snapshot) -> None:
+        for name, site in snap.site_by_name.items():
+            if site.carbon is not None:
+                self.metrics.carbon_intensity.labels(name).set(site.intensity()[0])
+
+    async def _watch_carbon(self) -> None:
+        """``joulegate_carbon_intensity_g_per_kwh{site}`` every 15 s (sources with a
+        schedule change on the hour; Prometheus sources refresh on their own)."""
+        while True:
+            await asyncio.sleep(15)
+            self._record_carbon(self.current)
+
     async def close(self) -> None:
         background, self.background = self.background, []
         await asyncio.gather(*(s.close() for s in background))
+        sources, self.carbon_sources = self.carbon_sources, {}
+        await asyncio.gather(*(src.close() for _, src in sources.values()
+                               if isinstance(src, PrometheusCarbon)))
         live = {id(b): b for s in [self._current, *self._retired] if s for b in s.backends.values()}
         await asyncio.gather(*(b.close() for b in live.values()), return_exceptions=True)
         self.energy.close()
         self.calibration.save()
+        if self.usage_log is not None:
+            await asyncio.to_thread(self.usage_log.close)
         if self.budgets is not None:
             await self.budgets.close()
         if self._closing:
@@ -304,10 +357,12 @@ class Runtime:
         for tier in tiers.values():
             self.calibration.seed(tier.name, tier.joules_per_prompt_token,
                                   tier.joules_per_output_token)
+        sites, _ = build_sites(policy, self.carbon_sources)
         return Snapshot(version=version, policy=policy, backends=backends,
                         tenant_keys=tenant_keys, admin_keys=admin_keys, tiers=tiers,
                         models={t.model: t for t in tiers.values()}, energy=energy,
-                        routing=routing, estimators=estimators)
+                        routing=routing, estimators=estimators,
+                        sites=backend_sites(policy, sites), site_by_name=sites)
 
     def _routing(self, policy: Policy, reuse: Snapshot | None
                  ) -> tuple[dict[str, RoutingSpec], dict[str, DifficultyEstimator]]:

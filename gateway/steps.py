@@ -91,7 +91,9 @@ def route_context(runtime: Runtime, snap: Snapshot, call: Call,
                   for name, c in (routing.capacity or {}).items()},
         joules={t.name: runtime.calibration.predict(t.name, call.prompt_estimate, max_tokens)
                 for t in tiers},
-        degrade_ladder=degrade_ladder(spec, tiers))
+        degrade_ladder=degrade_ladder(spec, tiers),
+        carbon={t.name: snap.factors(t).co2_g_per_joule for t in tiers}
+        if routing.carbon_weight else {})
 
 
 async def admit(runtime: Runtime, snap: Snapshot, call: Call) -> None:
@@ -100,7 +102,7 @@ async def admit(runtime: Runtime, snap: Snapshot, call: Call) -> None:
     generation, tenant = call.req, call.who
     admission = call.admission = await runtime.guard.admit(
         snap.policy.tenants[tenant], tenant, call.planned, call.ledger_id, generation,
-        call.prompt_estimate)
+        call.prompt_estimate, snap.factors)
     if generation.max_tokens is None:
         call.default_max_tokens = admission.max_tokens
     generation.max_tokens = admission.max_tokens
@@ -116,6 +118,7 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
         generation.model, generation.progress = tier.model, Usage()
         call.energy = runtime.energy.open(snap.energy[tier.backend], generation.progress,
                                           scale=tier.cost)
+        call.factors = snap.factors(tier)
         try:
             runtime.tier_slots.enter(tier.name, snap.policy.server.limits.max_pending_per_tier)
             call.slot = tier.name
@@ -202,6 +205,9 @@ def answer_headers(call: Call) -> dict[str, str]:
     headers = response_headers(call)
     headers["x-joulegate-energy-joules"] = f"{call.joules:.6f}"
     headers["x-joulegate-energy-source"] = call.metered.source
+    fp = call.footprint
+    if fp is not None:
+        headers.update(fp.headers())
     return headers
 
 

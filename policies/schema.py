@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, cast
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from backends import KINDS, BackendKind
 
@@ -145,6 +145,11 @@ class EnergySpec(_Strict):
     joules_per_output_token: float = Field(0.05, ge=0)
 
 
+#: A backend's ``site``: the entry of ``sites`` its hardware runs at (PUE, WUE, carbon
+#: intensity); none: the default site (PUE 1, WUE 0, no carbon source).
+_SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
 class BackendEntry(_Strict):
     """The base of every ``backends`` entry's model (:func:`backend_spec`): its kind's
     settings come between ``kind`` and ``energy``."""
@@ -155,6 +160,7 @@ class BackendEntry(_Strict):
     if TYPE_CHECKING:
         # Declared by backend_spec after the kind's settings (field order); typed here.
         energy: EnergySpec
+        site: str | None
 
 
 def backend_spec(kind: BackendKind) -> type[BackendEntry]:
@@ -169,7 +175,7 @@ def backend_spec(kind: BackendKind) -> type[BackendEntry]:
     spec = cast("type[BackendEntry]", create_model(
         f"{kind.settings.__name__}Entry", __base__=(kind.settings, BackendEntry),
         __module__=__name__, __doc__=kind.settings.__doc__,
-        kind=(tag, ...), energy=(EnergySpec, EnergySpec())))
+        kind=(tag, ...), site=(_SiteName | None, None), energy=(EnergySpec, EnergySpec())))
     spec.backend_kind = kind
     return spec
 
@@ -185,6 +191,57 @@ if TYPE_CHECKING:
     BackendSpec = BackendEntry
 else:
     BackendSpec = backend_union(KINDS.values())
+
+
+class PrometheusCarbonSpec(_Strict):
+    """Carbon intensity from a Prometheus server: an instant query, refreshed in the
+    background (see :mod:`gateway.carbon`)."""
+
+    #: The server's base URL, e.g. ``http://prometheus:9090``.
+    url: str = Field(min_length=1)
+    #: An instant query whose value is gCO₂/kWh (several series: their mean).
+    query: str = Field(min_length=1)
+    refresh_s: float = Field(60.0, gt=0, le=86400)
+    #: gCO₂/kWh until the first answer; none: 0 g, labelled ``unavailable``.
+    fallback: float | None = Field(None, ge=0)
+
+
+class CarbonSpec(_Strict):
+    """A site's grid carbon intensity, gCO₂/kWh: exactly one of ``constant``, ``schedule``
+    (hour of day 0-23 → value; an hour left out takes the previous listed hour's value) or
+    ``prometheus``."""
+
+    constant: float | None = Field(None, ge=0, le=100_000)
+    schedule: dict[Annotated[int, Field(ge=0, le=23)],
+                   Annotated[float, Field(ge=0, le=100_000)]] | None = Field(None, min_length=1)
+    #: The schedule's clock (an IANA zone name).
+    tz: str = "UTC"
+    prometheus: PrometheusCarbonSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CarbonSpec:
+        given = [k for k in ("constant", "schedule", "prometheus") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of constant, schedule or prometheus"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.tz != "UTC":
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(self.tz)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {self.tz!r}") from None
+        return self
+
+
+class SiteSpec(_Strict):
+    """Where backends run: facility overheads and the grid's carbon (docs/energy.md)."""
+
+    #: Power Usage Effectiveness: facility energy ÷ IT energy.
+    pue: float = Field(1.0, ge=1.0, le=10.0)
+    #: Water Usage Effectiveness: litres of site water per kWh of IT energy.
+    wue_l_per_kwh: float = Field(0.0, ge=0, le=100.0)
+    carbon: CarbonSpec | None = None
 
 
 class TierSpec(_Strict):
@@ -209,9 +266,31 @@ class TierSpec(_Strict):
 
 class BudgetSpec(_Strict):
     window: Literal["1m", "1h", "1d", "7d", "30d", "calendar-month"]
-    joules: float = Field(gt=0)
+    #: The budget in IT joules (``unit: joules``, the default).
+    joules: float | None = Field(None, gt=0)
+    #: What the window counts: IT ``joules``, ``facility_kwh`` (IT energy × the site's PUE),
+    #: ``litres`` of water or grams of CO₂ (``gco2``); other units give ``limit``.
+    unit: Literal["joules", "facility_kwh", "litres", "gco2"] = "joules"
+    #: The budget in ``unit``.
+    limit: float | None = Field(None, gt=0)
     #: Past this share of the window's budget, responses carry X-Joulegate-Budget-Warning.
     soft_pct: float = Field(80.0, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> BudgetSpec:
+        if self.unit == "joules":
+            if (self.joules is None) == (self.limit is None):
+                raise ValueError("a joule budget needs joules (or limit), not both")
+        elif self.joules is not None or self.limit is None:
+            raise ValueError(f"a budget in {self.unit} gives limit (in {self.unit}), not joules")
+        return self
+
+    @property
+    def amount(self) -> float:
+        """The budget in its unit."""
+        value = self.limit if self.limit is not None else self.joules
+        assert value is not None  # the validator requires one
+        return value
 
 
 class LedgerSpec(_Strict):
@@ -276,6 +355,9 @@ class RoutingSpec(_Strict):
     #: them the raise is interpolated linearly. ``[]`` turns pressure off.
     pressure: list[Annotated[list[Annotated[float, Field(ge=0, le=1)]],
                              Field(min_length=2, max_length=2)]] | None = None
+    #: Among tiers that may serve a request, how much their grams of CO₂ for the predicted
+    #: joules weigh against the joules themselves: 0 energy only, 1 carbon only.
+    carbon_weight: float | None = Field(None, ge=0, le=1)
 
     #: When a tier's backend cannot take a request (down, overloaded, no first token in
     #: time) before anything reached the client: ``auto`` retries ``model: "auto"``
@@ -294,7 +376,8 @@ class RoutingSpec(_Strict):
 
 #: The policy-wide routing defaults when a policy gives none.
 DEFAULT_ROUTING = RoutingSpec(estimator="learned", thresholds={}, capacity={},
-                              pressure=[[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]], fallback="auto")
+                              pressure=[[0.5, 0.0], [0.1, 0.3], [0.0, 1.0]], fallback="auto",
+                              carbon_weight=0.0)
 
 
 class TenantSpec(_Strict):
@@ -360,6 +443,8 @@ class Policy(_Strict):
     tenants: dict[Annotated[str, Field(pattern=NAME_PATTERN)], TenantSpec] = Field(min_length=1)
     #: Difficulty routing defaults for every tenant (see RoutingSpec).
     routing: RoutingSpec | None = None
+    #: Sites backends run at (``backends.<name>.site``): PUE, WUE, carbon intensity.
+    sites: dict[Annotated[str, Field(pattern=NAME_PATTERN)], SiteSpec] = Field(default_factory=dict)
     #: The Batch API's limits and pacing (see BatchesSpec).
     batches: BatchesSpec = BatchesSpec()
 
@@ -507,6 +592,14 @@ def reference_issues(data: Mapping[str, Any]) -> list[tuple[str, str]]:
         for name, tenant in tenants.items():
             issues += _routing_issues(f"tenants.{name}.routing", tenant.get("routing"),
                                       [t for t in allowed_by_tenant[name] if t in tier_names])
+    sites = _mapping(data.get("sites"))
+    for name, backend in backends.items():
+        site = _text(_mapping(backend).get("site"))
+        if site is not None and site != "default" and site not in sites:
+            known = sorted(map(str, sites))
+            issues.append((f"backends.{name}.site", f"unknown site '{site}'; expected one of: "
+                           f"{', '.join(known) or '(no sites: add them under sites)'}"
+                           f"{did_you_mean(site, known)}"))
     ledger = _mapping(data.get("ledger"))
     if ledger.get("kind") == "redis" and not ledger.get("url"):
         issues.append(("ledger.url", "a redis ledger needs url (e.g. redis://host:6379/0)"))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "helm" / "joulegate" / "dashboards" / "joulegate.json"
 UNITS = {"watt": "W", "joule": "J", "s": "s", "percentunit": "share", "reqps": "req/s",
-         "none": ""}
+         "massg": "g", "litre": "L", "none": ""}
 
 
 def substitute(expr: str, variables: dict[str, str]) -> str:

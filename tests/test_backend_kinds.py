@@ -59,7 +59,9 @@ def test_the_policy_union_is_exactly_the_registrys_kinds():
     assert list(KINDS) == ["llamacpp", "openai", "vllm", "wordllama"]  # the order messages list
     for member, kind in zip(members, KINDS.values(), strict=True):
         assert issubclass(member, kind.settings)  # the kind's own defaults and validators
-        assert list(member.model_fields) == ["kind", *kind.settings.model_fields, "energy"]
+        # site (issue 19) and energy: the gateway's own settings of every backend.
+        assert list(member.model_fields) == ["kind", *kind.settings.model_fields, "site",
+                                             "energy"]
         assert typing.get_args(member.model_fields["kind"].annotation) == (kind.name,)
 
 

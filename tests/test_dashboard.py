@@ -35,13 +35,16 @@ DASHBOARD = ROOT / "helm" / "joulegate" / "dashboards" / "joulegate.json"
 RULES = ROOT / "helm" / "joulegate" / "files" / "alerts.yaml"
 RULE_TESTS = sorted((ROOT / "tests" / "prometheus").glob("*_test.yaml"))
 RENDER = ROOT / "scripts" / "render_dashboard.py"
-UNITS = {"watt", "joule", "s", "percentunit", "reqps", "none"}
+UNITS = {"watt", "joule", "s", "percentunit", "reqps", "none", "massg", "litre"}
 #: What the operators asked the dashboard to show (issue 7), by panel title.
 REQUIRED_PANELS = [
     "Power per backend", "Joules per output token, per tier", "Energy per tenant",
     "Budget remaining", "Route decisions by tier and reason", "Capacity fraction",
     "Request rate", "Error rate", "Latency percentiles", "Time to first token percentiles",
     "Idle energy share", "Estimated vs measured energy",
+    # issue 19: facility energy, water and carbon
+    "Carbon intensity and served load", "Facility vs IT power", "CO2 per tenant and site, dashboard range",
+    "Water per tenant, dashboard range",
 ]
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -104,7 +107,7 @@ def test_every_queried_metric_is_exported():
     rules = yaml.safe_load(RULES.read_text())["groups"]
     texts += [r["expr"] for g in rules for r in g["rules"]]
     for text in texts:
-        queried |= set(re.findall(r"\b(?:[a-z]+:)?joulegate_[a-z_]+(?::[a-z0-9_]+)?", text))
+        queried |= set(re.findall(r"\b(?:[a-z]+:)?joulegate_[a-z0-9_]+(?::[a-z0-9_]+)?", text))
     assert queried, "no metric found in the dashboard"
     assert queried <= known, f"not exported by the gateway: {sorted(queried - known)}"
 
@@ -188,8 +191,11 @@ def truth_policy(dead_port: int) -> dict:
         "version": 1,
         "server": {"health_interval_s": 1},
         "admin": {"keys": ["sha256:" + key_digest(ADMIN_KEY)]},
+        # Sites (issue 19): the carbon panels need an intensity and CO2 to show.
+        "sites": {"lab": {"pue": 1.3, "wue_l_per_kwh": 1.8,
+                          "carbon": {"schedule": {0: 320.0, 12: 180.0}}}},
         "backends": {
-            "q-small": llama(), "q-big": llama(),
+            "q-small": {**llama(), "site": "lab"}, "q-big": {**llama(), "site": "lab"},
             "dead": {"kind": "openai", "base_url": f"http://127.0.0.1:{dead_port}/v1",
                      "timeouts": {"connect_s": 1, "first_byte_s": 2, "total_s": 5}},
         },

@@ -32,7 +32,10 @@ async def test_chat_completion_whole(tmp_path, scripts):
         assert choice["finish_reason"] == "stop"
         assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
                                  "energy_joules": joules(7, 5, "big"),
-                                 "energy_source": "estimated"}
+                                 "energy_source": "estimated",
+                                 # issue 19: the default site (PUE 1, no water, no carbon)
+                                 "facility_joules": joules(7, 5, "big"), "water_ml": 0.0,
+                                 "co2_g": 0.0, "site": "default", "co2_source": "none"}
         assert r.headers["x-joulegate-tier"] == "big"
         assert float(r.headers["x-joulegate-energy-joules"]) == joules(7, 5, "big")
         # What the backend was asked: the tier's model and the client's parameters.
@@ -100,7 +103,10 @@ async def test_chat_stream_events_in_order(tmp_path, scripts):
         assert usage["choices"] == []
         assert usage["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
                                   "energy_joules": joules(7, 5, "big"),
-                                  "energy_source": "estimated"}
+                                  "energy_source": "estimated",
+                                  # issue 19: the default site (PUE 1, no water, no carbon)
+                                  "facility_joules": joules(7, 5, "big"), "water_ml": 0.0,
+                                  "co2_g": 0.0, "site": "default", "co2_source": "none"}
         (stream,) = gw.backends["up-big"].calls.streams
         assert stream.finished and not stream.closed_early
 

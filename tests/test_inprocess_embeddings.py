@@ -64,7 +64,10 @@ async def test_a_string_and_a_list_of_strings(tmp_path):
                                  "embedding": pytest.approx(scripted_vector("the cat sat", 8))}]
         assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3,
                                  "energy_joules": joules(3, 0, "small"),
-                                 "energy_source": "estimated"}
+                                 "energy_source": "estimated",
+                                 # issue 19: the default site (PUE 1, no water, no carbon)
+                                 "facility_joules": joules(3, 0, "small"), "water_ml": 0.0,
+                                 "co2_g": 0.0, "site": "default", "co2_source": "none"}
         assert r.headers["x-joulegate-tier"] == "small" and r.headers["x-request-id"] == "emb-1"
         assert float(r.headers["x-joulegate-energy-joules"]) == joules(3, 0, "small")
 

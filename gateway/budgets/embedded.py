@@ -52,7 +52,8 @@ _KEEP_S = 40 * 86400
 _RETRY_PAUSE_S = 0.01
 
 T = TypeVar("T")
-Periods = list[tuple[str, int]]
+#: (window, period start, ledger amount per IT joule) of each bucket a reservation holds.
+Periods = list[tuple[str, int, float]]
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -153,18 +154,21 @@ class EmbeddedLedger(Ledger):
         spent, reserved, granted = db.execute(
             "SELECT spent, reserved, granted FROM buckets WHERE tenant=? AND window=? AND "
             "period_start=?", (tenant, limit.window, start)).fetchone()
-        return WindowState(limit.window, start, end, limit.joules, spent, reserved, granted)
+        return WindowState(limit.window, start, end, limit.joules, spent, reserved, granted,
+                           limit.factor, limit.unit)
 
     @staticmethod
     def _periods(raw: str) -> Periods:
-        return [(str(window), int(start)) for window, start in json.loads(raw)]
+        """A reservation's buckets (rows written before units existed have no factor: 1)."""
+        return [(str(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else 1.0)
+                for p in json.loads(raw)]
 
     @staticmethod
     def _unreserve(db: sqlite3.Connection, tenant: str, periods: Periods, joules: float) -> None:
-        for window, start in periods:
+        for window, start, factor in periods:
             db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0) "
                        "WHERE tenant=? AND window=? AND period_start=?",
-                       (joules, tenant, window, start))
+                       (joules * factor, tenant, window, start))
 
     def _expire(self, db: sqlite3.Connection, now: float, tenant: str | None = None) -> int:
         query = "SELECT request_id, tenant, joules, periods FROM reservations " \
@@ -193,15 +197,16 @@ class EmbeddedLedger(Ledger):
                               (request_id,)).fetchone():
                     raise ValueError(f"request id {request_id!r} already has a reservation")
                 states = [self._bucket(db, tenant, limit, at) for limit in limits]
-                short = next((s for s in states if s.remaining < joules), None)
+                short = next((s for s in states if s.remaining < joules * s.factor), None)
                 if short is not None:
                     return Reservation(False, request_id, joules, states, short)
                 for state in states:
+                    need = joules * state.factor
                     db.execute("UPDATE buckets SET reserved = ROUND(reserved + ?, 9) WHERE "
                                "tenant=? AND window=? AND period_start=?",
-                               (joules, tenant, state.window, state.period_start))
-                    state.reserved = round(state.reserved + joules, 9)
-                periods = [[s.window, s.period_start] for s in states]
+                               (need, tenant, state.window, state.period_start))
+                    state.reserved = round(state.reserved + need, 9)
+                periods = [[s.window, s.period_start, s.factor] for s in states]
                 db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'active')",
                            (request_id, tenant, joules, json.dumps(periods), at + ttl_s))
             return Reservation(True, request_id, joules, states)
@@ -220,10 +225,10 @@ class EmbeddedLedger(Ledger):
                 if state == "active":
                     self._unreserve(db, tenant, periods, held)
                 if spend is not None:
-                    for window, start in periods:
+                    for window, start, factor in periods:
                         db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE "
                                    "tenant=? AND window=? AND period_start=?",
-                                   (spend, tenant, window, start))
+                                   (spend * factor, tenant, window, start))
                 db.execute("UPDATE reservations SET state=? WHERE request_id=?",
                            ("settled" if spend is not None else "released", request_id))
             return True
@@ -247,8 +252,8 @@ class EmbeddedLedger(Ledger):
                 for state in states:
                     db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE tenant=? "
                                "AND window=? AND period_start=?",
-                               (joules, tenant, state.window, state.period_start))
-                periods = [[s.window, s.period_start] for s in states]
+                               (joules * state.factor, tenant, state.window, state.period_start))
+                periods = [[s.window, s.period_start, s.factor] for s in states]
                 db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'settled')",
                            (request_id, tenant, joules, json.dumps(periods), now))
             return True

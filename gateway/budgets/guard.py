@@ -10,6 +10,11 @@ to when the refusing window's period ends. :meth:`BudgetGuard.settle` records th
 the request actually used; a settle that cannot reach the ledger is queued and retried,
 so no joule is lost. With ``fail_open``, requests admitted while the ledger is down are
 served and their spend is recorded (idempotently) once it is back.
+
+A window in another unit than joules (``unit:`` facility_kwh, litres, gco2) is charged
+the request's joules converted with the factors of the candidate tier's site at
+reservation time (``factors``, :mod:`gateway.sustainability`); the settle spends the
+measured joules at those same factors.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -30,6 +36,7 @@ from ..errors import BudgetExhausted, BudgetNeverFits, LedgerUnavailableError
 from ..metrics import Metrics
 from ..routing import TierPlan
 from ..supervise import Backoff, Supervisor, supervise
+from ..sustainability import Factors, format_amount, from_unit, to_unit
 from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
 
 log = logging.getLogger("joulegate.budgets")
@@ -42,11 +49,12 @@ def _until_fits(reservation: Reservation, now: float) -> tuple[float, WindowStat
     is smaller than the request."""
     binding: tuple[float, WindowState] | None = None
     for w in reservation.windows:
-        if reservation.joules <= w.remaining:
+        need = reservation.joules * w.factor
+        if need <= w.remaining:
             continue
-        if reservation.joules > w.limit + w.granted:
+        if need > w.limit + w.granted:
             return None
-        wait = 0.0 if reservation.joules <= w.limit + w.granted - w.spent \
+        wait = 0.0 if need <= w.limit + w.granted - w.spent \
             else max(w.period_end - now, 0.0)
         if binding is None or wait > binding[0]:
             binding = (wait, w)
@@ -78,6 +86,8 @@ class Admission:
     warning: str | None = None
     #: fail_open while the ledger was unreachable: spend is recorded later.
     offline: bool = False
+    #: The windows as reserved (their unit factors), for a later record of offline spend.
+    limits: list[Limit] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +166,19 @@ class BudgetGuard:
                     budget.soft_pct / 100)
 
     @staticmethod
-    def limits(spec: TenantSpec) -> list[Limit]:
-        return [Limit(b.window, b.joules) for b in spec.budgets]
+    def limits(spec: TenantSpec, factors: Factors | None = None) -> list[Limit]:
+        """The tenant's windows as ledger limits; a window in another unit than joules is
+        converted with ``factors`` (default: PUE 1, no water, no carbon)."""
+        if factors is None:
+            factors = Factors("default")
+        return [Limit(b.window, from_unit(b.amount, b.unit), factors.per_joule(b.unit), b.unit)
+                if b.unit != "joules" else Limit(b.window, b.amount) for b in spec.budgets]
 
     # -- admission ----------------------------------------------------------------------
 
     async def admit(self, spec: TenantSpec, tenant: str, plan: TierPlan, request_id: str,
-                    generation: GenerationRequest, prompt_tokens: int) -> Admission:
+                    generation: GenerationRequest, prompt_tokens: int,
+                    factors: Callable[[TierSpec], Factors] | None = None) -> Admission:
         """Reserve the request's predicted joules (``prompt_tokens``: the prompt's estimated
         size, :func:`estimate_prompt_tokens`) on the plan's tier, or degrade the plan to the
         first of its cheaper options that fits, or raise :class:`BudgetExhausted` (429, fits
@@ -173,17 +189,23 @@ class BudgetGuard:
             return Admission(max_tokens)
         if max_tokens is None:  # 0 (an embeddings request) stays 0
             max_tokens = spec.default_max_tokens
+        converts = factors is not None and any(b.unit != "joules" for b in spec.budgets)
         limits = self._watched[tenant] = self.limits(spec)
         cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
         candidates = [(tier, max_tokens)] + [(t, cap) for t in plan.degrade_options()]
         refused: list[tuple[TierSpec, int, Reservation]] = []
         for candidate, tokens in candidates:
             joules = self.calibration.predict(candidate.name, prompt_tokens, tokens)
+            if converts:
+                assert factors is not None
+                limits = self.limits(spec, factors(candidate))
             try:
                 reservation = await self.ledger.reserve(tenant, request_id, joules, limits,
                                                         self.ttl_s)
             except LedgerUnavailable as exc:
-                return self._ledger_down(tenant, max_tokens, exc)
+                admission = self._ledger_down(tenant, max_tokens, exc)
+                admission.limits = limits
+                return admission
             self._gauges(tenant, reservation.windows)
             if reservation.ok:
                 if candidate is not tier:
@@ -210,6 +232,17 @@ class BudgetGuard:
         if waits:
             (wait, short), candidate, reservation = min(waits, key=lambda x: x[0][0])
             retry = max(1, int(wait + 0.999))
+            if short.unit != "joules":
+                u = short.unit
+                held = (f" Requests in flight hold {format_amount(short.reserved, u)} of that "
+                        "window until they finish." if short.reserved > 0 else "")
+                return BudgetExhausted(
+                    f"tenant '{tenant}' has {format_amount(max(short.remaining, 0), u)} left "
+                    f"of its {format_amount(short.limit + short.granted, u)} budget for the "
+                    f"{short.window} window; this request needs about "
+                    f"{format_amount(reservation.joules * short.factor, u)} "
+                    f"({reservation.joules:.1f} J) on tier '{candidate.name}'.{held} Enough "
+                    f"frees in {retry} s.", headers={"retry-after": str(retry)})
             held = (f" Requests in flight hold {short.reserved:.1f} J of that window until "
                     "they finish." if short.reserved > 0 else "")
             return BudgetExhausted(
@@ -222,9 +255,12 @@ class BudgetGuard:
         best = max(((self._largest_max_tokens(c, r, prompt_tokens), c, r) for c, _, r in refused),
                    key=lambda x: x[0])
         fits, candidate, reservation = best
-        window = min(reservation.windows, key=lambda w: w.limit + w.granted)
+        window = min(reservation.windows, key=lambda w: (w.limit + w.granted) / w.factor
+                     if w.factor > 0 else float("inf"))
+        whole = f"{window.limit + window.granted:g} J" if window.unit == "joules" \
+            else format_amount(window.limit + window.granted, window.unit)
         why = (f"tenant '{tenant}': this request needs about {reservation.joules:.1f} J on tier "
-               f"'{candidate.name}', more than the whole {window.limit + window.granted:g} J "
+               f"'{candidate.name}', more than the whole {whole} "
                f"budget of its {window.window} window, so it can never be served as it is")
         why += " (max_tokens was not given: the tenant's default_max_tokens was assumed)" \
             if injected else ""
@@ -237,7 +273,10 @@ class BudgetGuard:
         """The most output tokens whose predicted joules fit every window's whole budget."""
         base = self.calibration.predict(tier.name, prompt_tokens, 0)
         per_token = self.calibration.predict(tier.name, prompt_tokens, 1) - base
-        room = min(w.limit + w.granted for w in reservation.windows) - base
+        rooms = [(w.limit + w.granted) / w.factor for w in reservation.windows if w.factor > 0]
+        if not rooms:
+            return 1 << 20
+        room = min(rooms) - base
         if room < 0:
             return 0
         return int(room / per_token) if per_token > 0 else 1 << 20
@@ -270,9 +309,10 @@ class BudgetGuard:
     def _gauges(self, tenant: str, windows: list[WindowState]) -> None:
         fractions = []
         for state in windows:
-            self.metrics.budget_remaining.labels(tenant, state.window).set(state.remaining)
             total = state.limit + state.granted
-            self.metrics.budget_limit.labels(tenant, state.window).set(total)
+            self.metrics.budget_remaining.labels(tenant, state.window).set(
+                to_unit(state.remaining, state.unit))
+            self.metrics.budget_limit.labels(tenant, state.window).set(to_unit(total, state.unit))
             fractions.append(max(state.remaining, 0.0) / total if total > 0 else 0.0)
         if fractions:
             self._remaining[tenant] = min(fractions)
@@ -287,7 +327,8 @@ class BudgetGuard:
         if admission.reservation is not None:
             op = Settle(tenant, request_id, joules)
         elif admission.offline:
-            op = Record(tenant, request_id, joules, self.limits(spec), time.time())
+            op = Record(tenant, request_id, joules, admission.limits or self.limits(spec),
+                        time.time())
         else:
             return
         try:

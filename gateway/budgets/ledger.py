@@ -10,6 +10,12 @@ in), or releases the reservation if it never ran. Settling is idempotent by requ
 A reservation that is neither settled nor released by ``expires_at`` (a crashed gateway)
 expires and returns to the budget; a late settle still records the joules as spent.
 
+A window may count another unit than IT joules (facility kWh, litres of water, grams of
+CO₂; :mod:`gateway.sustainability`). Its :class:`Limit` then carries ``factor``, the
+window's ledger amount per IT joule at reservation time (its unit's joule-equivalents);
+the reservation holds ``joules × factor`` there, keeps the factor, and its settle spends
+``measured joules × the same factor``, so a window stays exact in its own unit.
+
 Both implementations (:mod:`.embedded`, :mod:`.redis`) pass the same behavioural tests.
 """
 
@@ -22,7 +28,11 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True, slots=True)
 class Limit:
     window: str
+    #: The window's budget as a ledger amount (IT joules, or its unit's joule-equivalents).
     joules: float
+    #: Ledger amount per IT joule of a request (1 for a joule window).
+    factor: float = 1.0
+    unit: str = "joules"
 
 
 @dataclass(slots=True)
@@ -34,6 +44,9 @@ class WindowState:
     spent: float = 0.0
     reserved: float = 0.0
     granted: float = 0.0
+    #: The window's :attr:`Limit.factor` and unit in this call.
+    factor: float = 1.0
+    unit: str = "joules"
 
     @property
     def remaining(self) -> float:

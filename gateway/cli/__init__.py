@@ -18,10 +18,10 @@ import os
 import sys
 from importlib import metadata
 
-from . import budget, litellm, models, policy, route, serve
+from . import budget, litellm, models, policy, report, route, serve
 
 #: Subcommand modules, in the order `joulegate --help` lists them.
-COMMANDS = (serve, policy, models, budget, route, litellm)
+COMMANDS = (serve, policy, models, budget, report, route, litellm)
 
 
 def version() -> str:

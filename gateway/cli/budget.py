@@ -74,9 +74,18 @@ def _with_ledger(policy: Policy, state: Path,
 def print_windows(states: Iterable[WindowState], now: float, indent: str = "") -> None:
     """The table of budget windows ``show`` prints (also after grant, reset and simulate);
     ``now``: the clock that "resets in" counts from."""
+    from ..sustainability import UNIT_SYMBOL, to_unit
+
     print(f"{indent}{'window':15s} {'limit J':>12s} {'granted J':>10s} {'spent J':>12s} "
           f"{'reserved J':>11s} {'remaining J':>12s}  resets in")
     for s in states:
+        if s.unit != "joules":  # a window in another unit: its figures in that unit
+            v = [to_unit(x, s.unit) for x in (s.limit, s.granted, s.spent, s.reserved,
+                                                s.remaining)]
+            print(f"{indent}{s.window:15s} {v[0]:12.6g} {v[1]:10.6g} {v[2]:12.6g} "
+                  f"{v[3]:11.6g} {v[4]:12.6g}  {int(s.period_end - now)} s  "
+                  f"(in {UNIT_SYMBOL[s.unit]}, not J)")
+            continue
         print(f"{indent}{s.window:15s} {s.limit:12.1f} {s.granted:10.1f} {s.spent:12.1f} "
               f"{s.reserved:11.1f} {s.remaining:12.1f}  {int(s.period_end - now)} s")
 
@@ -88,6 +97,23 @@ def _show_state(policy: Policy, state: Path, tenant: str, spec: TenantSpec) -> N
                           lambda ledger: ledger.status(tenant, BudgetGuard.limits(spec)))
     print(f"tenant {tenant} ({policy.ledger.kind} ledger)")
     print_windows(states, time.time())
+    _print_footprint(state, tenant, min(s.period_start for s in states))
+
+
+def _print_footprint(state: Path, tenant: str, since: float) -> None:
+    """The tenant's energy, water and carbon since ``since``, from the usage log."""
+    from ..usage_log import USAGE_LOG_NAME, read_usage
+
+    records = [r for r in read_usage(state / USAGE_LOG_NAME, since) if r.get("tenant") == tenant]
+    if not records:
+        return
+    it = sum(float(r.get("j", 0)) for r in records)
+    facility = sum(float(r.get("fj", 0)) for r in records)
+    water = sum(float(r.get("w", 0)) for r in records) / 1000
+    co2 = sum(float(r.get("co2", 0)) for r in records)
+    print(f"since {datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}: "
+          f"{len(records)} requests, {it:.1f} J IT, {facility:.1f} J facility, "
+          f"{water:.4f} L water, {co2:.3f} gCO2 (see `joulegate report`)")
 
 
 def _run(command: Callable[[], int]) -> int:

@@ -12,6 +12,12 @@
 - A tier whose backend reports itself saturated (a vLLM queue over its limit) is skipped
   (``load``); among candidates of equal cost, the one predicted to spend the fewest joules
   on this request (its measured joules per token) is tried first.
+- Carbon-aware: with ``routing.carbon_weight`` w > 0, tiers of equal cost (the same model
+  at several sites, say) are ordered by ``(1 - w) * J / J_max + w * CO2 / CO2_max`` instead,
+  where J is the request's predicted joules on the tier and CO2 its grams at the tier's
+  site now (``RouteContext.carbon``: grams per joule); the default tier's equal-cost peers
+  compete with it the same way. A pick that differs from the joules-only one has reason
+  ``carbon``. Difficulty, budget pressure, capacity and load apply as before.
 
 With no candidate above the default tier, nothing is scored (no cost on that path).
 A request routing cannot serve raises a :class:`RouteRefusal`; ``gateway.errors`` says
@@ -94,9 +100,16 @@ class RouteContext:
     joules: Mapping[str, float] = field(default_factory=dict)
     #: Tiers a budget may degrade the request to; None when the tenant rejects instead.
     degrade_ladder: tuple[str, ...] | None = None
+    #: tier → grams of CO₂ per predicted joule at its site now (facility overhead included;
+    #: missing: 0). Only read when ``routing.carbon_weight`` > 0.
+    carbon: Mapping[str, float] = field(default_factory=dict)
 
     def predict(self, tier: TierSpec) -> float:
         return self.joules.get(tier.name, 0.0)
+
+    def co2(self, tier: TierSpec) -> float:
+        """This request's predicted grams of CO₂ on ``tier``."""
+        return self.predict(tier) * self.carbon.get(tier.name, 0.0)
 
 
 def resolve_model(tiers: tuple[TierSpec, ...] | list[TierSpec], model: str,
@@ -125,16 +138,37 @@ def pressure_raise(curve: list[list[float]], remaining: float | None) -> float:
     return points[-1][1]
 
 
+def carbon_order(ctx: RouteContext, weight: float) -> dict[str, float]:
+    """tier → its place among equal-cost tiers (lower first): predicted joules and grams
+    of CO₂, each relative to the largest over the tenant's tiers, weighted by ``weight``."""
+    j_max = max((ctx.predict(t) for t in ctx.tiers), default=0.0) or 1.0
+    c_max = max((ctx.co2(t) for t in ctx.tiers), default=0.0) or 1.0
+    return {t.name: (1 - weight) * ctx.predict(t) / j_max + weight * ctx.co2(t) / c_max
+            for t in ctx.tiers}
+
+
+def _default_peer(ctx: RouteContext, order: dict[str, float],
+                  max_tier: TierSpec | None) -> Decision:
+    """The default tier, or the equal-cost peer the carbon order prefers (``carbon``)."""
+    peers = [t for t in ctx.tiers if t.cost == ctx.default.cost and t.name not in ctx.saturated
+             and (max_tier is None or t.cost <= max_tier.cost)]
+    best = min(peers, key=lambda t: (order[t.name], t is not ctx.default), default=ctx.default)
+    return Decision(best, "gate" if best is ctx.default else "carbon")
+
+
 def route(ctx: RouteContext, generation: GenerationRequest,
           max_tier: TierSpec | None = None) -> Decision:
     """Choose a tier for an ``auto`` request; see the module docstring."""
     if max_tier is not None and ctx.default.cost > max_tier.cost:
         return Decision(max_tier, "capped")
     thresholds = ctx.routing.thresholds or {}
+    weight = ctx.routing.carbon_weight or 0.0
+    order = carbon_order(ctx, weight) if weight > 0 else None
     candidates = sorted((t for t in ctx.tiers if t.cost > ctx.default.cost and t.name in thresholds),
-                        key=lambda t: (-t.cost, ctx.predict(t)))
+                        key=lambda t: (-t.cost, ctx.predict(t) if order is None else order[t.name]))
     if not candidates:
-        return Decision(ctx.default, "gate")
+        return Decision(ctx.default, "gate") if order is None \
+            else _default_peer(ctx, order, max_tier)
     difficulty = ctx.estimator.score(generation)
     score = difficulty.score
     gated = next((t for t in candidates if score >= thresholds[t.name]), ctx.default)
@@ -147,6 +181,17 @@ def route(ctx: RouteContext, generation: GenerationRequest,
         skipped.append(Skip(tier.name, why))
     demoted = [s.why for s in skipped if s.why not in ("gate", "capped")]
     reason = "gate" if chosen is gated else demoted[-1] if demoted else "capped"
+    if order is not None:
+        if chosen is ctx.default:
+            peer = _default_peer(ctx, order, max_tier).tier
+            if peer is not chosen:
+                chosen, reason = peer, "carbon" if reason == "gate" else reason
+        elif reason == "gate":
+            # Joules only, the first equal-cost tier that could take it would have served.
+            energy_first = min((t for t in candidates if t.cost == chosen.cost and _skip(
+                ctx, t, score, thresholds[t.name], max_tier) is None), key=ctx.predict)
+            if energy_first is not chosen:
+                reason = "carbon"
     decision = Decision(chosen, reason, difficulty, skipped=skipped)
     for name, window in ctx.capacity.items():
         decision.entries.append((window, window.record(score, chosen.name == name,
