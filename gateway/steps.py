@@ -165,8 +165,10 @@ async def finish(runtime: Runtime, snap: Snapshot, call: Call) -> None:
     if call.plan is not None:
         call.plan.settle(joules)
     if call.admission is not None:
+        # wait=False: the answer does not wait for the ledger's write; the settle is queued
+        # before anything asked of the ledger later, so nothing sees it undone.
         await runtime.guard.settle(snap.policy.tenants[call.who], call.who, call.ledger_id,
-                                   call.admission, joules)
+                                   call.admission, joules, wait=False)
     call.record(runtime, snap)
 
 

@@ -126,6 +126,8 @@ class BudgetGuard:
         self.metrics = metrics
         self.calibration = calibration
         self._pending: list[Settle | Record] = []  # waiting for the ledger
+        #: Settles started without waiting (:meth:`settle` with ``wait=False``), in flight.
+        self._settling: set[asyncio.Future[bool]] = set()
         #: The reconcile loop (:meth:`_reconcile`), supervised: restarted when it fails.
         self.reconcile_every_s = reconcile_every_s
         self.expire_every_s = expire_every_s
@@ -144,6 +146,9 @@ class BudgetGuard:
     async def close(self) -> None:
         if self.reconciler is not None:
             await self.reconciler.close()
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+            await asyncio.sleep(0)  # their done-callbacks (a failure joins _pending)
         await self._flush()
         if self._pending:
             log.error("%d budget settles could not reach the ledger before shutdown",
@@ -322,10 +327,17 @@ class BudgetGuard:
     # -- settling -----------------------------------------------------------------------
 
     async def settle(self, spec: TenantSpec, tenant: str, request_id: str,
-                     admission: Admission, joules: float) -> None:
+                     admission: Admission, joules: float, wait: bool = True) -> None:
+        """Record the joules the request used. With ``wait=False`` a ledger that applies
+        its operations in order (:meth:`Ledger.settle_soon`) is only handed the settle, so
+        the response does not wait for it; anything asked of the ledger afterwards still
+        sees it done, a settle the ledger could not take is queued and retried like any
+        other, and :meth:`close` waits for those in flight."""
         op: Settle | Record
         if admission.reservation is not None:
             op = Settle(tenant, request_id, joules)
+            if not wait and self._settle_soon(op):
+                return
         elif admission.offline:
             op = Record(tenant, request_id, joules, admission.limits or self.limits(spec),
                         time.time())
@@ -335,6 +347,28 @@ class BudgetGuard:
             await op.apply(self.ledger)
         except LedgerUnavailable:
             self._pending.append(op)
+
+    def _settle_soon(self, op: Settle) -> bool:
+        """Hand ``op`` to the ledger without waiting; False when it cannot take it so."""
+        try:
+            started = self.ledger.settle_soon(op.tenant, op.request_id, op.joules)
+        except LedgerUnavailable:
+            self._pending.append(op)
+            return True
+        if started is None:
+            return False
+        self._settling.add(started)
+
+        def settled(done: asyncio.Future[bool]) -> None:
+            self._settling.discard(done)
+            exc = None if done.cancelled() else done.exception()
+            if done.cancelled() or isinstance(exc, LedgerUnavailable):
+                self._pending.append(op)
+            elif exc is not None:
+                log.error("budget settle of request %s failed: %r", op.request_id, exc)
+
+        started.add_done_callback(settled)
+        return True
 
     async def _flush(self) -> None:
         while self._pending:
@@ -346,7 +380,8 @@ class BudgetGuard:
 
     async def _reconcile(self) -> None:
         """Every ``reconcile_every_s`` (1 s): retry queued settles and refresh the budget
-        gauges of the tenants seen (which also returns their expired reservations); every
+        gauges of the tenants seen (which also returns their expired reservations), and let
+        the ledger do its housekeeping (:meth:`Ledger.maintain`); every
         ``expire_every_s`` (30 s): sweep every tenant's expired reservations. Supervised: an
         unexpected failure restarts it (the sweep's clock survives the restart)."""
         loop = asyncio.get_running_loop()
@@ -359,6 +394,7 @@ class BudgetGuard:
             for tenant, limits in list(self._watched.items()):
                 with contextlib.suppress(LedgerUnavailable):
                     self._gauges(tenant, await self.ledger.status(tenant, limits))
+            await self.ledger.maintain()
             if loop.time() - self._swept_at >= self.expire_every_s:
                 with contextlib.suppress(LedgerUnavailable):
                     await self.ledger.expire()

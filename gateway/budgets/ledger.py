@@ -22,6 +22,7 @@ Both implementations (:mod:`.embedded`, :mod:`.redis`) pass the same behavioural
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
 
 
@@ -112,6 +113,18 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     async def expire(self, now: float | None = None) -> int:
         """Return reservations past their expiry to the budget; how many expired."""
+
+    def settle_soon(self, tenant: str, request_id: str,
+                    joules: float) -> asyncio.Future[bool] | None:
+        """Start :meth:`settle` now without waiting for it, when this ledger applies its
+        operations in the order they were started (so whatever the gateway asks of it
+        afterwards sees this settle done): the future of its result. None when the ledger
+        cannot promise that order; the caller then awaits :meth:`settle`."""
+        return None
+
+    async def maintain(self) -> None:  # noqa: B027 - optional hook
+        """Housekeeping off the request path (the budget guard calls it every second);
+        must not raise."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""

@@ -1,0 +1,108 @@
+"""The embedded ledger's fast path (issue 17): operations that run at once on the caller's
+thread when nothing is queued still apply in the order they were started; a settle the
+gateway does not wait for is seen by everything asked afterwards and is never lost at
+shutdown; checkpoints run beside the writers and keep the write-ahead log short."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from gateway.budgets import EmbeddedLedger, Limit
+from gateway.budgets.guard import Admission, BudgetGuard
+from gateway.energy import Calibration
+from gateway.metrics import Metrics
+
+pytestmark = pytest.mark.unit
+
+NOW = 1_800_000_030.0
+WINDOW = [Limit("1d", 15.0)]
+
+
+def test_an_operation_started_after_a_queued_one_never_overtakes_it(tmp_path):
+    """The first reservation waits in the worker's queue for a lock held elsewhere; the lock
+    is released and a second one starts at once: the second must still come second (only
+    one of the two fits the 15 J window, and it is the first)."""
+    path = tmp_path / "ledger.sqlite"
+
+    async def body() -> None:
+        ledger = EmbeddedLedger(path, busy_timeout_ms=2000)
+        try:
+            assert (await ledger.reserve("acme", "warm", 1.0, WINDOW, 60, now=NOW)).ok
+            assert await ledger.release("acme", "warm")
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            first = asyncio.ensure_future(ledger.reserve("acme", "a", 10.0, WINDOW, 60, now=NOW))
+            await asyncio.sleep(0.05)  # queued, waiting for the lock
+            other.execute("COMMIT")
+            other.close()
+            second = await ledger.reserve("acme", "b", 10.0, WINDOW, 60, now=NOW)
+            assert (await first).ok
+            assert not second.ok
+        finally:
+            await ledger.close()
+
+    asyncio.run(body())
+
+
+def test_a_settle_not_waited_for_is_seen_by_what_follows_and_survives_close(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    limits = [Limit("1d", 1000.0)]
+
+    async def body() -> None:
+        ledger = EmbeddedLedger(path)
+        guard = BudgetGuard(ledger, 60, False, Metrics(), Calibration())
+        reserved = await ledger.reserve("acme", "r1", 40.0, limits, 60, now=NOW)
+        admission = Admission(16, reserved)
+        await guard.settle(None, "acme", "r1", admission, 12.5, wait=False)  # type: ignore[arg-type]
+        [state] = await ledger.status("acme", limits, now=NOW)
+        assert (state.spent, state.reserved) == (12.5, 0.0)
+
+        reserved = await ledger.reserve("acme", "r2", 40.0, limits, 60, now=NOW)
+        await guard.settle(None, "acme", "r2", Admission(16, reserved), 7.25,  # type: ignore[arg-type]
+                           wait=False)
+        await guard.close()  # waits for the settle in flight, then closes the ledger
+
+        reopened = EmbeddedLedger(path)
+        try:
+            [state] = await reopened.status("acme", limits, now=NOW)
+            assert (state.spent, state.reserved) == (19.75, 0.0)
+            assert not await reopened.settle("acme", "r2", 7.25)  # settled exactly once
+        finally:
+            await reopened.close()
+
+    asyncio.run(body())
+
+
+def _spent_in_the_database_file(path) -> float:
+    """Spent joules as the database file alone holds them (the write-ahead log unread)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    try:
+        return float(db.execute("SELECT COALESCE(SUM(spent), 0) FROM buckets").fetchone()[0])
+    except sqlite3.OperationalError:  # no table in the file yet
+        return 0.0
+    finally:
+        db.close()
+
+
+def test_maintain_checkpoints_the_log_into_the_database_file(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    limits = [Limit("1d", 1e9)]
+
+    async def body() -> None:
+        ledger = EmbeddedLedger(path)
+        try:
+            for i in range(100):
+                assert (await ledger.reserve("acme", f"r{i}", 1.0, limits, 60, now=NOW)).ok
+                assert await ledger.settle("acme", f"r{i}", 0.5)
+            assert _spent_in_the_database_file(path) < 50.0  # no commit checkpointed
+            await ledger.maintain()
+            assert _spent_in_the_database_file(path) == pytest.approx(50.0)
+            [state] = await ledger.status("acme", limits, now=NOW)
+            assert state.spent == pytest.approx(50.0) and state.reserved == 0
+        finally:
+            await ledger.close()
+
+    asyncio.run(body())
