@@ -1,15 +1,31 @@
-"""In-process llama.cpp through llama-cpp-python.
+"""In-process llama.cpp through llama-cpp-python: several sequences decoded in shared batches.
 
-``slots`` llama.cpp contexts serve generations in parallel; each is driven by its own
-worker thread so the event loop never blocks. A request waits for a free slot in a
-bounded queue (``max_queue``) for at most ``queue_timeout_s``. The chat template is the
-one the GGUF carries (llama-cpp-python reads ``tokenizer.chat_template``) unless the
-policy names another.
+The model is loaded once. One llama.cpp context with a KV stream of ``n_ctx`` tokens per
+slot serves up to ``slots`` generations at once, all decoded together by one
+:class:`~backends.llamacpp_batch.BatchEngine` (continuous batching: every step decodes the
+next token of every running sequence plus a chunk of any prompt still being read, in one
+``llama_decode``; a new request joins at the next step). A request waits for a free slot in
+a bounded queue (``max_queue``) for at most ``queue_timeout_s``. Each request runs
+llama-cpp-python's own completion path (chat template, stop strings, streaming, grammar) on
+a worker thread, through a per-request handle on the shared model whose ``generate`` takes
+its tokens from the engine. The chat template is the one the GGUF carries
+(llama-cpp-python reads ``tokenizer.chat_template``) unless the policy names another.
 
-Each generation gets a :class:`_TokenTap` that the model's token loop updates: it counts
-prompt and completion tokens exactly (also for streams, where llama-cpp-python reports no
-usage), and once the request is cancelled the loop stops, so a client that disconnects
-frees its slot within one token.
+Why batched decode rather than one context per slot (measured on this 2-core AVX2 machine,
+Qwen2.5-Coder-0.5B Q4_K_M, 125-token prompt, 128 output tokens, temperature 0;
+``benchmarks/llamacpp_concurrency.py``, results in ``benchmarks/results/``): decoding on a
+CPU is bound by reading the weights, and one ``llama_decode`` of k tokens reads them once
+for all k. Separate contexts, even with their threads splitting the cores (1 thread per
+slot), each read the weights for their own token: they reach about the aggregate speed of
+one sequence per core and no better, while batching four sequences gives several times the
+single-sequence speed at a fraction of the CPU time per token.
+
+Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
+and every generated token except the end-of-generation one, which is what
+llama-cpp-python's own non-streaming ``usage`` reports), also for streams; a request
+waiting for a slot has processed nothing, so energy attribution charges it nothing. Once
+the request is cancelled the engine drops the sequence at its next step, so a client that
+disconnects frees its slot within one token.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import re
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +54,7 @@ from .base import (
     Usage,
 )
 from .kind import BackendKind, Capabilities, Requirement, Settings
+from .llamacpp_batch import BatchEngine
 from .llamacpp_features import (
     LogprobRecorder,
     RequestPlan,
@@ -55,6 +73,10 @@ _END = object()
 #: load in the process takes this lock. Generation on loaded models is unaffected.
 _LOAD_LOCK = threading.Lock()
 _LLAMA_CPP = Requirement("llama_cpp", "llama-cpp-python", "llamacpp")
+#: The context ``Llama`` itself makes is not used for generation (the engine has its own):
+#: keep it small.
+_HANDLE_N_CTX = 256
+_HANDLE_N_BATCH = 16
 
 
 class LlamaCppSettings(Settings):
@@ -62,11 +84,16 @@ class LlamaCppSettings(Settings):
 
     #: A catalog name (``joulegate models``) or a path to a ``.gguf`` file.
     model: str = Field(min_length=1)
+    #: Context window of each generation (prompt + output), in tokens.
     n_ctx: int = Field(4096, ge=128, le=1 << 20)
-    #: CPU threads per slot; default: all cores.
+    #: CPU threads that decode the shared batches; default: all cores.
     n_threads: int | None = Field(None, ge=1, le=1024)
-    #: Parallel generations (one llama.cpp context each; the weights are shared through mmap).
-    slots: int = Field(1, ge=1, le=64)
+    #: Generations decoded together (one KV stream of ``n_ctx`` each, one shared context).
+    #: More slots cost KV memory only (``n_ctx`` tokens each); on a CPU, aggregate speed grows
+    #: with them up to the point where the batch becomes compute-bound.
+    slots: int = Field(4, ge=1, le=64)
+    #: Most tokens in one decode step (prompt chunks and the running sequences' next tokens).
+    n_batch: int = Field(512, ge=16, le=8192)
     #: Requests allowed to wait for a slot; beyond it the backend answers 503 at once.
     max_queue: int = Field(64, ge=0, le=100_000)
     #: Longest wait for a slot before the request fails with 503.
@@ -77,7 +104,7 @@ class LlamaCppSettings(Settings):
 
 class _TokenTap:
     """A request's live token counts (its ``progress``) and cancellation flag, read and
-    written by the model's token loop."""
+    written by the token loop."""
 
     def __init__(self, progress: Usage) -> None:
         self.cancelled = threading.Event()
@@ -89,38 +116,81 @@ class _TokenTap:
         return Usage(self.progress.prompt_tokens, self.progress.completion_tokens)
 
 
-def _counting_llama(llama_cpp: Any) -> type:
-    """A ``Llama`` whose ``generate`` (the loop every completion and chat call runs) counts
-    tokens and stops early once the request is cancelled.
+def _sequence_llama(llama_cpp: Any) -> type:
+    """The class of a request's handle on the shared model: llama-cpp-python's ``Llama``
+    (its whole completion path) whose ``generate`` runs on the :class:`BatchEngine`.
 
-    Counting here is exact for streams too: the prompt is the token list llama.cpp
-    evaluates, and a completion token is every generated token except the end-of-generation
-    one, which is what llama-cpp-python's own non-streaming ``usage`` reports.
+    A handle shares everything of the loaded ``Llama`` (model, tokenizer, chat handlers)
+    but owns nothing: closing or dropping it frees nothing. Its ``generate`` counts tokens
+    into the request's tap and stops early once the request is cancelled.
     """
 
-    # llama_cpp arrives as a parameter (an optional extra, imported lazily), so its Llama is Any.
-    class CountingLlama(llama_cpp.Llama):  # type: ignore[misc]
-        tap: _TokenTap | None = None
+    np = importlib.import_module("numpy")  # llama-cpp-python's own dependency
 
-        def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
-            tap = self.tap
-            inner = super().generate(tokens, *args, **kwargs)
-            if tap is None:
-                yield from inner
-                return
+    # llama_cpp arrives as a parameter (an optional extra, imported lazily), so its Llama is Any.
+    class SequenceLlama(llama_cpp.Llama):  # type: ignore[misc]
+        def __init__(self, base: Any, engine: BatchEngine, n_ctx: int, tap: _TokenTap) -> None:
+            # Not Llama.__init__: nothing is loaded, the base's state is shared.
+            self.__dict__.update(base.__dict__)
+            self._engine, self._n_ctx, self.tap = engine, n_ctx, tap
+            #: The tokens evaluated so far (what ``Llama.generate`` keeps in ``input_ids``).
+            self._history: list[int] = []
+
+        def close(self) -> None:
+            """The model is the backend's to close, not a request's."""
+
+        def __del__(self) -> None:
+            pass
+
+        @property
+        def _input_ids(self) -> Any:
+            return np.asarray(self._history, dtype=np.intc)
+
+        @property
+        def _scores(self) -> Any:
+            # Logits are sampled inside llama.cpp and not copied out; stopping criteria (the
+            # chat handlers' stop-token check) get a zero row, as they only read the tokens.
+            return np.zeros((1, self._n_vocab), dtype=np.single)
+
+        def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
+                     min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
+                     repeat_penalty: float = 1.0, reset: bool = True,
+                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                     tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
+                     mirostat_eta: float = 0.1, penalize_nl: bool = True,
+                     logits_processor: Any = None, stopping_criteria: Any = None,
+                     grammar: Any = None) -> Iterator[int]:
+            """``Llama.generate``'s tokens, made by the shared engine: the same sampler
+            chain (same order, same seed), the same stopping-criteria calls (on the tokens
+            evaluated before the one just sampled)."""
+            sampler = self._init_sampler(
+                top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp,
+                repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl,
+                logits_processor=logits_processor, grammar=grammar)
+            tap: _TokenTap = self.tap
+            seq = self._engine.submit(list(tokens), sampler, tap.cancelled)
             progress = tap.progress
             progress.prompt_tokens = len(tokens)
+            self._history = history = list(tokens)
             vocab = self._model.vocab
-            for token in inner:
-                if tap.cancelled.is_set():
-                    return
-                if not llama_cpp.llama_vocab_is_eog(vocab, token):
-                    progress.completion_tokens += 1
-                    if tap.recorder is not None:
-                        tap.recorder.record(token)
-                yield token
+            with contextlib.closing(seq.tokens()) as made:
+                for token in made:
+                    if tap.cancelled.is_set():
+                        return
+                    if stopping_criteria is not None and stopping_criteria(
+                            self._input_ids, self._scores[-1, :]):
+                        return
+                    if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                        progress.completion_tokens += 1
+                        if tap.recorder is not None:
+                            # Before the next token is asked for, so before it is sampled.
+                            tap.recorder.record(token)
+                    yield token
+                    history.append(token)
 
-    return CountingLlama
+    return SequenceLlama
 
 
 class LlamaCppBackend(Backend):
@@ -132,10 +202,15 @@ class LlamaCppBackend(Backend):
         self.n_ctx = settings.n_ctx
         self.n_threads = settings.n_threads or os.cpu_count() or 1
         self.slots = settings.slots
+        self.n_batch = settings.n_batch
         self.max_queue = settings.max_queue
         self.queue_timeout_s = settings.queue_timeout_s
         self.chat_format = settings.chat_format
-        self._free: list[Any] = []
+        self._base: Any = None  # the loaded llama_cpp.Llama: model, tokenizer, chat handlers
+        self._context: Any = None  # the engine's llama.cpp context (llama_cpp._internals)
+        self._engine: BatchEngine | None = None
+        self._handle_class: Any = None
+        self._busy = 0
         self._slot_sem: asyncio.Semaphore | None = None
         self._waiting = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -160,19 +235,38 @@ class LlamaCppBackend(Backend):
         except ModelError as exc:
             self._error = str(exc)
             raise
-        self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix=f"llamacpp-{self.name}")
+        internals = importlib.import_module("llama_cpp._internals")
 
-        llama_class = _counting_llama(llama_cpp)
-
-        def load_slots() -> list[Any]:
+        def load() -> tuple[Any, Any]:
             with _LOAD_LOCK:
-                return [llama_class(model_path=str(path), n_ctx=self.n_ctx,
-                                    n_threads=self.n_threads, n_threads_batch=self.n_threads,
-                                    chat_format=self.chat_format, verbose=False)
-                        for _ in range(self.slots)]
+                base = llama_cpp.Llama(model_path=str(path), n_ctx=_HANDLE_N_CTX,
+                                       n_batch=_HANDLE_N_BATCH, n_threads=self.n_threads,
+                                       n_threads_batch=self.n_threads,
+                                       chat_format=self.chat_format, verbose=False)
+                try:
+                    params = llama_cpp.llama_context_params.from_buffer_copy(base.context_params)
+                    params.n_ctx = self.n_ctx * self.slots
+                    params.n_batch = params.n_ubatch = self.n_batch
+                    params.n_seq_max = self.slots
+                    params.kv_unified = False  # a stream of n_ctx per sequence
+                    params.n_threads = params.n_threads_batch = self.n_threads
+                    context = internals.LlamaContext(model=base._model, params=params,
+                                                     verbose=False)
+                except BaseException:
+                    base.close()
+                    raise
+                return base, context
 
-        self._free = await asyncio.to_thread(load_slots)
-        template = self._free[0].metadata.get("tokenizer.chat_template") or ""
+        self._base, self._context = await asyncio.to_thread(load)
+        vocab = self._base._model.vocab
+        self._engine = BatchEngine(
+            llama_cpp, self._context.ctx, n_seq=self.slots,
+            n_ctx_seq=llama_cpp.llama_n_ctx_seq(self._context.ctx), n_batch=self.n_batch,
+            is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+            name=f"llamacpp-{self.name}")
+        self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix=f"llamacpp-{self.name}")
+        self._handle_class = _sequence_llama(llama_cpp)
+        template = self._base.metadata.get("tokenizer.chat_template") or ""
         self._template_tools = self.chat_format is None and "tools" in template
         self._grammar_class = importlib.import_module("llama_cpp.llama_grammar").LlamaGrammar
         self._processors = llama_cpp.LogitsProcessorList
@@ -184,14 +278,18 @@ class LlamaCppBackend(Backend):
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
             self._executor = None
-        for llm in self._free:
-            with contextlib.suppress(Exception):
-                llm.close()
-        self._free = []
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.close)
+            self._engine = None
+        for thing in (self._context, self._base):
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    thing.close()
+        self._context = self._base = None
 
     # -- slots --------------------------------------------------------------------------
 
-    async def _acquire(self) -> Any:
+    async def _acquire(self) -> None:
         if not self._loaded or self._slot_sem is None:
             raise BackendUnavailable(f"backend '{self.name}' is not loaded")
         sem = self._slot_sem
@@ -207,30 +305,34 @@ class LlamaCppBackend(Backend):
                                      f"{self.queue_timeout_s:g} s", retry_after_s=1.0) from None
         finally:
             self._waiting -= 1
-        return self._free.pop()
+        self._busy += 1
 
-    def _release(self, llm: Any) -> None:
-        self._free.append(llm)
+    def _release(self) -> None:
+        self._busy -= 1
         assert self._slot_sem is not None
         self._slot_sem.release()
 
-    def _submit(self, work: Callable[[Any], Any], llm: Any) -> asyncio.Future[Any]:
-        """Run ``work(llm)`` on a worker thread; the slot returns when the thread is done,
-        even if the awaiting task is cancelled first."""
+    def _submit(self, work: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``work`` on a worker thread; the slot returns when the thread is done, even
+        if the awaiting task is cancelled first."""
         loop = asyncio.get_running_loop()
         assert self._executor is not None
-        future = self._executor.submit(work, llm)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, llm))
+        future = self._executor.submit(work)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
         return asyncio.wrap_future(future, loop=loop)
+
+    def _handle(self, tap: _TokenTap) -> Any:
+        """A request's handle on the shared model, generating through the engine."""
+        return self._handle_class(self._base, self._engine, self.n_ctx, tap)
 
     # -- generation ---------------------------------------------------------------------
 
     def _plan(self, req: GenerationRequest) -> RequestPlan:
         return plan_request(req, template_renders_tools=self._template_tools)
 
-    def _call(self, llm: Any, req: GenerationRequest, plan: RequestPlan, tap: _TokenTap,
+    def _call(self, req: GenerationRequest, plan: RequestPlan, tap: _TokenTap,
               stream: bool) -> Any:
-        llm.tap = tap
+        llm = self._handle(tap)
         kwargs: dict[str, Any] = {
             "max_tokens": req.max_tokens,
             "temperature": _DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
@@ -250,21 +352,23 @@ class LlamaCppBackend(Backend):
                                                   tools=plan.template_tools, **kwargs)
             return llm.create_completion(prompt=req.prompt or "", **kwargs)
         except ValueError as exc:  # llama-cpp-python: prompt longer than the context window
-            raise BackendRejected(str(exc), param="messages" if req.messages else "prompt") from None
+            raise self._rejected(exc, req) from None
+
+    def _rejected(self, exc: ValueError, req: GenerationRequest) -> BackendRejected:
+        # llama-cpp-python names the size of the context it holds; a request's window is n_ctx.
+        message = re.sub(r"context window of \d+", f"context window of {self.n_ctx}", str(exc))
+        return BackendRejected(message, param="messages" if req.messages else "prompt")
 
     async def complete(self, request: GenerationRequest) -> Generation:
         plan = self._plan(request)
-        llm = await self._acquire()
+        await self._acquire()
         tap = _TokenTap(request.progress)
 
-        def work(llm: Any) -> Any:
-            try:
-                return self._call(llm, request, plan, tap, stream=False)
-            finally:
-                llm.tap = None
+        def work() -> Any:
+            return self._call(request, plan, tap, stream=False)
 
         try:
-            out = await self._submit(work, llm)
+            out = await self._submit(work)
         except asyncio.CancelledError:
             tap.cancelled.set()
             raise
@@ -280,26 +384,29 @@ class LlamaCppBackend(Backend):
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         plan = self._plan(request)
         shaper = StreamShaper(plan)
-        llm = await self._acquire()
+        await self._acquire()
         tap = _TokenTap(request.progress)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
-        def work(llm: Any) -> None:
+        def work() -> None:
             try:
-                for part in self._call(llm, request, plan, tap, stream=True):
-                    # The tokens recorded so far are those whose text this part carries.
-                    drained = tap.recorder.drain() if tap.recorder is not None else None
-                    loop.call_soon_threadsafe(queue.put_nowait, (part, drained))
-                    if tap.cancelled.is_set():
-                        break
+                parts = self._call(request, plan, tap, stream=True)
+                with contextlib.closing(parts):
+                    for part in parts:
+                        # The tokens recorded so far are those whose text this part carries.
+                        drained = tap.recorder.drain() if tap.recorder is not None else None
+                        loop.call_soon_threadsafe(queue.put_nowait, (part, drained))
+                        if tap.cancelled.is_set():
+                            break
+            except ValueError as exc:  # raised on the first part: the prompt does not fit
+                loop.call_soon_threadsafe(queue.put_nowait, self._rejected(exc, request))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
-                llm.tap = None
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
-        done = self._submit(work, llm)
+        done = self._submit(work)
         finish: str | None = None
         try:
             while (part := await queue.get()) is not _END:
@@ -329,8 +436,8 @@ class LlamaCppBackend(Backend):
     async def health(self) -> Health:
         if not self._loaded:
             return Health(False, self._error or "model not loaded")
-        busy = self.slots - len(self._free)
-        return Health(True, "ok", {"slots": self.slots, "busy": busy, "queued": self._waiting})
+        return Health(True, "ok", {"slots": self.slots, "busy": self._busy,
+                                   "queued": self._waiting})
 
 
 KIND = BackendKind(LlamaCppBackend.kind, LlamaCppSettings,

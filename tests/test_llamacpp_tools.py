@@ -106,7 +106,7 @@ def test_tool_round_trip(small_model_path):
         # the GGUF's own template renders the call (arguments as an object) and the result
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        llm = backend._free[0]
+        llm = backend._base  # the loaded Llama: its GGUF metadata
         template = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], "<|im_end|>", "")
         prompt = template(messages=template_messages(history), tools=[WEATHER.to_openai()]).prompt
         assert ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'

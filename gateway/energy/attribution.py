@@ -10,7 +10,11 @@ each did in it::
 
 The weights are the request's backend's (:class:`Attribution`), so backends with different
 weights can share one device. Requests that were active but did no countable work in the
-interval (waiting on a long prefill, say) share it equally when nobody else did work. An
+interval (waiting on a long prefill, say) share it equally when nobody else did work; only
+requests that have started (done some work) take part in that split, so a request still
+queued for a slot behind another (no tokens processed yet) is charged nothing while it
+waits: queueing is not work. (When none has started, all share it, as with an upstream
+that reports tokens only at the end.) An
 interval with no active request is *idle* energy: reported separately, and carried over
 to the next interval that has work for those of its requests whose backend asks for it
 (``spread_idle``). Ticks run on a timer and at the start and end
@@ -45,6 +49,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("joulegate.energy")
 
 
+def split(pool: float, works: list[float], started: list[bool]) -> list[float]:
+    """``pool`` joules shared over the requests of one interval: by their ``works`` when any
+    did work; otherwise equally among those that have ``started`` (a request waiting for a
+    slot has not, so queueing is billed nothing), or among all when none has. The parts
+    always sum to ``pool``."""
+    total = sum(works)
+    if total > 0:
+        return [pool * w / total for w in works]
+    if not any(started):
+        return [pool / len(works)] * len(works)
+    takers = sum(started)
+    return [pool / takers if ok else 0.0 for ok in started]
+
+
 @dataclass(frozen=True, slots=True)
 class Attribution:
     """How one backend's requests are weighed on a device: the backend's settings, not the
@@ -71,6 +89,11 @@ class Share:
     closed: bool = False
     #: The device charging this share now (a device replaced on reload hands it on).
     device: EnergyDevice | None = None
+
+
+def _started(share: Share) -> bool:
+    """Whether the request has done any work yet (one queued for a slot has not)."""
+    return share.seen_prompt > 0 or share.seen_output > 0
 
 
 @dataclass(slots=True)
@@ -215,8 +238,8 @@ class EnergyDevice:
                 own = min(max(self.own_fraction(), 0.0), 1.0)
                 totals.foreign_j += pool * (1.0 - own)
                 pool *= own
-            for share, work in works:
-                part = pool * (work / total_work if total_work > 0 else 1 / len(works))
+            parts = split(pool, [w for _, w in works], [_started(s) for s, _ in works])
+            for (share, _), part in zip(works, parts, strict=True):
                 share.joules += part
                 totals.attributed_j += part
             if total_work > 0:
