@@ -65,6 +65,50 @@ class Cell:
     #: Least (quality - random quality at the same joules) over the curve (None: no joules).
     margin: float | None
     curve: tuple[list[float], list[float]] = field(default=([], []), repr=False)
+    #: At a threshold fixed on the training sources (:func:`fixed_threshold`): the score
+    #: threshold, the quality reached as a share of always-strong quality, and the joules
+    #: (share of always-strong; strong share without joules). None where not computed.
+    fixed: tuple[float, float, float] | None = None
+
+
+def fixed_threshold(est: DifficultyEstimator, examples: Sequence[Example],
+                    rows: Sequence[int], per_source: int = 1500) -> float:
+    """The score threshold for 95% of strong quality, fixed on *training* prompts: on each
+    training source (at most ``per_source`` evenly spaced prompts, as labelled), the score at
+    which the sweep first reaches 95% of that source's strong quality; the mean over sources.
+    Nothing of the held-out source takes part."""
+    import numpy as np
+
+    by: dict[str, list[int]] = {}
+    for r in rows:
+        by.setdefault(examples[r].source, []).append(r)
+    thresholds = []
+    for source_rows in by.values():
+        if len(source_rows) > per_source:
+            step = len(source_rows) / per_source
+            source_rows = [source_rows[int(i * step)] for i in range(per_source)]
+        subset = [examples[r] for r in source_rows]
+        scores = [est.score_text(t).score for t in _requests(subset, "native")]
+        share = cell("", "native", est.name, scores, subset).fraction95
+        thresholds.append(float(np.quantile(scores, 1.0 - share)) if share > 0 else 1.01)
+    return sum(thresholds) / len(thresholds)
+
+
+def at_threshold(threshold: float, scores: Sequence[float], examples: Sequence[Example]
+                 ) -> tuple[float, float, float]:
+    """(threshold, quality as a share of always-strong quality, joules as a share of
+    always-strong joules, or the strong share without joules) when every prompt scoring at
+    least ``threshold`` goes strong."""
+    up = [s >= threshold for s in scores]
+    quality = sum(e.strong if u else e.weak for u, e in zip(up, examples, strict=True))
+    strong_quality = sum(e.strong for e in examples) or 1
+    if all(e.weak_joules is not None and e.strong_joules is not None for e in examples):
+        joules = sum((e.strong_joules if u else e.weak_joules) or 0.0
+                     for u, e in zip(up, examples, strict=True))
+        cost = joules / sum(e.strong_joules or 0.0 for e in examples)
+    else:
+        cost = sum(up) / len(up)
+    return threshold, quality / strong_quality, cost
 
 
 def cost_curve(scores: Sequence[float], examples: Sequence[Example]
@@ -171,13 +215,25 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                                                            blend, embedder)[0])
             variant.name = label
             estimators.append(variant)
+        thresholds = {est.name: fixed_threshold(est, examples, train_rows)
+                      for est in estimators[:3]}
         for wording in ("native", *wordings):
             texts = _requests(test, wording)
             for est in estimators:
                 scores = [est.score_text(t).score for t in texts]
-                cells.append(cell(held_out, wording, est.name, scores, test))
+                whole = cell(held_out, wording, est.name, scores, test)
+                cells.append(whole)
                 if wording == "native":
-                    cells.extend(_per_file(held_out, est.name, scores, test))
+                    files = _per_file(held_out, est.name, scores, test)
+                    cells.extend(files)
+                    if est.name in thresholds:
+                        whole.fixed = at_threshold(thresholds[est.name], scores, test)
+                        for c in files:
+                            subject = c.source.split("/", 1)[1]
+                            pairs = [(x, e) for x, e in zip(scores, test, strict=True)
+                                     if e.subject == subject]
+                            c.fixed = at_threshold(thresholds[est.name], [x for x, _ in pairs],
+                                                   [e for _, e in pairs])
             progress(f"  {held_out} / {wording}: " + ", ".join(
                 f"{c.estimator} {c.apgr:.3f}" for c in cells
                 if c.source == held_out and c.wording == wording))
