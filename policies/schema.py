@@ -343,7 +343,7 @@ class RoutingSpec(_Strict):
     """How ``model: "auto"`` picks a tier. Every key is optional; a tenant's ``routing``
     overrides the policy's key by key."""
 
-    #: Difficulty estimator: ``heuristic`` or ``learned`` (see `joulegate route`), or
+    #: Difficulty estimator: ``heuristic``, ``learned`` or ``semantic`` (see `joulegate route`), or
     #: ``cascade``: start on the cheapest tier and escalate on low confidence (``cascade``).
     estimator: str | None = Field(None, pattern=NAME_PATTERN)
     #: Tier name → the lowest difficulty score that may use it. The cheapest tier needs
