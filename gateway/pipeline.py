@@ -63,6 +63,9 @@ C = TypeVar("C", bound=Call)
 #: batch's request, :mod:`gateway.batches.dispatch`), in place of an API key. Only code in
 #: this process can put it in a scope: no HTTP client can set a scope key.
 TENANT_SCOPE_KEY = "joulegate.tenant"
+#: Beside it, for deferred work: the Unix time the request could have run at once (the
+#: usage log's ``sub``, from which ``joulegate report`` counts what deferral saved).
+SUBMITTED_SCOPE_KEY = "joulegate.submitted_at"
 
 
 def tenant_of(snap: Snapshot, request: Request) -> str:
@@ -88,6 +91,9 @@ async def run_request(runtime: Runtime, request: Request, call: C,
     handed_off = False
     try:
         call.tenant = tenant_of(snap, request)
+        submitted = request.scope.get(SUBMITTED_SCOPE_KEY)
+        if isinstance(submitted, float):
+            call.submitted_at = submitted
         await read(snap, call, request)
         plan(runtime, snap, call, request.headers.get(MAX_TIER_HEADER))
         await admit(runtime, snap, call)

@@ -19,6 +19,7 @@ import pytest
 
 from gateway.batches import ManualClock
 from gateway.sustainability import J_PER_KWH
+from gateway.usage_log import read_usage
 
 from .inprocess import ADMIN, InProcessGateway, auth, policy
 
@@ -299,6 +300,10 @@ async def test_runs_in_the_cleanest_hour_of_the_window_and_reports_co2_avoided(t
         assert carbon["co2_g"] == pytest.approx(kwh * 100, abs=1e-6)
         assert carbon["co2_g_if_immediate"] == pytest.approx(kwh * 400, abs=1e-6)
         assert carbon["co2_g_avoided"] == pytest.approx(kwh * 300, abs=1e-6)
+        log_path = b.gw.runtime.usage_log.path
+    # The usage log says when each request could have run (for `joulegate report`).
+    records = [r for r in read_usage(log_path) if r["tenant"] == "acme"]
+    assert len(records) == 3 and {r["sub"] for r in records} == {T0.timestamp()}
 
 
 async def test_a_window_that_closes_before_the_clean_hour_runs_in_the_cleanest_it_has(tmp_path):

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message
 
-from ..pipeline import TENANT_SCOPE_KEY
+from ..pipeline import SUBMITTED_SCOPE_KEY, TENANT_SCOPE_KEY
 
 
 @dataclass
@@ -25,9 +25,10 @@ class Answer:
     body: bytes = b""
 
 
-async def dispatch(app: ASGIApp, tenant: str, path: str, body: bytes,
-                   request_id: str) -> Answer:
-    """``POST path`` with ``body`` as ``tenant``; the whole answer."""
+async def dispatch(app: ASGIApp, tenant: str, path: str, body: bytes, request_id: str,
+                   could_run_at: float | None = None) -> Answer:
+    """``POST path`` with ``body`` as ``tenant``; the whole answer. ``could_run_at``: the
+    Unix time the request could have run had it not been deferred (for the usage log)."""
     scope: dict[str, Any] = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
@@ -37,6 +38,8 @@ async def dispatch(app: ASGIApp, tenant: str, path: str, body: bytes,
                     (b"x-request-id", request_id.encode())],
         TENANT_SCOPE_KEY: tenant,
     }
+    if could_run_at is not None:
+        scope[SUBMITTED_SCOPE_KEY] = float(could_run_at)
     sent = False
     finished = asyncio.Event()
     answer = Answer()

@@ -294,7 +294,8 @@ class BatchService:
         rid = line_id(row.id, idx)
         await self.store.call(self.store.start_line, row.id, idx)
         ran_at = self.clock.now()
-        answer = await self._send(row, body, rid)
+        answer = await self._send(row, body, rid,
+                                  immediate_instant(row.plan, ran_at).timestamp())
         wait = self._retry_after(answer, from_unix(row.plan["expires_at"]))
         if wait is not None:  # not done: the batch pauses, and sends it again after
             until = self.clock.now() + wait
@@ -303,9 +304,10 @@ class BatchService:
         result = self._result(row, idx, custom_id, rid, answer, ran_at)
         await self.store.call(self.store.finish_line, row.id, idx, result)
 
-    async def _send(self, row: BatchRow, body: bytes, rid: str) -> Answer:
+    async def _send(self, row: BatchRow, body: bytes, rid: str, could_run_at: float) -> Answer:
         try:
-            return await dispatch(self.app, row.tenant, row.doc["endpoint"], body, rid)
+            return await dispatch(self.app, row.tenant, row.doc["endpoint"], body, rid,
+                                  could_run_at)
         except Exception:  # the app answered 500 and re-raised; the request is done
             log.exception("batch %s: request %s failed inside the gateway", row.id, rid)
             return Answer(500, {}, orjson.dumps({"error": {
