@@ -254,7 +254,7 @@ async def test_lifecycle_output_and_error_files_counts_usage_and_budget(tmp_path
         assert [x.id for x in listed.data] == [batch.id]
 
 
-async def test_embeddings_and_completions_batches(tmp_path):
+async def test_embeddings_completions_and_responses_batches(tmp_path):
     async with batches_gateway(tmp_path, policy()) as b:
         f = await b.upload([{"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
                              "body": {"model": "big", "input": "some text"}}])
@@ -264,12 +264,21 @@ async def test_embeddings_and_completions_batches(tmp_path):
                               "body": {"model": "big", "prompt": "def f():"}}])
         batch2 = await b.sdk.batches.create(input_file_id=f2.id, endpoint="/v1/completions",
                                             completion_window="1h")
+        f3 = await b.upload([{"custom_id": "r", "method": "POST", "url": "/v1/responses",
+                              "body": {"model": "big", "input": "hello"}}])
+        batch3 = await b.sdk.batches.create(input_file_id=f3.id, endpoint="/v1/responses",
+                                            completion_window="24h")
         await b.service.settle()
         [e] = await b.lines((await b.sdk.batches.retrieve(batch.id)).output_file_id)
         assert e["response"]["body"]["object"] == "list"
         assert e["response"]["body"]["data"][0]["object"] == "embedding"
         [c] = await b.lines((await b.sdk.batches.retrieve(batch2.id)).output_file_id)
         assert c["response"]["body"]["object"] == "text_completion"
+        done3 = await b.sdk.batches.retrieve(batch3.id)
+        [r] = await b.lines(done3.output_file_id)
+        assert r["response"]["body"]["object"] == "response"
+        assert r["response"]["body"]["status"] == "completed"
+        assert done3.usage.input_tokens == 10 and done3.usage.output_tokens == 4
 
 
 async def test_runs_in_the_cleanest_hour_of_the_window_and_reports_co2_avoided(tmp_path):

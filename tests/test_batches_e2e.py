@@ -12,6 +12,8 @@ figures match a hand computation.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -111,5 +113,44 @@ def test_sdk_batch_waits_for_the_clean_hour_and_survives_a_restart(tmp_path,
         assert carbon["co2_g"] == pytest.approx(kwh * 100, abs=1e-6)
         assert carbon["co2_g_if_immediate"] == pytest.approx(kwh * 400, abs=1e-6)
         assert carbon["co2_g_avoided"] == pytest.approx(kwh * 300, abs=1e-6)
+    finally:
+        gw.stop()
+
+
+def test_after_a_crash_the_next_process_takes_the_batch_over(tmp_path, recording_upstream):
+    """SIGKILL mid-batch: nothing written is lost; once the dead process's claim lapses
+    (``batches.lease_s``) the next one runs every request not done. Only the request that was
+    in flight when the process died may reach the upstream twice (it was sent, its result
+    never written); every request is in the output once."""
+    upstream, record = recording_upstream
+    policy = priced_policy(upstream.url, {})
+    policy["batches"] = {"concurrency": 1, "poll_interval_s": 0.2, "lease_s": 5}
+    policy["state_dir"] = str(tmp_path / "state")
+    gw = Gateway(policy, tmp_path).start()
+    try:
+        client = gw.client()
+        lines = "".join(json.dumps({
+            "custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "big", "prompt": f"task {i}", "max_tokens": 16}}) + "\n"
+            for i in range(LINES))
+        uploaded = client.files.create(file=("in.jsonl", lines.encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2,
+                   60, what="two requests done")
+        os.killpg(gw.proc.pid, signal.SIGKILL)
+        gw.proc.wait(timeout=30)
+        gw.start()
+        client = gw.client()
+        done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status
+                          == "completed" and b, 90, what="the batch to complete")
+        assert done.request_counts.completed == LINES and done.request_counts.failed == 0
+        out = [json.loads(line) for line in client.files.content(done.output_file_id)
+               .text.splitlines()]
+        assert [line["custom_id"] for line in out] == [f"req-{i}" for i in range(LINES)]
+        counts = upstream_counts(record)
+        ids = [f"batch_req_{batch.id.removeprefix('batch_')}_{i}" for i in range(LINES)]
+        assert set(counts) == set(ids)
+        assert sum(counts.values()) - LINES <= 1  # concurrency 1: at most one sent twice
     finally:
         gw.stop()
