@@ -29,6 +29,7 @@ IT joules × :meth:`Factors.per_joule` is its charge in a window's ledger amount
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -141,10 +142,15 @@ class Factors:
                          kwh * self.pue * self.g_per_kwh, self.g_per_kwh, self.co2_source)
 
 
+#: A schedule's value holds for at least this long: every zone's offset from UTC is a
+#: multiple of 15 minutes, so its hours start on a quarter hour of UTC.
+_QUARTER_S = 900
+
+
 class Site:
     """One site: PUE, WUE and where its carbon intensity comes from."""
 
-    __slots__ = ("carbon", "fixed", "name", "pue", "wue_l_per_kwh")
+    __slots__ = ("_key", "_last", "carbon", "fixed", "name", "pue", "wue_l_per_kwh")
 
     def __init__(self, name: str, pue: float = 1.0, wue_l_per_kwh: float = 0.0,
                  carbon: CarbonSource | None = None):
@@ -155,6 +161,10 @@ class Site:
             self.fixed = Factors(name, pue, wue_l_per_kwh, 0.0, "none")
         elif isinstance(carbon, ConstantCarbon):
             self.fixed = Factors(name, pue, wue_l_per_kwh, carbon.g_per_kwh, carbon.source)
+        #: The factors of "now" last computed, and what they hold for: a schedule's quarter
+        #: hour, a Prometheus source's cached value (so a request rarely computes them).
+        self._key: object = None
+        self._last: Factors | None = None
 
     def intensity(self, at: datetime | None = None) -> tuple[float, str]:
         """gCO₂/kWh now (or at ``at``) and its source label."""
@@ -169,6 +179,22 @@ class Site:
         """The site's figures now (or at ``at``)."""
         if self.fixed is not None:
             return self.fixed
+        if at is None:
+            key: object
+            if isinstance(self.carbon, ScheduleCarbon):
+                now = time.time()
+                key = int(now // _QUARTER_S)
+            elif isinstance(self.carbon, PrometheusCarbon):
+                key, now = ("p", self.carbon.value), 0.0
+            else:
+                key, now = None, time.time()
+            if key is not None and key == self._key and self._last is not None:
+                return self._last
+            g, source = self.intensity(datetime.fromtimestamp(now or time.time(), UTC))
+            factors = Factors(self.name, self.pue, self.wue_l_per_kwh, g, source)
+            if key is not None:
+                self._key, self._last = key, factors
+            return factors
         g, source = self.intensity(at)
         return Factors(self.name, self.pue, self.wue_l_per_kwh, g, source)
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway.budgets import EmbeddedLedger, Limit
-from gateway.carbon import ConstantCarbon, ScheduleCarbon
+from gateway.carbon import ConstantCarbon, PrometheusCarbon, ScheduleCarbon
 from gateway.routing import RouteContext
 from gateway.routing.estimators import Difficulty
 from gateway.routing.tiers import route
@@ -71,6 +71,15 @@ def test_sites_label_their_sources():
     assert sched.fixed is None
     assert sched.factors(at) == Factors("s", 1.1, 0.0, 100.0, "schedule")
     assert sched.factors(at.replace(hour=3)).g_per_kwh == 500.0
+    # "Now" is computed once per quarter hour (schedule) or per new value (Prometheus).
+    assert sched.factors() is sched.factors()
+    prom = PrometheusCarbon("http://prometheus.invalid:9090", "q")
+    site = Site("p", 1.0, 0.0, prom)
+    assert site.factors().co2_source == "unavailable"
+    prom.value = 180.0
+    assert (site.factors().g_per_kwh, site.factors().co2_source) == (180.0, "prometheus")
+    prom.value = 90.0
+    assert site.factors().g_per_kwh == 90.0
 
 
 def site_policy(**extra) -> dict:
