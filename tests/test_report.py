@@ -5,6 +5,7 @@ once; the CSV of a small hand-computed case, the PNG, and the usage log written 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 from datetime import UTC, datetime
 
@@ -126,3 +127,29 @@ async def test_the_gateways_usage_log_feeds_the_report(tmp_path, capsys):
     assert rows[("acme", "small")]["requests"] == "2"
     assert rows[("acme", "big")]["requests"] == "1"
     assert float(rows[("acme", "small")]["routing_saved_joules"]) > 0
+
+
+def test_budget_show_prints_a_carbon_window_in_grams_and_the_tenant_footprint(tmp_path, capsys):
+    state = tmp_path / "state"
+    p = report_policy(state)
+    p["tenants"]["acme"]["budgets"] = [{"window": "1d", "joules": 10_000},
+                                       {"window": "7d", "unit": "gco2", "limit": 2.5}]
+
+    async def serve_one():
+        async with InProcessGateway(tmp_path, p) as gw:
+            return await gw.chat(model="big", max_tokens=4)
+
+    r = asyncio.run(serve_one())  # `budget show` runs its own event loop
+    assert r.status_code == 200, r.text
+    co2 = r.json()["usage"]["co2_g"]
+    capsys.readouterr()
+    assert main(["budget", "show", "acme", "--policy", str(tmp_path / "policy.yaml")]) == 0
+    out = capsys.readouterr().out
+    (day,) = [line for line in out.splitlines() if line.startswith("1d ")]
+    (week,) = [line for line in out.splitlines() if line.startswith("7d ")]
+    assert "(in" not in day  # a joule window as before
+    assert week.endswith("(in gCO2, not J)")
+    limit, granted, spent, reserved, remaining = (float(x) for x in week.split()[1:6])
+    assert (limit, granted, reserved) == (2.5, 0.0, 0.0)
+    assert spent == pytest.approx(co2, abs=1e-5) and remaining == pytest.approx(2.5 - co2, abs=1e-5)
+    assert "1 requests" in out and "gCO2 (see `joulegate report`)" in out
