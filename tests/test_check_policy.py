@@ -85,7 +85,7 @@ def expected_mistakes(text: str) -> list[tuple[tuple[int, int], str, str]]:
         (at(text, "default_tier: smal"), "tenants.acme.default_tier",
          "'smal' is not one of this tenant's tiers (big, mid, small) (did you mean 'small'?)"),
         (at(text, "estimator: heuristik"), "tenants.acme.routing.estimator",
-         "unknown difficulty estimator 'heuristik'; expected one of: heuristic, learned "
+         "unknown difficulty estimator 'heuristik'; expected one of: cascade, heuristic, learned, semantic "
          "(did you mean 'heuristic'?)"),
         (at(text, "window: 1dd"), "tenants.acme.budgets[0].window", "Input should be '1m', "
          "'1h', '1d', '7d', '30d' or 'calendar-month' (got '1dd') (did you mean '1d'?)"),
