@@ -409,6 +409,37 @@ def measure_target(target: str, base_url: str, key: str, stream: bool, args: arg
     return runs
 
 
+def measure_interleaved(gateways: list[tuple[Service, str, str, str]], stream: bool,
+                        args: argparse.Namespace, upstream: Service) -> list[dict]:
+    """``--interleave``: every gateway is up at once; each repeat and concurrency measures
+    them one after another, so a burst of load from other jobs falls on all of them alike
+    and same-run ratios stay meaningful on a shared machine."""
+    mode = "stream" if stream else "json"
+    for gateway, base_url, key, model in gateways:
+        try:
+            check_answer(base_url, key, stream, model)
+        except (OSError, ValueError) as e:
+            sys.exit(f"{gateway.name} {mode}: the answer checked before measuring is wrong: {e}")
+        if args.warmup > 0:
+            log(f"{gateway.name} {mode}: warm-up {args.warmup} s at c={max(args.concurrency)}")
+            run_wrk(f"{base_url}/chat/completions", max(args.concurrency), args.warmup, key,
+                    stream, args.load_cpus, model)
+    runs = []
+    for rep in range(1, args.repeats + 1):
+        for conns in args.concurrency:
+            for gateway, base_url, key, model in gateways:
+                time.sleep(0.5)
+                r = measure(gateway.name, f"{base_url}/chat/completions", key, stream, conns,
+                            args.duration, gateway, upstream, args.load_cpus, model)
+                r["rep"] = rep
+                runs.append(r)
+                log(f"{gateway.name} {mode} c={conns} run {rep}/{args.repeats}: "
+                    f"{r['rps']:,.1f} req/s  p50 {r['p50_ms']:.3f}  p99 {r['p99_ms']:.3f} ms  "
+                    f"CPU {r['gateway_cpu_ms_per_req']:.3f} ms/req  errors {r['error_total']}  "
+                    f"other load {r['other_cores']:.2f} cores")
+    return runs
+
+
 # ---------------------------------------------------------------- gateways
 
 def start_joulegate(args: argparse.Namespace, run_dir: Path, upstream_port: int,
@@ -602,6 +633,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "capacity window, a joule budget on the embedded ledger")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
                         help="with --full-path, measure the plain path too")
+    parser.add_argument("--interleave", action="store_true",
+                        help="start every gateway first and measure them in turns, each repeat "
+                             "and concurrency (for a machine shared with other jobs)")
     parser.add_argument("--baseline-code", default="", metavar="DIR",
                         help="also measure joulegate importing its packages from DIR (another "
                              "tree of the project, e.g. from git archive): before/after in one "
@@ -673,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                     for code in ([args.baseline_code] if args.baseline_code else []) + [""]
                     for full in joulegates]
         starters += [start_litellm] if args.litellm else []
+        started_all: list[tuple[Service, str, str, str]] = []
         for start in starters:
             gateway, base_url, key, model = start(args, run_dir, upstream_port)
             services.append(gateway)
@@ -682,11 +717,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                else "joulegate"])
             log(f"{gateway.name} answered after {ready_s[gateway.name]:.1f} s")
             targets.append(gateway.name)
+            if args.interleave:  # all stay up (idle between their runs), measured in turns
+                started_all.append((gateway, base_url, key, model))
+                continue
             for stream in modes:
                 runs += measure_target(gateway.name, base_url, key, stream, args, upstream, gateway,
                                        model)
             log(f"stopping {gateway.name}")
             gateway.stop()
+        for stream in modes if args.interleave else []:
+            runs += measure_interleaved(started_all, stream, args, upstream)
     finally:
         for service in reversed(services):
             service.stop()
@@ -714,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
               f"completion, max_tokens 16; fake upstream: {args.upstream_workers} worker(s), "
               f"{args.delay_ms:g} ms delay; {versions}"
               + ("; tenant with a joule budget" if args.budgeted else "")
+              + ("; gateways measured in turns (--interleave)" if args.interleave else "")
               + ("; full path: model auto over 2 tiers (learned estimator, capacity 0.5 of "
                  "requests on the costlier), joule budget on the embedded ledger"
                  if args.full_path else "")
