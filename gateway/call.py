@@ -150,7 +150,7 @@ class Call:
         tenant = bound(self.tenant, snap.policy.tenants)
         tier = bound(self.tier, snap.tiers)
         elapsed = time.perf_counter() - self.started
-        m.requests.labels(tenant, tier, str(self.status)).inc()
+        m.labelled(m.requests, tenant, tier, str(self.status)).inc()
         if self.plan is not None:
             m.record_route(tenant, self.plan)
         if self.generation is not None and self.generation.overran:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,6 +33,9 @@ OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 _JPT_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
+
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
 def bound(value: str | None, allowed: Collection[str]) -> str:
@@ -159,6 +162,7 @@ class Metrics:
         self._footprints: dict[tuple[str, str, str], tuple[Counter, Counter, Counter]] = {}
         self._children: dict[tuple[str, str, str, str], RequestMetrics] = {}
         self._decisions: dict[tuple[str, str, str], Counter] = {}
+        self._labelled: dict[tuple[object, tuple[str, ...]], object] = {}
 
     def for_request(self, tenant: str, tier: str, source: str, backend: str) -> RequestMetrics:
         """The labelled children one request updates, cached per label combination (the
@@ -189,6 +193,16 @@ class Metrics:
         children[1].inc(water_litres)
         children[2].inc(co2_g)
 
+    def labelled(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, cached: for the request path, whose label values come
+        from the policy or a small fixed set (bounded), and never for a series that is
+        removed (``.labels()`` costs a lock and a few microseconds each time)."""
+        key = (metric, values)
+        child = self._labelled.get(key)
+        if child is None:
+            child = self._labelled[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
+
     def record_route(self, tenant: str, plan: TierPlan) -> None:
         """Count a request's tier plan (:class:`gateway.routing.TierPlan`) once it is done:
         the tier that served and why it was the one."""
@@ -198,9 +212,9 @@ class Metrics:
             child = self._decisions[key] = self.route_decisions.labels(*key)
         child.inc()
         if plan.decision.difficulty is not None:
-            self.difficulty.labels(tenant).observe(plan.decision.difficulty.score)
+            self.labelled(self.difficulty, tenant).observe(plan.decision.difficulty.score)
         for window, _ in plan.decision.entries:
-            self.capacity_fraction.labels(tenant, window.tier).set(window.fraction())
+            self.labelled(self.capacity_fraction, tenant, window.tier).set(window.fraction())
 
     def record_backend_load(self, backends: Mapping[str, Backend]) -> None:
         """Queue depth and token rates of backends that report load (vLLM), as last scraped."""

@@ -315,14 +315,15 @@ class BudgetGuard:
         fractions = []
         for state in windows:
             total = state.limit + state.granted
-            self.metrics.budget_remaining.labels(tenant, state.window).set(
+            m = self.metrics
+            m.labelled(m.budget_remaining, tenant, state.window).set(
                 to_unit(state.remaining, state.unit))
-            self.metrics.budget_limit.labels(tenant, state.window).set(to_unit(total, state.unit))
+            m.labelled(m.budget_limit, tenant, state.window).set(to_unit(total, state.unit))
             fractions.append(max(state.remaining, 0.0) / total if total > 0 else 0.0)
         if fractions:
             self._remaining[tenant] = min(fractions)
         if windows:
-            self.metrics.budget_reserved.labels(tenant).set(windows[0].reserved)
+            self.metrics.labelled(self.metrics.budget_reserved, tenant).set(windows[0].reserved)
 
     # -- settling -----------------------------------------------------------------------
 

@@ -126,6 +126,6 @@ class CapacityTracker:
     def window(self, tenant: str, tier: str, spec: CapacitySpec) -> CapacityWindow:
         key = (tenant, tier)
         window = self._windows.get(key)
-        if window is None or window.spec != spec:
+        if window is None or (window.spec is not spec and window.spec != spec):
             window = self._windows[key] = CapacityWindow(spec, tier)
         return window
