@@ -16,8 +16,12 @@ Three sources, named by their ``source`` label:
     :class:`PrometheusCarbon`: an instant query against a Prometheus server's HTTP API (the
     way operators already import grid data, e.g. an exporter of a grid-data API), refreshed
     every ``refresh_s`` by a supervised background task and cached, so :meth:`intensity` never
-    waits on the network. Its forecast is the latest value held flat. Until the first
-    successful query it answers ``fallback`` or, without one, raises :class:`CarbonUnavailable`.
+    waits on the network. Its forecast is the latest value held flat, unless a
+    ``forecast_query`` gives one: an instant query whose samples carry a label
+    ``hours_ahead`` (0, 1, 2, ...: the value for the hour starting that many whole hours
+    after the query was answered, as exporters of grid forecasts can publish it); hours it
+    does not cover hold the latest value. Until the first successful query it answers
+    ``fallback`` or, without one, raises :class:`CarbonUnavailable`.
 
 :func:`cleanest_start` picks when deferrable work of a given duration should start inside a
 window so that its mean intensity is lowest; :func:`mean_intensity` is that mean. Everything
@@ -155,7 +159,8 @@ class PrometheusCarbon:
     source = "prometheus"
 
     def __init__(self, url: str, query: str, refresh_s: float = 60.0,
-                 fallback: float | None = None, timeout_s: float = 5.0):
+                 fallback: float | None = None, timeout_s: float = 5.0,
+                 forecast_query: str | None = None):
         if refresh_s <= 0:
             raise ValueError("refresh_s must be > 0")
         self.url = url.rstrip("/")
@@ -165,6 +170,9 @@ class PrometheusCarbon:
         self.timeout_s = timeout_s
         self.value: float | None = None
         self.updated_at: datetime | None = None
+        self.forecast_query = forecast_query
+        #: Start of an hour (UTC) → its forecast value, from ``forecast_query``.
+        self.hourly: dict[datetime, float] = {}
         self.errors = 0
         self._session: aiohttp.ClientSession | None = None
         self._poller: Supervisor | None = None
@@ -183,7 +191,28 @@ class PrometheusCarbon:
 
     def forecast(self, start: datetime, end: datetime) -> list[tuple[datetime, float]]:
         value = self._current()
-        return [(t, value) for t in hour_marks(start, end)]
+        hourly = self.hourly
+        return [(t, hourly.get(t.replace(minute=0, second=0, microsecond=0), value))
+                for t in hour_marks(start, end)]
+
+    @staticmethod
+    def parse_forecast(body: object, answered_at: datetime) -> dict[datetime, float]:
+        """Hour start → value from a ``forecast_query`` answer (samples labelled
+        ``hours_ahead``; several for one hour: their mean)."""
+        if not isinstance(body, dict) or body.get("status") != "success":
+            raise ValueError(f"forecast query failed: {str(body)[:200]}")
+        data = body.get("data") or {}
+        if data.get("resultType") != "vector":
+            raise ValueError("a forecast query must return a vector")
+        base = _utc(answered_at).replace(minute=0, second=0, microsecond=0)
+        seen: dict[datetime, list[float]] = {}
+        for sample in data.get("result") or []:
+            ahead = sample.get("metric", {}).get("hours_ahead")
+            value = float(sample["value"][1])
+            if ahead is None or not ahead.isdigit() or not math.isfinite(value) or value < 0:
+                continue
+            seen.setdefault(base + int(ahead) * HOUR, []).append(value)
+        return {t: sum(v) / len(v) for t, v in seen.items()}
 
     # -- fetching ------------------------------------------------------------------------
     @staticmethod
@@ -220,7 +249,14 @@ class PrometheusCarbon:
                 raise ValueError(f"HTTP {resp.status}")
             body = await resp.json(content_type=None)
         value = self.parse(body)
-        self.value, self.updated_at = value, datetime.now(UTC)
+        now = datetime.now(UTC)
+        if self.forecast_query is not None:
+            async with self._session.get(f"{self.url}/api/v1/query",
+                                         params={"query": self.forecast_query}) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"forecast query: HTTP {resp.status}")
+                self.hourly = self.parse_forecast(await resp.json(content_type=None), now)
+        self.value, self.updated_at = value, now
         return value
 
     async def _run(self) -> None:

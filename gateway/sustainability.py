@@ -210,7 +210,8 @@ def carbon_source(spec: CarbonSpec) -> CarbonSource:
         return ScheduleCarbon(spec.schedule, spec.tz)
     assert spec.prometheus is not None  # the schema requires exactly one
     p = spec.prometheus
-    return PrometheusCarbon(p.url, p.query, p.refresh_s, p.fallback)
+    return PrometheusCarbon(p.url, p.query, p.refresh_s, p.fallback,
+                            forecast_query=p.forecast_query)
 
 
 def build_site(name: str, spec: SiteSpec, carbon: CarbonSource | None) -> Site:

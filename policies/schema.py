@@ -204,6 +204,10 @@ class PrometheusCarbonSpec(_Strict):
     refresh_s: float = Field(60.0, gt=0, le=86400)
     #: gCO₂/kWh until the first answer; none: 0 g, labelled ``unavailable``.
     fallback: float | None = Field(None, ge=0)
+    #: Optional: a query whose samples, labelled ``hours_ahead`` (0, 1, ...), forecast the
+    #: coming hours (used to schedule deferrable work); without it the forecast holds the
+    #: latest value.
+    forecast_query: str | None = Field(None, min_length=1)
 
 
 class CarbonSpec(_Strict):

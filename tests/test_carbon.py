@@ -148,6 +148,27 @@ def test_prometheus_answers_are_parsed_and_cached_values_only():
     assert with_fallback.intensity(T0) == 333.0
 
 
+@pytest.mark.unit
+def test_a_prometheus_forecast_by_hours_ahead_steers_the_cleanest_start():
+    answered = datetime(2026, 3, 2, 7, 40, tzinfo=UTC)
+    body = {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"hours_ahead": "0"}, "value": [1, "400"]},
+        {"metric": {"hours_ahead": "2"}, "value": [1, "90"]},
+        {"metric": {"hours_ahead": "2", "model": "b"}, "value": [1, "110"]},
+        {"metric": {"hours_ahead": "3"}, "value": [1, "380"]},
+        {"metric": {"zone": "DE"}, "value": [1, "1"]}]}}  # no hours_ahead: not a forecast
+    hourly = PrometheusCarbon.parse_forecast(body, answered)
+    at = lambda h: datetime(2026, 3, 2, h, tzinfo=UTC)  # noqa: E731
+    assert hourly == {at(7): 400.0, at(9): 100.0, at(10): 380.0}
+    source = PrometheusCarbon("http://prometheus.invalid:9090", "now", forecast_query="ahead")
+    source.value, source.hourly = 350.0, hourly
+    points = source.forecast(answered, at(12))
+    # Hours the forecast does not cover hold the latest value (350).
+    assert points == [(answered, 400.0), (at(8), 350.0), (at(9), 100.0), (at(10), 380.0),
+                      (at(11), 350.0)]
+    assert cleanest_start(source, answered, at(12), H) == at(9)
+
+
 # -- a real Prometheus --------------------------------------------------------------------
 
 class GaugeTarget:
@@ -155,13 +176,17 @@ class GaugeTarget:
 
     def __init__(self, value: float):
         self.value = value
+        #: hours ahead → forecast value (``grid_carbon_forecast_g_per_kwh``).
+        self.forecast = {0: value, 1: 300.0, 2: 60.0, 3: 280.0}
         target = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 body = ("# TYPE grid_carbon_intensity_g_per_kwh gauge\n"
                         f'grid_carbon_intensity_g_per_kwh{{zone="DE"}} {target.value}\n'
-                        ).encode()
+                        "# TYPE grid_carbon_forecast_g_per_kwh gauge\n" + "".join(
+                            f'grid_carbon_forecast_g_per_kwh{{zone="DE",hours_ahead="{h}"}} '
+                            f"{v}\n" for h, v in target.forecast.items())).encode()
                 self.send_response(200)
                 self.send_header("content-type", "text/plain; version=0.0.4")
                 self.send_header("content-length", str(len(body)))
@@ -212,8 +237,15 @@ def test_prometheus_source_reads_a_real_prometheus_and_follows_changes(grid_targ
     wait_until(lambda: prom.query(query), 30, 0.2, "the first scrape of the grid target")
 
     async def run() -> list[float]:
-        source = PrometheusCarbon(prom.url, query, refresh_s=0.2)
+        source = PrometheusCarbon(prom.url, query, refresh_s=0.2,
+                                  forecast_query='grid_carbon_forecast_g_per_kwh{zone="DE"}')
         seen = [await source.refresh()]
+        # The forecast's clean hour (two hours ahead) is where an hour of work should start.
+        now = source.updated_at
+        assert now is not None
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        assert cleanest_start(source, now, now + 4 * H, H) == hour + 2 * H
+        assert dict(source.forecast(now, now + 4 * H))[hour + 2 * H] == 60.0
         source.start()
         try:
             grid_target.value = 97.5  # the grid got cleaner; Prometheus scrapes each second
