@@ -149,6 +149,11 @@ def test_lodo_splits_never_put_the_held_out_source_in_training(semantic):
     from gateway.routing.lodo import split
 
     examples = _synthetic()
+    # A source may ask another source's prompts of other tiers: those prompts stay out too.
+    shared = Example("copy", examples[0].prompt, True, True, "delta")
+    train_rows, test_rows = split([*examples, shared], "delta")
+    assert test_rows == [len(examples)] and 0 not in train_rows
+    assert len(train_rows) == len(examples) - 1
     inputs = semantic_train.prepare(examples, semantic.model.embedder)
     for held in ("alpha", "beta", "gamma"):
         train_rows, test_rows = split(examples, held)

@@ -268,7 +268,7 @@ def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inp
     heuristic = HeuristicEstimator()
     for k, fold in enumerate(folds):
         test_rows = [r for r in rows if normalise(examples[r].prompt) in fold]
-        train_rows = [i for i in range(len(examples)) if i not in set(test_rows)]
+        train_rows = [i for i, e in enumerate(examples) if normalise(e.prompt) not in fold]
         progress(f"{source}, problems held out (fold {k + 1}/{SEEN_FOLDS}): fitting on "
                  f"{len(train_rows)} prompts")
         learned = _fit_learned(examples, train_rows)
@@ -309,9 +309,15 @@ def describe(model: Any) -> str:
 
 
 def split(examples: Sequence[Example], held_out: str) -> tuple[list[int], list[int]]:
-    """(training rows, test rows): the test rows are exactly the held-out source's."""
-    train = [i for i, e in enumerate(examples) if e.source != held_out]
+    """(training rows, test rows): the test rows are exactly the held-out source's, and no
+    training row carries one of their prompts (sources may share prompts: ``mmlu_local``
+    asks RouteLLM's MMLU prompts of our own tiers)."""
+    from .labels import normalise
+
     test = [i for i, e in enumerate(examples) if e.source == held_out]
+    prompts = {normalise(examples[i].prompt) for i in test}
+    train = [i for i, e in enumerate(examples)
+             if e.source != held_out and normalise(e.prompt) not in prompts]
     return train, test
 
 
