@@ -70,7 +70,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -410,7 +412,7 @@ def measure_target(target: str, base_url: str, key: str, stream: bool, args: arg
 
 
 def measure_interleaved(gateways: list[tuple[Service, str, str, str]], stream: bool,
-                        args: argparse.Namespace, upstream: Service) -> list[dict]:
+                        args: argparse.Namespace, upstream: Service) -> list[dict[str, Any]]:
     """``--interleave``: every gateway is up at once; each repeat and concurrency measures
     them one after another, so a burst of load from other jobs falls on all of them alike
     and same-run ratios stay meaningful on a shared machine."""
@@ -424,7 +426,7 @@ def measure_interleaved(gateways: list[tuple[Service, str, str, str]], stream: b
             log(f"{gateway.name} {mode}: warm-up {args.warmup} s at c={max(args.concurrency)}")
             run_wrk(f"{base_url}/chat/completions", max(args.concurrency), args.warmup, key,
                     stream, args.load_cpus, model)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for rep in range(1, args.repeats + 1):
         for conns in args.concurrency:
             for gateway, base_url, key, model in gateways:
@@ -703,9 +705,11 @@ def main(argv: list[str] | None = None) -> int:
 
         joulegates = [False] if args.plain or not args.full_path else []
         joulegates += [True] if args.full_path else []
-        starters = [functools.partial(start_joulegate, full_path=full, code=code)
-                    for code in ([args.baseline_code] if args.baseline_code else []) + [""]
-                    for full in joulegates]
+        starters: list[Callable[[argparse.Namespace, Path, int],
+                                tuple[Service, str, str, str]]] = [
+            functools.partial(start_joulegate, full_path=full, code=code)
+            for code in ([args.baseline_code] if args.baseline_code else []) + [""]
+            for full in joulegates]
         starters += [start_litellm] if args.litellm else []
         started_all: list[tuple[Service, str, str, str]] = []
         for start in starters:
