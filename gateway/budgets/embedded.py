@@ -428,7 +428,8 @@ class EmbeddedLedger(Ledger):
                            (at - _KEEP_S,))
             return count
 
-        return await self._call(expire)
+        # Always the worker thread: a sweep may delete many rows, too long for the loop.
+        return await self._queue(expire)
 
     async def close(self) -> None:
         """Close the connection in its thread (after the operations queued before), then
