@@ -86,7 +86,11 @@ class LlamaCppSettings(Settings):
     model: str = Field(min_length=1)
     #: Context window of each generation (prompt + output), in tokens.
     n_ctx: int = Field(4096, ge=128, le=1 << 20)
-    #: CPU threads that decode the shared batches; default: all cores.
+    #: CPU threads that decode the shared batches; default: half the cores (at least 1), as
+    #: llama-cpp-python's own default. Measured on 2 cores: 1 thread costs ~27% less CPU per
+    #: token than 2 at one sequence (and batching, not threads, is what scales with load),
+    #: and when other work shares the cores, threads that wait on each other at every op
+    #: spin away the CPU (2 threads were ~9x worse per token than 1 then).
     n_threads: int | None = Field(None, ge=1, le=1024)
     #: Generations decoded together (one KV stream of ``n_ctx`` each, one shared context).
     #: More slots cost KV memory only (``n_ctx`` tokens each); on a CPU, aggregate speed grows
@@ -135,6 +139,7 @@ def _sequence_llama(llama_cpp: Any) -> type:
             self._engine, self._n_ctx, self.tap = engine, n_ctx, tap
             #: The tokens evaluated so far (what ``Llama.generate`` keeps in ``input_ids``).
             self._history: list[int] = []
+            self._zero_row: Any = None
 
         def close(self) -> None:
             """The model is the backend's to close, not a request's."""
@@ -150,7 +155,9 @@ def _sequence_llama(llama_cpp: Any) -> type:
         def _scores(self) -> Any:
             # Logits are sampled inside llama.cpp and not copied out; stopping criteria (the
             # chat handlers' stop-token check) get a zero row, as they only read the tokens.
-            return np.zeros((1, self._n_vocab), dtype=np.single)
+            if self._zero_row is None:
+                self._zero_row = np.zeros((1, self._n_vocab), dtype=np.single)
+            return self._zero_row
 
         def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
                      min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
@@ -200,7 +207,7 @@ class LlamaCppBackend(Backend):
         super().__init__(name)
         self.model = settings.model
         self.n_ctx = settings.n_ctx
-        self.n_threads = settings.n_threads or os.cpu_count() or 1
+        self.n_threads = settings.n_threads or max(1, (os.cpu_count() or 1) // 2)
         self.slots = settings.slots
         self.n_batch = settings.n_batch
         self.max_queue = settings.max_queue

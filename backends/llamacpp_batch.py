@@ -33,12 +33,15 @@ that batch as :class:`RuntimeError`.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("joulegate.llamacpp")
 
 #: What a sequence's queue carries when it has no more tokens.
 _END = object()
@@ -169,12 +172,17 @@ class BatchEngine:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                plan = self._next_plan()
-                if plan is None:
-                    return
-            if plan:
-                self._step(plan)
+            plan: list[tuple[Sequence, list[int], bool]] | None = []
+            try:
+                with self._cond:
+                    plan = self._next_plan()
+                    if plan is None:
+                        return
+                if plan:
+                    self._step(plan)
+            except Exception as exc:  # the engine must outlive one bad step
+                log.exception("llama.cpp batch engine: a step failed")
+                self._fail(plan or [], RuntimeError(f"llama.cpp batch step failed: {exc}"))
 
     def _has_work(self) -> bool:
         return self._closed or bool(self._incoming) or any(

@@ -190,6 +190,28 @@ def test_cancelling_one_sequence_leaves_the_batch_running(small_model_path):
     asyncio.run(body())
 
 
+@pytest.mark.e2e
+def test_a_repeated_prompt_is_read_from_the_cache(small_model_path):
+    async def body() -> tuple[int, int, str, str]:
+        backend = await _started(slots=2)
+        try:
+            assert backend._engine is not None
+            first = await backend.complete(_completion(PROMPTS[2]))
+            decoded = backend._engine.decoded
+            again = await backend.complete(_completion(PROMPTS[2]))
+            return (backend._engine.decoded - decoded, again.usage.prompt_tokens, first.text,
+                    again.text)
+        finally:
+            await backend.close()
+
+    decoded, prompt_tokens, first, again = asyncio.run(body())
+    assert prompt_tokens > 5  # usage still counts the whole prompt
+    # Only the prompt's last token is read again (for fresh logits), then 7 tokens are fed
+    # back: the 8th is sampled and never decoded.
+    assert decoded == 1 + (MAX_TOKENS - 1)
+    assert first and again
+
+
 # -- through the gateway ------------------------------------------------------------------
 
 WATTS_PER_CORE = 10.0
