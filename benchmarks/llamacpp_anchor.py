@@ -21,8 +21,11 @@ meter's watts per busy core, ``EnergySpec.watts_per_core``), p50/p99 time to fir
 that other load on the machine hits both alike; CPU used by processes outside the
 benchmark during a level is recorded as ``other cores``.
 
-    .venv/bin/python benchmarks/llamacpp_anchor.py                  # default: 8/8/8/16 requests
+    .venv/bin/python benchmarks/llamacpp_anchor.py                  # 8 requests per level
     .venv/bin/python benchmarks/llamacpp_anchor.py --levels 1,4 --requests 4   # quick look
+
+Threads: all three decode with ``--threads`` (default: half the cores, the in-process tier's
+own default), so that tok/s and CPU-s/token compare like with like.
 
 Writes ``benchmarks/results/llamacpp-anchor-<time>.md`` (tables, ratios in-process /
 llama-server, the issue's targets) and keeps the processes' logs under
@@ -435,8 +438,10 @@ def main() -> int:
     parser.add_argument("--levels", default="1,2,4,8",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--requests", type=int, default=8,
-                        help="requests per level: max(this, 2 x concurrency)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+                        help="requests per level: max(this, concurrency)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="decode threads of all three (default: the in-process tier's "
+                             "own default, half the cores)")
     parser.add_argument("--ctx", type=int, default=512, help="context tokens per slot")
     parser.add_argument("--skip-batched-bench", action="store_true")
     parser.add_argument("--no-llama-server", action="store_true",
@@ -486,7 +491,7 @@ def main() -> int:
         levels: list[Level] = []
         first = 0
         for n, c in enumerate(args.levels):
-            requests = max(args.requests, 2 * c)
+            requests = max(args.requests, c)
             say(f"concurrency {c}: {requests} requests to each target")
             order = list(targets) if n % 2 == 0 else list(reversed(targets))
             for target in order:
