@@ -11,21 +11,24 @@ a worker thread, through a per-request handle on the shared model whose ``genera
 its tokens from the engine. The chat template is the one the GGUF carries
 (llama-cpp-python reads ``tokenizer.chat_template``) unless the policy names another.
 
-Why batched decode rather than one context per slot (measured on this 2-core AVX2 machine,
-Qwen2.5-Coder-0.5B Q4_K_M, 125-token prompt, 128 output tokens, temperature 0;
-``benchmarks/llamacpp_concurrency.py``, results in ``benchmarks/results/``): decoding on a
-CPU is bound by reading the weights, and one ``llama_decode`` of k tokens reads them once
-for all k. Separate contexts, even with their threads splitting the cores (1 thread per
-slot), each read the weights for their own token: they reach about the aggregate speed of
-one sequence per core and no better, while batching four sequences gives several times the
-single-sequence speed at a fraction of the CPU time per token.
+Why batched decode rather than one context per slot (option (a) of issue 17: contexts whose
+threads together equal the cores). One ``llama_decode`` of k tokens reads the weights once
+for all k, where k contexts each read them for their own token. Measured here
+(``benchmarks/llamacpp_concurrency.py``; Qwen2.5-Coder-0.5B Q4_K_M, 2 cores, 1 decode
+thread, ~110-token prompts, 128 output tokens; with other jobs using ~1.6 of the 2 cores,
+so noisy, see ``benchmarks/results/llamacpp-concurrency-20261203-140831.md``): at
+concurrency 4 the batched engine ran 6.3 tok/s at 0.060 CPU-s/token against 5.7 tok/s at
+0.065 for two 1-thread contexts, with half the time to first token (17 s against 32 s
+p50: four sequences run at once instead of two plus a queue); a bare decode step of 4
+sequences costs 2.6x the CPU of a step of one (1.55x less per token). At one sequence the
+two are within noise of each other. So: one context, batched.
 
 Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
 and every generated token except the end-of-generation one, which is what
 llama-cpp-python's own non-streaming ``usage`` reports), also for streams; a request
 waiting for a slot has processed nothing, so energy attribution charges it nothing. Once
-the request is cancelled the engine drops the sequence at its next step, so a client that
-disconnects frees its slot within one token.
+the request is cancelled its worker stops waiting within 50 ms (so a client that
+disconnects frees its slot at once) and the engine drops the sequence at its next step.
 """
 
 from __future__ import annotations

@@ -237,6 +237,7 @@ def report(runs: list[Run], variants: list[Variant], levels: list[int], args: ar
 
 async def main_async(args: argparse.Namespace) -> int:
     levels = sorted({int(x) for x in args.concurrency.split(",")})
+    commit, dirty = git_state()  # what is measured: the code as imported now
     variants = [Variant("batched (this tree)", load_module(None), args.slots or levels[-1],
                         args.threads)]
     variants += [parse_variant(text, levels[-1]) for text in args.variant]
@@ -265,7 +266,6 @@ async def main_async(args: argparse.Namespace) -> int:
     for v in variants:
         await v.backend.close()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    commit, dirty = git_state()
     import llama_cpp
 
     header = (
