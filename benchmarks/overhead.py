@@ -14,6 +14,9 @@ runs beside it (``overhead-<time>.json``); the logs of the upstream and the gate
     .venv/bin/python benchmarks/overhead.py --litellm       # + LiteLLM, same run, same workers
     .venv/bin/python benchmarks/overhead.py --budgeted      # a joule budget in the path
     .venv/bin/python benchmarks/overhead.py --full-path --litellm   # what a routed tenant takes
+    # before/after in one run on a shared box: another tree of the project, measured in turns
+    .venv/bin/python benchmarks/overhead.py --full-path --litellm --interleave \
+        --baseline-code /tmp/before   # (git archive <commit> gateway backends policies | tar -x -C /tmp/before)
     .venv/bin/python benchmarks/overhead.py --duration 5 --repeats 1   # quick look
 
 Method:
