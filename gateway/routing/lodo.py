@@ -186,10 +186,10 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
     from .estimators import HeuristicEstimator
 
     sources = load_sources(data_dir)
-    small = [name for name, rows in sources.items() if len(rows) < MIN_PROMPTS]
-    for name in small:
-        progress(f"skipping source {name}: {len(sources.pop(name))} labelled prompts "
-                 f"(fewer than {MIN_PROMPTS})")
+    skipped = {name: len(rows) for name, rows in sources.items() if len(rows) < MIN_PROMPTS}
+    for name, count in skipped.items():
+        del sources[name]
+        progress(f"skipping source {name}: {count} labelled prompts (fewer than {MIN_PROMPTS})")
     if len(sources) < 2:
         raise ValueError(f"leave-one-dataset-out needs at least two labelled sources under "
                          f"{data_dir}; found {', '.join(sources) or 'none'}")
@@ -248,7 +248,7 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                    "strong": sum(e.strong for e in rows) / len(rows),
                    "joules": all(e.strong_joules is not None for e in rows)}
             for name, rows in sources.items()}
-    return {"cells": cells, "sources": info, "chosen": chosen}
+    return {"cells": cells, "sources": info, "chosen": chosen, "skipped": skipped}
 
 
 def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inputs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .labels import MIN_PROMPTS
 from .lodo import ESTIMATOR_NAMES, VARIANTS, Cell, summary
 
 BASELINES = ("random", "oracle")
@@ -100,6 +101,9 @@ def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
         f"{info['strong']:.3f}, joules {'labelled' if info['joules'] else 'not labelled'}; "
         f"semantic chosen without it: {report['chosen'][name]}"
         for name, info in report["sources"].items())
+    sources += "".join(f"\n- {name}: skipped, {count} labelled prompts so far (fewer than "
+                       f"{MIN_PROMPTS}; picked up once it has more)"
+                       for name, count in report.get("skipped", {}).items())
     return (
         "# Router benchmark: leave one dataset out\n\n"
         "Each labelled source is held out in turn; `learned` and `semantic` are refitted on the "

@@ -1,12 +1,15 @@
 """Fitting the ``semantic`` estimator (:mod:`.semantic`) on labelled prompts (NumPy).
 
 :func:`fit` chooses the embedding head (kNN with ``k`` neighbours, or a ridge head) and the
-blend with the shape features by grouped cross-validation *inside the prompts it is given*
-(MMLU subjects, other sources whole), scoring each candidate by the mean APGR over the
-sources of its held-out groups, then fits the chosen model on all of them. So when the
+weights of the embedding, shape and prior parts by cross-validation *inside the prompts it
+is given* (leaving one source out at a time when there are several, else by MMLU subject or
+by problem), scoring each candidate by the mean APGR over the sources of its held-out folds,
+then fits the chosen model on all of them. Gains are taken relative to each source's mean
+and sources weigh the same. So when the
 leave-one-dataset-out benchmark (:mod:`.lodo`) calls it without the held-out source, nothing
 of that source informs the choice. :func:`train` fits on every labelled source and writes
-the shipped ``semantic_model.npz``. Deterministic: the same data gives the same file.
+the shipped ``semantic_model.npz``. No random draws: the kNN reference prompts are an
+evenly spaced subset of each source.
 """
 
 from __future__ import annotations
