@@ -162,7 +162,8 @@ def test_client_disconnect_frees_the_slot(gateway):
             "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120,
                       headers={"authorization": f"Bearer {KEYS['acme']}"}) as resp:
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()  # kept: dropping it would close the connection here
+        for line in lines:
             if '"content":"' in line and '"content":""' not in line:
                 break
         assert gateway.backend_info("q05")["busy"] == 1
