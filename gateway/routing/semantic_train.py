@@ -228,7 +228,11 @@ def select(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int]
     order: list[int] = []
     for held in groups(examples, rows):
         held_set = set(held)
-        fit = [r for r in rows if r not in held_set]
+        # Sources may share prompts (mmlu_local asks MMLU's of our own tiers): a held-out
+        # prompt stays out of the fit whichever source carries it.
+        held_prompts = {normalise(examples[r].prompt) for r in held}
+        fit = [r for r in rows if r not in held_set
+               and normalise(examples[r].prompt) not in held_prompts]
         parts = _parts(inputs, examples, fit, reference_rows(examples, fit), np.asarray(held))
         shape, prior = parts.pop("shape"), parts.pop("prior")
         for head, emb in parts.items():
