@@ -233,6 +233,8 @@ def select(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int]
         held_prompts = {normalise(examples[r].prompt) for r in held}
         fit = [r for r in rows if r not in held_set
                and normalise(examples[r].prompt) not in held_prompts]
+        if len(fit) < MIN_PROMPTS:  # nothing left to fit on (a source of shared prompts)
+            continue
         parts = _parts(inputs, examples, fit, reference_rows(examples, fit), np.asarray(held))
         shape, prior = parts.pop("shape"), parts.pop("prior")
         for head, emb in parts.items():
@@ -244,7 +246,8 @@ def select(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int]
         apgr = _mean_apgr(np.concatenate(chunks), examples, order)
         if best is None or apgr > best[0] + 1e-9:
             best = (apgr, head, blend)
-    assert best is not None
+    if best is None:  # no fold had anything to fit on: the heuristic prior alone
+        return ("knn", 16), (0.0, 0.0, 1.0), 0.0
     return best[1], best[2], best[0]
 
 
