@@ -16,12 +16,14 @@ threads together equal the cores). One ``llama_decode`` of k tokens reads the we
 for all k, where k contexts each read them for their own token. Measured here
 (``benchmarks/llamacpp_concurrency.py``; Qwen2.5-Coder-0.5B Q4_K_M, 2 cores, 1 decode
 thread, ~110-token prompts, 128 output tokens; with other jobs using ~1.6 of the 2 cores,
-so noisy, see ``benchmarks/results/llamacpp-concurrency-20261203-140831.md``): at
-concurrency 4 the batched engine ran 6.3 tok/s at 0.060 CPU-s/token against 5.7 tok/s at
-0.065 for two 1-thread contexts, with half the time to first token (17 s against 32 s
-p50: four sequences run at once instead of two plus a queue); a bare decode step of 4
-sequences costs 2.6x the CPU of a step of one (1.55x less per token). At one sequence the
-two are within noise of each other. So: one context, batched.
+so noisy, see ``benchmarks/results/llamacpp-concurrency-20261203-140831.md`` and
+``-142623.md``): at concurrency 4 the batched engine ran 6.3 and 11.8 tok/s at 0.060 and
+0.053 CPU-s/token against 5.7 and 9.7 tok/s at 0.065 and 0.062 for two 1-thread contexts,
+with half the time to first token (17 s against 32 s, 8 s against 17 s p50: four
+sequences run at once instead of two plus a queue); a bare decode step of 4 sequences
+costs 2.6x the CPU of a step of one (1.55x less per token: this model's weights are mostly
+Q5_0, whose CPU kernels gain little from a batch). At one sequence the two are within
+noise of each other. So: one context, batched.
 
 Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
 and every generated token except the end-of-generation one, which is what
