@@ -369,7 +369,7 @@ def report(stamp: str, args: argparse.Namespace, bench_rows: list[dict[str, floa
            "(scripts/cpu_build.py; llama-cpp-python 0.3.36 in-process, the same llama.cpp "
            "source for the tools)",
            f"- Model: {SMALL} (GGUF); prompts ~{PROMPT_TOKENS} tokens with the chat template, "
-           f"{OUTPUT_TOKENS} output tokens, temperature 0, streaming; {args.threads} threads "
+           f"{OUTPUT_TOKENS} output tokens, temperature 0, streaming; {args.threads} thread(s) "
            f"everywhere; {max(args.levels)} slots of {args.ctx} tokens on both servers",
            f"- Energy estimate: CPU-s x {watts:g} W per busy core (the estimated meter's "
            "`watts_per_core`), no idle share",
