@@ -64,7 +64,10 @@ def test_cancelled_request_frees_its_slot(small_model_path):
     async def body(backend):
         long = LONG()
         task = asyncio.create_task(backend.complete(long))
-        await asyncio.sleep(1.0)
+        for _ in range(1200):  # until it has produced a token (bounded; slow on a busy box)
+            if long.progress.completion_tokens >= 1:
+                break
+            await asyncio.sleep(0.1)
         assert (await backend.health()).info["busy"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
