@@ -42,9 +42,9 @@ def test_router_eval_leaves_each_dataset_out_and_writes_table_and_plot(tmp_path)
     assert out.returncode == 0, out.stderr
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
             if line.startswith("| ") and "APGR" not in line and "---" not in line]
-    held = {r[0] for r in rows if len(r) == 7}
+    held = {r[0] for r in rows if len(r) == 8}
     assert {"mmlu", "humaneval", "humaneval/chat", "humaneval/completion"} <= held
-    apgr = {(r[0], r[1]): float(r[2]) for r in rows if len(r) == 7}
+    apgr = {(r[0], r[1]): float(r[2]) for r in rows if len(r) == 8}
     for source in ("mmlu", "humaneval"):
         assert apgr[(source, "random")] == pytest.approx(0.5, abs=1e-3)
         assert apgr[(source, "oracle")] > 1.0
