@@ -26,9 +26,11 @@ from .base import (
 )
 from .kind import BackendKind, Capabilities, Requirement, Settings
 from .registry import KINDS
+from .wordllama_embed import load_wordllama
 
 __all__ = [
     "KINDS", "Backend", "BackendError", "BackendFailure", "BackendInvalidResponse",
     "BackendKind", "BackendRejected", "BackendTimeout", "BackendUnavailable", "Capabilities",
     "Chunk", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "Usage",
+    "load_wordllama",
 ]

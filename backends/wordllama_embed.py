@@ -76,8 +76,9 @@ def _import_wordllama() -> Any:
     return wordllama
 
 
-def _load(config: str) -> tuple[Any, Any]:
-    """The (vocabulary x dimensions) float32 table and the tokenizer, from the package."""
+def load_wordllama(config: str) -> tuple[Any, Any]:
+    """The (vocabulary x dimensions) float32 table and the tokenizer, from the package
+    (downloads off); :class:`BackendUnavailable` when the package is not installed."""
     spec = importlib.util.find_spec("wordllama")
     if spec is None or spec.origin is None:
         raise BackendUnavailable(f"{_WORDLLAMA.package} is not installed: {_WORDLLAMA.install}")
@@ -108,7 +109,7 @@ class WordLlamaBackend(Backend):
 
     async def start(self) -> None:
         try:
-            self._table, self._tokenizer = await asyncio.to_thread(_load, self.config)
+            self._table, self._tokenizer = await asyncio.to_thread(load_wordllama, self.config)
         except ImportError:
             self._error = f"{_WORDLLAMA.package} is not installed: {_WORDLLAMA.install}"
             raise BackendUnavailable(self._error) from None

@@ -29,8 +29,6 @@ with ``wordllama``.
 from __future__ import annotations
 
 import json
-import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,27 +48,10 @@ WORDLLAMA_CONFIG, WORDLLAMA_DIMS = "l2_supercat", 256
 #: tail): tokenising is most of its cost.
 EMBED_CHARS = 1536
 INSTALL_HINT = "pip install 'joulegate[models]'"
-_IMPORT_LOCK = threading.Lock()
 
 
 class SemanticUnavailable(ValueError):
     """The semantic estimator cannot load: a missing package or artefact (a policy error)."""
-
-
-def _import_wordllama() -> Any:
-    """Import the package without letting it configure the root logger (its inference
-    module calls ``logging.basicConfig`` on import)."""
-    root = logging.getLogger()
-    with _IMPORT_LOCK:
-        handlers, level = list(root.handlers), root.level
-        try:
-            import wordllama  # type: ignore[import-untyped,import-not-found,unused-ignore]
-        finally:
-            for handler in root.handlers[:]:
-                if handler not in handlers:
-                    root.removeHandler(handler)
-            root.setLevel(level)
-    return wordllama
 
 
 class Embedder:
@@ -83,25 +64,18 @@ class Embedder:
 
     @classmethod
     def load(cls, dims: int = WORDLLAMA_DIMS) -> Embedder:
+        from backends import BackendUnavailable, load_wordllama
+
         try:
-            wordllama = _import_wordllama()
-        except ImportError:
+            table, tokenizer = load_wordllama(WORDLLAMA_CONFIG)
+        except BackendUnavailable:
             raise SemanticUnavailable(
                 "difficulty estimator 'semantic' needs the wordllama package (prompt "
                 f"embeddings), which is not installed: {INSTALL_HINT}") from None
-        # The package's own folder as the cache, downloads off: its weights/ and tokenizers/
-        # are where the loader looks there (0.4.0 looks for the tokenizer elsewhere otherwise).
-        try:
-            model = wordllama.WordLlama.load(WORDLLAMA_CONFIG,
-                                             cache_dir=Path(wordllama.__file__).parent,
-                                             dim=WORDLLAMA_DIMS, disable_download=True)
         except (OSError, ValueError) as exc:
             raise SemanticUnavailable(f"difficulty estimator 'semantic': cannot load WordLlama "
                                       f"'{WORDLLAMA_CONFIG}' from its package: {exc}") from None
-        tokenizer = model.tokenizer
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        return cls(model.embedding, tokenizer, dims)
+        return cls(table, tokenizer, dims)
 
     def embed(self, text: str) -> Floats:
         import numpy as np
