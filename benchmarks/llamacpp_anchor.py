@@ -2,7 +2,7 @@
 """The in-process llama.cpp tier against llama.cpp's own tools, side by side in one run.
 
 Anchors, built by ``scripts/build-llama-tools`` from the llama.cpp source that the pinned
-llama-cpp-python sdist vendors (MIT), with the bootstrap's CPU flags (``scripts/cpu_build.py``):
+llama-cpp-python sdist vendors (MIT), with the bootstrap's CPU flags (``backends/llamacpp_build.py``):
 
 (a) ``llama-batched-bench`` on the small GGUF (Qwen2.5-Coder-0.5B-Instruct Q4_K_M): the
     ceiling for batched decode on this CPU (random tokens, no sampling, no HTTP), one process
@@ -174,7 +174,7 @@ def tools_dir() -> Path:
 
 
 def build_name() -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "cpu_build.py"), "shell"],
+    out = subprocess.run([sys.executable, str(ROOT / "backends" / "llamacpp_build.py"), "shell"],
                          check=True, stdout=subprocess.PIPE, text=True).stdout
     return out.split(";")[0].split("=", 1)[1]
 
@@ -366,7 +366,7 @@ def report(stamp: str, args: argparse.Namespace, bench_rows: list[dict[str, floa
            f"- Command: `.venv/bin/python benchmarks/llamacpp_anchor.py {' '.join(sys.argv[1:])}`",
            f"- Code: {git_commit()}",
            f"- Machine: {cpu_model()}, {os.cpu_count()} cores; llama.cpp build '{build}' "
-           "(scripts/cpu_build.py; llama-cpp-python 0.3.36 in-process, the same llama.cpp "
+           "(backends/llamacpp_build.py; llama-cpp-python 0.3.36 in-process, the same llama.cpp "
            "source for the tools)",
            f"- Model: {SMALL} (GGUF); prompts ~{PROMPT_TOKENS} tokens with the chat template, "
            f"{OUTPUT_TOKENS} output tokens, temperature 0, streaming; {args.threads} thread(s) "

@@ -1,25 +1,19 @@
-"""The bootstrap's CPU detection (scripts/cpu_build.py): which llama.cpp build a CPU gets, and
+"""The bootstrap's CPU detection (backends/llamacpp_build.py): which llama.cpp build a CPU gets, and
 `joulegate models --info`, which shows the build in use."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from backends import llamacpp_build as cpu_build
 from backends.models import CATALOG
 from gateway.cli import main
 from gateway.cli import models as models_cli
 
 pytestmark = pytest.mark.unit
 
-_spec = importlib.util.spec_from_file_location(
-    "cpu_build", Path(__file__).resolve().parent.parent / "scripts" / "cpu_build.py")
-assert _spec is not None and _spec.loader is not None
-cpu_build = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cpu_build)
 
 # This machine's kind: an AMD EPYC VM with AVX2 and nothing wider.
 EPYC_AVX2 = set("fpu sse sse2 ssse3 fma cx16 sse4_1 sse4_2 popcnt aes xsave avx f16c "

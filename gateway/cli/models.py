@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from backends.llamacpp_build import system_info_features
 from backends.models import CATALOG, ModelError, assemble, cache_dir, is_assembled
 
 from .common import add_policy_option, policy_state
@@ -57,18 +58,6 @@ BUILD_RECORD = "joulegate-llama-build.json"
 #: The SIMD features that decide llama.cpp's speed on x86, as llama_print_system_info names them.
 X86_FEATURES = ("AVX2", "FMA", "F16C", "AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
                 "AVX512_BF16", "AMX_INT8")
-
-
-def system_info_features(info: str) -> dict[str, str]:
-    """``llama_print_system_info()`` (``CPU : AVX = 1 | AVX2 = 1 | ...``) as a dict."""
-    features = {}
-    for part in info.replace("\n", "|").split("|"):
-        if " : " in part:  # the backend's name leads its first feature
-            part = part.split(" : ", 1)[1]
-        key, sep, value = part.partition("=")
-        if sep and key.strip():
-            features[key.strip()] = value.strip()
-    return features
 
 
 def build_record(prefix: Path) -> dict[str, Any] | None:

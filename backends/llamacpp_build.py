@@ -3,8 +3,9 @@
 
 The decision is pure (:func:`flags`: a CPU's ``/proc/cpuinfo`` flag set in, a build name
 and the CMake arguments out), so that the bootstrap, ``scripts/build-llama-tools`` and the
-table test in ``tests/test_cpu_build.py`` all share it. Only the standard library is used:
-the bootstrap runs this before the project is installed.
+table test in ``tests/test_cpu_build.py`` all share it, and ``joulegate models --info`` reads
+the loaded library's features with it. Only the standard library is used: the bootstrap runs
+this file as a script (by its path) before the project is installed.
 
 Rules:
 
@@ -20,9 +21,9 @@ Rules:
 
 Command line (used by the scripts)::
 
-    scripts/cpu_build.py shell [--cpuinfo FILE]   # build_name=..; build_key=..; cmake_args=..
-    scripts/cpu_build.py show  [--cpuinfo FILE]   # the choice, for people
-    scripts/cpu_build.py prove --record FILE --version V [--model GGUF] [--wheel W]
+    backends/llamacpp_build.py shell [--cpuinfo FILE]   # build_name=..; build_key=..; cmake_args=..
+    backends/llamacpp_build.py show  [--cpuinfo FILE]   # the choice, for people
+    backends/llamacpp_build.py prove --record FILE --version V [--model GGUF] [--wheel W]
 """
 
 from __future__ import annotations
@@ -171,10 +172,10 @@ def prove(args: argparse.Namespace) -> int:
 
     info = llama_cpp.llama_print_system_info().decode()
     features = system_info_features(info)
-    print(f"cpu_build: llama.cpp system info: {info.strip()}", file=sys.stderr)
+    print(f"llamacpp_build: llama.cpp system info: {info.strip()}", file=sys.stderr)
     wrong = mismatches(cmake_args, features)
     if wrong:
-        print(f"cpu_build: the installed llama.cpp is not the '{name}' build: "
+        print(f"llamacpp_build: the installed llama.cpp is not the '{name}' build: "
               + "; ".join(wrong), file=sys.stderr)
         return 1
     model = Path(args.model) if args.model else _small_model()
@@ -184,14 +185,15 @@ def prove(args: argparse.Namespace) -> int:
         llm = llama_cpp.Llama(str(model), n_ctx=64, n_threads=1,  # a proof, not a race
                               verbose=False)
         out = llm.create_completion("def add(a, b):", max_tokens=1, temperature=0.0)
+        assert isinstance(out, dict)  # not streamed
         decoded = out["choices"][0]["text"]
-        print(f"cpu_build: one-token decode on {model.name}: {decoded!r} "
+        print(f"llamacpp_build: one-token decode on {model.name}: {decoded!r} "
               f"({time.monotonic() - t0:.1f} s with loading)", file=sys.stderr)
         if out["usage"]["completion_tokens"] != 1:
-            print("cpu_build: the decode produced no token", file=sys.stderr)
+            print("llamacpp_build: the decode produced no token", file=sys.stderr)
             return 1
     else:
-        print("cpu_build: no assembled model yet: checked the import and the features only",
+        print("llamacpp_build: no assembled model yet: checked the import and the features only",
               file=sys.stderr)
     record = {
         "build": name, "key": build_key(name, cmake_args), "cmake_args": cmake_args,
@@ -200,7 +202,7 @@ def prove(args: argparse.Namespace) -> int:
         "decode_checked": decoded is not None,
     }
     Path(args.record).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"cpu_build: llama.cpp build '{name}' works; recorded in {args.record}",
+    print(f"llamacpp_build: llama.cpp build '{name}' works; recorded in {args.record}",
           file=sys.stderr)
     return 0
 
