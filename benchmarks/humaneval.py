@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from gateway.grading import run_program
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,18 +115,7 @@ def run_tests(problem: dict, completion: str, mode: str = "completion") -> tuple
     solution = (chat_program(problem, completion) if mode == "chat"
                 else f"{problem['prompt']}{function_body(completion)}")
     program = f"{solution}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "candidate.py"
-        path.write_text(program)
-        try:
-            proc = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, capture_output=True,
-                                  text=True, timeout=TEST_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            return False, "timeout"
-    if proc.returncode == 0:
-        return True, "passed"
-    last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    return False, last[:200]
+    return run_program(program, TEST_TIMEOUT_S)
 
 
 def cache_path(tier: str, mode: str = "completion") -> Path:
