@@ -414,3 +414,22 @@ def access_records(log_text: str) -> list[dict]:
             if record.get("logger") == "joulegate.access":
                 records.append(record)
     return records
+
+
+@pytest.fixture
+def prometheus_for(tmp_path):
+    """Starts Debian's Prometheus (tests/test_dashboard.py's ``Prometheus``) scraping one
+    target; stops every one started when the test ends."""
+    from .test_dashboard import Prometheus
+
+    started: list[Prometheus] = []
+
+    def start(target: str) -> Prometheus:
+        work = tmp_path / f"prom{len(started)}"
+        work.mkdir()
+        started.append(Prometheus(target, work))
+        return started[-1]
+
+    yield start
+    for prom in started:
+        prom.stop()

@@ -25,7 +25,6 @@ from gateway.sustainability import Site
 
 from .conftest import wait_until
 from .inprocess import InProcessGateway, policy
-from .test_dashboard import Prometheus
 
 T0 = datetime(2026, 3, 2, 7, 30, tzinfo=UTC)  # a Monday, half past seven UTC
 H = timedelta(hours=1)
@@ -207,22 +206,6 @@ class GaugeTarget:
 
 
 @pytest.fixture
-def prometheus_of(tmp_path):
-    """Starts the project's Prometheus (as tests/test_dashboard.py does) on one target."""
-    started: list[Prometheus] = []
-
-    def start(target: str) -> Prometheus:
-        work = tmp_path / f"prom{len(started)}"
-        work.mkdir()
-        started.append(Prometheus(target, work))
-        return started[-1]
-
-    yield start
-    for prom in started:
-        prom.stop()
-
-
-@pytest.fixture
 def grid_target():
     target = GaugeTarget(412.0)
     yield target
@@ -231,8 +214,8 @@ def grid_target():
 
 @pytest.mark.e2e
 def test_prometheus_source_reads_a_real_prometheus_and_follows_changes(grid_target,
-                                                                       prometheus_of):
-    prom = prometheus_of(grid_target.address)
+                                                                       prometheus_for):
+    prom = prometheus_for(grid_target.address)
     query = 'grid_carbon_intensity_g_per_kwh{zone="DE"}'
     wait_until(lambda: prom.query(query), 30, 0.2, "the first scrape of the grid target")
 
@@ -263,8 +246,8 @@ def test_prometheus_source_reads_a_real_prometheus_and_follows_changes(grid_targ
 
 
 @pytest.mark.e2e
-def test_a_gateway_labels_co2_from_a_real_prometheus(grid_target, prometheus_of, tmp_path):
-    prom = prometheus_of(grid_target.address)
+def test_a_gateway_labels_co2_from_a_real_prometheus(grid_target, prometheus_for, tmp_path):
+    prom = prometheus_for(grid_target.address)
     query = 'grid_carbon_intensity_g_per_kwh{zone="DE"}'
     wait_until(lambda: prom.query(query), 30, 0.2, "the first scrape of the grid target")
     p = policy()

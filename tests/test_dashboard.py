@@ -259,21 +259,6 @@ def send_traffic(gw) -> None:
                                      max_tokens=-1)
 
 
-@pytest.fixture
-def prometheus_for(tmp_path):
-    started: list[Prometheus] = []
-
-    def start(target: str) -> Prometheus:
-        work = tmp_path / f"prom{len(started)}"
-        work.mkdir()
-        started.append(Prometheus(target, work))
-        return started[-1]
-
-    yield start
-    for prom in started:
-        prom.stop()
-
-
 @pytest.mark.ops
 @pytest.mark.e2e
 def test_every_panel_shows_data_from_a_real_prometheus(gateways, prometheus_for, tmp_path,
