@@ -235,29 +235,32 @@ async def batches(request: Request) -> Response:
     return _json(await batch_object(service, row))
 
 
-async def batch(request: Request) -> Response:
+async def _own_batch(request: Request) -> tuple[BatchService, BatchRow]:
+    """The service and the batch named in the path, of the caller's tenant (404 if not)."""
     tenant, service = _tenant(request), _service(request)
     batch_id = request.path_params["batch_id"]
     row = await service.store.call(service.store.get_batch, tenant, batch_id)
     if row is None:
         raise _batch_missing(batch_id)
+    return service, row
+
+
+async def batch(request: Request) -> Response:
+    service, row = await _own_batch(request)
     return _json(await batch_object(service, row))
 
 
 async def cancel(request: Request) -> Response:
-    tenant, service = _tenant(request), _service(request)
-    batch_id = request.path_params["batch_id"]
-    row = await service.store.call(service.store.get_batch, tenant, batch_id)
-    if row is None:
-        raise _batch_missing(batch_id)
+    service, row = await _own_batch(request)
     if row.status in ("validating", "in_progress"):
         updated = await service.store.call(
-            service.store.update_batch, batch_id,
+            service.store.update_batch, row.id,
             {"status": "cancelling", "cancelling_at": unix(service.clock.now())},
             ("validating", "in_progress"))
-        row = updated or await service.store.call(service.store.get_batch, tenant, batch_id)
-        assert row is not None
-        service.halt(batch_id)
+        again = updated or await service.store.call(service.store.get_batch, row.tenant, row.id)
+        assert again is not None
+        row = again
+        service.halt(row.id)
     elif row.status != "cancelling" and row.status != "cancelled":
         raise InvalidRequest(f"the batch is {row.status}: only a batch that is validating or "
                              "in progress can be cancelled", param="batch_id",

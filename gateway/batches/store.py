@@ -221,11 +221,16 @@ class BatchStore:
                         orjson.loads(found[4]))
 
     def get_batch(self, tenant: str | None, batch_id: str) -> BatchRow | None:
+        return self._find(self._conn(), batch_id, tenant)
+
+    def _find(self, db: sqlite3.Connection, batch_id: str,
+              tenant: str | None = None) -> BatchRow | None:
+        """The batch ``batch_id`` (of ``tenant``, when given), or None."""
         sql = "SELECT id, tenant, status, doc, plan FROM batches WHERE id = ?"
         args: tuple[str, ...] = (batch_id,)
         if tenant is not None:
             sql, args = sql + " AND tenant = ?", (batch_id, tenant)
-        found = self._conn().execute(sql, args).fetchone()
+        found = db.execute(sql, args).fetchone()
         return self._batch(found) if found else None
 
     def list_batches(self, tenant: str, after: str | None,
@@ -244,11 +249,9 @@ class BatchStore:
         """Merge ``changes`` into the batch's object (``status`` included), provided its
         status is one of ``only_from`` (any when None); the row after, or None if not."""
         def work(db: sqlite3.Connection) -> BatchRow | None:
-            found = db.execute("SELECT id, tenant, status, doc, plan FROM batches WHERE id = ?",
-                               (batch_id,)).fetchone()
-            if found is None:
+            row = self._find(db, batch_id)
+            if row is None:
                 return None
-            row = self._batch(found)
             if only_from is not None and row.status not in only_from:
                 return None
             row.doc.update(changes)
@@ -330,11 +333,9 @@ class BatchStore:
         here; a file with no line is left out and its id in ``changes`` set to None), and
         the batch takes ``changes``."""
         def work(db: sqlite3.Connection) -> BatchRow | None:
-            found = db.execute("SELECT id, tenant, status, doc, plan FROM batches WHERE id = ?",
-                               (batch_id,)).fetchone()
-            if found is None:
+            row = self._find(db, batch_id)
+            if row is None:
                 return None
-            row = self._batch(found)
             if row.status not in ("validating", "in_progress", "finalizing", "cancelling"):
                 return row  # ended already (by another process)
             if unfinished is not None:
