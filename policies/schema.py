@@ -510,6 +510,9 @@ def _routing_issues(where: str, spec: Any, tiers: list[str]) -> list[tuple[str, 
         for tier in _mapping(spec.get(key)):
             if isinstance(tier, str) and tier not in tiers:
                 issues.append((f"{where}.{key}.{tier}", _not_a_tier(tier, tiers)))
+    escalate_to = _mapping(spec.get("cascade")).get("to")
+    if isinstance(escalate_to, str) and escalate_to not in tiers:
+        issues.append((f"{where}.cascade.to", _not_a_tier(escalate_to, tiers)))
     given = [_number(p[0]) for p in _items(spec.get("pressure")) if _items(p)]
     points = [p for p in given if p is not None]
     if points != sorted(points, reverse=True) or len(set(points)) != len(points):

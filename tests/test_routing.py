@@ -300,6 +300,9 @@ def test_routing_mistakes_are_reported_with_their_paths():
     assert any(p.startswith("routing.capacity.bigg:") for p in found)
     assert any(p.startswith("routing.pressure:") and "more remaining budget to less" in p
                for p in found)
+    assert problems(base_policy(routing={"estimator": "cascade", "cascade": {"to": "bigg"}})) == [
+        "routing.cascade.to: 'bigg' is not a tier here; expected one of: big, small"
+        " (did you mean 'big'?)"]
 
 
 def test_an_unknown_estimator_refuses_the_policy(tmp_path, monkeypatch):
