@@ -113,6 +113,32 @@ def test_refusal_names_the_short_window_and_when_it_frees(ledgers):
     ledgers.run(body)
 
 
+def test_an_expired_hold_is_handed_back_when_a_reservation_needs_its_room(ledgers):
+    """The room a crashed request held comes back as soon as a reservation needs it (the
+    embedded ledger's one-statement charge finds the window short and takes the full
+    path, which returns expired holds first), and a charge short in the second window
+    leaves the first one as it was."""
+    async def body():
+        ledger = ledgers.new()
+        assert (await ledger.reserve("acme", "lost", 70.0, LIMITS, ttl_s=10, now=NOW)).ok
+        assert (await ledger.reserve("acme", "ok", 20.0, LIMITS, ttl_s=60, now=NOW + 1)).ok
+        retaken = await ledger.reserve("acme", "next", 60.0, LIMITS, ttl_s=60, now=NOW + 11)
+        assert retaken.ok and [w.reserved for w in retaken.windows] == [80.0, 80.0]
+        assert await ledger.settle("acme", "ok", 20.0)
+        assert await ledger.settle("acme", "next", 60.0)
+        assert (await ledger.reserve("acme", "more", 100.0, LIMITS, 60, now=NOW + 60)).ok
+        assert await ledger.settle("acme", "more", 100.0)
+        # a new minute has all its 100 J; the hour has 250 - 180 = 70 left: 80 J is refused
+        # and changes nothing in the minute it would have fitted
+        refused = await ledger.reserve("acme", "big", 80.0, LIMITS, 60, now=NOW + 120)
+        assert not refused.ok and refused.short.window == "1h"
+        states = await ledger.status("acme", LIMITS, now=NOW + 120)
+        assert [(s.spent, s.reserved) for s in states] == [(0.0, 0.0), (180.0, 0.0)]
+        assert (await ledger.reserve("acme", "fits", 70.0, LIMITS, 60, now=NOW + 120)).ok
+
+    ledgers.run(body)
+
+
 def test_release_returns_the_reservation(ledgers):
     async def body():
         ledger = ledgers.new()

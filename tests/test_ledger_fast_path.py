@@ -106,3 +106,13 @@ def test_maintain_checkpoints_the_log_into_the_database_file(tmp_path):
             await ledger.close()
 
     asyncio.run(body())
+
+
+def test_an_sqlite_without_returning_is_refused_at_start_with_what_to_do(tmp_path, monkeypatch):
+    """The request path uses UPDATE ... RETURNING (SQLite 3.35): an older SQLite (Ubuntu
+    20.04's 3.31, RHEL 8's 3.26) must fail at start, naming the fix, not refuse every
+    budgeted request later."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(RuntimeError, match=r"SQLite 3\.35\.0 or newer.*3\.31\.1.*redis"):
+        EmbeddedLedger(tmp_path / "ledger.sqlite")

@@ -3,8 +3,15 @@
 Every operation is one ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock
 up front, so a reservation checks and charges all of a tenant's windows atomically —
 also between several worker processes on one host sharing the file (WAL mode). Spend
-and reservations survive a restart; reservations past their expiry are returned on the
-tenant's next reservation and by :meth:`expire`.
+and reservations survive a restart; reservations past their expiry are returned by
+:meth:`status` (the budget guard reads it every second), by :meth:`expire`, and by a
+reservation that would otherwise be short.
+
+The request path is kept to a few statements: a reservation inserts its row and charges
+each window with one conditional ``UPDATE ... RETURNING`` (charged only if the bucket exists
+and has room); when one does not, the transaction is rolled back and the full path runs
+(return expired holds, create missing buckets, say which window is short). A settle closes
+the reservation and moves its joules from reserved to spent in one statement per window.
 
 No SQLite call waits on the event loop. Operations run one after another, in the order
 they were started, on one connection: when nothing is queued and the write lock is free,
@@ -35,13 +42,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+import orjson
 
 from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
 from .windows import period
@@ -59,9 +67,12 @@ CREATE INDEX IF NOT EXISTS reservations_active ON reservations (state, expires_a
 """
 #: Finished reservations and past periods are kept this long (late settles, audits).
 _KEEP_S = 40 * 86400
+#: The oldest SQLite with ``UPDATE ... RETURNING``, which the request path uses.
+_SQLITE_NEEDED = (3, 35, 0)
 #: The first pause between two attempts on a locked file; it doubles.
 _RETRY_PAUSE_S = 0.01
-#: Pages of write-ahead log (about 40 MB) past which :meth:`EmbeddedLedger.maintain` has the
+#: Pages of write-ahead log (10 MB with the 1 KB pages of new files, 40 MB with SQLite's
+#: default 4 KB pages of older ones) past which :meth:`EmbeddedLedger.maintain` has the
 #: worker thread checkpoint; a commit itself checkpoints only past four times that (when
 #: nothing has called ``maintain`` for a long while).
 _BACKSTOP_CHECKPOINT_PAGES = 10_000
@@ -69,6 +80,11 @@ _BACKSTOP_CHECKPOINT_PAGES = 10_000
 T = TypeVar("T")
 #: (window, period start, ledger amount per IT joule) of each bucket a reservation holds.
 Periods = list[tuple[str, int, float]]
+
+
+class _Short(Exception):
+    """The one-statement charge of :meth:`EmbeddedLedger.reserve` found a bucket missing or
+    short: roll it back and take the full path."""
 
 
 class _Locked(Exception):
@@ -83,6 +99,11 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 
 class EmbeddedLedger(Ledger):
     def __init__(self, path: str | Path, busy_timeout_ms: int = 250, attempts: int = 3):
+        if sqlite3.sqlite_version_info < _SQLITE_NEEDED:
+            raise RuntimeError(
+                f"the embedded ledger needs SQLite {'.'.join(map(str, _SQLITE_NEEDED))} or "
+                f"newer (UPDATE ... RETURNING); this Python's sqlite3 is {sqlite3.sqlite_version}."
+                " Use a Python built against a newer SQLite, or a Redis ledger (ledger: {kind: redis})")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_s = busy_timeout_ms / 1000
@@ -200,6 +221,7 @@ class EmbeddedLedger(Ledger):
             db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s,
                                  check_same_thread=False)
             try:
+                db.execute("PRAGMA page_size=1024")  # before the first table: new files only
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(f"PRAGMA wal_autocheckpoint={4 * _BACKSTOP_CHECKPOINT_PAGES}")
@@ -242,7 +264,7 @@ class EmbeddedLedger(Ledger):
     def _periods(raw: str) -> Periods:
         """A reservation's buckets (rows written before units existed have no factor: 1)."""
         return [(str(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else 1.0)
-                for p in json.loads(raw)]
+                for p in orjson.loads(raw)]
 
     @staticmethod
     def _unreserve(db: sqlite3.Connection, tenant: str, periods: Periods, joules: float) -> None:
@@ -307,8 +329,36 @@ class EmbeddedLedger(Ledger):
                       ttl_s: float, now: float | None = None) -> Reservation:
         at = time.time() if now is None else now
 
+        def charge(db: sqlite3.Connection) -> Reservation:
+            """The common case in one statement per window: each bucket is charged only
+            where it exists and has room (``_Short`` rolls everything back otherwise)."""
+            with _Immediate(db):
+                periods: Periods = [(limit.window, period(limit.window, at)[0], limit.factor)
+                                    for limit in limits]
+                try:
+                    db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'active')",
+                               (request_id, tenant, joules, _dumps(periods), at + ttl_s))
+                except sqlite3.IntegrityError:
+                    raise ValueError(f"request id {request_id!r} already has a "
+                                     "reservation") from None
+                states = []
+                for limit, (window, start, factor) in zip(limits, periods, strict=True):
+                    need = joules * factor
+                    row = db.execute(
+                        "UPDATE buckets SET reserved = ROUND(reserved + ?, 9) WHERE tenant=? "
+                        "AND window=? AND period_start=? AND ? + granted - spent - reserved >= ?"
+                        " RETURNING period_end, spent, reserved, granted",
+                        (need, tenant, window, start, limit.joules, need)).fetchone()
+                    if row is None:  # no bucket for this period yet, or not enough room
+                        raise _Short
+                    states.append(WindowState(window, start, row[0], limit.joules, row[1],
+                                              row[2], row[3], factor, limit.unit))
+            return Reservation(True, request_id, joules, states)
+
         def reserve(db: sqlite3.Connection) -> Reservation:
-            with _immediate(db):
+            """Every case: hand back the tenant's expired holds, create missing buckets,
+            and say which window is short."""
+            with _Immediate(db):
                 self._expire(db, at, tenant)
                 if db.execute("SELECT 1 FROM reservations WHERE request_id=?",
                               (request_id,)).fetchone():
@@ -325,29 +375,46 @@ class EmbeddedLedger(Ledger):
                     state.reserved = round(state.reserved + need, 9)
                 periods = [[s.window, s.period_start, s.factor] for s in states]
                 db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'active')",
-                           (request_id, tenant, joules, json.dumps(periods), at + ttl_s))
+                           (request_id, tenant, joules, _dumps(periods), at + ttl_s))
             return Reservation(True, request_id, joules, states)
 
-        return await self._call(reserve)
+        def charge_or_reserve(db: sqlite3.Connection) -> Reservation:
+            try:
+                return charge(db)
+            except _Short:
+                return reserve(db)
+
+        return await self._call(charge_or_reserve)
 
     def _finish(self, tenant: str, request_id: str,
                 spend: float | None) -> Callable[[sqlite3.Connection], bool]:
+        state = "settled" if spend is not None else "released"
+
         def finish(db: sqlite3.Connection) -> bool:
-            with _immediate(db):
-                row = db.execute("SELECT joules, periods, state FROM reservations WHERE "
-                                 "request_id=? AND tenant=?", (request_id, tenant)).fetchone()
-                if row is None or row[2] in ("settled", "released"):
-                    return False
-                held, periods, state = row[0], self._periods(row[1]), row[2]
-                if state == "active":
-                    self._unreserve(db, tenant, periods, held)
-                if spend is not None:
-                    for window, start, factor in periods:
+            with _Immediate(db):
+                # The common case, an active reservation, is closed by the same statement
+                # that reads it; an expired one (its hold already handed back) only spends.
+                row = db.execute("UPDATE reservations SET state=? WHERE request_id=? AND "
+                                 "tenant=? AND state='active' RETURNING joules, periods",
+                                 (state, request_id, tenant)).fetchone()
+                held = row is not None
+                if row is None:
+                    row = db.execute("UPDATE reservations SET state=? WHERE request_id=? AND "
+                                     "tenant=? AND state='expired' RETURNING joules, periods",
+                                     (state, request_id, tenant)).fetchone()
+                    if row is None:  # unknown, or settled/released already
+                        return False
+                joules, periods = row[0], self._periods(row[1])
+                for window, start, factor in periods:
+                    if held:
+                        db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0),"
+                                   " spent = ROUND(spent + ?, 9) WHERE tenant=? AND window=? AND "
+                                   "period_start=?", (joules * factor, (spend or 0.0) * factor,
+                                                      tenant, window, start))
+                    elif spend is not None:
                         db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE "
                                    "tenant=? AND window=? AND period_start=?",
                                    (spend * factor, tenant, window, start))
-                db.execute("UPDATE reservations SET state=? WHERE request_id=?",
-                           ("settled" if spend is not None else "released", request_id))
             return True
 
         return finish
@@ -365,7 +432,7 @@ class EmbeddedLedger(Ledger):
     async def record(self, tenant: str, request_id: str, joules: float, limits: list[Limit],
                      now: float) -> bool:
         def record(db: sqlite3.Connection) -> bool:
-            with _immediate(db):
+            with _Immediate(db):
                 if db.execute("SELECT 1 FROM reservations WHERE request_id=?",
                               (request_id,)).fetchone():
                     return False
@@ -376,7 +443,7 @@ class EmbeddedLedger(Ledger):
                                (joules * state.factor, tenant, state.window, state.period_start))
                 periods = [[s.window, s.period_start, s.factor] for s in states]
                 db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'settled')",
-                           (request_id, tenant, joules, json.dumps(periods), now))
+                           (request_id, tenant, joules, _dumps(periods), now))
             return True
 
         return await self._call(record)
@@ -386,7 +453,7 @@ class EmbeddedLedger(Ledger):
         at = time.time() if now is None else now
 
         def status(db: sqlite3.Connection) -> list[WindowState]:
-            with _immediate(db):
+            with _Immediate(db):
                 self._expire(db, at, tenant)
                 return [self._bucket(db, tenant, limit, at) for limit in limits]
 
@@ -396,7 +463,7 @@ class EmbeddedLedger(Ledger):
         at = time.time() if now is None else now
 
         def grant(db: sqlite3.Connection) -> None:
-            with _immediate(db):
+            with _Immediate(db):
                 state = self._bucket(db, tenant, Limit(window, 0.0), at)
                 db.execute("UPDATE buckets SET granted = ROUND(granted + ?, 9) WHERE tenant=? "
                            "AND window=? AND period_start=?",
@@ -408,7 +475,7 @@ class EmbeddedLedger(Ledger):
         at = time.time() if now is None else now
 
         def reset(db: sqlite3.Connection) -> None:
-            with _immediate(db):
+            with _Immediate(db):
                 for w in windows:
                     start, _ = period(w, at)
                     db.execute("UPDATE buckets SET spent=0, granted=0 WHERE tenant=? AND "
@@ -420,7 +487,7 @@ class EmbeddedLedger(Ledger):
         at = time.time() if now is None else now
 
         def expire(db: sqlite3.Connection) -> int:
-            with _immediate(db):
+            with _Immediate(db):
                 count = self._expire(db, at)
                 db.execute("DELETE FROM reservations WHERE state != 'active' AND expires_at < ?",
                            (at - _KEEP_S,))
@@ -446,20 +513,39 @@ class EmbeddedLedger(Ledger):
             self._checkpointer.shutdown(wait=False)
 
 
+def _dumps(periods: Periods | list[list[Any]]) -> str:
+    """A reservation's periods as the JSON text its row keeps."""
+    return orjson.dumps(periods).decode()
+
+
 def _checkpoint_here(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-@contextlib.contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+class _Immediate:
     """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` when the block or the commit
-    fails)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
+    fails). A class, not a generator context manager: it runs twice per request."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        db = self.db
+        if kind is None:
+            try:
+                db.execute("COMMIT")
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
+                self.db.execute("ROLLBACK")
