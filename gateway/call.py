@@ -75,6 +75,8 @@ class Call:
     factors: Factors | None = None
     #: Deferred work (a batch): Unix time it was submitted, when it could have run at once.
     submitted_at: float | None = None
+    #: :attr:`footprint` as last computed, with the factors and joules it was computed for.
+    _footprint: tuple[Factors, float, Footprint] | None = field(default=None, repr=False)
 
     # Each step after authentication, reading, planning, admission and metering may rely on
     # what that step set; the accessors below say so to the type checker, and fail loudly
@@ -128,8 +130,15 @@ class Call:
 
     @property
     def footprint(self) -> Footprint | None:
-        """Facility joules, water and CO₂ of the joules so far (None before a tier ran)."""
-        return None if self.factors is None else self.factors.footprint(self.joules)
+        """Facility joules, water and CO₂ of the joules so far (None before a tier ran);
+        computed once for each figure of joules (the body, headers and metrics all read it)."""
+        factors, joules = self.factors, self.joules
+        if factors is None:
+            return None
+        cached = self._footprint
+        if cached is None or cached[0] is not factors or cached[1] != joules:
+            cached = self._footprint = (factors, joules, factors.footprint(joules))
+        return cached[2]
 
     def footprint_usage(self) -> dict[str, object]:
         """``usage``'s facility_joules, water_ml, co2_g, site and co2_source."""

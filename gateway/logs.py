@@ -25,9 +25,33 @@ def default_format() -> str:
     return "text" if sys.stderr.isatty() else "json"
 
 
-def _timestamp(record: logging.LogRecord) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) \
-        + f".{int(record.msecs):03d}Z"
+class _Clock:
+    """``time`` of a record: ISO 8601 UTC to the millisecond, the seconds part formatted
+    once per second (an access record per request made ``strftime`` show in profiles)."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second, self.text = -1, ""
+
+    def __call__(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self.second:
+            self.second = second
+            self.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.text}.{int(record.msecs):03d}Z"
+
+
+class _Formatter(logging.Formatter):
+    """What both formats share. Neither shows the caller's file and line, thread or
+    process, so a process that uses them stops ``logging`` from computing those for every
+    record (the optimisations the ``logging`` documentation lists)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timestamp = _Clock()
+        logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def access(logger: logging.Logger, fields: dict[str, Any]) -> None:
@@ -35,9 +59,9 @@ def access(logger: logging.Logger, fields: dict[str, Any]) -> None:
     logger.info("request", extra={"access": fields})
 
 
-class JSONFormatter(logging.Formatter):
+class JSONFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname,
+        out: dict[str, Any] = {"time": self._timestamp(record), "level": record.levelname,
                                "logger": record.name, "message": record.getMessage()}
         fields = getattr(record, "access", None)
         if fields:
@@ -47,9 +71,9 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname} {record.name} {record.getMessage()}"
+        line = f"{self._timestamp(record)} {record.levelname} {record.name} {record.getMessage()}"
         fields = getattr(record, "access", None)
         if fields:
             line += "".join(f" {k}={_text(v)}" for k, v in fields.items()

@@ -76,6 +76,10 @@ class Snapshot:
     #: backend name → the site it runs at; site name → site (the default site included).
     sites: dict[str, Site] = field(default_factory=dict)
     site_by_name: dict[str, Site] = field(default_factory=lambda: {DEFAULT_SITE: Site(DEFAULT_SITE)})
+    #: (tenant, capabilities, model) → the tiers that can serve it: found once per snapshot
+    #: (:func:`gateway.steps.route_context`); bounded, as only models that resolved are kept.
+    capable: dict[tuple[str, tuple[str, ...], str | None], tuple[TierSpec, ...]] = \
+        field(default_factory=dict)
 
     def backend_for(self, tier: TierSpec) -> Backend:
         return self.backends[tier.backend]

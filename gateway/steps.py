@@ -79,7 +79,11 @@ def route_context(runtime: Runtime, snap: Snapshot, call: Call,
     that have the ``capability`` (or every capability) the request needs."""
     tenant, generation = call.who, call.req
     spec, routing = snap.policy.tenants[tenant], snap.routing[tenant]
-    tiers = capable_tiers(snap.policy, tenant, capability, call.model)
+    wanted = (capability,) if isinstance(capability, str) else tuple(capability)
+    key = (tenant, wanted, call.model)
+    tiers = snap.capable.get(key)
+    if tiers is None:  # raises for a model the tenant may not use: never kept
+        tiers = snap.capable[key] = capable_tiers(snap.policy, tenant, wanted, call.model)
     default = snap.tiers[spec.default_tier]
     max_tokens = spec.default_max_tokens if generation.max_tokens is None else generation.max_tokens
     return RouteContext(

@@ -130,3 +130,18 @@ async def test_an_injected_default_max_tokens_is_announced_and_passed_on(tmp_pat
         r = await gw.chat(model="big", content=HI, max_tokens=12)
         assert "x-joulegate-default-max-tokens" not in r.headers
         assert gw.backends["up-big"].requests[-1].max_tokens == 12
+
+
+async def test_every_admission_updates_the_remaining_fraction_that_routing_reads(tmp_path):
+    """Budget pressure reads the tenant's remaining fraction; an admission refreshes it every
+    time, also when it leaves the budget gauges for the next refresh (they are set at most
+    every 0.25 s by admissions, and every second by the reconcile loop)."""
+    scripts = {"up-big": [Script(tokens=["t"] * 12, prompt_tokens=12) for _ in range(3)]}
+    async with InProcessGateway(tmp_path, budget_policy(1_000), scripts) as gw:
+        guard = gw.runtime.guard
+        seen = []
+        for _ in range(3):
+            assert (await gw.chat(model="big", content=HI, max_tokens=12)).status_code == 200
+            seen.append(guard.remaining_fraction("acme"))
+        # each admission reserved 48 J on top of what the earlier requests spent (48 J each)
+        assert seen == pytest.approx([1 - 48 / 1000, 1 - 96 / 1000, 1 - 144 / 1000])

@@ -41,6 +41,15 @@ from .ledger import Ledger, LedgerUnavailable, Limit, Reservation, WindowState
 
 log = logging.getLogger("joulegate.budgets")
 
+#: Admissions set a tenant's budget gauges at most this often (seconds).
+GAUGE_EVERY_S = 0.25
+
+
+def _fraction(window: WindowState) -> float:
+    """The share of a window's budget still free (0 when none is granted)."""
+    total = window.limit + window.granted
+    return max(window.remaining, 0.0) / total if total > 0 else 0.0
+
 
 def _until_fits(reservation: Reservation, now: float) -> tuple[float, WindowState] | None:
     """How long until ``reservation.joules`` fit every window, and the window that binds
@@ -136,8 +145,13 @@ class BudgetGuard:
         self._swept_at: float | None = None  # loop time of the last expiry sweep
         #: Budgeted tenants seen so far (bounded by the policy), whose gauges are refreshed.
         self._watched: dict[str, list[Limit]] = {}
+        #: Each tenant's limits with the policy entry they were made from (made once per
+        #: entry, not per request).
+        self._limits_of: dict[str, tuple[TenantSpec, list[Limit]]] = {}
         #: tenant → the smallest remaining fraction over its windows, as last seen.
         self._remaining: dict[str, float] = {}
+        #: tenant → monotonic time its budget gauges were last set by an admission.
+        self._gauged_at: dict[str, float] = {}
 
     def start(self) -> None:
         self.reconciler = supervise("budget_reconcile", self._reconcile, self.metrics,
@@ -195,7 +209,10 @@ class BudgetGuard:
         if max_tokens is None:  # 0 (an embeddings request) stays 0
             max_tokens = spec.default_max_tokens
         converts = factors is not None and any(b.unit != "joules" for b in spec.budgets)
-        limits = self._watched[tenant] = self.limits(spec)
+        cached = self._limits_of.get(tenant)
+        if cached is None or cached[0] is not spec:
+            cached = self._limits_of[tenant] = (spec, self.limits(spec))
+        limits = self._watched[tenant] = cached[1]
         cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
         candidates = [(tier, max_tokens)] + [(t, cap) for t in plan.degrade_options()]
         refused: list[tuple[TierSpec, int, Reservation]] = []
@@ -211,7 +228,7 @@ class BudgetGuard:
                 admission = self._ledger_down(tenant, max_tokens, exc)
                 admission.limits = limits
                 return admission
-            self._gauges(tenant, reservation.windows)
+            self._seen(tenant, reservation.windows)
             if reservation.ok:
                 if candidate is not tier:
                     plan.degrade(candidate)
@@ -311,19 +328,24 @@ class BudgetGuard:
         an admission or the once-a-second refresh; ``None`` before the first."""
         return self._remaining.get(tenant)
 
-    def _gauges(self, tenant: str, windows: list[WindowState]) -> None:
-        fractions = []
-        for state in windows:
-            total = state.limit + state.granted
+    def _seen(self, tenant: str, windows: list[WindowState], gauges: bool = False) -> None:
+        """What the guard saw of the tenant's windows: the remaining fraction (routing's
+        budget pressure reads it) always; the gauges when ``gauges`` (the reconcile loop,
+        every second) or when an admission finds them older than :data:`GAUGE_EVERY_S` (a
+        scrape samples them: setting three gauges per request was CPU for nothing)."""
+        if not windows:
+            return
+        self._remaining[tenant] = min(_fraction(w) for w in windows)
+        now = time.monotonic()
+        if gauges or now - self._gauged_at.get(tenant, -GAUGE_EVERY_S) >= GAUGE_EVERY_S:
+            self._gauged_at[tenant] = now
             m = self.metrics
-            m.labelled(m.budget_remaining, tenant, state.window).set(
-                to_unit(state.remaining, state.unit))
-            m.labelled(m.budget_limit, tenant, state.window).set(to_unit(total, state.unit))
-            fractions.append(max(state.remaining, 0.0) / total if total > 0 else 0.0)
-        if fractions:
-            self._remaining[tenant] = min(fractions)
-        if windows:
-            self.metrics.labelled(self.metrics.budget_reserved, tenant).set(windows[0].reserved)
+            for state in windows:
+                m.labelled(m.budget_remaining, tenant, state.window).set(
+                    to_unit(state.remaining, state.unit))
+                m.labelled(m.budget_limit, tenant, state.window).set(
+                    to_unit(state.limit + state.granted, state.unit))
+            m.labelled(m.budget_reserved, tenant).set(windows[0].reserved)
 
     # -- settling -----------------------------------------------------------------------
 
@@ -394,7 +416,7 @@ class BudgetGuard:
                 await self._flush()
             for tenant, limits in list(self._watched.items()):
                 with contextlib.suppress(LedgerUnavailable):
-                    self._gauges(tenant, await self.ledger.status(tenant, limits))
+                    self._seen(tenant, await self.ledger.status(tenant, limits), gauges=True)
             await self.ledger.maintain()
             if loop.time() - self._swept_at >= self.expire_every_s:
                 with contextlib.suppress(LedgerUnavailable):

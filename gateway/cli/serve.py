@@ -72,7 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     install_overload_response()
     # timeout_graceful_shutdown is the drain: past it uvicorn cancels what is still running,
     # and a cancelled stream ends with a server_shutting_down event and [DONE].
+    # proxy_headers off: nothing here uses the client address, and uvicorn would rewrite it
+    # from X-Forwarded-For on every request from a trusted (local) peer.
     options = {"host": host, "port": port, "loop": "uvloop", "http": HeadLimitedHttpTools,
+               "proxy_headers": False,
                "access_log": False, "log_level": args.log_level.lower(),
                "log_config": log_config(args.log_level, args.log_format),
                "timeout_keep_alive": limits.keep_alive_timeout_s,
