@@ -25,6 +25,13 @@ costs 2.6x the CPU of a step of one (1.55x less per token: this model's weights 
 Q5_0, whose CPU kernels gain little from a batch). At one sequence the two are within
 noise of each other. So: one context, batched.
 
+Threads follow llama.cpp's own rule: a step of one token (one sequence generating alone)
+runs on ``n_threads`` (half the cores: cheapest per token), a step of several (a prompt, or
+several sequences together) on ``n_threads_batch`` (every core), where the work splits
+evenly. On a quiet box (``benchmarks/results/llamacpp-concurrency-*.md`` and
+``llamacpp-anchor-*.md`` of 2026-12-03 after 16:25) that made 4 concurrent requests 1.6x
+faster at the same CPU per token, level with ``llama-server`` run the same way.
+
 Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
 and every generated token except the end-of-generation one, which is what
 llama-cpp-python's own non-streaming ``usage`` reports), also for streams; a request
@@ -91,12 +98,18 @@ class LlamaCppSettings(Settings):
     model: str = Field(min_length=1)
     #: Context window of each generation (prompt + output), in tokens.
     n_ctx: int = Field(4096, ge=128, le=1 << 20)
-    #: CPU threads that decode the shared batches; default: half the cores (at least 1), as
-    #: llama-cpp-python's own default. Measured on 2 cores: 1 thread costs ~27% less CPU per
-    #: token than 2 at one sequence (and batching, not threads, is what scales with load),
-    #: and when other work shares the cores, threads that wait on each other at every op
-    #: spin away the CPU (2 threads were ~9x worse per token than 1 then).
+    #: CPU threads for a step of one token (one sequence generating alone); default: half
+    #: the cores (at least 1), as llama-cpp-python's own default. Measured on 2 cores: at one
+    #: sequence 1 thread costs ~16-27% less CPU per token than 2, and when other work shares
+    #: the cores, threads that wait on each other at every op spin away the CPU (2 threads
+    #: were ~9x worse per token than 1 then).
     n_threads: int | None = Field(None, ge=1, le=1024)
+    #: CPU threads for a step of several tokens: a prompt being read, or several sequences
+    #: generating together (llama.cpp's own split: ``n_threads`` for one token, this for
+    #: more); default: every core. Such steps have work enough to split evenly: measured here
+    #: (0.5B, 2 cores) prompts read at 62 tok/s on 1 thread and 123 on 2, and 4 sequences of
+    #: 128 tokens took 13.1 s on 2 threads against 20.8 s on 1 at 26.0 against 25.0 CPU-s.
+    n_threads_batch: int | None = Field(None, ge=1, le=1024)
     #: Generations decoded together (one KV stream of ``n_ctx`` each, one shared context).
     #: More slots cost KV memory only (``n_ctx`` tokens each); on a CPU, aggregate speed grows
     #: with them up to the point where the batch becomes compute-bound.
@@ -213,6 +226,7 @@ class LlamaCppBackend(Backend):
         self.model = settings.model
         self.n_ctx = settings.n_ctx
         self.n_threads = settings.n_threads or max(1, (os.cpu_count() or 1) // 2)
+        self.n_threads_batch = settings.n_threads_batch or max(1, os.cpu_count() or 1)
         self.slots = settings.slots
         self.n_batch = settings.n_batch
         self.max_queue = settings.max_queue
@@ -253,7 +267,7 @@ class LlamaCppBackend(Backend):
             with _LOAD_LOCK:
                 base = llama_cpp.Llama(model_path=str(path), n_ctx=_HANDLE_N_CTX,
                                        n_batch=_HANDLE_N_BATCH, n_threads=self.n_threads,
-                                       n_threads_batch=self.n_threads,
+                                       n_threads_batch=self.n_threads_batch,
                                        chat_format=self.chat_format, verbose=False)
                 try:
                     params = llama_cpp.llama_context_params.from_buffer_copy(base.context_params)
@@ -261,7 +275,7 @@ class LlamaCppBackend(Backend):
                     params.n_batch = params.n_ubatch = self.n_batch
                     params.n_seq_max = self.slots
                     params.kv_unified = False  # a stream of n_ctx per sequence
-                    params.n_threads = params.n_threads_batch = self.n_threads
+                    params.n_threads, params.n_threads_batch = self.n_threads, self.n_threads_batch
                     context = internals.LlamaContext(model=base._model, params=params,
                                                      verbose=False)
                 except BaseException:

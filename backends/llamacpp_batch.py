@@ -22,6 +22,9 @@ used. Before each step the engine waits a moment (``gather_s``, normally well un
 millisecond is needed) for the consumers of the previous step's tokens to ask again, so a
 sequence does not miss a step because its consumer was a little slower than the engine.
 
+A step of one token runs on the context's ``n_threads``, a step of more (a prompt chunk,
+or several sequences generating) on its ``n_threads_batch``: llama.cpp's own rule.
+
 A sequence that ends leaves its KV cells in its stream; the next sequence given that
 stream keeps the longest common prefix with its own prompt and reads only the rest
 (a repeated system prompt or conversation is not read again).

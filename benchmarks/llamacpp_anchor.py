@@ -24,8 +24,10 @@ benchmark during a level is recorded as ``other cores``.
     .venv/bin/python benchmarks/llamacpp_anchor.py                  # 8 requests per level
     .venv/bin/python benchmarks/llamacpp_anchor.py --levels 1,4 --requests 4   # quick look
 
-Threads: all three decode with ``--threads`` (default: half the cores, the in-process tier's
-own default), so that tok/s and CPU-s/token compare like with like.
+Threads: all three run a step of one token on ``--threads`` (default: half the cores) and a
+step of several (a prompt, or several sequences at once) on ``--threads-batch`` (default:
+every core): the in-process tier's own defaults (``n_threads``, ``n_threads_batch``), given to
+the tools as ``-t`` and ``-tb``, so that tok/s and CPU-s/token compare like with like.
 
 Writes ``benchmarks/results/llamacpp-anchor-<time>.md`` (tables, ratios in-process /
 llama-server, the issue's targets) and keeps the processes' logs under
@@ -181,7 +183,7 @@ def build_name() -> str:
 
 # -- (a) llama-batched-bench -------------------------------------------------------------------
 
-def batched_bench(bench: Path, gguf: Path, levels: list[int], threads: int,
+def batched_bench(bench: Path, gguf: Path, levels: list[int], threads: int, threads_batch: int,
                   log: Path) -> list[dict[str, float]]:
     rows = []
     for pl in levels:
@@ -192,7 +194,8 @@ def batched_bench(bench: Path, gguf: Path, levels: list[int], threads: int,
         done = subprocess.run(
             [str(bench), "-m", str(gguf), "-c", str(pl * (PROMPT_TOKENS + OUTPUT_TOKENS) + 64),
              "-b", "2048", "-ub", "512", "-npp", str(PROMPT_TOKENS), "-ntg", str(OUTPUT_TOKENS),
-             "-npl", str(pl), "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"],
+             "-npl", str(pl), "-t", str(threads), "-tb", str(threads_batch),
+             "--output-format", "jsonl"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -370,7 +373,8 @@ def report(stamp: str, args: argparse.Namespace, bench_rows: list[dict[str, floa
            "source for the tools)",
            f"- Model: {SMALL} (GGUF); prompts ~{PROMPT_TOKENS} tokens with the chat template, "
            f"{OUTPUT_TOKENS} output tokens, temperature 0, streaming; {args.threads} thread(s) "
-           f"everywhere; {max(args.levels)} slots of {args.ctx} tokens on both servers",
+           f"for a step of one token, {args.threads_batch} for a step of several (`-t`, `-tb`); "
+           f"{max(args.levels)} slots of {args.ctx} tokens on both servers",
            f"- Energy estimate: CPU-s x {watts:g} W per busy core (the estimated meter's "
            "`watts_per_core`), no idle share",
            "- The CPU is shared with other jobs on this machine while this ran: `other cores` is "
@@ -442,6 +446,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
                         help="decode threads of all three (default: the in-process tier's "
                              "own default, half the cores)")
+    parser.add_argument("--threads-batch", type=int, default=max(1, os.cpu_count() or 1),
+                        help="threads for a step of several tokens (default: every core, the "
+                             "in-process tier's own default)")
     parser.add_argument("--ctx", type=int, default=512, help="context tokens per slot")
     parser.add_argument("--skip-batched-bench", action="store_true")
     parser.add_argument("--no-llama-server", action="store_true",
@@ -459,13 +466,15 @@ def main() -> int:
 
     bench_rows = ([] if args.skip_batched_bench else
                   batched_bench(bins / "llama-batched-bench", gguf, args.levels, args.threads,
+                                args.threads_batch,
                                 run / "batched-bench.log"))
     slots = max(args.levels)
     server_port = free_port()
     server = Proc("llama-server", [
         str(bins / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1",
         "--port", str(server_port), "-np", str(slots), "-c", str(slots * args.ctx), "-cb",
-        "-t", str(args.threads), "-tb", str(args.threads), "--alias", TIER_MODEL, "--no-webui"],
+        "-t", str(args.threads), "-tb", str(args.threads_batch), "--alias", TIER_MODEL,
+        "--no-webui"],
         run / "llama-server.log")
     procs: list[Proc] = []
     try:
@@ -473,7 +482,8 @@ def main() -> int:
         say("starting the in-process tier's gateway")
         local, local_url = start_gateway("in-process", {
             "kind": "llamacpp", "model": SMALL, "n_ctx": args.ctx, "slots": slots,
-            "n_threads": args.threads, "max_queue": 256, "queue_timeout_s": 900}, run)
+            "n_threads": args.threads, "n_threads_batch": args.threads_batch,
+            "max_queue": 256, "queue_timeout_s": 900}, run)
         procs.append(local)
         targets["in-process"] = (local_url, (local.sid, None))
         if not args.no_llama_server:
