@@ -37,7 +37,7 @@ import logging
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:
@@ -199,9 +199,7 @@ class PrometheusCarbon:
     def parse_forecast(body: object, answered_at: datetime) -> dict[datetime, float]:
         """Hour start → value from a ``forecast_query`` answer (samples labelled
         ``hours_ahead``; several for one hour: their mean)."""
-        if not isinstance(body, dict) or body.get("status") != "success":
-            raise ValueError(f"forecast query failed: {str(body)[:200]}")
-        data = body.get("data") or {}
+        data = PrometheusCarbon._data(body, "forecast query failed")
         if data.get("resultType") != "vector":
             raise ValueError("a forecast query must return a vector")
         base = _utc(answered_at).replace(minute=0, second=0, microsecond=0)
@@ -218,9 +216,7 @@ class PrometheusCarbon:
     @staticmethod
     def parse(body: object) -> float:
         """The intensity in a ``/api/v1/query`` answer (mean of a vector's samples)."""
-        if not isinstance(body, dict) or body.get("status") != "success":
-            raise ValueError(f"query failed: {str(body)[:200]}")
-        data = body.get("data") or {}
+        data = PrometheusCarbon._data(body, "query failed")
         kind, result = data.get("resultType"), data.get("result")
         if kind == "scalar" and isinstance(result, list) and len(result) == 2:
             values = [float(result[1])]
@@ -243,21 +239,28 @@ class PrometheusCarbon:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-        async with self._session.get(f"{self.url}/api/v1/query",
-                                     params={"query": self.query}) as resp:
-            if resp.status != 200:
-                raise ValueError(f"HTTP {resp.status}")
-            body = await resp.json(content_type=None)
-        value = self.parse(body)
+        value = self.parse(await self._get(self._session, self.query, ""))
         now = datetime.now(UTC)
         if self.forecast_query is not None:
-            async with self._session.get(f"{self.url}/api/v1/query",
-                                         params={"query": self.forecast_query}) as resp:
-                if resp.status != 200:
-                    raise ValueError(f"forecast query: HTTP {resp.status}")
-                self.hourly = self.parse_forecast(await resp.json(content_type=None), now)
+            self.hourly = self.parse_forecast(
+                await self._get(self._session, self.forecast_query, "forecast query: "), now)
         self.value, self.updated_at = value, now
         return value
+
+    async def _get(self, session: Any, query: str, what: str) -> object:
+        """The JSON answer of an instant query (``what`` prefixes an HTTP failure)."""
+        async with session.get(f"{self.url}/api/v1/query", params={"query": query}) as resp:
+            if resp.status != 200:
+                raise ValueError(f"{what}HTTP {resp.status}")
+            return await resp.json(content_type=None)
+
+    @staticmethod
+    def _data(body: object, failed: str) -> dict[str, Any]:
+        """The ``data`` of a successful query answer; ``failed`` leads the error otherwise."""
+        if not isinstance(body, dict) or body.get("status") != "success":
+            raise ValueError(f"{failed}: {str(body)[:200]}")
+        data: dict[str, Any] = body.get("data") or {}
+        return data
 
     async def _run(self) -> None:
         import aiohttp
