@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -269,11 +270,13 @@ def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
 
     before = metric(gateway, "joulegate_energy_joules_total", tier="moe")
     fallbacks = metric(gateway, "joulegate_fallbacks_total", **{"from": "moe", "to": "small"})
-    # Greedy: a sampled stream from random weights may draw the end-of-sequence token early
-    # and finish before the kill.
+    # The end-of-sequence token is banned (logit_bias passes through to vLLM): greedy decoding
+    # of random weights can still reach it, depending on what else vLLM batches with it, and
+    # a stream that finished before the kill would not fail.
+    eos = json.loads((vllm_server.model / "generation_config.json").read_text())["eos_token_id"]
     stream = gateway.client().completions.create(
         model="moe", prompt="energy", max_tokens=1500, temperature=0, stream=True,
-        stream_options={"include_usage": True})
+        logit_bias={str(eos): -100}, stream_options={"include_usage": True})
     received = 0
     with pytest.raises(openai.APIError) as err:
         for _ in stream:
