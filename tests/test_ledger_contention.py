@@ -146,6 +146,9 @@ async def test_in_process_fail_closed_under_a_held_lock(tmp_path):
     twelve = Script(tokens=["tok"] * 12, prompt_tokens=12)
     async with InProcessGateway(tmp_path, p, {"up-big": twelve}) as gw:
         assert (await gw.chat(model="big", content=HI, max_tokens=12)).status_code == 200
+        # Its settle is applied after the answer, before anything asked of the ledger later:
+        # this asks, so the lock below catches only the requests that follow.
+        assert (await gw.budget())["1d"]["spent_joules"] == 48.0
         ledger_path = tmp_path / "state" / "ledger.sqlite"
         responses, order, latencies = await contended(gw, ledger_path)
         assert order[0] == "healthz", order  # the loop answered while requests waited

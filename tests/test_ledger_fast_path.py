@@ -76,6 +76,49 @@ def test_a_settle_not_waited_for_is_seen_by_what_follows_and_survives_close(tmp_
     asyncio.run(body())
 
 
+def test_settles_handed_over_wait_for_the_caller_to_yield_and_go_before_what_follows(tmp_path):
+    """settle_soon writes nothing while the request that handed it over is still running
+    (its answer is written first); the settles handed over meanwhile are then applied
+    together, before anything asked of the ledger afterwards; close applies any left."""
+    path = tmp_path / "ledger.sqlite"
+    limits = [Limit("1d", 1000.0)]
+
+    def active() -> int:
+        db = sqlite3.connect(path)
+        try:
+            return db.execute("SELECT COUNT(*) FROM reservations WHERE state='active'").fetchone()[0]
+        finally:
+            db.close()
+
+    async def body() -> None:
+        ledger = EmbeddedLedger(path)
+        for rid in ("a", "b", "c"):
+            assert (await ledger.reserve("acme", rid, 10.0, limits, 60, now=NOW)).ok
+        handed = [ledger.settle_soon("acme", rid, 3.0) for rid in ("a", "b", "c")]
+        assert active() == 3  # not yet: the caller has not yielded
+        [state] = await ledger.status("acme", limits, now=NOW)  # started after them
+        assert (state.spent, state.reserved) == (9.0, 0.0)
+        assert [await f for f in handed] == [True, True, True]
+        assert active() == 0
+
+        again = ledger.settle_soon("acme", "a", 3.0)
+        await asyncio.sleep(0.01)  # started by the loop on its own, nothing asked after it
+        assert again.done() and again.result() is False  # settled once only
+
+        assert (await ledger.reserve("acme", "d", 10.0, limits, 60, now=NOW)).ok
+        last = ledger.settle_soon("acme", "d", 1.0)
+        await ledger.close()
+        assert await last
+        reopened = EmbeddedLedger(path)
+        try:
+            [state] = await reopened.status("acme", limits, now=NOW)
+            assert (state.spent, state.reserved) == (10.0, 0.0)
+        finally:
+            await reopened.close()
+
+    asyncio.run(body())
+
+
 def _spent_in_the_database_file(path) -> float:
     """Spent joules as the database file alone holds them (the write-ahead log unread)."""
     db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)

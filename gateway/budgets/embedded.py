@@ -122,6 +122,11 @@ class EmbeddedLedger(Ledger):
         self._checkpoint_db: sqlite3.Connection | None = None
         #: Operations queued for the worker thread and not yet done (loop thread only).
         self._queued = 0
+        #: Settles handed over by :meth:`settle_soon` and not started yet (loop thread only):
+        #: started together, in one transaction, when the loop next runs its callbacks (after
+        #: the answer that handed them over has been written), or before any other
+        #: operation, whichever comes first.
+        self._soon: list[tuple[Callable[[sqlite3.Connection], bool], asyncio.Future[bool]]] = []
 
     # -- the worker thread ------------------------------------------------------------------
 
@@ -136,6 +141,8 @@ class EmbeddedLedger(Ledger):
         once on the calling thread (one short transaction that never waits: a thread hop
         costs more than the transaction); otherwise it is queued for the worker thread,
         which waits for the lock under the retry policy."""
+        if self._soon:  # handed over earlier: they go first
+            self._start_soon()
         if self._closed:
             raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
         loop = asyncio.get_running_loop()
@@ -388,46 +395,95 @@ class EmbeddedLedger(Ledger):
 
     def _finish(self, tenant: str, request_id: str,
                 spend: float | None) -> Callable[[sqlite3.Connection], bool]:
+        """Close the request's hold, spending ``spend`` (None: release it unspent), inside
+        the caller's transaction: False when there is no hold (unknown, or closed already)."""
         state = "settled" if spend is not None else "released"
 
         def finish(db: sqlite3.Connection) -> bool:
-            with _Immediate(db):
-                # The common case, an active reservation, is closed by the same statement
-                # that reads it; an expired one (its hold already handed back) only spends.
+            # The common case, an active reservation, is closed by the same statement that
+            # reads it; an expired one (its hold already handed back) only spends.
+            row = db.execute("UPDATE reservations SET state=? WHERE request_id=? AND "
+                             "tenant=? AND state='active' RETURNING joules, periods",
+                             (state, request_id, tenant)).fetchone()
+            held = row is not None
+            if row is None:
                 row = db.execute("UPDATE reservations SET state=? WHERE request_id=? AND "
-                                 "tenant=? AND state='active' RETURNING joules, periods",
+                                 "tenant=? AND state='expired' RETURNING joules, periods",
                                  (state, request_id, tenant)).fetchone()
-                held = row is not None
-                if row is None:
-                    row = db.execute("UPDATE reservations SET state=? WHERE request_id=? AND "
-                                     "tenant=? AND state='expired' RETURNING joules, periods",
-                                     (state, request_id, tenant)).fetchone()
-                    if row is None:  # unknown, or settled/released already
-                        return False
-                joules, periods = row[0], self._periods(row[1])
-                for window, start, factor in periods:
-                    if held:
-                        db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0),"
-                                   " spent = ROUND(spent + ?, 9) WHERE tenant=? AND window=? AND "
-                                   "period_start=?", (joules * factor, (spend or 0.0) * factor,
-                                                      tenant, window, start))
-                    elif spend is not None:
-                        db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE "
-                                   "tenant=? AND window=? AND period_start=?",
-                                   (spend * factor, tenant, window, start))
+                if row is None:  # unknown, or settled/released already
+                    return False
+            joules, periods = row[0], self._periods(row[1])
+            for window, start, factor in periods:
+                if held:
+                    db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0),"
+                               " spent = ROUND(spent + ?, 9) WHERE tenant=? AND window=? AND "
+                               "period_start=?", (joules * factor, (spend or 0.0) * factor,
+                                                  tenant, window, start))
+                elif spend is not None:
+                    db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE "
+                               "tenant=? AND window=? AND period_start=?",
+                               (spend * factor, tenant, window, start))
             return True
 
         return finish
 
+    async def _close_hold(self, tenant: str, request_id: str, spend: float | None) -> bool:
+        finish = self._finish(tenant, request_id, spend)
+
+        def in_transaction(db: sqlite3.Connection) -> bool:
+            with _Immediate(db):
+                return finish(db)
+
+        return await self._call(in_transaction)
+
     async def settle(self, tenant: str, request_id: str, joules: float) -> bool:
-        return await self._call(self._finish(tenant, request_id, max(joules, 0.0)))
+        return await self._close_hold(tenant, request_id, max(joules, 0.0))
 
     def settle_soon(self, tenant: str, request_id: str, joules: float) -> asyncio.Future[bool]:
-        """Queued now, before any operation queued after it: see :meth:`Ledger.settle_soon`."""
-        return self._submit(self._finish(tenant, request_id, max(joules, 0.0)))
+        """Ordered before any operation started after it (see :meth:`Ledger.settle_soon`),
+        but started only when the loop next runs its callbacks, together with the other
+        settles handed over by then: the answer being finished is written first, and
+        concurrent requests' settles share one transaction."""
+        if self._closed:
+            raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        if not self._soon:
+            loop.call_soon(self._start_soon)
+        future: asyncio.Future[bool] = loop.create_future()
+        self._soon.append((self._finish(tenant, request_id, max(joules, 0.0)), future))
+        return future
+
+    def _start_soon(self) -> None:
+        """Start the settles handed over so far, in one transaction."""
+        soon, self._soon = self._soon, []
+        if not soon:
+            return
+
+        def together(db: sqlite3.Connection) -> list[bool]:
+            with _Immediate(db):
+                return [finish(db) for finish, _ in soon]
+
+        def done(started: asyncio.Future[list[bool]]) -> None:
+            exc = None if started.cancelled() else started.exception()
+            for i, (_, future) in enumerate(soon):
+                if future.done():
+                    continue
+                if started.cancelled():
+                    future.cancel()
+                elif exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(started.result()[i])
+
+        try:
+            self._submit(together).add_done_callback(done)
+        except LedgerUnavailable as exc:  # closed meanwhile
+            for _, future in soon:
+                if not future.done():
+                    future.set_exception(exc)
 
     async def release(self, tenant: str, request_id: str) -> bool:
-        return await self._call(self._finish(tenant, request_id, None))
+        return await self._close_hold(tenant, request_id, None)
 
     async def record(self, tenant: str, request_id: str, joules: float, limits: list[Limit],
                      now: float) -> bool:
@@ -503,6 +559,7 @@ class EmbeddedLedger(Ledger):
         let the thread go. Safe to call twice."""
         if self._closed:
             return
+        self._start_soon()  # settles handed over are still applied
         self._closed = True
         loop = asyncio.get_running_loop()
         try:
