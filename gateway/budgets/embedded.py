@@ -11,7 +11,10 @@ The request path is kept to a few statements: a reservation inserts its row and 
 each window with one conditional ``UPDATE ... RETURNING`` (charged only if the bucket exists
 and has room); when one does not, the transaction is rolled back and the full path runs
 (return expired holds, create missing buckets, say which window is short). A settle closes
-the reservation and moves its joules from reserved to spent in one statement per window.
+the reservation and moves its joules from reserved to spent in one statement per window; a
+settle the answer does not wait for (:meth:`EmbeddedLedger.settle_soon`) starts only once
+the answer has been written, sharing one transaction with the other settles handed over by
+then (under load, one commit for many requests).
 
 No SQLite call waits on the event loop. Operations run one after another, in the order
 they were started, on one connection: when nothing is queued and the write lock is free,
