@@ -62,6 +62,8 @@ class Row:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[float, ...]
+    #: How the tiers were asked (``bare``, or ``chat`` / ``completion`` for HumanEval).
+    format: str = "bare"
 
     def confidence(self, k: int) -> float:
         first = self.logprobs[:k]
@@ -85,7 +87,8 @@ def load(paths: list[Path]) -> list[Row]:
                                r["cheap_ok"] == "1", r["strong_ok"] == "1",
                                float(r["cheap_joules"]), float(r["strong_joules"]),
                                int(r["cheap_prompt_tokens"]), int(r["cheap_completion_tokens"]),
-                               tuple(float(x) for x in r["cheap_logprobs"].split())))
+                               tuple(float(x) for x in r["cheap_logprobs"].split()),
+                               r.get("format") or "bare"))
     return out
 
 
@@ -121,12 +124,19 @@ def estimator_scores(name: str, rows: list[Row]) -> list[float] | None:
     except (ValueError, ImportError, OSError) as exc:  # its extra or model file is missing
         print(f"estimator {name} left out: {exc}", file=sys.stderr)
         return None
+    from gateway.routing.labels import Example, request_for
+
     out = []
     for row in rows:
-        system = SYSTEM.get(row.source)
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": row.prompt}]
-        out.append(estimator.score(GenerationRequest(model="auto", messages=messages)).score)
+        if row.format != "bare":  # asked as a chat or completion request: score that request
+            request = request_for(Example("", row.prompt, row.cheap_ok, row.strong_ok,
+                                          row.source, row.format))
+        else:
+            system = SYSTEM.get(row.source)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": row.prompt}]
+            request = GenerationRequest(model="auto", messages=messages)
+        out.append(estimator.score(request).score)
     return out
 
 

