@@ -1,0 +1,75 @@
+"""benchmarks/cascade.py: what a cascade and a one-shot router cost and earn on labelled rows,
+and that a row labelled in a wording (HumanEval's chat or completion request) is scored as
+that request, not as a bare question."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.routing import create_estimator
+from gateway.routing.labels import Example, request_for
+
+pytestmark = pytest.mark.unit
+
+_SPEC = importlib.util.spec_from_file_location(
+    "cascade_bench", Path(__file__).resolve().parent.parent / "benchmarks" / "cascade.py")
+cascade = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = cascade  # its dataclasses look their module up
+_SPEC.loader.exec_module(cascade)
+
+CODE = 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n'
+COLUMNS = ["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules", "format",
+           "cheap_prompt_tokens", "cheap_completion_tokens", "cheap_logprobs"]
+
+
+def write(path: Path, rows: list[list[object]]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    return path
+
+
+def test_rows_keep_their_wording_and_are_scored_as_the_request_sent(tmp_path):
+    labels = write(tmp_path / "chat.csv", [
+        [CODE, 1, 1, "100.0", "300.0", "chat", 50, 40, "-0.1 -0.2"],
+        [CODE, 0, 1, "100.0", "300.0", "completion", 50, 40, "-0.1 -0.2"],
+        ["What is 2+2?", 1, 1, "10.0", "30.0", "", 20, 2, "-0.5"],
+        ["no probe", 1, 1, "10.0", "30.0", "chat", 20, 2, ""],  # left out: nothing to judge
+    ])
+    rows = cascade.load([labels])
+    assert [r.format for r in rows] == ["chat", "completion", "bare"]
+
+    heuristic = create_estimator("heuristic")
+    scores = cascade.estimator_scores("heuristic", rows)
+    for row, score in zip(rows[:2], scores[:2], strict=True):
+        asked = request_for(Example("", row.prompt, row.cheap_ok, row.strong_ok, row.source,
+                                    row.format))
+        assert score == heuristic.score(asked).score
+    # The two wordings of one prompt are two different requests to the router.
+    assert request_for(Example("", CODE, True, True, "x", "chat")).messages is not None
+    assert request_for(Example("", CODE, True, True, "x", "completion")).prompt == CODE
+
+
+def test_a_cascade_pays_the_probe_and_the_strong_answer_only_when_it_escalates(tmp_path):
+    rows = cascade.load([write(tmp_path / "l.csv", [
+        ["sure", 1, 1, "110.0", "500.0", "chat", 100, 100, " ".join(["0"] * 8)],
+        ["unsure", 0, 1, "110.0", "500.0", "chat", 100, 100, " ".join(["-3"] * 8)],
+    ])])
+    sure, unsure = rows
+    assert sure.confidence(8) == 1.0 and unsure.confidence(8) == pytest.approx(math.exp(-3))
+    # The probe is the prompt (weighted as the tier's prompt tokens) and 8 of 100 tokens.
+    weight = cascade.PROMPT_WEIGHT
+    probe = 110.0 * (weight * 100 + 8) / (weight * 100 + 100)
+    assert unsure.probe_joules(8) == pytest.approx(probe)
+    right, joules = cascade.cascade_point(rows, 8, 0.5)
+    assert right == 2  # the sure answer kept, the unsure one escalated and right
+    assert joules == pytest.approx(110.0 + probe + 500.0)
+    right, joules = cascade.cascade_point(rows, 8, 0.0)  # nothing escalates
+    assert (right, joules) == (1, 220.0)
