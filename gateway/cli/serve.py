@@ -85,9 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[POLICY_ENV] = str(path.resolve())
         # Workers keep their metrics in files here; GET /metrics merges them.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="joulegate-prom-"))
-        uvicorn.run("gateway.app:create_app", factory=True, workers=args.workers, **options)
+        uvicorn.run("gateway.app:create_served_app", factory=True, workers=args.workers,
+                    **options)
     else:
-        uvicorn.run(create_app(path), **options)
+        uvicorn.run(create_app(path, freeze_startup_heap=True), **options)
     return 0
 
 
