@@ -130,7 +130,11 @@ def cache_path(tier: str, mode: str = "completion") -> Path:
 
 
 def load_cache(tier: str, mode: str = "completion") -> dict[str, dict]:
-    path = cache_path(tier, mode)
+    return read_rows(cache_path(tier, mode))
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """A JSON-lines cache's rows by task id (none when the file is not there yet)."""
     if not path.exists():
         return {}
     rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
@@ -194,10 +198,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     path = probe_path(args.mode)
-    done = set()
-    if path.exists():
-        done = {json.loads(line)["task_id"] for line in path.read_text().splitlines()
-                if line.strip()}
+    done = read_rows(path)
     todo = [p for p in (problems()[: args.limit] if args.limit else problems())
             if p["task_id"] not in done]
     with path.open("a") as out:

@@ -176,7 +176,7 @@ class BudgetGuard:
         for name, spec in policy.tenants.items():
             if not spec.budgets:
                 continue
-            self._watched[name] = self.limits(spec)
+            self._watched[name] = self._joule_limits(name, spec)
             # Counters start at zero, so the first refusal is an increase a rate() sees.
             for reason in ("exhausted", "exceeds_window", "ledger_down", "ledger_down_served"):
                 self.metrics.budget_rejections.labels(name, reason)
@@ -192,6 +192,13 @@ class BudgetGuard:
             factors = Factors("default")
         return [Limit(b.window, from_unit(b.amount, b.unit), factors.per_joule(b.unit), b.unit)
                 if b.unit != "joules" else Limit(b.window, b.amount) for b in spec.budgets]
+
+    def _joule_limits(self, tenant: str, spec: TenantSpec) -> list[Limit]:
+        """:meth:`limits` of the tenant's policy entry, made once per entry."""
+        cached = self._limits_of.get(tenant)
+        if cached is None or cached[0] is not spec:
+            cached = self._limits_of[tenant] = (spec, self.limits(spec))
+        return cached[1]
 
     # -- admission ----------------------------------------------------------------------
 
@@ -209,10 +216,7 @@ class BudgetGuard:
         if max_tokens is None:  # 0 (an embeddings request) stays 0
             max_tokens = spec.default_max_tokens
         converts = factors is not None and any(b.unit != "joules" for b in spec.budgets)
-        cached = self._limits_of.get(tenant)
-        if cached is None or cached[0] is not spec:
-            cached = self._limits_of[tenant] = (spec, self.limits(spec))
-        limits = self._watched[tenant] = cached[1]
+        limits = self._watched[tenant] = self._joule_limits(tenant, spec)
         cap = min(max_tokens, spec.degrade_max_tokens or max_tokens)
         candidates = [(tier, max_tokens)] + [(t, cap) for t in plan.degrade_options()]
         refused: list[tuple[TierSpec, int, Reservation]] = []
