@@ -13,12 +13,13 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Route
@@ -65,6 +66,32 @@ def _json(payload: object, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
+def otel_telemetry(providers: tuple[object, object, object] | None = None,
+                   environ: Mapping[str, str] = os.environ) -> TelemetryConfig:
+    """FastAPI's OpenTelemetry switches (traces, metrics, logs), each on only where the
+    process has configured that provider by the time the app is made (say, under
+    ``opentelemetry-instrument joulegate serve``), or all left to FastAPI where it is told
+    to configure them itself (``FASTAPI_OTEL_AUTO_CONFIGURE=true``). Left to itself FastAPI
+    asks the three global providers on every request whether they are configured yet;
+    unconfigured, the usual case, that cost every request ~15 µs for nothing.
+    ``providers``: the (tracer, meter, logger) providers to judge (default: the global ones)."""
+    if environ.get("FASTAPI_OTEL_AUTO_CONFIGURE", "").lower() == "true":
+        return TelemetryConfig()
+    if providers is None:
+        from opentelemetry import _logs, metrics, trace  # fastapi depends on the API
+
+        providers = (trace.get_tracer_provider(), metrics.get_meter_provider(),
+                     _logs.get_logger_provider())
+
+    def configured(provider: object) -> bool:
+        # The API's stand-ins until a provider is set are all named *Proxy*Provider.
+        return "Proxy" not in type(provider).__name__
+
+    tracer, meter, logger = providers
+    return TelemetryConfig(tracing=configured(tracer), metrics=configured(meter),
+                           logs=configured(logger))
+
+
 def create_app(policy_path: str | Path | None = None,
                build_backend: Callable[[str, BackendSpec], Backend] | None = None, *,
                freeze_startup_heap: bool = False) -> FastAPI:
@@ -109,7 +136,8 @@ def create_app(policy_path: str | Path | None = None,
             await runtime.close()
 
     app = FastAPI(title="joulegate", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None,
+                  telemetry=otel_telemetry())
     #: Streams in progress (streaming.SSEResponse): shutdown waits for their cleanup.
     app.state.open_streams = set()
     app.add_middleware(HeaderLimits, limits=lambda: _header_limits(app))
