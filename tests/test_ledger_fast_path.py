@@ -11,6 +11,7 @@ import sqlite3
 import pytest
 
 from gateway.budgets import EmbeddedLedger, Limit
+from gateway.budgets.embedded import SETTLE_WAIT_S
 from gateway.budgets.guard import Admission, BudgetGuard
 from gateway.energy import Calibration
 from gateway.metrics import Metrics
@@ -79,7 +80,8 @@ def test_a_settle_not_waited_for_is_seen_by_what_follows_and_survives_close(tmp_
 def test_settles_handed_over_wait_for_the_caller_to_yield_and_go_before_what_follows(tmp_path):
     """settle_soon writes nothing while the request that handed it over is still running
     (its answer is written first); the settles handed over meanwhile are then applied
-    together, before anything asked of the ledger afterwards; close applies any left."""
+    together, before anything asked of the ledger afterwards, or on their own once
+    SETTLE_WAIT_S has passed with nothing asked; close applies any left."""
     path = tmp_path / "ledger.sqlite"
     limits = [Limit("1d", 1000.0)]
 
@@ -102,7 +104,9 @@ def test_settles_handed_over_wait_for_the_caller_to_yield_and_go_before_what_fol
         assert active() == 0
 
         again = ledger.settle_soon("acme", "a", 3.0)
-        await asyncio.sleep(0.01)  # started by the loop on its own, nothing asked after it
+        await asyncio.sleep(SETTLE_WAIT_S / 5)
+        assert not again.done()  # waiting for company
+        await asyncio.sleep(SETTLE_WAIT_S * 4)  # applied on its own, nothing asked after it
         assert again.done() and again.result() is False  # settled once only
 
         assert (await ledger.reserve("acme", "d", 10.0, limits, 60, now=NOW)).ok
@@ -115,6 +119,65 @@ def test_settles_handed_over_wait_for_the_caller_to_yield_and_go_before_what_fol
             assert (state.spent, state.reserved) == (10.0, 0.0)
         finally:
             await reopened.close()
+
+    asyncio.run(body())
+
+
+def _commits(ledger: EmbeddedLedger) -> list[str]:
+    """Transactions the ledger's connection begins from now on (its statement trace)."""
+    begun: list[str] = []
+    assert ledger._db is not None  # opened by an operation already
+    ledger._db.set_trace_callback(lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE"
+                                  else None)
+    return begun
+
+
+def test_a_settle_handed_over_shares_the_next_reservations_commit(tmp_path):
+    """Group commit: the next request's reservation applies the settle first, in its own
+    transaction; one commit per request instead of two."""
+    limits = [Limit("1d", 1000.0)]
+
+    async def body() -> None:
+        ledger = EmbeddedLedger(tmp_path / "ledger.sqlite")
+        try:
+            assert (await ledger.reserve("acme", "r1", 10.0, limits, 60, now=NOW)).ok
+            begun = _commits(ledger)
+            settled = ledger.settle_soon("acme", "r1", 4.0)
+            reserved = await ledger.reserve("acme", "r2", 10.0, limits, 60, now=NOW)
+            assert reserved.ok and await settled
+            assert begun == ["BEGIN IMMEDIATE"]
+            [window] = reserved.windows
+            assert (window.spent, window.reserved) == (4.0, 10.0)  # the settle went first
+        finally:
+            await ledger.close()
+
+    asyncio.run(body())
+
+
+def test_a_settle_sharing_a_transaction_is_kept_when_the_operation_fails(tmp_path):
+    """The operation runs inside a savepoint: a short reservation (rolled back to take the
+    full path) and a refused duplicate id undo only what they did, never the settle
+    applied before them."""
+    limits = [Limit("1d", 20.0)]
+
+    async def body() -> None:
+        ledger = EmbeddedLedger(tmp_path / "ledger.sqlite")
+        try:
+            assert (await ledger.reserve("acme", "r1", 15.0, limits, 60, now=NOW)).ok
+            settled = ledger.settle_soon("acme", "r1", 15.0)
+            with pytest.raises(ValueError, match="already has a reservation"):
+                await ledger.reserve("acme", "r1", 1.0, limits, 60, now=NOW)
+            assert await settled
+
+            assert (await ledger.reserve("acme", "r2", 4.0, limits, 60, now=NOW)).ok
+            settled = ledger.settle_soon("acme", "r2", 4.0)
+            short = await ledger.reserve("acme", "r3", 2.0, limits, 60, now=NOW)
+            assert not short.ok and await settled
+            [state] = await ledger.status("acme", limits, now=NOW)
+            assert (state.spent, state.reserved) == (19.0, 0.0)
+            assert not await ledger.release("acme", "r3")  # the short one left no hold
+        finally:
+            await ledger.close()
 
     asyncio.run(body())
 

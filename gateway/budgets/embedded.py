@@ -12,9 +12,12 @@ each window with one conditional ``UPDATE ... RETURNING`` (charged only if the b
 and has room); when one does not, the transaction is rolled back and the full path runs
 (return expired holds, create missing buckets, say which window is short). A settle closes
 the reservation and moves its joules from reserved to spent in one statement per window; a
-settle the answer does not wait for (:meth:`EmbeddedLedger.settle_soon`) starts only once
-the answer has been written, sharing one transaction with the other settles handed over by
-then (under load, one commit for many requests).
+settle the answer does not wait for (:meth:`EmbeddedLedger.settle_soon`) is group-committed:
+it waits (at most :data:`SETTLE_WAIT_S`) for the next operation and is applied first in that
+operation's transaction, the operation itself inside a savepoint; with none in that time it
+is applied on its own, together with any other settles handed over meanwhile. A request's
+settle thus usually shares the next request's reservation commit: one commit per request
+instead of two.
 
 No SQLite call waits on the event loop. Operations run one after another, in the order
 they were started, on one connection: when nothing is queued and the write lock is free,
@@ -74,6 +77,10 @@ _KEEP_S = 40 * 86400
 _SQLITE_NEEDED = (3, 35, 0)
 #: The first pause between two attempts on a locked file; it doubles.
 _RETRY_PAUSE_S = 0.01
+#: The longest a settle handed to :meth:`EmbeddedLedger.settle_soon` waits for an operation to
+#: share a transaction with (a budget read elsewhere, by another worker or the command line,
+#: may lag the answers by this much; a process killed in it loses those settles).
+SETTLE_WAIT_S = 0.005
 #: Pages of write-ahead log (10 MB with the 1 KB pages of new files, 40 MB with SQLite's
 #: default 4 KB pages of older ones) past which :meth:`EmbeddedLedger.maintain` has the
 #: worker thread checkpoint; a commit itself checkpoints only past four times that (when
@@ -126,10 +133,10 @@ class EmbeddedLedger(Ledger):
         #: Operations queued for the worker thread and not yet done (loop thread only).
         self._queued = 0
         #: Settles handed over by :meth:`settle_soon` and not started yet (loop thread only):
-        #: started together, in one transaction, when the loop next runs its callbacks (after
-        #: the answer that handed them over has been written), or before any other
-        #: operation, whichever comes first.
+        #: applied first in the transaction of the next operation, or on their own when none
+        #: starts within :data:`SETTLE_WAIT_S` (``_soon_timer``).
         self._soon: list[tuple[Callable[[sqlite3.Connection], bool], asyncio.Future[bool]]] = []
+        self._soon_timer: asyncio.TimerHandle | None = None
 
     # -- the worker thread ------------------------------------------------------------------
 
@@ -143,29 +150,38 @@ class EmbeddedLedger(Ledger):
         When the worker thread has nothing queued and the write lock is free, it runs at
         once on the calling thread (one short transaction that never waits: a thread hop
         costs more than the transaction); otherwise it is queued for the worker thread,
-        which waits for the lock under the retry policy."""
-        if self._soon:  # handed over earlier: they go first
-            self._start_soon()
+        which waits for the lock under the retry policy. Settles handed over before it
+        (:meth:`settle_soon`) are applied first, in the same transaction."""
         if self._closed:
             raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
+        batch = self._take_soon()
+        if batch is not None:
+            operation = batch.then(operation)
         loop = asyncio.get_running_loop()
+        started: asyncio.Future[T] | None = None
         if self._queued == 0 and self._db is not None:
             done: asyncio.Future[T] = loop.create_future()
             try:
                 done.set_result(self._at_once(self._db, operation))
-                return done
+                started = done
             except _Locked:
                 pass
             except Exception as exc:  # noqa: BLE001 - the caller gets it from the future
                 done.set_exception(exc)
-                return done
-        return self._queue(operation)
+                started = done
+        if started is None:
+            started = self._queue(operation)
+        if batch is not None:
+            batch.resolve_when(started)
+        return started
 
     def _queue(self, operation: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``operation`` for the worker thread (operations run in the order they were
         queued); its future."""
         if self._closed:
             raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
+        if self._soon:  # handed over before it: through _submit, they go first
+            return self._submit(operation)
         deadline = time.monotonic() + self.allowance_s
         future = asyncio.get_running_loop().run_in_executor(
             self._worker, self._attempts, operation, deadline)
@@ -443,44 +459,37 @@ class EmbeddedLedger(Ledger):
         return await self._close_hold(tenant, request_id, max(joules, 0.0))
 
     def settle_soon(self, tenant: str, request_id: str, joules: float) -> asyncio.Future[bool]:
-        """Ordered before any operation started after it (see :meth:`Ledger.settle_soon`),
-        but started only when the loop next runs its callbacks, together with the other
-        settles handed over by then: the answer being finished is written first, and
-        concurrent requests' settles share one transaction."""
+        """Ordered before any operation started after it (see :meth:`Ledger.settle_soon`):
+        applied first in that operation's transaction, or, when none starts within
+        :data:`SETTLE_WAIT_S`, on its own together with the other settles handed over by
+        then. Either way after the answer being finished has been written."""
         if self._closed:
             raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
         loop = asyncio.get_running_loop()
         if not self._soon:
-            loop.call_soon(self._start_soon)
+            self._soon_timer = loop.call_later(SETTLE_WAIT_S, self._start_soon)
         future: asyncio.Future[bool] = loop.create_future()
         self._soon.append((self._finish(tenant, request_id, max(joules, 0.0)), future))
         return future
 
-    def _start_soon(self) -> None:
-        """Start the settles handed over so far, in one transaction."""
+    def _take_soon(self) -> _Settles | None:
+        """The settles handed over and not started yet, now taken (None: there are none)."""
+        if not self._soon:
+            return None
         soon, self._soon = self._soon, []
-        if not soon:
+        if self._soon_timer is not None:
+            self._soon_timer.cancel()
+            self._soon_timer = None
+        return _Settles(soon)
+
+    def _start_soon(self) -> None:
+        """Apply the settles handed over so far, in a transaction of their own."""
+        if not self._soon:
             return
-
-        def together(db: sqlite3.Connection) -> list[bool]:
-            with _Immediate(db):
-                return [finish(db) for finish, _ in soon]
-
-        def done(started: asyncio.Future[list[bool]]) -> None:
-            exc = None if started.cancelled() else started.exception()
-            for i, (_, future) in enumerate(soon):
-                if future.done():
-                    continue
-                if started.cancelled():
-                    future.cancel()
-                elif exc is not None:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(started.result()[i])
-
         try:
-            self._submit(together).add_done_callback(done)
+            self._submit(_nothing)
         except LedgerUnavailable as exc:  # closed meanwhile
+            soon, self._soon = self._soon, []
             for _, future in soon:
                 if not future.done():
                     future.set_exception(exc)
@@ -582,20 +591,86 @@ def _checkpoint_here(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+def _nothing(_: sqlite3.Connection) -> None:
+    """The operation that carries settles handed over, when nothing else comes to."""
+
+
+class _Settles:
+    """Settles handed over by :meth:`EmbeddedLedger.settle_soon`, applied at the start of
+    another operation's transaction; each one's future learns its result once that
+    transaction has committed (whatever the operation itself then raised)."""
+
+    __slots__ = ("handed", "results")
+
+    def __init__(self, handed: list[tuple[Callable[[sqlite3.Connection], bool],
+                                          asyncio.Future[bool]]]) -> None:
+        self.handed = handed
+        #: Each settle's result, once committed (None until then).
+        self.results: list[bool] | None = None
+
+    def then(self, operation: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+        """``operation`` preceded by these settles in one transaction; its own transaction
+        becomes a savepoint, so its failing (a short reservation, a duplicate id) rolls back
+        only what it did."""
+
+        def together(db: sqlite3.Connection) -> T:
+            self.results = None  # a retried attempt starts afresh
+            failure: Exception | None = None
+            with _Immediate(db):
+                results = [finish(db) for finish, _ in self.handed]
+                try:
+                    value = operation(db)
+                except Exception as exc:  # noqa: BLE001 - raised once the settles commit
+                    failure = exc
+            self.results = results
+            if failure is not None:
+                raise failure
+            return value
+
+        return together
+
+    def resolve_when(self, started: asyncio.Future[Any]) -> None:
+        started.add_done_callback(self._resolve)
+
+    def _resolve(self, started: asyncio.Future[Any]) -> None:
+        results = self.results
+        for i, (_, future) in enumerate(self.handed):
+            if future.done():
+                continue
+            if results is not None:
+                future.set_result(results[i])
+            elif started.cancelled():
+                future.cancel()
+            else:
+                future.set_exception(started.exception() or LedgerUnavailable(
+                    "the embedded ledger did not apply the settle"))
+
+
 class _Immediate:
     """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` when the block or the commit
-    fails). A class, not a generator context manager: it runs twice per request."""
+    fails); inside a transaction already open, a savepoint released or rolled back the same
+    way. A class, not a generator context manager: it runs on every request."""
 
-    __slots__ = ("db",)
+    __slots__ = ("db", "nested")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.nested = False
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        if self.db.in_transaction:
+            self.nested = True
+            self.db.execute("SAVEPOINT operation")
+        else:
+            self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         db = self.db
+        if self.nested:
+            if kind is not None:
+                db.execute("ROLLBACK TO operation")
+            db.execute("RELEASE operation")
+            return
         if kind is None:
             try:
                 db.execute("COMMIT")
