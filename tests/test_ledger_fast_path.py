@@ -182,6 +182,27 @@ def test_a_settle_sharing_a_transaction_is_kept_when_the_operation_fails(tmp_pat
     asyncio.run(body())
 
 
+def test_a_sweep_in_the_worker_thread_carries_the_settles_handed_over_before_it(tmp_path):
+    """expire() always runs in the worker thread (a sweep may be long); the settles handed
+    over before it still go first, in its transaction, and learn their results from it."""
+    limits = [Limit("1d", 100.0)]
+
+    async def body() -> None:
+        ledger = EmbeddedLedger(tmp_path / "ledger.sqlite")
+        try:
+            assert (await ledger.reserve("acme", "kept", 10.0, limits, 60, now=NOW)).ok
+            assert (await ledger.reserve("acme", "stale", 10.0, limits, 1, now=NOW)).ok
+            settled = ledger.settle_soon("acme", "kept", 6.0)
+            assert await ledger.expire(now=NOW + 30) == 1
+            assert settled.done() and settled.result() is True
+            [state] = await ledger.status("acme", limits, now=NOW + 30)
+            assert (state.spent, state.reserved) == (6.0, 0.0)
+        finally:
+            await ledger.close()
+
+    asyncio.run(body())
+
+
 def _spent_in_the_database_file(path) -> float:
     """Spent joules as the database file alone holds them (the write-ahead log unread)."""
     db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)

@@ -154,39 +154,37 @@ class EmbeddedLedger(Ledger):
         (:meth:`settle_soon`) are applied first, in the same transaction."""
         if self._closed:
             raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
+        if self._queued or self._db is None:
+            return self._queue(operation)
         batch = self._take_soon()
         if batch is not None:
             operation = batch.then(operation)
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[T] | None = None
-        if self._queued == 0 and self._db is not None:
-            done: asyncio.Future[T] = loop.create_future()
-            try:
-                done.set_result(self._at_once(self._db, operation))
-                started = done
-            except _Locked:
-                pass
-            except Exception as exc:  # noqa: BLE001 - the caller gets it from the future
-                done.set_exception(exc)
-                started = done
-        if started is None:
-            started = self._queue(operation)
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            done.set_result(self._at_once(self._db, operation))
+        except _Locked:
+            done = self._queue(operation)
+        except Exception as exc:  # noqa: BLE001 - the caller gets it from the future
+            done.set_exception(exc)
         if batch is not None:
-            batch.resolve_when(started)
-        return started
+            batch.resolve_when(done)
+        return done
 
     def _queue(self, operation: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``operation`` for the worker thread (operations run in the order they were
-        queued); its future."""
+        queued); its future. Settles handed over before it go first, in its transaction."""
         if self._closed:
             raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
-        if self._soon:  # handed over before it: through _submit, they go first
-            return self._submit(operation)
+        batch = self._take_soon()
+        if batch is not None:
+            operation = batch.then(operation)
         deadline = time.monotonic() + self.allowance_s
         future = asyncio.get_running_loop().run_in_executor(
             self._worker, self._attempts, operation, deadline)
         self._queued += 1
         future.add_done_callback(self._dequeued)
+        if batch is not None:
+            batch.resolve_when(future)
         return future
 
     def _dequeued(self, _: asyncio.Future[Any]) -> None:
