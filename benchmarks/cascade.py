@@ -42,13 +42,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from gateway.cli.router_collect import MCQ_INSTRUCTION  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "data" / "routing"
 
 #: The default policy's small tier: joules per prompt token over joules per output token.
 PROMPT_WEIGHT = 0.1 / 1.1
 #: The system prompts `router collect` asks with, by source (what one-shot routing scores).
-SYSTEM = {"mmlu": "Answer with the letter (A, B, C or D) of the correct option only."}
+SYSTEM = {"mmlu": MCQ_INSTRUCTION}
 
 
 @dataclass(frozen=True, slots=True)
