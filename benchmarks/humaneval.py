@@ -42,7 +42,7 @@ import urllib.request
 from pathlib import Path
 
 from gateway.grading import run_program
-from gateway.routing.labels import CODE_INSTRUCTION
+from gateway.routing.labels import code_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,16 +68,11 @@ def completion_request(problem: dict, model: str) -> dict:
             "stop": STOPS}
 
 
-#: The chat wording's instruction: the router's labels (``gateway.routing.labels``) word the
-#: same request with it, so the estimators score what the gateway was sent.
-CHAT_INSTRUCTION = CODE_INSTRUCTION
-
-
 def chat_request(problem: dict, model: str) -> dict:
     """The instruct models' own format: the whole-function prompt in a chat message."""
     return {"model": model, "temperature": 0, "max_tokens": MAX_TOKENS,
             "messages": [{"role": "user",
-                          "content": f"{CHAT_INSTRUCTION}\n\n```python\n{problem['prompt']}```"}]}
+                          "content": code_chat(problem["prompt"])}]}
 
 
 #: How a problem is asked: see the module docstring.

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import grading
+from ..routing.labels import code_chat
 
 DATASETS = ("gsm8k", "mmlu", "humaneval")
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,8 +50,6 @@ DATA = ROOT / "data" / "routing"
 MATH_INSTRUCTION = ("Solve the problem with brief steps (no LaTeX), then give the final answer "
                     "as a number on its own last line in the form: The answer is N.")
 MCQ_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option only."
-CODE_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
-                    "including its imports, in one ```python code block.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +101,7 @@ def _humaneval_problems() -> list[dict[str, Any]]:
 
 def humaneval_prompt(problem: dict[str, Any]) -> str:
     """The chat wording ``benchmarks/humaneval.py --mode chat`` uses."""
-    return f"{CODE_INSTRUCTION}\n\n```python\n{problem['prompt']}```"
+    return code_chat(problem["prompt"])
 
 
 def humaneval_ok(problem: dict[str, Any], reply: str) -> bool:

@@ -162,6 +162,12 @@ def _few_shot(example_kind: str, prompt: str) -> str:
     return f"{FEW_SHOT['text']}Question: {prompt}\nAnswer:"
 
 
+def code_chat(code: str) -> str:
+    """A code task's chat message: the instruction, then the code in a fence (how
+    benchmarks/humaneval.py and ``joulegate router collect humaneval`` ask the tiers)."""
+    return f"{CODE_INSTRUCTION}\n\n```python\n{code}```"
+
+
 def request_for(example: Example, wording: str | None = None) -> GenerationRequest:
     """The request a labelled prompt becomes in ``wording`` (one of :data:`FORMATS`; default:
     the format it was labelled in). ``completion`` is a text completion (a code task as its
@@ -174,8 +180,7 @@ def request_for(example: Example, wording: str | None = None) -> GenerationReque
         text = prompt if kind == "code" else f"Question: {prompt}\nAnswer:"
         return GenerationRequest(model="auto", prompt=text, max_tokens=512)
     if wording == "chat":
-        content = (f"{CODE_INSTRUCTION}\n\n```python\n{prompt}```" if kind == "code"
-                   else f"{TASK_INSTRUCTION}\n\n{prompt}")
+        content = code_chat(prompt) if kind == "code" else f"{TASK_INSTRUCTION}\n\n{prompt}"
         return GenerationRequest(model="auto", messages=[{"role": "user", "content": content}],
                                  max_tokens=512)
     messages: list[dict[str, Any]] = []
