@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import os
 import re
@@ -148,12 +149,29 @@ def _sequence_llama(llama_cpp: Any) -> type:
     """
 
     np = importlib.import_module("numpy")  # llama-cpp-python's own dependency
+    # One class per backend, so per model: each token's bytes, filled as tokens are met
+    # (a token's piece depends on the token alone: ``llama_token_to_piece``, no lstrip).
+    _PIECES: dict[int, bytes] = {}
+    _SPECIAL_PIECES: dict[int, bytes] = {}
+    _BOS: list[int] = []
+
+    def _piece(vocab: Any, token: int, special: bool) -> bytes:
+        size = 32
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, llama_cpp.llama_token(token), buffer,
+                                               size, 0, special)
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n  # too small: llama.cpp says how much it needs
 
     # llama_cpp arrives as a parameter (an optional extra, imported lazily), so its Llama is Any.
     class SequenceLlama(llama_cpp.Llama):  # type: ignore[misc]
         def __init__(self, base: Any, engine: BatchEngine, n_ctx: int, tap: _TokenTap) -> None:
             # Not Llama.__init__: nothing is loaded, the base's state is shared.
             self.__dict__.update(base.__dict__)
+            if not _BOS:
+                _BOS.append(int(base._model.token_bos()))
             self._engine, self._n_ctx, self.tap = engine, n_ctx, tap
             #: The tokens evaluated so far (what ``Llama.generate`` keeps in ``input_ids``).
             self._history: list[int] = []
@@ -161,6 +179,27 @@ def _sequence_llama(llama_cpp: Any) -> type:
 
         def close(self) -> None:
             """The model is the backend's to close, not a request's."""
+
+        def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None,
+                       special: bool = False) -> bytes:
+            """``Llama.detokenize`` (its ``LlamaTokenizer``, which ignores ``prev_tokens``)
+            from a table of each token's bytes instead of one ``llama_token_to_piece`` call
+            per token. llama-cpp-python's streaming loop detokenizes every generated token
+            so far for each new one, so a 128-token answer made ~8,000 such calls, each
+            letting go of the GIL and taking it back, on the worker threads beside the
+            batch engine."""
+            pieces = _SPECIAL_PIECES if special else _PIECES
+            try:
+                text = b"".join([pieces[token] for token in tokens])
+            except KeyError:
+                for token in tokens:
+                    if token not in pieces:
+                        pieces[token] = _piece(self._model.vocab, token, special)
+                text = b"".join([pieces[token] for token in tokens])
+            # LlamaTokenizer's rule: a leading space after a beginning-of-sentence token goes.
+            if tokens and tokens[0] == _BOS[0] and text[:1] == b" ":
+                return text[1:]
+            return text
 
         def __del__(self) -> None:
             pass

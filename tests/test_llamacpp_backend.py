@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 
 import pytest
 
@@ -87,3 +88,47 @@ def test_prompt_over_context_is_rejected(small_model_path):
         assert (await backend.health()).info["busy"] == 0
 
     asyncio.run(_with_backend(body))
+
+
+def test_a_handle_detokenizes_as_llama_cpp_pieces_a_token_longer_than_32_bytes_too(
+        small_model_path):
+    """The handle's table of token bytes gives llama.cpp's own pieces (llama-cpp-python's
+    loop, one ``llama_token_to_piece`` per token, is the reference), with its rule for a
+    leading beginning-of-sentence token, and keeps the tokens longer than llama-cpp-python's
+    32-byte buffer, whose bytes its own ``detokenize`` silently drops."""
+    import random
+
+    import llama_cpp
+
+    from backends.llamacpp import _sequence_llama
+
+    base = llama_cpp.Llama(model_path=str(small_model_path), vocab_only=True, verbose=False)
+    handle = _sequence_llama(llama_cpp)(base, None, 256, None)
+    vocab, buffer = base._model.vocab, ctypes.create_string_buffer(256)
+
+    def piece(token: int, special: bool) -> bytes:  # llama.cpp's answer, with room enough
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, special)
+        return buffer.raw[:n]
+
+    rnd = random.Random(7)
+    n_vocab = base.n_vocab()
+    long_tokens = [t for t in range(n_vocab) if len(piece(t, False)) > 32]
+    assert long_tokens  # Qwen2.5's vocabulary has some (runs of '/', '=', '-', ...)
+    for trial in range(300):
+        tokens = [rnd.randrange(n_vocab) for _ in range(rnd.randrange(0, 80))]
+        if trial % 4 == 0:
+            tokens = [base.token_bos(), *tokens]
+        for special in (False, True):
+            expected = b"".join(piece(t, special) for t in tokens)
+            if tokens and tokens[0] == base.token_bos() and expected[:1] == b" ":
+                expected = expected[1:]
+            assert handle.detokenize(tokens, special=special) == expected
+            if not any(t in long_tokens for t in tokens):
+                assert handle.detokenize(tokens, special=special) == base.detokenize(
+                    tokens, special=special)
+    text = "def parse(x):\n    return [int(v) for v in x.split(',')]  # 你好 ünïcode"
+    tokens = base.tokenize(text.encode(), add_bos=False)
+    assert handle.detokenize(tokens, prev_tokens=[1, 2]).decode() == text
+    long_token = long_tokens[0]
+    assert handle.detokenize([long_token]) == piece(long_token, False)
+    assert base.detokenize([long_token]) == b""  # llama-cpp-python's loss, mended here
