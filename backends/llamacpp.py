@@ -173,6 +173,11 @@ def _sequence_llama(llama_cpp: Any) -> type:
             if not _BOS:
                 _BOS.append(int(base._model.token_bos()))
             self._engine, self._n_ctx, self.tap = engine, n_ctx, tap
+            # The penalties' window (llama.cpp's ``penalty_last_n``; the Llama's default is
+            # 64): the whole sequence, so that ``frequency_penalty`` and ``presence_penalty``
+            # count every token generated so far, as OpenAI's do. llama.cpp's sampler sees
+            # only the tokens it sampled, never the prompt's.
+            self.last_n_tokens_size = n_ctx
             #: The tokens evaluated so far (what ``Llama.generate`` keeps in ``input_ids``).
             self._history: list[int] = []
             self._zero_row: Any = None
@@ -405,6 +410,9 @@ class LlamaCppBackend(Backend):
             "stop": req.stop or [],
             "seed": req.seed,
             "stream": stream,
+            # OpenAI's penalties, over every token generated so far (the handle's window).
+            "frequency_penalty": float(req.extra.get("frequency_penalty") or 0.0),
+            "presence_penalty": float(req.extra.get("presence_penalty") or 0.0),
         }
         if plan.grammar is not None:
             kwargs["grammar"] = self._grammar_class.from_string(plan.grammar, verbose=False)

@@ -406,7 +406,7 @@ class TenantSpec(_Strict):
     #: reservation bounds what the request may spend.
     default_max_tokens: int = Field(1024, ge=1, le=1 << 20)
     #: OpenAI request fields the gateway does not use (``store``, ``service_tier``, or
-    #: ``presence_penalty`` on an in-process tier; see the README's field table): ``drop``
+    #: ``logit_bias`` on an in-process tier; see the README's field table): ``drop``
     #: them (named in ``X-Joulegate-Dropped-Params``) or ``reject`` the request with a 400.
     #: LiteLLM's ``drop_params``.
     unsupported_params: Literal["drop", "reject"] = "drop"

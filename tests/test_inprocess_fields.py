@@ -267,13 +267,15 @@ async def test_unsupported_params_reject(tmp_path):
         r = await gw.chat(model="big", presence_penalty=0.5)
         assert r.status_code == 200 and "x-joulegate-dropped-params" not in r.headers
         # an in-process tier would not use it: refused, and nothing generated
-        r = await gw.chat(model="small", presence_penalty=0.5, user="u")
+        r = await gw.chat(model="small", logit_bias={"50256": -100}, user="u")
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert err["code"] == "unsupported_parameter" and err["param"] == "presence_penalty"
+        assert err["code"] == "unsupported_parameter" and err["param"] == "logit_bias"
         assert "'user'" in err["message"]
         assert gw.backends["up-small"].requests == []
         assert (await gw.chat(model="small")).status_code == 200
+        # a penalty is used there: served under reject too
+        assert (await gw.chat(model="small", presence_penalty=0.5)).status_code == 200
     (tmp_path / "drop").mkdir()
     async with InProcessGateway(tmp_path / "drop") as gw:  # the default: drop
         r = await gw.chat(store=True)
