@@ -51,7 +51,7 @@ import re
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -117,6 +117,12 @@ class LlamaCppSettings(Settings):
     slots: int = Field(4, ge=1, le=64)
     #: Most tokens in one decode step (prompt chunks and the running sequences' next tokens).
     n_batch: int = Field(512, ge=16, le=8192)
+    #: Flash attention: ``auto`` (llama.cpp's own default, as ``llama-server`` runs: on
+    #: where the device supports it, which a CPU does), ``on`` or ``off``. Measured here
+    #: (0.5B, 2 cores, 8 requests of ~135 + 128 tokens, two A/B pairs through the gateway):
+    #: ``auto`` against ``off`` 53.4/53.8 against 52.8/53.3 tok/s at concurrency 4 and
+    #: 61.9/56.4 against 57.7/54.7 at 8; attention is a larger share of a step as the KV grows.
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     #: Requests allowed to wait for a slot; beyond it the backend answers 503 at once.
     max_queue: int = Field(64, ge=0, le=100_000)
     #: Longest wait for a slot before the request fails with 503.
@@ -273,6 +279,7 @@ class LlamaCppBackend(Backend):
         self.n_threads_batch = settings.n_threads_batch or max(1, os.cpu_count() or 1)
         self.slots = settings.slots
         self.n_batch = settings.n_batch
+        self.flash_attn = settings.flash_attn
         self.max_queue = settings.max_queue
         self.queue_timeout_s = settings.queue_timeout_s
         self.chat_format = settings.chat_format
@@ -319,6 +326,10 @@ class LlamaCppBackend(Backend):
                     params.n_batch = params.n_ubatch = self.n_batch
                     params.n_seq_max = self.slots
                     params.kv_unified = False  # a stream of n_ctx per sequence
+                    params.flash_attn_type = {
+                        "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+                        "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[self.flash_attn]
                     params.n_threads, params.n_threads_batch = self.n_threads, self.n_threads_batch
                     context = internals.LlamaContext(model=base._model, params=params,
                                                      verbose=False)
