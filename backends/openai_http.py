@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -72,6 +72,13 @@ class OpenAISettings(Settings):
     api_key: str | None = None
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(256, ge=1, le=100_000)
+    #: The field a chat request's token limit is sent in. ``max_tokens`` is what vLLM,
+    #: llama.cpp's server and TGI read; OpenAI's reasoning models (o1, o3, gpt-5, ...)
+    #: refuse it with 400 ``unsupported_parameter`` and read only ``max_completion_tokens``,
+    #: which OpenAI's other chat models read too. The gateway sets a limit even when the
+    #: client gave none (a budget's ``default_max_tokens``), so a tier on such a model needs
+    #: ``max_completion_tokens``. Text completions always send ``max_tokens`` (their only one).
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
 
 def _resolve_secret(value: str | None) -> str | None:
@@ -268,6 +275,7 @@ class OpenAIBackend(Backend):
         self.total_s = settings.timeouts.total_s
         self._connect_s = settings.timeouts.connect_s
         self._max_connections = settings.max_connections
+        self._max_tokens_field = settings.max_tokens_field
         headers = {"content-type": "application/json", "accept": "application/json"}
         key = _resolve_secret(settings.api_key)
         if key:
@@ -300,7 +308,9 @@ class OpenAIBackend(Backend):
             body["messages"] = req.messages
         else:
             body["prompt"] = req.prompt
-        for key in ("max_tokens", "temperature", "top_p", "stop", "seed", "user"):
+        if req.max_tokens is not None:
+            body[self._max_tokens_field if req.is_chat else "max_tokens"] = req.max_tokens
+        for key in ("temperature", "top_p", "stop", "seed", "user"):
             value = getattr(req, key)
             if value is not None:
                 body[key] = value

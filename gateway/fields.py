@@ -86,7 +86,9 @@ FIELDS: tuple[FieldRule, ...] = (
     FieldRule("stream_options.include_usage", BOTH, "gateway", note="a final usage chunk with joules"),
     FieldRule("stream_options.include_obfuscation", BOTH, "drop", note="never obfuscated"),
     _p("max_tokens", "used", "1..2^20; a budget may lower it"),
-    FieldRule("max_completion_tokens", CHAT, "translate", note="sent as `max_tokens`"),
+    FieldRule("max_completion_tokens", CHAT, "translate",
+              note="sent as `max_tokens`, or as itself to a backend with "
+                   "`max_tokens_field: max_completion_tokens`"),
     _p("temperature", "used", "0..2"),
     _p("top_p", "used", "0..1"),
     _p("seed", "used", "signed 64-bit"),

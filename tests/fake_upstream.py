@@ -171,7 +171,16 @@ FAULTS = {
     "reset": "2 deltas (a stream) or half the body, then a TCP reset",
     "reset-early": "a TCP reset before any response byte",
     "ignore-max-tokens": "50 tokens (streamed 1 per 100 ms) whatever max_tokens says",
+    "refuse-max-tokens": "OpenAI's reasoning models: a body with `max_tokens` gets 400 "
+                         "unsupported_parameter; one with `max_completion_tokens`, the answer",
 }
+#: A ``max_tokens`` key (inside a JSON string a quote is escaped, so this is a key or a value).
+MAX_TOKENS_KEY = re.compile(rb'"max_tokens"\s*:')
+#: OpenAI's answer to ``max_tokens`` on a reasoning model.
+MAX_TOKENS_REFUSAL = dumps({"error": {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+               "Use 'max_completion_tokens' instead.",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}})
 OVERRUN_TOKENS = 50
 OVERRUN_DELAY_S = 0.1
 FAULT_PREFIX = b"fault-"
@@ -252,13 +261,16 @@ class Connection(asyncio.Protocol):
                     f.write(self.request_id + b"\n")
             mode = stream_mode(body)
             fault = fault_name(self.request_id) if self.request_id else None
-            if fault is not None:
+            if fault == "refuse-max-tokens" and MAX_TOKENS_KEY.search(body):
+                data = response(b"400 Bad Request", MAX_TOKENS_REFUSAL, keep_alive)
+            elif fault is not None and fault != "refuse-max-tokens":
                 self.later(self.fault, fault, route == "chat", mode, keep_alive)
                 return
-            if self.delay or (mode and self.chunk_delay) or self.tasks:
+            elif self.delay or (mode and self.chunk_delay) or self.tasks:
                 self.later(self.generate, answer, mode, keep_alive)
                 return
-            data = answer.whole[keep_alive, mode] if mode else answer.plain[keep_alive]
+            else:
+                data = answer.whole[keep_alive, mode] if mode else answer.plain[keep_alive]
         elif answer is not None:
             data = answer[keep_alive]
         else:

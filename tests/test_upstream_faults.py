@@ -43,6 +43,8 @@ def gw(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iter
     policy = priced_policy(upstream.url, {"budgets": [{"window": "1d", "joules": 1_000_000}]})
     for backend in policy["backends"].values():
         backend["timeouts"] = {"first_byte_s": TOTAL_S, "total_s": TOTAL_S}
+    # `small` stands for a tier on one of OpenAI's reasoning models.
+    policy["backends"]["up-small"]["max_tokens_field"] = "max_completion_tokens"
     work = tmp_path_factory.mktemp("faults")
     policy["state_dir"] = str(work / "state")
     gateway = Gateway(policy, work).start()
@@ -271,3 +273,30 @@ def test_a_whole_answer_past_max_tokens_is_charged_for_max_tokens(
     assert record(gw, rid)["error"] == "upstream_overran_max_tokens"
     assert overruns(gw) == overran + 1
     assert_connection_serves(client, gw, local_port(r), chat)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_that_refuses_max_tokens(client: httpx.Client, stream: bool):
+    """OpenAI's reasoning models refuse ``max_tokens`` (400 ``unsupported_parameter``): a
+    tier whose backend sends ``max_completion_tokens`` is served, the limit the budget set
+    included; one that sends ``max_tokens`` gets a clear 400 that names the upstream's
+    reason, not a 500."""
+    served = client.post(path(True), json=body(True, stream, model="small"),
+                         headers={"x-request-id": fault_id("refuse-max-tokens")})
+    assert served.status_code == 200, served.text
+    assert served.headers["x-joulegate-tier"] == "small"
+    assert "x-joulegate-default-max-tokens" in served.headers  # the budget set a limit
+    if stream:
+        assert served.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert served.json()["choices"][0]["message"]["content"]
+    refused = client.post(path(True), json=body(True, stream, max_completion_tokens=5),
+                          headers={"x-request-id": fault_id("refuse-max-tokens")})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "rejected_by_backend"
+    assert "max_completion_tokens" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    # A text completion has only max_tokens, on either backend.
+    text = client.post(path(False), json=body(False, stream, model="small", max_tokens=5))
+    assert text.status_code == 200, text.text
