@@ -115,10 +115,13 @@ def no_llama_cpp(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
 
 
-def test_the_llamacpp_module_imports_without_llama_cpp(no_llama_cpp):
+def test_the_llamacpp_module_imports_without_llama_cpp(no_llama_cpp, monkeypatch):
     path = Path(llamacpp.__file__)
     spec = importlib.util.spec_from_file_location("backends._llamacpp_probe", path)
     module = importlib.util.module_from_spec(spec)
+    # As an import does: in sys.modules while it runs (pydantic resolves the settings'
+    # annotations, e.g. Literal, in the module's namespace found there).
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)  # would raise ImportError on a top-level llama_cpp import
     assert module.KIND.settings(model="/m.gguf").n_ctx == 4096
 
