@@ -46,6 +46,9 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./:+-]*$")
 _FLOW_PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 OPENAI_URL = "https://api.openai.com/v1"
+#: OpenAI's reasoning models, which refuse ``max_tokens`` and read ``max_completion_tokens``
+#: (LiteLLM rewrites the field for them by model name).
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)", re.IGNORECASE)
 #: LiteLLM providers that are plain OpenAI API clients of the given ``api_base``.
 _OPENAI_PROVIDERS = {"openai", "text-completion-openai", "custom_openai"}
 _VLLM_PROVIDERS = {"hosted_vllm", "vllm"}
@@ -652,6 +655,11 @@ class _Converter:
                 comment(text, 4)
             if timeouts:
                 out.append(f"    timeouts: {timeouts}")
+            if (not p.vllm and p.base_url == OPENAI_URL
+                    and _REASONING_MODEL.match(p.upstream)):
+                comment(f"{p.upstream} refuses max_tokens: the limit goes as "
+                        "max_completion_tokens (LiteLLM did this by model name)", 4)
+                out.append("    max_tokens_field: max_completion_tokens")
             if p.vllm:
                 for key, value, text in reliability:
                     comment(text, 4)

@@ -292,3 +292,27 @@ def test_cli_prints_the_policy_on_stdout_and_notes_on_stderr(tmp_path):
     nothing.write_text("model_list:\n  - model_name: c\n    litellm_params: {model: anthropic/c}\n")
     run = joulegate("import-litellm", str(nothing))
     assert run.returncode == 1 and "needs editing" in run.stderr
+
+
+@pytest.mark.unit
+def test_openais_reasoning_models_get_max_completion_tokens():
+    """LiteLLM sends OpenAI's reasoning models (o1, o3, gpt-5, ...) max_completion_tokens
+    by model name; the policy says so on their backend, and only on theirs."""
+    result, policy = converted("""
+        model_list:
+          - model_name: reasoner
+            litellm_params: {model: openai/o3-mini, api_key: os.environ/OPENAI_API_KEY}
+          - model_name: gpt5
+            litellm_params: {model: openai/gpt-5, api_key: os.environ/OPENAI_API_KEY}
+          - model_name: chat
+            litellm_params: {model: openai/gpt-4o-mini, api_key: os.environ/OPENAI_API_KEY}
+          - model_name: local-o1-lookalike
+            litellm_params: {model: openai/o1-local, api_base: "http://o1.internal:8000/v1"}
+        """)
+    fields = {name: b.get("max_tokens_field") for name, b in policy["backends"].items()}
+    assert fields == {"reasoner": "max_completion_tokens", "gpt5": "max_completion_tokens",
+                      "chat": None, "local-o1-lookalike": None}
+    assert "o3-mini refuses max_tokens" in result.text
+    parsed = parse_policy(policy)
+    assert parsed.backends["reasoner"].max_tokens_field == "max_completion_tokens"
+    assert parsed.backends["chat"].max_tokens_field == "max_tokens"
