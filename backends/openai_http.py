@@ -5,6 +5,13 @@ byte (response headers, and for streams the first SSE event), and total. Upstrea
 become :mod:`backends.base` errors; the upstream's own error text is kept when it is a
 client mistake (4xx) and replaced by a neutral message otherwise.
 
+A request whose connection breaks before any byte of the answer came (reset, or closed by
+the server) is sent once more, on a new connection: that is the race every HTTP/1.1 client
+meets when it reuses a kept-alive connection just as the server closes it for idling
+(llama-server and vLLM's uvicorn close idle ones after 5 s; the anchor benchmark met it).
+OpenAI's own SDK retries such connection errors too. What the upstream may have done with
+a request whose connection broke is not known to the gateway, and not billed.
+
 Why aiohttp and not httpx: on this path the client is most of the gateway's cost. Measured
 against the fast fake upstream on one core (CPU per request, ``benchmarks/overhead.py``'s
 set-up): httpx 0.28 887 µs sequential and 2,263 µs at 32 concurrent requests (its pool
@@ -14,6 +21,7 @@ re-checks every connection on each request), aiohttp 168 µs and 106 µs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncGenerator
@@ -52,6 +60,8 @@ from .openai_features import (
     wants_extras,
 )
 
+log = logging.getLogger("joulegate.openai")
+
 #: An HTTP(S) base URL, e.g. ``http://10.0.0.5:8000/v1``.
 URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
 
@@ -85,6 +95,13 @@ def _resolve_secret(value: str | None) -> str | None:
     if value and value.startswith("env:"):
         return os.environ.get(value[4:]) or None
     return value
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    """An aiohttp error in a few words: its class, and the system's words for an OS error
+    (``ClientOSError: Connection reset by peer``)."""
+    name = type(exc).__name__
+    return f"{name}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else name
 
 
 _MAX_EVENT_BYTES = 1 << 20
@@ -282,23 +299,28 @@ class OpenAIBackend(Backend):
             headers["authorization"] = f"Bearer {key}"
         self._headers = headers
         self._client: aiohttp.ClientSession | None = None
+        #: For the one retry of a request whose connection broke: never a pooled connection.
+        self._fresh: aiohttp.ClientSession | None = None
         self._chat_url = f"{self.base_url}/chat/completions"
         self._completions_url = f"{self.base_url}/completions"
         self._embeddings_url = f"{self.base_url}/embeddings"
 
     async def start(self) -> None:
         # Read and total deadlines are enforced per request below, with asyncio.timeout.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_s,
+                                        sock_connect=self._connect_s)
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_s,
-                                          sock_connect=self._connect_s),
-            headers=self._headers,
-        )
+            timeout=timeout, headers=self._headers)
+        self._fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._max_connections, force_close=True),
+            timeout=timeout, headers=self._headers)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for session in (self._client, self._fresh):
+            if session is not None:
+                await session.close()
+        self._client = self._fresh = None
 
     # -- request building -------------------------------------------------------------
 
@@ -332,13 +354,21 @@ class OpenAIBackend(Backend):
     async def _post(self, url: str, body: bytes, request_id: str, deadline: float
                     ) -> aiohttp.ClientResponse:
         """POST ``body`` to ``url`` and wait for the response headers (the first byte)."""
-        if self._client is None:
+        if self._client is None or self._fresh is None:
             raise BackendUnavailable(f"backend '{self.name}' is not started")
         budget = min(self.first_byte_s, deadline - time.monotonic())
+        headers = {"x-request-id": request_id} if request_id else None
         try:
             async with asyncio.timeout(budget):
-                response = await self._client.post(
-                    url, data=body, headers={"x-request-id": request_id} if request_id else None)
+                try:
+                    response = await self._client.post(url, data=body, headers=headers)
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    if isinstance(exc, aiohttp.ClientConnectorError):
+                        raise  # could not connect at all: nothing was sent
+                    log.info("upstream '%s': the connection broke before the answer (%s); "
+                             "sending request %s again on a new connection", self.name,
+                             _reason(exc), request_id or "-")
+                    response = await self._fresh.post(url, data=body, headers=headers)
         except aiohttp.ConnectionTimeoutError:
             raise BackendUnavailable(f"upstream '{self.name}' did not accept a connection within "
                                      f"{self._connect_s:g} s") from None
@@ -349,7 +379,7 @@ class OpenAIBackend(Backend):
             raise BackendUnavailable(f"upstream '{self.name}' is unreachable "
                                      f"({type(exc).__name__})") from None
         except aiohttp.ClientError as exc:
-            raise BackendFailure(f"upstream '{self.name}' failed: {type(exc).__name__}") from None
+            raise BackendFailure(f"upstream '{self.name}' failed: {_reason(exc)}") from None
         if response.status >= 400:
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
@@ -387,7 +417,7 @@ class OpenAIBackend(Backend):
                                  f"{self.total_s:g} s") from None
         except aiohttp.ClientError as exc:
             raise BackendFailure(f"upstream '{self.name}' failed mid-response: "
-                                 f"{type(exc).__name__}") from None
+                                 f"{_reason(exc)}") from None
         finally:
             response.release()
 
@@ -449,7 +479,7 @@ class OpenAIBackend(Backend):
                                          "in time") from None
                 except aiohttp.ClientError as exc:
                     raise BackendFailure(f"upstream '{self.name}' failed mid-stream: "
-                                         f"{type(exc).__name__}") from None
+                                         f"{_reason(exc)}") from None
                 if not data:
                     complete = True  # end of body
                     lines, buffer = [buffer], b""

@@ -170,6 +170,9 @@ FAULTS = {
     "stall": "2 deltas (a stream) or nothing (a whole answer), then silence",
     "reset": "2 deltas (a stream) or half the body, then a TCP reset",
     "reset-early": "a TCP reset before any response byte",
+    "reset-once": "a TCP reset before any response byte the first time the request id comes; "
+                  "the answer when it comes again (a kept-alive connection the server closed "
+                  "just as the client reused it)",
     "ignore-max-tokens": "50 tokens (streamed 1 per 100 ms) whatever max_tokens says",
     "refuse-max-tokens": "OpenAI's reasoning models: a body with `max_tokens` gets 400 "
                          "unsupported_parameter; one with `max_completion_tokens`, the answer",
@@ -209,8 +212,10 @@ def stream_mode(body: bytes) -> int:
 class Connection(asyncio.Protocol):
     """One client connection; httptools calls the ``on_*`` methods as it parses."""
 
-    def __init__(self, answers: dict[str, object], options: Options):
+    def __init__(self, answers: dict[str, object], options: Options, reset_once: set[bytes]):
         self.answers, self.options = answers, options
+        #: The request ids the ``reset-once`` fault has reset (shared by the connections).
+        self.reset_once = reset_once
         self.delay = options.delay_ms / 1000
         self.chunk_delay = options.stream_chunk_delay_ms / 1000
         self.parser = httptools.HttpRequestParser(self)
@@ -261,6 +266,12 @@ class Connection(asyncio.Protocol):
                     f.write(self.request_id + b"\n")
             mode = stream_mode(body)
             fault = fault_name(self.request_id) if self.request_id else None
+            if fault == "reset-once":
+                if self.request_id not in self.reset_once:
+                    self.reset_once.add(self.request_id)
+                    self.reset()
+                    return
+                fault = None
             if fault == "refuse-max-tokens" and MAX_TOKENS_KEY.search(body):
                 data = response(b"400 Bad Request", MAX_TOKENS_REFUSAL, keep_alive)
             elif fault is not None and fault != "refuse-max-tokens":
@@ -434,9 +445,10 @@ async def start(options: Options, host: str = "127.0.0.1", port: int = 0,
                 sock: socket.socket | None = None) -> asyncio.AbstractServer:
     """Serve on the running loop; the port is ``server.sockets[0].getsockname()[1]``."""
     answers = prepare(options)
+    reset_once: set[bytes] = set()
     where = {"sock": sock} if sock is not None else {"host": host, "port": port}
     return await asyncio.get_running_loop().create_server(
-        lambda: Connection(answers, options), backlog=4096, **where)
+        lambda: Connection(answers, options, reset_once), backlog=4096, **where)
 
 
 def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -165,6 +165,37 @@ def test_a_fault_before_the_first_byte_is_an_error_status(
     assert_connection_serves(client, gw, local_port(r), chat)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
+def test_a_connection_that_breaks_before_the_answer_is_tried_once_more(
+        gw: Gateway, client: httpx.Client, chat: bool, stream: bool) -> None:
+    """The upstream resets the connection before any byte of the answer, once (a kept-alive
+    connection it closed just as the gateway reused it): the gateway sends the request again
+    on a new connection, the client gets the answer, and it is charged once."""
+    extra = {"stream_options": {"include_usage": True}} if stream else {}
+
+    def answer(rid: str) -> tuple[str, dict[str, Any]]:
+        r = client.post(path(chat), json=body(chat, stream, **extra),
+                        headers={"x-request-id": rid})
+        assert r.status_code == 200, r.text
+        if not stream:
+            choice = r.json()["choices"][0]
+            return choice["message"]["content"] if chat else choice["text"], r.json()["usage"]
+        got = events(r.text)
+        assert got[-1] == "[DONE]"
+        text = "".join((e["choices"][0]["delta"].get("content") or "") if chat
+                       else e["choices"][0]["text"] for e in got[:-1] if e.get("choices"))
+        return text, next(e["usage"] for e in got[:-1] if e.get("usage"))
+
+    rid = fault_id("reset-once")
+    text, usage = answer(rid)
+    assert text and text == answer(f"good.{next(_ids)}")[0]  # the upstream's whole answer
+    logged = record(gw, rid)
+    assert logged["status"] == 200
+    assert logged["energy_joules"] == pytest.approx(usage["energy_joules"])
+    assert_ledger_balanced(gw)
+
+
 # -- mid-stream: an error event, then [DONE] -------------------------------------------------
 
 MID_STREAM = [
