@@ -1,7 +1,8 @@
 """In-process llama.cpp through llama-cpp-python: several sequences decoded in shared batches.
 
-The model is loaded once. One llama.cpp context with a KV stream of ``n_ctx`` tokens per
-slot serves up to ``slots`` generations at once, all decoded together by one
+The model is loaded once. One llama.cpp context with one KV cache of ``n_ctx`` tokens per
+slot, shared by all (llama.cpp's unified KV cache; each sequence is held to ``n_ctx``
+tokens), serves up to ``slots`` generations at once, all decoded together by one
 :class:`~backends.llamacpp_batch.BatchEngine` (continuous batching: every step decodes the
 next token of every running sequence plus a chunk of any prompt still being read, in one
 ``llama_decode``; a new request joins at the next step). A request waits for a free slot in
@@ -31,6 +32,21 @@ several sequences together) on ``n_threads_batch`` (every core), where the work 
 evenly. On a quiet box (``benchmarks/results/llamacpp-concurrency-*.md`` and
 ``llamacpp-anchor-*.md`` of 2026-12-03 after 16:25) that made 4 concurrent requests 1.6x
 faster at the same CPU per token, level with ``llama-server`` run the same way.
+
+Why one unified KV cache and not a KV stream per slot. With a stream per sequence, llama.cpp
+splits a batch into micro-batches of sequences with *consecutive* ids only (its
+``split_equal(sequential=true)``), and each micro-batch's attention spans every stream from
+its lowest to its highest id. Slots are taken and freed in any order, so after a while the
+running sequences sit in slots such as 0, 3 and 6: one step became several
+``llama_decode`` graph runs, each reading all the weights. Measured here (0.5B, 2 cores,
+``n_ctx`` 512, 8 slots, 4 or 8 requests of ~70 + 128 tokens per level, the backend driven
+directly, levels run one after another in one process; two runs each, alternated): 2
+concurrent requests after a level of 4 took 60-68 ms a step with streams and 47-52 ms
+unified; 8 after levels of 1, 2, 4 and 2 ran 43 and 47 tok/s with streams, 68 and 68
+unified; as a first level the two are level (c=8: 67/65 against 60/66 tok/s). The cost of
+unified: a finished sequence's cells stay for prefix reuse, and every token's attention
+walks all cells up to the highest one in use (flash attention skips the masked ones
+cheaply): one sequence alone after 8 had run took 37-38 ms a step against 35.
 
 Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
 and every generated token except the end-of-generation one, which is what
@@ -111,7 +127,7 @@ class LlamaCppSettings(Settings):
     #: (0.5B, 2 cores) prompts read at 62 tok/s on 1 thread and 123 on 2, and 4 sequences of
     #: 128 tokens took 13.1 s on 2 threads against 20.8 s on 1 at 26.0 against 25.0 CPU-s.
     n_threads_batch: int | None = Field(None, ge=1, le=1024)
-    #: Generations decoded together (one KV stream of ``n_ctx`` each, one shared context).
+    #: Generations decoded together (one shared context and KV cache, ``n_ctx`` each).
     #: More slots cost KV memory only (``n_ctx`` tokens each); on a CPU, aggregate speed grows
     #: with them up to the point where the batch becomes compute-bound.
     slots: int = Field(4, ge=1, le=64)
@@ -325,7 +341,7 @@ class LlamaCppBackend(Backend):
                     params.n_ctx = self.n_ctx * self.slots
                     params.n_batch = params.n_ubatch = self.n_batch
                     params.n_seq_max = self.slots
-                    params.kv_unified = False  # a stream of n_ctx per sequence
+                    params.kv_unified = True  # one cache for all: see the module docstring
                     params.flash_attn_type = {
                         "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
                         "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -342,7 +358,7 @@ class LlamaCppBackend(Backend):
         vocab = self._base._model.vocab
         self._engine = BatchEngine(
             llama_cpp, self._context.ctx, n_seq=self.slots,
-            n_ctx_seq=llama_cpp.llama_n_ctx_seq(self._context.ctx), n_batch=self.n_batch,
+            n_ctx_seq=self.n_ctx, n_batch=self.n_batch,
             is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
             name=f"llamacpp-{self.name}")
         self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix=f"llamacpp-{self.name}")

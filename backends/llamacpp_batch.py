@@ -1,7 +1,8 @@
 """Continuous batching for the in-process llama.cpp backend: one context, many sequences.
 
-A :class:`BatchEngine` owns one llama.cpp context made for ``n_seq`` sequences (each with
-its own KV stream of ``n_ctx`` tokens) and one thread that drives it. Every step it
+A :class:`BatchEngine` owns one llama.cpp context made for ``n_seq`` sequences (one
+unified KV cache; the engine ends a sequence at ``n_ctx_seq`` tokens) and one thread that
+drives it. A slot is a sequence id. Every step it
 builds one ``llama_batch`` holding the next token of every sequence that is generating
 and, in the room left (``n_batch``), the next chunk of the prompts that are still being
 read, runs one ``llama_decode`` over all of it and samples each sequence's next token with
@@ -25,8 +26,8 @@ sequence does not miss a step because its consumer was a little slower than the 
 A step of one token runs on the context's ``n_threads``, a step of more (a prompt chunk,
 or several sequences generating) on its ``n_threads_batch``: llama.cpp's own rule.
 
-A sequence that ends leaves its KV cells in its stream; the next sequence given that
-stream keeps the longest common prefix with its own prompt and reads only the rest
+A sequence that ends leaves its KV cells under its slot's id; the next sequence given that
+slot keeps the longest common prefix with its own prompt and reads only the rest
 (a repeated system prompt or conversation is not read again).
 
 The engine knows nothing of requests, chat templates or stop strings: its unit is a token
@@ -66,7 +67,7 @@ class Sequence:
     slot: int = -1
     #: Prompt tokens not yet decoded.
     pending: list[int] = field(default_factory=list)
-    #: Tokens whose KV is in the slot's stream (positions 0..len-1).
+    #: Tokens whose KV is in the cache under the slot's id (positions 0..len-1).
     in_kv: list[int] = field(default_factory=list)
     #: The last sampled token, to be decoded next (None: nothing sampled yet, or ended).
     last: int | None = None
@@ -120,7 +121,7 @@ class BatchEngine:
         self._cond = threading.Condition()
         self._incoming: list[Sequence] = []
         self._active: list[Sequence] = []
-        #: Per slot (KV stream): the tokens its cells hold, for prefix reuse.
+        #: Per slot (sequence id): the tokens its cells hold, for prefix reuse.
         self._cached: list[list[int]] = [[] for _ in range(n_seq)]
         self._free_slots = list(range(n_seq))
         self._closed = False
@@ -244,7 +245,7 @@ class BatchEngine:
     def _admit(self) -> None:
         while self._incoming and self._free_slots:
             seq = self._incoming.pop(0)
-            # The free stream whose cached tokens share the longest prefix with the prompt.
+            # The free slot whose cached tokens share the longest prefix with the prompt.
             slot = max(self._free_slots, key=lambda s: _common_prefix(self._cached[s], seq.prompt))
             self._free_slots.remove(slot)
             keep = min(_common_prefix(self._cached[slot], seq.prompt), len(seq.prompt) - 1)

@@ -24,6 +24,8 @@ from .conftest import SMALL_MODEL, Gateway, llamacpp_policy
 #: Plain completions whose first tokens differ: no prompt shares a cached prefix with another.
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):",
            "import os\n\ndef list_python_files(path):"]
+#: Run after them: the shared KV cache then holds their cells under the other slots' ids.
+LATER = "def merge_sorted(a, b):"
 MAX_TOKENS = 8
 
 
@@ -110,18 +112,19 @@ def test_batched_greedy_decode_gives_the_tokens_of_sequential_decode(small_model
                                 verbose=False)
     try:  # llama-cpp-python's own loop, one context, one sequence at a time
         expected = [reference.create_completion(p, max_tokens=MAX_TOKENS, temperature=0,
-                                                seed=1)["choices"][0]["text"] for p in PROMPTS]
+                                                seed=1)["choices"][0]["text"]
+                    for p in [*PROMPTS, LATER]]
     finally:
         reference.close()
 
     async def sequential() -> list[str]:
         backend = await _started(slots=1)
         try:
-            return [(await backend.complete(_completion(p))).text for p in PROMPTS]
+            return [(await backend.complete(_completion(p))).text for p in [*PROMPTS, LATER]]
         finally:
             await backend.close()
 
-    async def batched() -> tuple[list[str], list[Usage], int, dict[str, float]]:
+    async def batched() -> tuple[list[str], list[Usage], int, dict[str, float], str]:
         backend = await _started(slots=len(PROMPTS))
         meter = CpuTimeMeter(watts_per_core=10.0)
         device = EnergyDevice("host-cpu", meter, interval_s=0.05)
@@ -143,22 +146,48 @@ def test_batched_greedy_decode_gives_the_tokens_of_sequential_decode(small_model
             totals = device.totals
             energy = {"shares": sum(s.joules for s in shares), "meter": totals.meter_j,
                       "idle": totals.idle_j, "min_share": min(s.joules for s in shares)}
-            return list(texts), [r.progress for r in requests], steps, energy
+            # A new prompt in a slot beside the finished ones' cached cells sees none of them.
+            later = (await backend.complete(_completion(LATER))).text
+            return list(texts), [r.progress for r in requests], steps, energy, later
         finally:
             device.close()
             await backend.close()
 
     one_by_one = asyncio.run(sequential())
-    together, usages, steps, energy = asyncio.run(batched())
+    together, usages, steps, energy, later = asyncio.run(batched())
     assert all(text for text in expected)
     assert one_by_one == expected
-    assert together == expected
+    assert [*together, later] == expected
     assert all(u.completion_tokens == MAX_TOKENS and u.prompt_tokens > 2 for u in usages)
     # The three sequences shared their decode steps (one at a time would take 3 x 8).
     assert steps < len(PROMPTS) * MAX_TOKENS
     # Per-request shares of the CPU-time estimate add up to the meter (idle aside).
     assert energy["min_share"] > 0
     assert energy["shares"] + energy["idle"] == pytest.approx(energy["meter"], rel=1e-9)
+
+
+@pytest.mark.e2e
+def test_each_sequence_stops_at_its_own_context_window(small_model_path):
+    """The slots share one KV cache of ``slots x n_ctx`` cells: llama.cpp would let one
+    sequence grow past ``n_ctx``, the backend does not."""
+    async def body() -> list[tuple[int, int, str | None]]:
+        backend = LlamaCppBackend("q", LlamaCppSettings(model=SMALL_MODEL, n_ctx=128, slots=2,
+                                                        n_threads=2, queue_timeout_s=120))
+        await backend.start()
+        try:
+            requests = [GenerationRequest(model="m", prompt=f"{i}, " * 8, max_tokens=400,
+                                          temperature=0, seed=1) for i in range(2)]
+            results = await asyncio.gather(*(backend.complete(r) for r in requests))
+            return [(r.usage.prompt_tokens, r.usage.completion_tokens, r.finish_reason)
+                    for r in results]
+        finally:
+            await backend.close()
+
+    for prompt_tokens, completion_tokens, finish in asyncio.run(body()):
+        assert prompt_tokens > 8
+        assert prompt_tokens + completion_tokens <= 128
+        if finish == "length":  # not an end of text of its own before the window
+            assert prompt_tokens + completion_tokens >= 120
 
 
 @pytest.mark.e2e
