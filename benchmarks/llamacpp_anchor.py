@@ -19,10 +19,14 @@ llama-server's session for (b), over the level), estimated J/token (CPU-s x the 
 meter's watts per busy core, ``EnergySpec.watts_per_core``), p50/p99 time to first token
 (client side, to the first content delta). The levels alternate between the two targets so
 that other load on the machine hits both alike; CPU used by processes outside the
-benchmark during a level is recorded as ``other cores``.
+benchmark during a level is recorded as ``other cores``. With ``--rounds N`` the whole
+sequence of levels runs N times (the order of the two targets flips every level and every
+round): the report gives each round's in-process / llama-server ratio and judges the
+targets on the median over the rounds, since one round on a shared box can be off by 20%.
 
     .venv/bin/python benchmarks/llamacpp_anchor.py                  # 8 requests per level
     .venv/bin/python benchmarks/llamacpp_anchor.py --levels 1,4 --requests 4   # quick look
+    .venv/bin/python benchmarks/llamacpp_anchor.py --skip-batched-bench --rounds 3
 
 Threads: all three run a step of one token on ``--threads`` (default: half the cores) and a
 step of several (a prompt, or several sequences at once) on ``--threads-batch`` (default:
@@ -45,9 +49,11 @@ import os
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,6 +295,7 @@ class Level:
     cpu_server: float
     other_cores: float
     ttft: list[float] = field(default_factory=list)
+    round: int = 1
 
     @property
     def tok_s(self) -> float:
@@ -325,7 +332,7 @@ async def run_level(url: str, concurrency: int, requests: int, first: int) -> li
 
 
 def measure(target: str, url: str, sids: tuple[int, int | None], concurrency: int,
-            requests: int, first: int) -> Level:
+            requests: int, first: int, round_: int) -> Level:
     gw_sid, server_sid = sids
     cpu_gw0 = session_cpu_s(gw_sid)
     cpu_sv0 = session_cpu_s(server_sid) if server_sid else 0.0
@@ -337,8 +344,8 @@ def measure(target: str, url: str, sids: tuple[int, int | None], concurrency: in
     other = machine_busy_s() - busy0 - (self_cpu_s() - self0) - cpu_gw - cpu_sv
     level = Level(target, concurrency, requests, wall, sum(r.completion_tokens for r in results),
                   sum(r.prompt_tokens for r in results) / len(results), cpu_gw, cpu_sv,
-                  max(other, 0.0) / wall, [r.ttft for r in results])
-    say(f"  {target:13s} c={concurrency}: {level.output_tokens} tokens in {wall:.1f} s = "
+                  max(other, 0.0) / wall, [r.ttft for r in results], round_)
+    say(f"  {target:13s} c={concurrency} (round {round_}): {level.output_tokens} tokens in {wall:.1f} s = "
         f"{level.tok_s:.1f} tok/s, {level.cpu_per_token:.3f} CPU-s/token, "
         f"TTFT p50 {percentile(level.ttft, 50):.2f} s (other load: {level.other_cores:.2f} cores)")
     return level
@@ -378,8 +385,9 @@ def report(stamp: str, args: argparse.Namespace, bench_rows: list[dict[str, floa
            f"- Energy estimate: CPU-s x {watts:g} W per busy core (the estimated meter's "
            "`watts_per_core`), no idle share",
            "- The CPU is shared with other jobs on this machine while this ran: `other cores` is "
-           "the CPU they used during each level (cores busy on average); numbers are from one "
-           f"short, bounded run each, not averages (load average at the end: "
+           "the CPU they used during each level (cores busy on average); each row is one "
+           f"short, bounded run, {args.rounds} round(s) of every level; the ratios and targets "
+           "use the median over the rounds (load average at the end: "
            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})",
            ""]
     out += ["## (a) llama-batched-bench: the batched-decode ceiling", "",
@@ -396,43 +404,74 @@ def report(stamp: str, args: argparse.Namespace, bench_rows: list[dict[str, floa
             "Aggregate output tok/s = output tokens of the level / its wall time. CPU-s/token: "
             "the gateway's processes plus (llama-server) the server's, over the level / output "
             "tokens. TTFT: client side, to the first content delta.", "",
-            "| target | c | requests | prompt tok | output tok | tok/s | CPU-s/tok (gateway + server) "
-            "| est. J/tok | TTFT p50 s | TTFT p99 s | other cores |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| target | c | round | requests | prompt tok | output tok | tok/s | CPU-s/tok "
+            "(gateway + server) | est. J/tok | TTFT p50 s | TTFT p99 s | other cores |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in levels:
         split = (f"{lv.cpu_per_token:.4f} ({lv.cpu_gateway / max(lv.output_tokens, 1):.4f} + "
                  f"{lv.cpu_server / max(lv.output_tokens, 1):.4f})")
-        out.append(f"| {lv.target} | {lv.concurrency} | {lv.requests} | {lv.prompt_tokens:.0f} | "
+        out.append(f"| {lv.target} | {lv.concurrency} | {lv.round} | {lv.requests} | "
+                   f"{lv.prompt_tokens:.0f} | "
                    f"{lv.output_tokens} | {lv.tok_s:.1f} | {split} | "
                    f"{lv.cpu_per_token * watts:.3f} | {percentile(lv.ttft, 50):.2f} | "
                    f"{percentile(lv.ttft, 99):.2f} | {lv.other_cores:.2f} |")
-    by = {(lv.target, lv.concurrency): lv for lv in levels}
+    runs: dict[tuple[str, int], dict[int, Level]] = {}
+    for lv in levels:
+        runs.setdefault((lv.target, lv.concurrency), {})[lv.round] = lv
+
+    def med(target: str, c: int, value: Callable[[Level], float]) -> float | None:
+        got = runs.get((target, c))
+        return statistics.median(value(lv) for lv in got.values()) if got else None
+
+    def tok_s(lv: Level) -> float:
+        return lv.tok_s
+
+    def cpu_tok(lv: Level) -> float:
+        return lv.cpu_per_token
+
+    def ttft50(lv: Level) -> float:
+        return percentile(lv.ttft, 50)
+
+    rounds = sorted({lv.round for lv in levels})
     out += ["", "## Ratios in-process / llama-server (same run)", "",
-            "| c | tok/s | CPU-s/token | TTFT p50 | in-process tok/s vs batched-bench decode |",
-            "|---:|---:|---:|---:|---:|"]
+            "Each round's ratio is of two levels run one after the other; `median` is the median "
+            "of those ratios (tok/s), the other columns the ratio of the medians.", "",
+            "| c | " + " | ".join(f"tok/s round {r}" for r in rounds) + " | tok/s median | "
+            "CPU-s/token | TTFT p50 | in-process tok/s vs batched-bench decode |",
+            "|---:|" + "---:|" * (len(rounds) + 4)]
     bench_by = {int(r["pl"]): r for r in bench_rows}
+    within: list[tuple[int, float]] = []
     for c in args.levels:
-        a, b = by.get(("in-process", c)), by.get(("llama-server", c))
-        if not a or not b:
+        a, b = runs.get(("in-process", c), {}), runs.get(("llama-server", c), {})
+        paired = [r for r in rounds if r in a and r in b]
+        if not paired:
             continue
-        ceiling = (f"{a.tok_s / bench_by[c]['speed_tg']:.2f}" if c in bench_by else "-")
-        out.append(f"| {c} | {a.tok_s / b.tok_s:.2f} | {a.cpu_per_token / b.cpu_per_token:.2f} | "
-                   f"{percentile(a.ttft, 50) / max(percentile(b.ttft, 50), 1e-9):.2f} | {ceiling} |")
-    out += ["", "## The issue's targets (issue 17)", ""]
+        ratios = {r: a[r].tok_s / b[r].tok_s for r in paired}
+        median = statistics.median(ratios.values())
+        within.append((c, median))
+        a_tok, a_cpu, b_cpu = med("in-process", c, tok_s), med("in-process", c, cpu_tok), \
+            med("llama-server", c, cpu_tok)
+        a_ttft, b_ttft = med("in-process", c, ttft50), med("llama-server", c, ttft50)
+        assert a_tok and a_cpu and b_cpu and a_ttft is not None and b_ttft is not None
+        ceiling = (f"{a_tok / bench_by[c]['speed_tg']:.2f}" if c in bench_by else "-")
+        out.append(f"| {c} | " + " | ".join(f"{ratios[r]:.2f}" if r in ratios else "-"
+                                            for r in rounds)
+                   + f" | {median:.2f} | {a_cpu / b_cpu:.2f} | {a_ttft / max(b_ttft, 1e-9):.2f} | "
+                   f"{ceiling} |")
+    out += ["", "## The issue's targets (issue 17)", "",
+            f"Medians over {len(rounds)} round(s).", ""]
     for target in ("in-process", "llama-server"):
-        one, four = by.get((target, 1)), by.get((target, 4))
-        if one and four:
-            speed = four.tok_s / one.tok_s
-            cpu = four.cpu_per_token / one.cpu_per_token
+        one, four = med(target, 1, tok_s), med(target, 4, tok_s)
+        cpu_one, cpu_four = med(target, 1, cpu_tok), med(target, 4, cpu_tok)
+        if one and four and cpu_one and cpu_four:
+            speed, cpu = four / one, cpu_four / cpu_one
             out.append(f"- {target}: c=4 tok/s = {speed:.2f}x c=1 (target >= 2x: "
                        f"{'met' if speed >= 2 else 'NOT met'}); CPU-s/token at c=4 = {cpu:.2f}x "
                        f"c=1 (target <= 0.6x: {'met' if cpu <= 0.6 else 'NOT met'})")
-    within = [(c, by[("in-process", c)].tok_s / by[("llama-server", c)].tok_s) for c in args.levels
-              if ("in-process", c) in by and ("llama-server", c) in by]
     if within:
         worst = min(r for _, r in within)
         out.append(f"- in-process within 10% of llama-server's tok/s at every concurrency: "
-                   f"{'met' if worst >= 0.9 else 'NOT met'} (ratios: "
+                   f"{'met' if worst >= 0.9 else 'NOT met'} (median ratios: "
                    + ", ".join(f"c={c} {r:.2f}" for c, r in within) + ")")
     return "\n".join(out) + "\n"
 
@@ -450,6 +489,8 @@ def main() -> int:
                         help="threads for a step of several tokens (default: every core, the "
                              "in-process tier's own default)")
     parser.add_argument("--ctx", type=int, default=512, help="context tokens per slot")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every level this many times; targets on the median")
     parser.add_argument("--skip-batched-bench", action="store_true")
     parser.add_argument("--no-llama-server", action="store_true",
                         help="the in-process tier only (no llama.cpp tools needed with "
@@ -499,19 +540,21 @@ def main() -> int:
         for url, _ in targets.values():
             asyncio.run(run_level(url, 2, 2, 10_000))
         levels: list[Level] = []
-        first = 0
-        for n, c in enumerate(args.levels):
-            requests = max(args.requests, c)
-            say(f"concurrency {c}: {requests} requests to each target")
-            order = list(targets) if n % 2 == 0 else list(reversed(targets))
-            for target in order:
-                url, sids = targets[target]
-                levels.append(measure(target, url, sids, c, requests, first))
-            first += requests
+        first = 0  # every request of the run has a prompt of its own
+        for round_ in range(1, args.rounds + 1):
+            for n, c in enumerate(args.levels):
+                requests = max(args.requests, c)
+                say(f"round {round_}/{args.rounds}, concurrency {c}: {requests} requests to "
+                    "each target")
+                order = list(targets) if (n + round_) % 2 else list(reversed(targets))
+                for target in order:
+                    url, sids = targets[target]
+                    levels.append(measure(target, url, sids, c, requests, first, round_))
+                first += requests
     finally:
         for p in reversed(procs):
             p.stop()
-    levels.sort(key=lambda lv: (lv.target != "in-process", lv.concurrency))
+    levels.sort(key=lambda lv: (lv.target != "in-process", lv.concurrency, lv.round))
     text = report(stamp, args, bench_rows, levels, watts, build)
     path = RESULTS / f"llamacpp-anchor-{stamp}.md"
     path.write_text(text)
