@@ -138,6 +138,9 @@ class LlamaCppSettings(Settings):
     #: (0.5B, 2 cores, 8 requests of ~135 + 128 tokens, two A/B pairs through the gateway):
     #: ``auto`` against ``off`` 53.4/53.8 against 52.8/53.3 tok/s at concurrency 4 and
     #: 61.9/56.4 against 57.7/54.7 at 8; attention is a larger share of a step as the KV grows.
+    #: With ``off``, every token's attention also computes over the cells that finished
+    #: sequences leave cached for prefix reuse (the slots share one cache), which flash
+    #: attention skips.
     flash_attn: Literal["auto", "on", "off"] = "auto"
     #: Requests allowed to wait for a slot; beyond it the backend answers 503 at once.
     max_queue: int = Field(64, ge=0, le=100_000)
