@@ -1,9 +1,11 @@
 """The OpenAPI document of the gateway's HTTP surface (``GET /openapi.json`` when the
 policy sets ``server.openapi: true``).
 
-The request bodies of the two generation endpoints are the pydantic models that parse
-them (:mod:`gateway.openai_types`), so the document cannot drift from what is accepted;
-every error is the OpenAI error object.
+Every endpoint the app serves is in it: the OpenAI API (chat, completions, responses,
+embeddings, models, files and batches), health, metrics and the admin API. The request
+bodies of chat, completions, responses and embeddings are the pydantic models that parse
+them (:mod:`gateway.openai_types`, :mod:`gateway.responses`, :mod:`gateway.embeddings`), so
+the document cannot drift from what is accepted; every error is the OpenAI error object.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import openai_types as wire
+from .batches.wire import ENDPOINTS as BATCH_ENDPOINTS
+from .batches.wire import PURPOSE as BATCH_PURPOSE
+from .embeddings import EmbeddingsRequest
 from .responses import ResponsesRequest
 
 _REF = "#/components/schemas/{model}"
@@ -76,6 +81,67 @@ def _admin(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     return op
 
 
+def _op(summary: str, ok: dict[str, Any], *errors: tuple[str, str],
+        path: tuple[str, ...] = (), query: tuple[tuple[str, dict[str, Any]], ...] = (),
+        body: dict[str, Any] | None = None, media: str = JSON) -> dict[str, Any]:
+    """An operation of the OpenAI API that a tenant's key calls."""
+    op: dict[str, Any] = {"summary": summary, "security": [{"bearer": []}],
+                          "responses": _responses(ok, _AUTH, *errors)}
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in path]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
+                   for name, schema in query]
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {media: {"schema": body}}}
+    return op
+
+
+def _batch_paths() -> dict[str, Any]:
+    """``/v1/files`` and ``/v1/batches`` (:mod:`gateway.batches.api`), as OpenAI's."""
+    missing = ("404", "no such file or batch for this key's tenant")
+    limit = ("limit", {"type": "integer", "minimum": 1})
+    upload = {"type": "object", "required": ["file", "purpose"],
+              "properties": {"file": {"type": "string", "format": "binary"},
+                             "purpose": {"const": BATCH_PURPOSE}}}
+    create = {"type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
+              "properties": {"input_file_id": {"type": "string"},
+                             "endpoint": {"enum": list(BATCH_ENDPOINTS)},
+                             "completion_window": {"type": "string"},
+                             "metadata": {"type": ["object", "null"]}}}
+    return {
+        "/v1/files": {
+            "get": _op("the tenant's files", _json_ok("a list of file objects"), _BAD,
+                       query=(("purpose", {"type": "string"}), limit,
+                              ("order", {"enum": ["asc", "desc"]}),
+                              ("after", {"type": "string"}))),
+            "post": _op("upload a batch input file (JSONL, checked line by line)",
+                        _json_ok("the file object"), _BAD, body=upload,
+                        media="multipart/form-data")},
+        "/v1/files/{file_id}": {
+            "get": _op("a file object", _json_ok("the file object"), missing,
+                       path=("file_id",)),
+            "delete": _op("delete a file", _json_ok("the deletion"), missing,
+                          path=("file_id",))},
+        "/v1/files/{file_id}/content": {
+            "get": _op("a file's bytes", {"description": "the file", "content": {
+                "application/octet-stream": {"schema": {"type": "string",
+                                                        "format": "binary"}}}},
+                missing, path=("file_id",))},
+        "/v1/batches": {
+            "get": _op("the tenant's batches, newest first", _json_ok("a list of batches"),
+                       _BAD, query=(("after", {"type": "string"}), limit)),
+            "post": _op("create a batch (with `carbon`: where and when it runs)",
+                        _json_ok("the batch object"), _BAD, missing, body=create)},
+        "/v1/batches/{batch_id}": {
+            "get": _op("a batch", _json_ok("the batch object"), missing, path=("batch_id",))},
+        "/v1/batches/{batch_id}/cancel": {
+            "post": _op("cancel a batch that is validating or in progress",
+                        _json_ok("the batch object"), _BAD, missing, path=("batch_id",))},
+    }
+
+
 def openapi_spec(app: FastAPI) -> dict[str, Any]:
     """The document, built once per app and kept."""
     cached: dict[str, Any] | None = getattr(app.state, "openapi_spec", None)
@@ -88,7 +154,8 @@ def openapi_spec(app: FastAPI) -> dict[str, Any]:
             "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                            "param": {"type": ["string", "null"]},
                            "code": {"type": ["string", "null"]}}}}}}
-    for model in (wire.ChatCompletionRequest, wire.CompletionRequest, ResponsesRequest):
+    for model in (wire.ChatCompletionRequest, wire.CompletionRequest, ResponsesRequest,
+                  EmbeddingsRequest):
         schema = model.model_json_schema(ref_template=_REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -100,6 +167,12 @@ def openapi_spec(app: FastAPI) -> dict[str, Any]:
         message["content"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
             "type": "object", "required": ["type", "text"], "additionalProperties": False,
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
+    token_ids = {"type": "array", "minItems": 1,
+                 "items": {"type": "integer", "minimum": 0, "maximum": (1 << 31) - 1}}
+    schemas["EmbeddingsRequest"]["properties"]["input"] = {"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        token_ids, {"type": "array", "minItems": 1, "items": token_ids}]}
     window = {"type": "string", "minLength": 1}
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -110,9 +183,18 @@ def openapi_spec(app: FastAPI) -> dict[str, Any]:
             "/v1/chat/completions": _generation("ChatCompletionRequest", "chat completion"),
             "/v1/completions": _generation("CompletionRequest", "text completion"),
             "/v1/responses": _generation("ResponsesRequest", "a response (the Responses API)"),
+            "/v1/embeddings": {"post": _op(
+                "embeddings", _json_ok("the embedding list"), _BAD,
+                ("429", "the tenant's joule budget is spent"), ("502", "the backend failed"),
+                ("504", "the backend did not answer in time"),
+                body={"$ref": _REF.format(model="EmbeddingsRequest")})},
             "/v1/models": {"get": {"summary": "the models this key may use",
                                    "security": [{"bearer": []}],
                                    "responses": _responses(_json_ok("the model list"), _AUTH)}},
+            "/v1/models/{model_id}": {"get": _op(
+                "one model this key may use", _json_ok("the model object"),
+                ("404", "no such model for this key"), path=("model_id",))},
+            **_batch_paths(),
             "/healthz": {"get": {"summary": "liveness",
                                  "responses": _responses(_json_ok("alive"))}},
             "/readyz": {"get": {"summary": "readiness; details only with the metrics token "

@@ -8,6 +8,7 @@ The budget is bounded (``MAX_EXAMPLES`` per operation) so that this stays a unit
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -50,7 +51,7 @@ def test_every_operation_conforms_to_the_openapi_document(tmp_path):
         seen: dict[str, set[int]] = {}
         calls: list[str] = []
 
-        def run(case: Any) -> None:
+        def run(case: Any) -> httpx.Response:
             admin = case.path.startswith("/admin")
             key = ADMIN if admin else auth()
             if admin and case.path_parameters and "tenant" in case.path_parameters \
@@ -62,12 +63,20 @@ def test_every_operation_conforms_to_the_openapi_document(tmp_path):
             kw = case.as_transport_kwargs(base_url=BASE_URL)
             kw["headers"] = {**{k: v for k, v in (kw.get("headers") or {}).items()
                                 if k.lower() != "authorization"}, **key}  # a real key
-            response = loop.run_until_complete(gw.http.request(
+            # A generated multipart part may be a number or null, which httpx cannot send:
+            # send its JSON text, as a form field would carry it.
+            files = [(name, (filename, value if isinstance(value, bytes | str)
+                             else json.dumps(value)))
+                     for name, (filename, value) in kw.get("files") or []] or None
+            request = gw.http.build_request(
                 kw["method"], kw["url"], headers=kw.get("headers"), params=kw.get("params"),
-                json=kw.get("json"), content=kw.get("data")))
+                json=kw.get("json"), content=kw.get("data"), files=files)
+            request.read()  # a multipart body too: the check reads what was sent
+            response = loop.run_until_complete(gw.http.send(request))
             seen.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
             case.validate_response(response, checks=CHECKS)
             _openai_shaped_4xx(response)
+            return response
 
         #: Known-good bodies, so that answers (not only refusals) are checked against the
         #: document too: generated messages often break role rules the schema cannot say.
@@ -87,9 +96,30 @@ def test_every_operation_conforms_to_the_openapi_document(tmp_path):
                 run(case)
 
             check()
-        # Generation calls were answered (not all refused), so the check saw real answers.
-        assert 200 in seen["POST /v1/chat/completions"], seen
-        assert 200 in seen["POST /v1/completions"], seen
+        # The Batch API's calls on a real file and batch, so that its answers are checked too.
+        ops = {(r.ok().method.upper(), r.ok().path): r.ok() for r in schema.get_all_operations()}
+        line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+                "body": valid["/v1/chat/completions"]}
+        upload = run(ops["POST", "/v1/files"].Case(
+            body={"file": json.dumps(line).encode() + b"\n", "purpose": "batch"},
+            media_type="multipart/form-data"))
+        file_id = upload.json()["id"]
+        made = run(ops["POST", "/v1/batches"].Case(
+            body={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                  "completion_window": "24h"}, media_type="application/json"))
+        by_id = [("GET", "/v1/files/{file_id}", {"file_id": file_id}),
+                 ("GET", "/v1/files/{file_id}/content", {"file_id": file_id}),
+                 ("GET", "/v1/batches/{batch_id}", {"batch_id": made.json()["id"]}),
+                 ("POST", "/v1/batches/{batch_id}/cancel", {"batch_id": made.json()["id"]}),
+                 ("GET", "/v1/models/{model_id}", {"model_id": "small"}),
+                 ("DELETE", "/v1/files/{file_id}", {"file_id": file_id})]
+        for method, path, parameters in by_id:
+            run(ops[method, path].Case(path_parameters=parameters))
+        # Calls were answered (not all refused), so the check saw real answers.
+        answered = ["POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings",
+                    "POST /v1/files", "POST /v1/batches",
+                    *(f"{method} {path}" for method, path, _ in by_id)]
+        assert all(200 in seen[op] for op in answered), seen
     finally:
         loop.run_until_complete(gw.__aexit__(None, None, None))
         loop.close()
