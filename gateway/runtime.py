@@ -210,7 +210,9 @@ class Runtime:
         policy = load_policy(self.policy_path)
         state = state_dir(policy)
         self.calibration = Calibration(state / "calibration.json")
-        self.usage_log = UsageLog(state / USAGE_LOG_NAME).start()
+        rotation = policy.server.usage_log
+        self.usage_log = UsageLog(state / USAGE_LOG_NAME, max_bytes=int(rotation.max_mb * 2**20),
+                                  keep=rotation.keep).start()
         self.budgets = self._budget_guard(policy, state)
         self._current = await self._build(policy, version=1)
         self.budgets.watch(policy)

@@ -7,6 +7,13 @@ Each batch is one ``write`` to a file opened with ``O_APPEND``, so several worke
 may share the file. Records are never rewritten; lost ones (a crash before the writer ran)
 only make the report smaller.
 
+Rotation: once the file holds ``max_bytes`` (policy ``server.usage_log.max_mb``), the writer
+that finds it so renames it ``usage-<UTC time>.jsonl`` (under an ``flock`` on
+``usage.jsonl.lock``, so two workers never rotate the same file twice) and starts a new one;
+the oldest segments beyond ``keep`` are deleted. :func:`read_usage` reads the kept segments
+and the current file, oldest first. The file is opened by name for every batch, so an
+outside ``logrotate`` that moves it works too.
+
 A record's keys: ``t`` (Unix time at the end), ``tenant``, ``tier``, ``site``, ``ep``
 (endpoint), ``status``, ``pt``/``ct`` (prompt/completion tokens), ``j`` (IT joules), ``es``
 (their source), ``fj`` (facility joules), ``w`` (water, mL), ``co2`` (grams), ``g``
@@ -16,11 +23,14 @@ submitted, when it could have run at once).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +45,10 @@ _STOP = object()
 class UsageLog:
     """Appends records to ``path`` from a background thread (see the module docstring)."""
 
-    def __init__(self, path: str | Path, batch: int = 512, linger_s: float = 0.2):
+    def __init__(self, path: str | Path, batch: int = 512, linger_s: float = 0.2,
+                 max_bytes: int = 64 << 20, keep: int = 20):
         self.path = Path(path)
+        self.max_bytes, self.keep = max_bytes, keep
         self.batch = batch
         #: How long the writer waits after a record for more to join its batch: a thread
         #: woken for every request cost each request a context switch (~0.1 ms on one core).
@@ -81,6 +93,9 @@ class UsageLog:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                if os.fstat(fd).st_size >= self.max_bytes and self._rotate(fd):
+                    os.close(fd)
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 os.write(fd, data)
             finally:
                 os.close(fd)
@@ -88,6 +103,26 @@ class UsageLog:
             self.errors += 1
             if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
                 log.warning("usage log %s: %s (%d errors)", self.path, exc, self.errors)
+
+    def _rotate(self, fd: int) -> bool:
+        """Move the full file (open as ``fd``) aside and prune old segments, unless another
+        writer already did; whether the file at ``path`` changed."""
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return True
+            if current.st_ino != os.fstat(fd).st_ino:
+                return True  # rotated by another writer meanwhile
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            name = self.path.with_name(f"{self.path.stem}-{stamp}-{time.time_ns() % 10**9:09d}"
+                                       f"{self.path.suffix}")
+            os.rename(self.path, name)
+            for old in segments(self.path)[:-self.keep or None]:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+            return True
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued, then stop the thread."""
@@ -97,19 +132,37 @@ class UsageLog:
             thread.join(timeout_s)
 
 
+def segments(path: str | Path) -> list[Path]:
+    """The rotated segments of the usage log at ``path``, oldest first."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{path.stem}-*{path.suffix}"))
+
+
+def _files(path: Path, since: float | None) -> Iterator[Path]:
+    """The usage log's files that may hold records at or after ``since``, oldest first:
+    a segment last written before ``since`` holds none."""
+    for segment in segments(path):
+        with contextlib.suppress(FileNotFoundError):
+            if since is None or segment.stat().st_mtime >= since:
+                yield segment
+    yield path
+
+
 def read_usage(path: str | Path, since: float | None = None) -> list[dict[str, Any]]:
-    """The records of a usage log (at or after ``since``, Unix time); a torn last line or
-    any line that is not a record is skipped."""
+    """The records of a usage log, its rotated segments included (at or after ``since``,
+    Unix time); a torn last line or any line that is not a record is skipped."""
     records: list[dict[str, Any]] = []
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and (since is None or record.get("t", 0) >= since):
-                    records.append(record)
-    except FileNotFoundError:
-        pass
+    for name in _files(Path(path), since):
+        try:
+            with open(name, "rb") as f:
+                for line in f:
+                    try:
+                        record = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(record, dict) and (since is None
+                                                     or record.get("t", 0) >= since):
+                        records.append(record)
+        except FileNotFoundError:  # pruned or rotated while we read
+            pass
     return records

@@ -86,6 +86,16 @@ class LimitsSpec(_Strict):
     max_pending_per_tier: int = Field(256, ge=1, le=1_000_000)
 
 
+class UsageLogSpec(_Strict):
+    """The usage log (``<state_dir>/usage.jsonl``, what ``joulegate report`` reads): when it
+    rotates and how many rotated segments stay. Read when the server starts."""
+
+    #: Size at which the file is renamed ``usage-<UTC time>.jsonl`` and a new one begun.
+    max_mb: float = Field(64.0, gt=0, le=1 << 20)
+    #: Rotated segments kept; older ones are deleted (0: none kept).
+    keep: int = Field(20, ge=0, le=100_000)
+
+
 class ServerSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
@@ -105,6 +115,8 @@ class ServerSpec(_Strict):
     metrics_token: KeyRefStr | None = None
     #: Serve the OpenAPI document at ``GET /openapi.json`` (off: 404).
     openapi: bool = False
+    #: The usage log's rotation (see :class:`UsageLogSpec`).
+    usage_log: UsageLogSpec = UsageLogSpec()
 
 
 class AdminSpec(_Strict):
