@@ -295,7 +295,7 @@ class EmbeddedLedger(Ledger):
         for window, start, factor in periods:
             db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0) "
                        "WHERE tenant=? AND window=? AND period_start=?",
-                       (joules * factor, tenant, window, start))
+                       (_held(joules, factor), tenant, window, start))
 
     def _expire(self, db: sqlite3.Connection, now: float, tenant: str | None = None) -> int:
         query = "SELECT request_id, tenant, joules, periods FROM reservations " \
@@ -367,7 +367,7 @@ class EmbeddedLedger(Ledger):
                                      "reservation") from None
                 states = []
                 for limit, (window, start, factor) in zip(limits, periods, strict=True):
-                    need = joules * factor
+                    need = _held(joules, factor)
                     row = db.execute(
                         "UPDATE buckets SET reserved = ROUND(reserved + ?, 9) WHERE tenant=? "
                         "AND window=? AND period_start=? AND ? + granted - spent - reserved >= ?"
@@ -388,11 +388,11 @@ class EmbeddedLedger(Ledger):
                               (request_id,)).fetchone():
                     raise ValueError(f"request id {request_id!r} already has a reservation")
                 states = [self._bucket(db, tenant, limit, at) for limit in limits]
-                short = next((s for s in states if s.remaining < joules * s.factor), None)
+                short = next((s for s in states if s.remaining < _held(joules, s.factor)), None)
                 if short is not None:
                     return Reservation(False, request_id, joules, states, short)
                 for state in states:
-                    need = joules * state.factor
+                    need = _held(joules, state.factor)
                     db.execute("UPDATE buckets SET reserved = ROUND(reserved + ?, 9) WHERE "
                                "tenant=? AND window=? AND period_start=?",
                                (need, tenant, state.window, state.period_start))
@@ -434,7 +434,7 @@ class EmbeddedLedger(Ledger):
                 if held:
                     db.execute("UPDATE buckets SET reserved = MAX(ROUND(reserved - ?, 9), 0),"
                                " spent = ROUND(spent + ?, 9) WHERE tenant=? AND window=? AND "
-                               "period_start=?", (joules * factor, (spend or 0.0) * factor,
+                               "period_start=?", (_held(joules, factor), (spend or 0.0) * factor,
                                                   tenant, window, start))
                 elif spend is not None:
                     db.execute("UPDATE buckets SET spent = ROUND(spent + ?, 9) WHERE "
@@ -578,6 +578,13 @@ class EmbeddedLedger(Ledger):
         finally:
             self._worker.shutdown(wait=False)
             self._checkpointer.shutdown(wait=False)
+
+
+def _held(joules: float, factor: float) -> float:
+    """What a hold of ``joules`` puts in a bucket of ``factor``, in whole nanojoules: the
+    same number is added when it is taken and subtracted when it is closed, so holds give
+    back exactly what they took (an unrounded amount left 1e-9 behind now and then)."""
+    return round(joules * factor, 9)
 
 
 def _dumps(periods: Periods | list[list[Any]]) -> str:
