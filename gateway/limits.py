@@ -55,8 +55,9 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
     """httptools' protocol with a cap on the bytes of each request's head.
 
     Bytes count from the first chunk that arrives while a head is awaited until the chunk
-    that completes it; a chunk in which a pipelined request begins is not counted, so the
-    cap may be passed by at most one read before the refusal (never a false refusal)."""
+    that completes it; a chunk in which a head completes is not counted, even when a whole
+    request (head and body) and the start of the next one came in it, so the cap may be
+    passed by at most one read before the refusal (never a false refusal)."""
 
     max_head_bytes = int(os.environ.get(MAX_HEAD_ENV) or DEFAULT_MAX_HEAD)
 
@@ -64,13 +65,15 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._awaiting_head = True
         self._head_bytes = 0
+        #: A head completed during the current ``data_received`` call.
+        self._head_done = False
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
-        self._awaiting_head = False
+        self._awaiting_head, self._head_done = False, True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -78,9 +81,13 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         self._awaiting_head, self._head_bytes = True, 0
 
     def data_received(self, data: bytes) -> None:
-        counting = self._awaiting_head
+        counting, self._head_done = self._awaiting_head, False
         super().data_received(data)
-        if not (counting and self._awaiting_head) or self.transport.is_closing():
+        # A chunk that held a whole request (its body too) ends awaiting the next head: it
+        # is not that head's bytes (counting it refused any request over the cap that
+        # arrived in one read, a long prompt on a kept-alive connection).
+        if not (counting and self._awaiting_head) or self._head_done \
+                or self.transport.is_closing():
             return
         self._head_bytes += len(data)
         if self._head_bytes > self.max_head_bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import threading
@@ -64,6 +65,17 @@ def test_huge_headers_http_1_0_streams_and_the_shutdown_drain(gateways, slow_ups
     assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
     assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == \
         "request_header_fields_too_large"
+
+    # A body far over the head cap, two requests sent in one write on one connection (each
+    # arrives whole in one read): both served, neither taken for an over-long head.
+    big = json.dumps({"model": "small", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "word " * 5_000}]}).encode()  # 25 KB: one read
+    heads = [(f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+              f"Authorization: Bearer {KEYS['acme']}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(big)}\r\n{close}\r\n").encode()
+             for close in ("", "Connection: close\r\n")]
+    answer = _request(gw.port, heads[0] + big + heads[1], big)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200"], answer[:300]
 
     # HTTP/1.0: one body with a length, no chunked encoding (a short stream: small tier).
     head, body = _chat(gw.port, "1.0")
