@@ -18,6 +18,7 @@ from .base import (
     BackendTimeout,
     BackendUnavailable,
     Chunk,
+    ContextWindowExceeded,
     Generation,
     GenerationRequest,
     Health,
@@ -31,6 +32,6 @@ from .wordllama_embed import load_wordllama
 __all__ = [
     "KINDS", "Backend", "BackendError", "BackendFailure", "BackendInvalidResponse",
     "BackendKind", "BackendRejected", "BackendTimeout", "BackendUnavailable", "Capabilities",
-    "Chunk", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "Usage",
+    "Chunk", "ContextWindowExceeded", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "Usage",
     "load_wordllama",
 ]

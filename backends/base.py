@@ -181,6 +181,20 @@ class BackendRejected(BackendError):
         self.param = param
 
 
+class ContextWindowExceeded(BackendRejected):
+    """The prompt does not fit the model's context window. Clients act on this one (trim
+    the conversation, or LiteLLM's ``context_window_fallbacks``): the gateway answers it as
+    OpenAI does, 400 ``context_length_exceeded``."""
+
+
+def context_window_message(window: int, used: int, chat: bool) -> str:
+    """OpenAI's words for it, which clients match on (LiteLLM looks for "maximum context
+    length")."""
+    what = "messages" if chat else "prompt"
+    return (f"This model's maximum context length is {window} tokens. However, your {what} "
+            f"resulted in {used} tokens. Please reduce the length of the {what}.")
+
+
 class Backend(abc.ABC):
     """A model server the gateway can send generations to.
 

@@ -77,10 +77,12 @@ from .base import (
     BackendRejected,
     BackendUnavailable,
     Chunk,
+    ContextWindowExceeded,
     Generation,
     GenerationRequest,
     Health,
     Usage,
+    context_window_message,
 )
 from .kind import BackendKind, Capabilities, Requirement, Settings
 from .llamacpp_batch import BatchEngine
@@ -458,9 +460,14 @@ class LlamaCppBackend(Backend):
             raise self._rejected(exc, req) from None
 
     def _rejected(self, exc: ValueError, req: GenerationRequest) -> BackendRejected:
-        # llama-cpp-python names the size of the context it holds; a request's window is n_ctx.
-        message = re.sub(r"context window of \d+", f"context window of {self.n_ctx}", str(exc))
-        return BackendRejected(message, param="messages" if req.messages else "prompt")
+        param = "messages" if req.messages else "prompt"
+        # llama-cpp-python: "Requested tokens (N) exceed context window of <its own n_ctx>";
+        # a request's window is this backend's n_ctx.
+        found = re.search(r"Requested tokens \((\d+)\) exceed context window", str(exc))
+        if found:
+            return ContextWindowExceeded(context_window_message(
+                self.n_ctx, int(found.group(1)), req.messages is not None), param=param)
+        return BackendRejected(str(exc), param=param)
 
     async def complete(self, request: GenerationRequest) -> Generation:
         plan = self._plan(request)

@@ -40,12 +40,14 @@ from .base import (
     BackendTimeout,
     BackendUnavailable,
     Chunk,
+    ContextWindowExceeded,
     EmbeddingRequest,
     Embeddings,
     Generation,
     GenerationRequest,
     Health,
     Usage,
+    context_window_message,
 )
 from .embeddings_wire import Malformed as MalformedEmbeddings
 from .embeddings_wire import embeddings_body, parse_embeddings
@@ -95,6 +97,14 @@ def _resolve_secret(value: str | None) -> str | None:
     if value and value.startswith("env:"):
         return os.environ.get(value[4:]) or None
     return value
+
+
+def _context_overflow(err: dict[str, Any], message: str) -> bool:
+    """An upstream's 400 that says the prompt does not fit: OpenAI's code, llama-server's
+    type, or the words OpenAI and vLLM use."""
+    return (err.get("code") == "context_length_exceeded"
+            or err.get("type") == "exceed_context_size_error"
+            or "maximum context length" in message.lower())
 
 
 def _reason(exc: aiohttp.ClientError) -> str:
@@ -349,10 +359,10 @@ class OpenAIBackend(Backend):
                     ) -> aiohttp.ClientResponse:
         """Send and wait for the response headers (the first byte)."""
         return await self._post(self._url(req), self._body(req, stream), req.request_id,
-                                deadline)
+                                deadline, "messages" if req.is_chat else "prompt")
 
-    async def _post(self, url: str, body: bytes, request_id: str, deadline: float
-                    ) -> aiohttp.ClientResponse:
+    async def _post(self, url: str, body: bytes, request_id: str, deadline: float,
+                    input_param: str = "input") -> aiohttp.ClientResponse:
         """POST ``body`` to ``url`` and wait for the response headers (the first byte)."""
         if self._client is None or self._fresh is None:
             raise BackendUnavailable(f"backend '{self.name}' is not started")
@@ -388,16 +398,21 @@ class OpenAIBackend(Backend):
                 raw = b""
             finally:
                 response.release()
-            raise self._status_error(response.status, raw)
+            raise self._status_error(response.status, raw, input_param)
         return response
 
-    def _status_error(self, status: int, raw: bytes) -> Exception:
-        detail = ""
+    def _status_error(self, status: int, raw: bytes, input_param: str) -> Exception:
+        detail, err = "", None
         try:
             err = orjson.loads(raw).get("error")
             detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
         except (orjson.JSONDecodeError, AttributeError):
             pass
+        if status == 400 and isinstance(err, dict) and _context_overflow(err, detail):
+            window, used = err.get("n_ctx"), err.get("n_prompt_tokens")  # llama-server's
+            message = (context_window_message(window, used, input_param == "messages")
+                       if isinstance(window, int) and isinstance(used, int) else detail[:500])
+            return ContextWindowExceeded(message, param=input_param)
         if status in (429, 503):
             return BackendUnavailable(f"upstream '{self.name}' is overloaded (HTTP {status})")
         if status == 504:

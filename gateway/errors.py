@@ -23,6 +23,7 @@ from backends.base import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    ContextWindowExceeded,
 )
 from policies import PolicyError
 
@@ -159,6 +160,8 @@ def _from_route_refusal(exc: RouteRefusal) -> APIError:
 
 
 def _from_backend_error(exc: BackendError) -> APIError:
+    if isinstance(exc, ContextWindowExceeded):
+        return InvalidRequest(str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, BackendRejected):
         return InvalidRequest(str(exc), param=exc.param, code="rejected_by_backend")
     if isinstance(exc, BackendUnavailable):

@@ -176,6 +176,19 @@ FAULTS = {
     "ignore-max-tokens": "50 tokens (streamed 1 per 100 ms) whatever max_tokens says",
     "refuse-max-tokens": "OpenAI's reasoning models: a body with `max_tokens` gets 400 "
                          "unsupported_parameter; one with `max_completion_tokens`, the answer",
+    "context-length": "400 context_length_exceeded, as OpenAI answers a prompt too long",
+    "context-size": "400 exceed_context_size_error, as llama-server answers a prompt too long",
+}
+#: Too long a prompt, as OpenAI and llama-server answer it.
+CONTEXT_REFUSALS = {
+    "context-length": dumps({"error": {
+        "message": "This model's maximum context length is 8192 tokens. However, your messages "
+                   "resulted in 9001 tokens. Please reduce the length of the messages.",
+        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+    "context-size": dumps({"error": {
+        "code": 400, "message": "the request exceeds the available context size, try "
+                                "increasing it", "type": "exceed_context_size_error",
+        "n_prompt_tokens": 5144, "n_ctx": 4096}}),
 }
 #: A ``max_tokens`` key (inside a JSON string a quote is escaped, so this is a key or a value).
 MAX_TOKENS_KEY = re.compile(rb'"max_tokens"\s*:')
@@ -274,6 +287,8 @@ class Connection(asyncio.Protocol):
                 fault = None
             if fault == "refuse-max-tokens" and MAX_TOKENS_KEY.search(body):
                 data = response(b"400 Bad Request", MAX_TOKENS_REFUSAL, keep_alive)
+            elif fault in CONTEXT_REFUSALS:
+                data = response(b"400 Bad Request", CONTEXT_REFUSALS[fault], keep_alive)
             elif fault is not None and fault != "refuse-max-tokens":
                 self.later(self.fault, fault, route == "chat", mode, keep_alive)
                 return

@@ -416,6 +416,26 @@ def litellm_call(gw: Gateway, tier: str, messages: list, **fields):
 
 
 @tiers
+def test_too_long_a_prompt_is_litellms_context_window_error(gw, tier):
+    """A prompt over the tier's context window (in-process: llama.cpp's; over HTTP: the
+    upstream's 400, relayed) is OpenAI's ``context_length_exceeded``: LiteLLM raises its
+    ``ContextWindowExceededError``, on which its ``context_window_fallbacks`` act, and the
+    openai SDK a ``BadRequestError`` with that code."""
+    import litellm
+    import openai
+
+    long = [{"role": "user", "content": "7" * 5000}]  # Qwen: one token per digit
+    with pytest.raises(litellm.ContextWindowExceededError):
+        litellm.completion(model=f"openai/{tier}", api_base=base_url(gw), api_key=KEYS["acme"],
+                           messages=long, max_tokens=4, num_retries=0, timeout=300)
+    client = openai.OpenAI(base_url=base_url(gw), api_key=KEYS["acme"], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=tier, messages=long, max_tokens=4)
+    assert refused.value.code == "context_length_exceeded"
+    assert refused.value.param == "messages"
+
+
+@tiers
 def test_litellm_tools(gw, tier):
     """``litellm.completion(model="openai/<tier>")`` with ``tool_choice="required"``: the
     call, whole and streamed (reassembled by ``litellm.stream_chunk_builder``)."""

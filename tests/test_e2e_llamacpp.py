@@ -129,8 +129,11 @@ def test_prompt_longer_than_context_is_a_400(gateway):
                       headers={"authorization": f"Bearer {KEYS['acme']}"})
     assert resp.status_code == 400
     err = resp.json()["error"]
-    assert err["code"] == "rejected_by_backend" and err["param"] == "prompt"
-    assert "context window" in err["message"]
+    # As OpenAI answers it, so that clients recognise it (LiteLLM's ContextWindowExceeded).
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert err["type"] == "invalid_request_error"
+    assert err["message"].startswith("This model's maximum context length is 2048 tokens. "
+                                     "However, your prompt resulted in 300")
 
 
 def test_body_too_large(gateway):

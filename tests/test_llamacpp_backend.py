@@ -7,7 +7,11 @@ import ctypes
 
 import pytest
 
-from backends import BackendRejected, BackendUnavailable, GenerationRequest
+from backends import (
+    BackendUnavailable,
+    ContextWindowExceeded,
+    GenerationRequest,
+)
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings
 
 from .conftest import SMALL_MODEL
@@ -83,8 +87,11 @@ def test_cancelled_request_frees_its_slot(small_model_path):
 
 def test_prompt_over_context_is_rejected(small_model_path):
     async def body(backend):
-        with pytest.raises(BackendRejected, match="context window"):
+        with pytest.raises(ContextWindowExceeded,
+                           match=r"maximum context length is 1024 tokens\. However, your prompt "
+                                 r"resulted in 150\d tokens") as refused:
             await backend.complete(GenerationRequest(model="m", prompt="7" * 1500, max_tokens=2))
+        assert refused.value.param == "prompt"
         assert (await backend.health()).info["busy"] == 0
 
     asyncio.run(_with_backend(body))

@@ -331,3 +331,27 @@ def test_an_upstream_that_refuses_max_tokens(client: httpx.Client, stream: bool)
     # A text completion has only max_tokens, on either backend.
     text = client.post(path(False), json=body(False, stream, model="small", max_tokens=5))
     assert text.status_code == 200, text.text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
+@pytest.mark.parametrize(("fault", "says"), [
+    ("context-length", "maximum context length is 8192 tokens. However, your messages "
+                       "resulted in 9001 tokens"),
+    ("context-size", "maximum context length is 4096 tokens. However, your {what} resulted "
+                     "in 5144 tokens")])
+def test_a_prompt_too_long_for_the_upstream_is_context_length_exceeded(
+        gw: Gateway, client: httpx.Client, fault: str, says: str, chat: bool,
+        stream: bool) -> None:
+    """OpenAI's and llama-server's answers to too long a prompt reach the client as OpenAI's
+    own (400 ``context_length_exceeded``, naming the input), which clients act on; nothing
+    is charged."""
+    rid = fault_id(fault)
+    r = client.post(path(chat), json=body(chat, stream), headers={"x-request-id": rid})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "context_length_exceeded")
+    assert error["param"] == ("messages" if chat else "prompt")
+    assert says.format(what="messages" if chat else "prompt") in error["message"]
+    assert record(gw, rid)["energy_joules"] == 0
+    assert_ledger_balanced(gw)
