@@ -108,20 +108,20 @@ def plan_request(req: GenerationRequest, *, template_renders_tools: bool) -> Req
 # -- answers --------------------------------------------------------------------------------
 
 
-def _cut(finish: str) -> str:
-    return " (the output reached max_tokens)" if finish == "length" else ""
-
-
 def check_json(plan: RequestPlan, text: str, finish: str) -> None:
-    """Raise :class:`BackendInvalidOutput` unless ``text`` is JSON of the plan's format."""
+    """Raise :class:`BackendInvalidOutput` unless ``text`` is JSON of the plan's format. An
+    answer cut off by ``max_tokens`` is let through as it is: OpenAI returns it so, with
+    ``finish_reason`` "length" (its JSON mode guide says to check that before parsing; the
+    SDK's ``parse`` raises ``LengthFinishReasonError``). The client asked for that many
+    tokens; a 5xx would make SDKs send it again, for the same cut answer each time."""
     fmt = plan.response
-    if fmt is None:
+    if fmt is None or finish == "length":
         return
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BackendInvalidOutput(f"the model's output is not valid JSON ({exc.msg})"
-                                   f"{_cut(finish)}") from None
+                                   ) from None
     if fmt.type == "json_object" and not isinstance(value, dict):
         raise BackendInvalidOutput("the model's output is JSON but not an object")
     if fmt.type == "json_schema" and fmt.schema:
@@ -134,15 +134,18 @@ def check_json(plan: RequestPlan, text: str, finish: str) -> None:
 def shape_answer(plan: RequestPlan, text: str, finish: str
                  ) -> tuple[str, list[ToolCall] | None, str]:
     """A whole answer → (content, tool calls or ``None``, finish reason)."""
+    cut = finish == "length"
     if plan.tools:
         try:
-            parsed = parse_hermes(text, plan.tools, parallel=plan.parallel)
+            parsed = parse_hermes(text, plan.tools, parallel=plan.parallel, cut=cut)
         except ToolCallError as exc:
-            raise BackendInvalidOutput(f"{exc}{_cut(finish)}") from None
+            raise BackendInvalidOutput(str(exc)) from None
         if parsed.calls:
-            return parsed.content, parsed.calls, "tool_calls"
+            return parsed.content, parsed.calls, finish if cut else "tool_calls"
+        if cut:
+            return parsed.content, None, finish
         if plan.force_call:
-            raise BackendInvalidOutput(f"the model made no tool call{_cut(finish)}")
+            raise BackendInvalidOutput("the model made no tool call")
     check_json(plan, text, finish)
     return text, None, finish
 
@@ -155,7 +158,8 @@ def call_deltas(index: int, call: ToolCall) -> list[ToolCallDelta]:
 @dataclass(slots=True)
 class StreamShaper:
     """Turns a model's streamed text pieces into chunks for the request's plan: tool calls
-    whole (never half a call), JSON checked at the end, log-probabilities attached to the
+    whole (never half a call, but for the last of an answer cut off by max_tokens, as
+    OpenAI returns it), JSON checked at the end, log-probabilities attached to the
     chunk their tokens' text went out in."""
 
     plan: RequestPlan
@@ -187,16 +191,17 @@ class StreamShaper:
         if logprobs:
             self._pending.extend(logprobs)
         chunks: list[Chunk] = []
+        cut = finish == "length"
         if self._parser is not None:
             try:
-                out = self._parser.finish()
+                out = self._parser.finish(cut)
             except ToolCallError as exc:
-                raise BackendInvalidOutput(f"{exc}{_cut(finish)}") from None
+                raise BackendInvalidOutput(str(exc)) from None
             chunks = self._chunks(out.text, out.calls)
-            if self._calls:
-                return chunks + self._flush(), "tool_calls"
+            if self._calls or cut:
+                return chunks + self._flush(), finish if cut else "tool_calls"
             if self.plan.force_call:
-                raise BackendInvalidOutput(f"the model made no tool call{_cut(finish)}")
+                raise BackendInvalidOutput("the model made no tool call")
         check_json(self.plan, "".join(self._text), finish)
         return chunks + self._flush(), finish
 

@@ -15,7 +15,10 @@ the message content, each block's JSON is a call, an unclosed last block counts 
 is complete. Unlike vLLM, a block that does not parse, a call of a function that was not
 offered, or non-object arguments are an error (:class:`ToolCallError`), never dropped and
 never half returned; and a whole answer that is just the call's JSON object without the
-tags (small Qwen models do that) is read as that call.
+tags (small Qwen models do that) is read as that call. The one exception is an answer cut
+off by ``max_tokens`` (``cut``): as OpenAI does, its last call comes back with the name and
+the arguments as far as the model got (:func:`cut_call`), and the finish reason says
+``length``.
 """
 
 from __future__ import annotations
@@ -167,11 +170,33 @@ def _bare_call(text: str, tools: dict[str, ToolSpec]) -> ToolCall | None:
     return None
 
 
-def parse_hermes(text: str, tools: list[ToolSpec], *, parallel: bool = True) -> ParsedOutput:
+_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
+
+
+def cut_call(body: str, tools: dict[str, ToolSpec]) -> ToolCall | None:
+    """The call an answer cut off by ``max_tokens`` was making, as OpenAI returns it then:
+    the function's name and its arguments text as far as it got (not valid JSON); ``None``
+    when the model had not yet written the name of an offered function."""
+    with contextlib.suppress(ToolCallError):
+        return _call_from_json(body, tools, closed=False)
+    name = _NAME.search(body)
+    if name is None or name.group(1) not in tools:
+        return None
+    arguments = _ARGUMENTS.search(body, name.end()) or _ARGUMENTS.search(body)
+    return ToolCall(new_call_id(), name.group(1),
+                    body[arguments.end():].rstrip() if arguments else "")
+
+
+def parse_hermes(text: str, tools: list[ToolSpec], *, parallel: bool = True,
+                 cut: bool = False) -> ParsedOutput:
     """Split ``text`` into content and calls. Raises :class:`ToolCallError` on a block that
-    cannot be returned as a call. Without ``parallel`` only the first call is kept."""
+    cannot be returned as a call, except the last one of an answer ``cut`` off by
+    ``max_tokens`` (:func:`cut_call`). Without ``parallel`` only the first call is kept."""
     by_name = {t.name: t for t in tools}
     start = text.find(TOOL_CALL_START)
+    if start < 0 and cut:  # a tag the model had only begun to write is not content
+        text = _drop_tag_start(text)
     if start < 0:
         bare = _bare_call(text.strip(), by_name)
         return ParsedOutput("", [bare]) if bare else ParsedOutput(text)
@@ -182,7 +207,9 @@ def parse_hermes(text: str, tools: list[ToolSpec], *, parallel: bool = True) -> 
         body = rest[len(TOOL_CALL_START):]
         end = body.find(TOOL_CALL_END)
         if end < 0:
-            calls.append(_call_from_json(body, by_name, closed=False))
+            last = cut_call(body, by_name) if cut else _call_from_json(body, by_name,
+                                                                        closed=False)
+            calls += [last] if last is not None else []
             break
         calls.append(_call_from_json(body[:end], by_name, closed=True))
         rest = body[end + len(TOOL_CALL_END):].lstrip()
@@ -207,6 +234,12 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
+
+
+def _drop_tag_start(text: str) -> str:
+    """``text`` without a ``<tool_call>`` tag it ends in the middle of (and the space before)."""
+    keep = _partial_suffix(text, TOOL_CALL_START)
+    return text[:len(text) - keep].rstrip() if keep else text
 
 
 class HermesStreamParser:
@@ -285,12 +318,17 @@ class HermesStreamParser:
                     self._buf = ""
                 return out
 
-    def finish(self) -> Emitted:
-        """The stream ended: let out what is held, or raise if it ends inside a call."""
+    def finish(self, cut: bool = False) -> Emitted:
+        """The stream ended: let out what is held, or raise if it ends inside a call (unless
+        the answer was ``cut`` off by ``max_tokens``: then as :func:`cut_call`)."""
         state, buf = self._state, self._buf
         self._state, self._buf = "done", ""
         if state in ("start", "text"):
-            return Emitted(text=buf)
+            return Emitted(text=_drop_tag_start(buf) if cut else buf)
+        if state == "call" and cut:
+            call = cut_call(buf, self._tools)
+            self.calls += call is not None
+            return Emitted(calls=[call] if call is not None else [])
         if state == "call":
             return Emitted(calls=[self._call(buf, closed=False)])
         if state == "bare":

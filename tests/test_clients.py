@@ -243,6 +243,28 @@ def test_openai_parse_structured_output(gw, tier):
 
 
 @tiers
+def test_structured_output_cut_by_max_tokens_is_the_sdks_length_error(pair, tier):
+    """A JSON answer cut off by ``max_tokens`` comes back as OpenAI sends it: 200, the JSON so
+    far, ``finish_reason`` "length"; ``parse`` raises ``LengthFinishReasonError``. The SDK
+    at its default of 2 retries sends it once: a 5xx here was retried, three times the
+    joules for the same cut answer."""
+    import openai
+
+    main, up = pair
+    before = quiet_counts(main, up)
+    client = openai.OpenAI(base_url=base_url(main), api_key=KEYS["acme"], timeout=120)
+    assert client.max_retries == 2
+    with pytest.raises(openai.LengthFinishReasonError) as cut:
+        client.chat.completions.parse(model=tier, messages=CITY_PROMPT, response_format=City,
+                                      max_tokens=5, temperature=0)
+    choice = cut.value.completion.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+    assert cut.value.completion.usage.completion_tokens == 5
+    records = access_records(main.log())[before[0]:quiet_counts(main, up)[0]]
+    assert [r["status"] for r in records] == [200], records
+
+
+@tiers
 def test_openai_responses_function_tool(gw, tier):
     """``responses.create`` with a function tool: a ``function_call`` item; its output sent
     back as a ``function_call_output`` item; the answer streamed as Responses events."""

@@ -11,7 +11,6 @@ import jsonschema
 import pytest
 
 from backends import GenerationRequest
-from backends.base import BackendInvalidOutput
 from backends.features import NamedToolChoice, ResponseFormat, ToolSpec
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings
 from backends.tool_calls import template_messages
@@ -134,15 +133,38 @@ def test_structured_outputs(small_model_path):
                                           response_format=ResponseFormat("json_object")))
         assert isinstance(json.loads(obj.text), dict)
 
-        # cut by max_tokens inside the JSON: a clear error, never invalid JSON
-        with pytest.raises(BackendInvalidOutput, match=r"not valid JSON.*max_tokens"):
-            await backend.complete(chat([{"role": "user", "content": "Ana, 31, Lisbon."}],
-                                        response_format=fmt, max_tokens=4))
-        stream = backend.stream(chat([{"role": "user", "content": "Ana, 31, Lisbon."}],
-                                     response_format=fmt, max_tokens=4))
-        with pytest.raises(BackendInvalidOutput, match="max_tokens"):
-            async for _ in stream:
-                pass
+        # Cut by max_tokens inside the JSON: as OpenAI answers it, the JSON so far with
+        # finish_reason "length" (the client asked for that few tokens; an error would be
+        # retried by SDKs for the same cut answer). Greedy: a prefix of the whole answer.
+        ana = [{"role": "user", "content": "Ana, 31, Lisbon."}]
+        whole = await backend.complete(chat(ana, response_format=fmt, max_tokens=120))
+        cut = await backend.complete(chat(ana, response_format=fmt, max_tokens=4))
+        assert (cut.finish_reason, cut.usage.completion_tokens) == ("length", 4)
+        assert cut.text and whole.text.startswith(cut.text) and cut.text != whole.text
+        chunks = [c async for c in backend.stream(chat(ana, response_format=fmt, max_tokens=4))]
+        assert "".join(c.text for c in chunks) == cut.text
+        assert chunks[-1].finish_reason == "length"
+
+    run(body)
+
+
+def test_a_tool_call_cut_by_max_tokens_comes_back_as_far_as_it_got(small_model_path):
+    async def body(backend):
+        req = {"tools": [WEATHER, TIME], "tool_choice": "required"}
+        [whole] = (await backend.complete(chat(ASK, **req))).tool_calls
+        # "<tool_call>", a newline, then the call's JSON, a few characters per token
+        for tokens in (2, 12):
+            cut = await backend.complete(chat(ASK, max_tokens=tokens, **req))
+            assert cut.finish_reason == "length"
+            calls = cut.tool_calls or []
+            assert [c.name for c in calls] == ([] if tokens == 2 else [whole.name])
+            chunks = [c async for c in backend.stream(chat(ASK, max_tokens=tokens, **req))]
+            assert chunks[-1].finish_reason == "length"
+            deltas = [d for c in chunks for d in c.tool_calls or ()]
+            assert [d.name for d in deltas if d.name] == [c.name for c in calls]
+            assert "".join(d.arguments for d in deltas) == "".join(c.arguments for c in calls)
+            assert not any(c.text for c in chunks) and cut.text == ""
+        assert calls[0].arguments != whole.arguments
 
     run(body)
 

@@ -204,9 +204,27 @@ def test_stream_shaper_sends_name_first_then_arguments_and_finishes_with_tool_ca
 
 def test_stream_shaper_errors_when_a_required_call_never_came():
     shaper = StreamShaper(_plan(tools=TOOLS, tool_choice="required"))
+    shaper.feed("Sure.")
+    with pytest.raises(BackendInvalidOutput, match=r"no tool call"):
+        shaper.finish("stop")
+
+
+def test_stream_shaper_ends_an_answer_cut_by_max_tokens_with_length():
+    # Cut before the call: no error (the client asked for that few tokens), finish "length".
+    shaper = StreamShaper(_plan(tools=TOOLS, tool_choice="required"))
     shaper.feed("<tool_")
-    with pytest.raises(BackendInvalidOutput, match=r"no tool call.*max_tokens"):
-        shaper.finish("length")
+    assert shaper.finish("length") == ([], "length")
+    # Cut inside it: the call as far as it got, still "length" (not "tool_calls").
+    shaper = StreamShaper(_plan(tools=TOOLS))
+    assert shaper.feed('<tool_call>\n{"name": "get_weather", "arguments": {"ci') == []
+    chunks, finish = shaper.finish("length")
+    assert finish == "length"
+    assert [(d.name, d.arguments) for c in chunks for d in c.tool_calls or []] == [
+        ("get_weather", ""), (None, '{"ci')]
+    # JSON cut short goes out as it is.
+    shaper = StreamShaper(_plan(response_format=ResponseFormat("json_object")))
+    assert [c.text for c in shaper.feed('{"a": ')] == ['{"a": ']
+    assert shaper.finish("length") == ([], "length")
 
 
 def test_stream_shaper_checks_json_at_the_end_and_carries_logprobs():
@@ -222,8 +240,18 @@ def test_stream_shaper_checks_json_at_the_end_and_carries_logprobs():
 def test_shape_answer_checks_json_formats():
     plan = _plan(response_format=ResponseFormat("json_object"))
     assert shape_answer(plan, '{"a": 1}', "stop") == ('{"a": 1}', None, "stop")
-    with pytest.raises(BackendInvalidOutput, match=r"not valid JSON.*max_tokens"):
-        shape_answer(plan, '{"a": ', "length")
+    with pytest.raises(BackendInvalidOutput, match=r"not valid JSON"):
+        shape_answer(plan, '{"a": ', "stop")
+    # Cut off by max_tokens: returned as it is, as OpenAI does (finish_reason "length").
+    assert shape_answer(plan, '{"a": ', "length") == ('{"a": ', None, "length")
+    schema = ResponseFormat("json_schema", "x", {"type": "object", "required": ["b"]}, True)
+    assert shape_answer(_plan(response_format=schema), '{"a": 1', "length")[2] == "length"
+    tools = _plan(tools=TOOLS, tool_choice="required")
+    content, calls, finish = shape_answer(tools, 'x <tool_call>\n{"name": "get_time", "ar',
+                                          "length")
+    assert (content, finish) == ("x", "length")
+    assert calls is not None and [(c.name, c.arguments) for c in calls] == [("get_time", "")]
+    assert shape_answer(tools, "<tool_", "length") == ("", None, "length")
     with pytest.raises(BackendInvalidOutput, match="not an object"):
         shape_answer(plan, "[1]", "stop")
 
@@ -338,3 +366,35 @@ def test_legacy_completion_logprobs():
                                     "top_logprobs": [{"a": -0.5, "c": -2.0}, None]})
     assert [(e.token, e.logprob) for e in entries] == [("a", -0.5), ("b", -1.5)]
     assert [t.token for t in entries[0].top_logprobs] == ["a", "c"]
+
+
+@pytest.mark.parametrize(("text", "name", "arguments"), [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', "get_weather",
+     '{"city": "Pa'),
+    ('<tool_call>\n{"name": "get_weather", "arguments": ', "get_weather", ""),
+    ('<tool_call>\n{"name": "get_weather"', "get_weather", ""),
+    ('<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}', "get_time", '{"tz": "UTC"}'),
+])
+def test_a_call_cut_off_by_max_tokens_comes_back_as_far_as_it_got(text, name, arguments):
+    # OpenAI's answer to a call cut off by max_tokens: the name and the arguments text so
+    # far, finish_reason "length" (the backend sets that); never an error.
+    (call,) = parse_hermes("Let me look.\n" + text, TOOLS, cut=True).calls
+    assert (call.name, call.arguments) == (name, arguments)
+    assert parse_hermes(text, TOOLS, cut=True).content == ""
+    parser = HermesStreamParser(TOOLS)
+    assert parser.feed(text).calls == []
+    (streamed,) = parser.finish(cut=True).calls
+    assert (streamed.name, streamed.arguments) == (name, arguments)
+
+
+def test_a_cut_call_without_an_offered_name_is_dropped_and_earlier_calls_kept():
+    text = block("get_time", '{"tz": "UTC"}') + '\n<tool_call>\n{"na'
+    out = parse_hermes(text, TOOLS, cut=True)
+    assert [c.name for c in out.calls] == ["get_time"]
+    assert parse_hermes('<tool_call>\n{"name": "launch_rock', TOOLS, cut=True).calls == []
+    parser = HermesStreamParser(TOOLS)
+    parser.feed('<tool_call>\n{"name": "launch_rockets", "arguments": {')
+    assert parser.finish(cut=True).calls == []
+    # A finished block that is broken is still an error, cut or not.
+    with pytest.raises(ToolCallError, match="not among the offered"):
+        parse_hermes(block("launch_rockets", "{}") + "\n<tool_call>\n{", TOOLS, cut=True)
