@@ -236,6 +236,11 @@ class Backend(abc.ABC):
         """A load hint for routing: True when new requests would only queue (default: never)."""
         return False
 
+    def context_window(self) -> int | None:
+        """The most tokens one generation holds, prompt and output together, when known: no
+        answer is longer, whatever ``max_tokens`` says (default: not known)."""
+        return None
+
     def load(self) -> Load | None:
         """The server's queue depth and token rates, for metrics (default: not known)."""
         return None

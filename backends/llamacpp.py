@@ -549,6 +549,9 @@ class LlamaCppBackend(Backend):
         return Health(True, "ok", {"slots": self.slots, "busy": self._busy,
                                    "queued": self._waiting})
 
+    def context_window(self) -> int:
+        return self.n_ctx
+
 
 KIND = BackendKind(LlamaCppBackend.kind, LlamaCppSettings,
                    Capabilities(streaming=True, tools=True, structured_output=True,

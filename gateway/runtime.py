@@ -84,6 +84,14 @@ class Snapshot:
     def backend_for(self, tier: TierSpec) -> Backend:
         return self.backends[tier.backend]
 
+    def output_tokens(self, tier: TierSpec, max_tokens: int) -> int:
+        """The most output tokens a generation asking for ``max_tokens`` can produce on
+        ``tier``: never more than its backend's context window, which prompt and output
+        share. What budgets hold and routing predicts joules for (a client may ask for a
+        million tokens of a 4,096-token model)."""
+        window = self.backend_for(tier).context_window()
+        return max_tokens if window is None else min(max_tokens, window)
+
     def factors(self, tier: TierSpec) -> Factors:
         """The facility, water and carbon figures of ``tier``'s site now."""
         site = self.sites.get(tier.backend)

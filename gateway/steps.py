@@ -93,7 +93,8 @@ def route_context(runtime: Runtime, snap: Snapshot, call: Call,
         saturated=frozenset(t.name for t in tiers if snap.backend_for(t).saturated()),
         capacity={name: runtime.capacity.window(tenant, name, c)
                   for name, c in (routing.capacity or {}).items()},
-        joules={t.name: runtime.calibration.predict(t.name, call.prompt_estimate, max_tokens)
+        joules={t.name: runtime.calibration.predict(t.name, call.prompt_estimate,
+                                                    snap.output_tokens(t, max_tokens))
                 for t in tiers},
         degrade_ladder=degrade_ladder(spec, tiers),
         carbon={t.name: snap.factors(t).co2_g_per_joule for t in tiers}
@@ -106,7 +107,7 @@ async def admit(runtime: Runtime, snap: Snapshot, call: Call) -> None:
     generation, tenant = call.req, call.who
     admission = call.admission = await runtime.guard.admit(
         snap.policy.tenants[tenant], tenant, call.planned, call.ledger_id, generation,
-        call.prompt_estimate, snap.factors)
+        call.prompt_estimate, snap.factors, snap.output_tokens)
     if generation.max_tokens is None:
         call.default_max_tokens = admission.max_tokens
     generation.max_tokens = admission.max_tokens

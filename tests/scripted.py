@@ -137,6 +137,8 @@ class ScriptedBackend(Backend):
         self.calls = Calls()
         #: Requests generating right now (for tests of concurrency and cancellation).
         self.active = 0
+        #: What :meth:`context_window` says (None: not known, as for an HTTP upstream).
+        self.window: int | None = None
 
     # -- what a request gets ------------------------------------------------------------
 
@@ -170,6 +172,9 @@ class ScriptedBackend(Backend):
 
     async def start(self) -> None:
         self.calls.starts += 1
+
+    def context_window(self) -> int | None:
+        return self.window
 
     async def close(self) -> None:
         self.calls.closes += 1

@@ -145,3 +145,28 @@ async def test_every_admission_updates_the_remaining_fraction_that_routing_reads
             seen.append(guard.remaining_fraction("acme"))
         # each admission reserved 48 J on top of what the earlier requests spent (48 J each)
         assert seen == pytest.approx([1 - 48 / 1000, 1 - 96 / 1000, 1 - 144 / 1000])
+
+
+async def test_no_more_output_is_held_than_the_tiers_context_window(tmp_path):
+    # Clients send max_tokens far past any local model's window (32k, or a million); no
+    # answer can be longer than the window, so holding for max_tokens refused requests that
+    # fit (400 "can never be served", or 429 while the budget was far from spent).
+    slow = Script(tokens=["a", "b"], prompt_tokens=12, token_delay_s=0.05)
+    async with InProcessGateway(tmp_path, budget_policy(500), {"up-big": slow}) as gw:
+        gw.backends["up-big"].window = 64
+        running = asyncio.ensure_future(gw.chat(model="big", content=HI, max_tokens=1_000_000))
+        backend = gw.backends["up-big"]
+        for _ in range(200):
+            if backend.active:
+                break
+            await asyncio.sleep(0.005)
+        assert backend.active == 1
+        # (12 estimated prompt + 64 of the window) x 2 J, not (12 + 1,000,000) x 2 J
+        assert (await gw.budget())["1d"]["reserved_joules"] == pytest.approx(152.0)
+        r = await running
+        assert r.status_code == 200 and r.json()["usage"]["energy_joules"] == joules(12, 2, "big")
+        assert backend.requests[0].max_tokens == 1_000_000  # the request itself is as asked
+        # Without a known window the hold is max_tokens', which no window of 500 J holds.
+        backend.window = None
+        r = await gw.chat(model="big", content=HI, max_tokens=1_000_000)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

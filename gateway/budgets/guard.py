@@ -204,11 +204,13 @@ class BudgetGuard:
 
     async def admit(self, spec: TenantSpec, tenant: str, plan: TierPlan, request_id: str,
                     generation: GenerationRequest, prompt_tokens: int,
-                    factors: Callable[[TierSpec], Factors] | None = None) -> Admission:
+                    factors: Callable[[TierSpec], Factors] | None = None,
+                    output_tokens: Callable[[TierSpec, int], int] | None = None) -> Admission:
         """Reserve the request's predicted joules (``prompt_tokens``: the prompt's estimated
         size, :func:`estimate_prompt_tokens`) on the plan's tier, or degrade the plan to the
         first of its cheaper options that fits, or raise :class:`BudgetExhausted` (429, fits
-        later) or :class:`BudgetNeverFits` (400)."""
+        later) or :class:`BudgetNeverFits` (400). ``output_tokens(tier, max_tokens)``: the
+        most a tier can produce of ``max_tokens`` (its context window), which is held."""
         tier = plan.tier
         max_tokens = generation.max_tokens
         if not spec.budgets:
@@ -221,7 +223,8 @@ class BudgetGuard:
         candidates = [(tier, max_tokens)] + [(t, cap) for t in plan.degrade_options()]
         refused: list[tuple[TierSpec, int, Reservation]] = []
         for candidate, tokens in candidates:
-            joules = self.calibration.predict(candidate.name, prompt_tokens, tokens)
+            held = tokens if output_tokens is None else output_tokens(candidate, tokens)
+            joules = self.calibration.predict(candidate.name, prompt_tokens, held)
             if converts:
                 assert factors is not None
                 limits = self.limits(spec, factors(candidate))
