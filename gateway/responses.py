@@ -203,23 +203,44 @@ class FunctionCallOutputItem(BaseModel):
                          for p in self.output)
 
 
-class UnsupportedItem(_Unsupported):
-    """Any other input item (``item_reference``, ``reasoning``, hosted tools' calls)."""
+class ReasoningItem(BaseModel):
+    """A reasoning model's reasoning from an earlier turn, handed back as clients do without
+    ``previous_response_id`` (the Agents SDK, when an agent on a reasoning model hands off to
+    one served here; LiteLLM). Accepted and not passed on, like OpenAI's own non-reasoning
+    models take it: no tier here reasons in that form, and its summary is the other model's
+    working, not the conversation. Named in the dropped parameters."""
 
-    refused = ("input items of type '{kind}' are not supported; only message, function_call and "
-               "function_call_output are (nothing is stored, so send the whole conversation)")
+    model_config = _STRICT
+    type: Literal["reasoning"]
+    id: str | None = _ID
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+    status: _Status | None = None
+
+
+class UnsupportedItem(_Unsupported):
+    """Any other input item (``item_reference``, hosted tools' calls)."""
+
+    refused = ("input items of type '{kind}' are not supported; only message, function_call, "
+               "function_call_output and reasoning are (nothing is stored, so send the whole "
+               "conversation)")
+
+
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 def _item_tag(value: Any) -> str:
     if not isinstance(value, dict):
         return "message"  # and fails there as "not an object"
     kind = value.get("type", "message")
-    return kind if kind in ("message", "function_call", "function_call_output") else "unsupported"
+    return kind if kind in _ITEM_TYPES else "unsupported"
 
 
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")]
     | Annotated[UnsupportedItem, Tag("unsupported")],
     Discriminator(_item_tag)]
 
@@ -394,6 +415,8 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, list):
             dropped.extend(f"input[{i}].phase" for i, item in enumerate(self.input)
                            if isinstance(item, MessageItem) and item.phase is not None)
+            dropped.extend(f"input[{i}]" for i, item in enumerate(self.input)
+                           if isinstance(item, ReasoningItem))
         return dropped
 
     # -- translation ---------------------------------------------------------------------
@@ -431,6 +454,10 @@ class ResponsesRequest(BaseModel):
                 if item.name is not None:
                     tool["name"] = item.name
                 messages.append(tool)
+        if not messages:  # nothing but reasoning items
+            raise InvalidRequest("'input' holds no message, function_call or "
+                                 "function_call_output item: nothing to answer", param="input",
+                                 code="invalid_value")
         return messages
 
     def functions(self) -> list[ResponsesFunctionTool]:
@@ -498,8 +525,8 @@ def _param(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("message", "function_call", "function_call_output", "unsupported",
-                      "input_text", "output_text", "refusal", "text", "json_object",
+        elif part in ("message", "function_call", "function_call_output", "reasoning",
+                      "unsupported", "input_text", "output_text", "refusal", "text", "json_object",
                       "json_schema", "str", "list[tagged-union[...]]", "NamedFunction",
                       "literal['none','auto','required']") and out:
             continue  # a union's branch name, not a field

@@ -354,3 +354,31 @@ async def test_a_client_that_leaves_mid_stream_stops_generation_and_is_charged(t
         await until(lambda: record.closed_early, "the backend stream closed")
         assert await gw.metric("joulegate_requests_total", tier="big", status="499") == 1
         assert record.tokens_sent < 50
+
+
+async def test_reasoning_items_from_another_model_are_accepted_and_not_passed_on(tmp_path):
+    # The Agents SDK hands a reasoning agent's turns to the next agent as input items,
+    # reasoning included (openai-agents-python #569, #722); refusing them broke a handoff
+    # from an agent on a reasoning model to one served here.
+    reasoning = {"type": "reasoning", "id": "rs_1", "status": "completed",
+                 "summary": [{"type": "summary_text", "text": "The user wants the weather."}],
+                 "encrypted_content": "gAAAAB..."}
+    async with InProcessGateway(tmp_path) as gw:
+        r = await gw.post(RESPONSES, {"model": "big", "tools": [WEATHER], "input": [
+            {"role": "user", "content": "Weather in Paris?"}, reasoning,
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": '{"city": "Paris"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+            {"type": "reasoning", "id": "rs_2", "summary": []},
+            {"role": "user", "content": "And tomorrow?"}]})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-dropped-params"] == "input[1],input[4]"
+        sent = gw.backends["up-big"].requests[0].messages
+        assert [m["role"] for m in sent] == ["user", "assistant", "tool", "user"]
+        assert "wants" not in json.dumps(sent)  # the summary text went nowhere
+        # Still checked: a field a reasoning item does not have, or nothing but reasoning.
+        r = await gw.post(RESPONSES, {"model": "big", "input": [{**reasoning, "colour": 1}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].colour"
+        r = await gw.post(RESPONSES, {"model": "big", "input": [reasoning]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "input"
