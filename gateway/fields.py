@@ -81,7 +81,9 @@ FIELDS: tuple[FieldRule, ...] = (
               note="LiteLLM's own fields on a message it returned and the caller sends back"),
     FieldRule("messages[].reasoning_content", CHAT, "drop", note="likewise (LiteLLM)"),
     FieldRule("messages[].thinking_blocks", CHAT, "drop", note="likewise (LiteLLM)"),
-    FieldRule("prompt", COMPLETIONS, "gateway", note="one string; lists and token ids are refused"),
+    FieldRule("prompt", COMPLETIONS, "gateway",
+              note="one string, or a list of one (LangChain's `OpenAI` LLM sends that); longer "
+                   "lists and token ids are refused"),
     FieldRule("stream", BOTH, "gateway"),
     FieldRule("stream_options.include_usage", BOTH, "gateway", note="a final usage chunk with joules"),
     FieldRule("stream_options.include_obfuscation", BOTH, "drop", note="never obfuscated"),

@@ -434,6 +434,24 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        """OpenAI's ``prompt`` may be a list (a batch: one choice per prompt), and clients
+        send one prompt as a list of one (LangChain's ``OpenAI`` LLM always does): that is
+        taken. A batch of several, or token ids, is refused by name."""
+        if not isinstance(value, list):
+            return value
+        if value and all(isinstance(p, (int, list)) for p in value):
+            raise _refused("token-id prompts are not supported: send the prompt as text")
+        if len(value) == 1:
+            return value[0]
+        if not value:
+            raise PydanticCustomError("invalid_value", "the list of prompts is empty")
+        raise _refused(f"one prompt per request: this one has {len(value)} (a list of prompts "
+                       "asks for one choice each, which is not supported); send them as "
+                       "separate requests")
+
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, value: int | None) -> int | None:

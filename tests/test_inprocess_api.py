@@ -3,9 +3,12 @@ invalid bodies, through httpx and the official SDK; scripted backends behind the
 
 from __future__ import annotations
 
+import httpx
+import langchain_openai
 import pytest
 
-from .inprocess import ADMIN, InProcessGateway, chat_body, joules, sse_events
+from .conftest import KEYS
+from .inprocess import ADMIN, BASE_URL, InProcessGateway, chat_body, joules, sse_events
 from .scripted import Script
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -80,6 +83,29 @@ async def test_text_completion_whole_and_streamed(tmp_path, scripts):
         assert texts == [*TOKENS, ""] and events[-3]["choices"][0]["finish_reason"] == "stop"
         assert all(e["object"] == "text_completion" for e in events[:-1])
         assert events[-2]["usage"]["energy_joules"] == joules(7, 5, "big")
+
+
+async def test_a_prompt_list_of_one_is_that_prompt(tmp_path, scripts):
+    # LangChain's OpenAI (completion) LLM sends every prompt as a list, one per request for
+    # invoke and stream; OpenAI takes a list as a batch. One is served, more are refused.
+    async with InProcessGateway(tmp_path, scripts=scripts) as gw:
+        llm = langchain_openai.OpenAI(
+            model="small", base_url=f"{BASE_URL}/v1", api_key=KEYS["acme"], max_retries=0,
+            max_tokens=5, http_async_client=httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=gw.app), base_url=BASE_URL))
+        assert await llm.ainvoke("Once upon") == "ok"
+        assert "".join([c async for c in llm.astream("Once upon")]) == "ok"
+        assert [r.prompt for r in gw.backends["up-small"].requests] == ["Once upon"] * 2
+        for prompt, code, words in (
+                (["a", "b"], "unsupported_value", "one prompt per request: this one has 2"),
+                ([[1, 2]], "unsupported_value", "token-id prompts are not supported"),
+                ([], "invalid_value", "empty")):
+            r = await gw.post("/v1/completions", {"model": "small", "prompt": prompt})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert (error["param"], error["code"]) == ("prompt", code)
+            assert words in error["message"]
+        assert len(gw.backends["up-small"].requests) == 2
 
 
 async def test_chat_stream_events_in_order(tmp_path, scripts):
