@@ -29,7 +29,9 @@ from .inprocess import InProcessGateway, policy
 from .scripted import Script
 
 NOW = 1_800_000_030.0
-LIMITS = [Limit("1d", 100_000.0)]
+# Budgets too small for a worker's pool (gateway/budgets/pool.py): every request here goes
+# to the locked file. test_pooled_holds_* is the case with a pool.
+LIMITS = [Limit("1d", 5_000.0)]
 HI = "Say hello in one short sentence."  # estimated at 12 prompt tokens
 CONCURRENT = 50
 
@@ -141,7 +143,7 @@ async def contended(gw: InProcessGateway, ledger_path: Path
 @pytest.mark.unit
 @pytest.mark.anyio
 async def test_in_process_fail_closed_under_a_held_lock(tmp_path):
-    p = policy({"budgets": [{"window": "1d", "joules": 100_000}]},
+    p = policy({"budgets": [{"window": "1d", "joules": 30_000}]},
                ledger={"on_unavailable": "fail_closed", "busy_timeout_ms": 200})
     twelve = Script(tokens=["tok"] * 12, prompt_tokens=12)
     async with InProcessGateway(tmp_path, p, {"up-big": twelve}) as gw:
@@ -170,7 +172,7 @@ async def test_in_process_fail_closed_under_a_held_lock(tmp_path):
 @pytest.mark.unit
 @pytest.mark.anyio
 async def test_in_process_fail_open_serves_and_records_each_request_once(tmp_path):
-    p = policy({"budgets": [{"window": "1d", "joules": 100_000}]},
+    p = policy({"budgets": [{"window": "1d", "joules": 30_000}]},
                ledger={"on_unavailable": "fail_open", "busy_timeout_ms": 200})
     twelve = Script(tokens=["tok"] * 12, prompt_tokens=12)
     async with InProcessGateway(tmp_path, p, {"up-big": twelve}) as gw:
@@ -212,7 +214,7 @@ print("RELEASED", flush=True)
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["fail_closed", "fail_open"])
 def test_second_process_holding_the_write_lock(mode, upstream, gateways):
-    p = priced_policy(upstream.url, {"budgets": [{"window": "1d", "joules": 100_000}]},
+    p = priced_policy(upstream.url, {"budgets": [{"window": "1d", "joules": 30_000}]},
                       {"on_unavailable": mode, "busy_timeout_ms": 300})
     gw = gateways(p)
     auth = {"authorization": f"Bearer {KEYS['acme']}"}
