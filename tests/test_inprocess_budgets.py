@@ -24,18 +24,24 @@ def budget_policy(joules_: float, **tenant) -> dict:
     return policy({"budgets": [{"window": "1d", "joules": joules_}], **tenant})
 
 
+async def started(gw: InProcessGateway, **fields) -> asyncio.Future:
+    """A chat request on tier ``big``, once its scripted backend is generating it."""
+    running = asyncio.ensure_future(gw.chat(model="big", content=HI, **fields))
+    backend = gw.backends["up-big"]
+    for _ in range(200):
+        if backend.active:
+            break
+        await asyncio.sleep(0.005)
+    assert backend.active == 1
+    return running
+
+
 async def test_reserved_while_running_and_settled_with_exactly_the_reported_joules(tmp_path):
     slow = Script(tokens=["a", "b", "c"], prompt_tokens=12, token_delay_s=0.05)
     scripts = {"up-big": [slow, Script(tokens=["x"] * 5, prompt_tokens=9),
                           Script(tokens=["y"] * 7, prompt_tokens=4)]}
     async with InProcessGateway(tmp_path, budget_policy(10_000), scripts) as gw:
-        running = asyncio.ensure_future(gw.chat(model="big", content=HI, max_tokens=12))
-        backend = gw.backends["up-big"]
-        for _ in range(200):
-            if backend.active:
-                break
-            await asyncio.sleep(0.005)
-        assert backend.active == 1
+        running = await started(gw, max_tokens=12)
         window = (await gw.budget())["1d"]
         # Predicted from the tier's seeds: (12 estimated prompt + 12 max_tokens) x 2 J.
         assert window["reserved_joules"] == pytest.approx(48.0)
@@ -153,14 +159,9 @@ async def test_no_more_output_is_held_than_the_tiers_context_window(tmp_path):
     # fit (400 "can never be served", or 429 while the budget was far from spent).
     slow = Script(tokens=["a", "b"], prompt_tokens=12, token_delay_s=0.05)
     async with InProcessGateway(tmp_path, budget_policy(500), {"up-big": slow}) as gw:
-        gw.backends["up-big"].window = 64
-        running = asyncio.ensure_future(gw.chat(model="big", content=HI, max_tokens=1_000_000))
         backend = gw.backends["up-big"]
-        for _ in range(200):
-            if backend.active:
-                break
-            await asyncio.sleep(0.005)
-        assert backend.active == 1
+        backend.window = 64
+        running = await started(gw, max_tokens=1_000_000)
         # (12 estimated prompt + 64 of the window) x 2 J, not (12 + 1,000,000) x 2 J
         assert (await gw.budget())["1d"]["reserved_joules"] == pytest.approx(152.0)
         r = await running
