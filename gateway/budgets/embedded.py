@@ -379,7 +379,7 @@ class EmbeddedLedger(Ledger):
                 return held
             self._retire(pool)  # no room, or too late: the ledger's path makes another
 
-        def charge(db: sqlite3.Connection) -> Reservation:
+        def charge(db: sqlite3.Connection) -> tuple[Reservation, Pool | None]:
             """The common case in one statement per window: each bucket is charged only
             where it exists and has room (``_Short`` rolls everything back otherwise)."""
             with _Immediate(db):
@@ -403,9 +403,10 @@ class EmbeddedLedger(Ledger):
                         raise _Short
                     states.append(WindowState(window, start, row[0], limit.joules, row[1],
                                               row[2], row[3], factor, limit.unit))
-            return Reservation(True, request_id, joules, states)
+                done = Reservation(True, request_id, joules, states)
+                return done, new_pool(db, done)
 
-        def reserve(db: sqlite3.Connection) -> Reservation:
+        def reserve(db: sqlite3.Connection) -> tuple[Reservation, Pool | None]:
             """Every case: hand back the tenant's expired holds, create missing buckets,
             and say which window is short."""
             with _Immediate(db):
@@ -416,7 +417,7 @@ class EmbeddedLedger(Ledger):
                 states = [self._bucket(db, tenant, limit, at) for limit in limits]
                 short = next((s for s in states if s.remaining < _held(joules, s.factor)), None)
                 if short is not None:
-                    return Reservation(False, request_id, joules, states, short)
+                    return Reservation(False, request_id, joules, states, short), None
                 for state in states:
                     need = _held(joules, state.factor)
                     db.execute("UPDATE buckets SET reserved = ROUND(reserved + ?, 9) WHERE "
@@ -426,10 +427,12 @@ class EmbeddedLedger(Ledger):
                 periods = [[s.window, s.period_start, s.factor] for s in states]
                 db.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, 'active')",
                            (request_id, tenant, joules, _dumps(periods), at + ttl_s))
-            return Reservation(True, request_id, joules, states)
+                done = Reservation(True, request_id, joules, states)
+                return done, new_pool(db, done)
 
         def new_pool(db: sqlite3.Connection, done: Reservation) -> Pool | None:
-            """Beside a reservation that left plenty of room: a pool, held like it."""
+            """Beside a reservation that left plenty of room, in its transaction: a pool,
+            held like it."""
             size = pool_size(joules, done.windows)
             if not size:
                 return None
@@ -449,12 +452,10 @@ class EmbeddedLedger(Ledger):
             return Pool(lease, tenant, key, periods, size, windows, valid, at + ttl_s)
 
         def charge_or_reserve(db: sqlite3.Connection) -> tuple[Reservation, Pool | None]:
-            with _Immediate(db):
-                try:
-                    done = charge(db)
-                except _Short:
-                    done = reserve(db)
-                return done, new_pool(db, done) if done.ok else None
+            try:
+                return charge(db)
+            except _Short:
+                return reserve(db)
 
         done, made = await self._call(charge_or_reserve)
         if made is not None:
@@ -505,6 +506,11 @@ class EmbeddedLedger(Ledger):
             return True
 
         return spend
+
+    def _pool_of(self, tenant: str, request_id: str) -> Pool | None:
+        """The pool ``request_id`` holds from (None: it holds a reservation of its own)."""
+        pool = self._pooled.get(request_id)
+        return pool if pool is not None and pool.tenant == tenant else None
 
     def _pooled_done(self, request_id: str, pool: Pool, spent: float | None) -> None:
         """A pooled request is done: its settle committed (``spent``), or it never ran."""
@@ -562,8 +568,8 @@ class EmbeddedLedger(Ledger):
 
     async def settle(self, tenant: str, request_id: str, joules: float) -> bool:
         spend = max(joules, 0.0)
-        pool = self._pooled.get(request_id)
-        if pool is None or pool.tenant != tenant:
+        pool = self._pool_of(tenant, request_id)
+        if pool is None:
             return await self._close_hold(tenant, request_id, spend)
         operation = self._spend(pool, request_id, spend)
 
@@ -583,8 +589,8 @@ class EmbeddedLedger(Ledger):
         if self._closed:
             raise LedgerUnavailable(f"the embedded ledger {self.path} is closed")
         spend = max(joules, 0.0)
-        pool = self._pooled.get(request_id)
-        if pool is None or pool.tenant != tenant:
+        pool = self._pool_of(tenant, request_id)
+        if pool is None:
             return self._soon_add(self._finish(tenant, request_id, spend))
         future = self._soon_add(self._spend(pool, request_id, spend))
 
@@ -628,8 +634,8 @@ class EmbeddedLedger(Ledger):
                     future.set_exception(exc)
 
     async def release(self, tenant: str, request_id: str) -> bool:
-        pool = self._pooled.get(request_id)
-        if pool is None or pool.tenant != tenant:
+        pool = self._pool_of(tenant, request_id)
+        if pool is None:
             return await self._close_hold(tenant, request_id, None)
         self._pooled_done(request_id, pool, None)
         return True

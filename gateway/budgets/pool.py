@@ -84,7 +84,10 @@ class Pool:
     #: (ledger clock).
     valid_until: float
     expires_at: float
-    free: float = field(init=False)
+    #: What its row holds that no request holds (whole nanojoules): the room for the next
+    #: holds while it is not retired, and what this worker's readings
+    #: (:meth:`EmbeddedLedger.status`) do not count as reserved.
+    unheld: float = field(init=False)
     #: request id → the IT joules it holds.
     holds: dict[str, float] = field(default_factory=dict)
     #: IT joules its holders have spent since it was made, and the holds those settles took
@@ -95,14 +98,14 @@ class Pool:
     used_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.free = self.size
+        self.unheld = self.size
 
     def take(self, request_id: str, joules: float, at: float) -> Reservation | None:
         """Hold ``joules`` for ``request_id``, or None (retired, too late, no room)."""
         joules = round(joules, 9)  # whole nanojoules, as the ledger keeps them
-        if self.retired or at >= self.valid_until or not 0 < joules <= self.free:
+        if self.retired or at >= self.valid_until or not 0 < joules <= self.unheld:
             return None
-        self.free = round(self.free - joules, 9)
+        self.unheld = round(self.unheld - joules, 9)
         self.holds[request_id] = joules
         self.used_at = time.monotonic()
         return Reservation(True, request_id, joules, self.seen())
@@ -123,18 +126,10 @@ class Pool:
 
     def returned(self, request_id: str) -> None:
         """``request_id`` never ran: its hold is the pool's again (its row still holds it)."""
-        joules = self.holds.pop(request_id)
-        if not self.retired:
-            self.free = round(self.free + joules, 9)
-
-    @property
-    def unheld(self) -> float:
-        """What its row holds that no request holds: not counted as reserved in this
-        worker's readings (:meth:`EmbeddedLedger.status`)."""
-        return max(round(self.size - self.consumed - sum(self.holds.values()), 9), 0.0)
+        self.unheld = round(self.unheld + self.holds.pop(request_id), 9)
 
     def retire(self) -> None:
-        self.retired, self.free = True, 0.0
+        self.retired = True
 
     @property
     def drained(self) -> bool:
