@@ -120,8 +120,7 @@ def check_json(plan: RequestPlan, text: str, finish: str) -> None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BackendInvalidOutput(f"the model's output is not valid JSON ({exc.msg})"
-                                   ) from None
+        raise BackendInvalidOutput(f"the model's output is not valid JSON ({exc.msg})") from None
     if fmt.type == "json_object" and not isinstance(value, dict):
         raise BackendInvalidOutput("the model's output is JSON but not an object")
     if fmt.type == "json_schema" and fmt.schema:

@@ -195,9 +195,9 @@ def parse_hermes(text: str, tools: list[ToolSpec], *, parallel: bool = True,
     ``max_tokens`` (:func:`cut_call`). Without ``parallel`` only the first call is kept."""
     by_name = {t.name: t for t in tools}
     start = text.find(TOOL_CALL_START)
-    if start < 0 and cut:  # a tag the model had only begun to write is not content
-        text = _drop_tag_start(text)
     if start < 0:
+        if cut:  # a tag the model had only begun to write is not content
+            text = _drop_tag_start(text)
         bare = _bare_call(text.strip(), by_name)
         return ParsedOutput("", [bare]) if bare else ParsedOutput(text)
     content = text[:start].strip()

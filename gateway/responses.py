@@ -525,10 +525,9 @@ def _param(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("message", "function_call", "function_call_output", "reasoning",
-                      "unsupported", "input_text", "output_text", "refusal", "text", "json_object",
-                      "json_schema", "str", "list[tagged-union[...]]", "NamedFunction",
-                      "literal['none','auto','required']") and out:
+        elif part in (*_ITEM_TYPES, "unsupported", "input_text", "output_text", "refusal",
+                      "text", "json_object", "json_schema", "str", "list[tagged-union[...]]",
+                      "NamedFunction", "literal['none','auto','required']") and out:
             continue  # a union's branch name, not a field
         elif isinstance(part, str) and part.startswith(("list[", "literal[", "function-")):
             continue
