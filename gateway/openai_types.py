@@ -9,10 +9,18 @@ field of the body at once.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from backends.base import GenerationRequest
@@ -427,7 +435,10 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     endpoint: ClassVar[fields.Endpoint] = "completions"
-    prompt: str
+    #: One string; the document says what :meth:`_one_prompt` takes too (a list of one).
+    prompt: Annotated[str, WithJsonSchema({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}}]})]
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_CAP)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
