@@ -63,10 +63,14 @@ class Probe:
     logprobs: bool
 
 
-def confidence(logprobs: list[float]) -> float:
-    """``exp(mean log-probability)`` of the tokens, in [0, 1]; 1.0 for none."""
+def confidence(logprobs: list[float], statistic: str = "mean") -> float:
+    """How sure the tokens were, in [0, 1] (1.0 for none): ``mean``, the geometric mean of
+    their probabilities, ``exp(mean log-probability)``; ``min``, the probability of the least
+    likely one (one unsure token in a run of sure ones is what a wrong answer tends to show)."""
     if not logprobs:
         return 1.0
+    if statistic == "min":
+        return math.exp(min(logprobs))
     return math.exp(sum(logprobs) / len(logprobs))
 
 
@@ -104,7 +108,7 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
     async def probe_attempt(call: Call, backend: Backend) -> Probe:
         call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
                                              call.dropped_params)
-        return await probe(call, backend, spec.probe_tokens)
+        return await probe(call, backend, spec.probe_tokens, spec.statistic)
 
     probed = await steps.on_plan(runtime, snap, call, probe_attempt)
     plan = call.planned
@@ -123,9 +127,9 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
     return await steps.on_plan(runtime, snap, call, attempt)
 
 
-async def probe(call: Call, backend: Backend, tokens: int) -> Probe:
+async def probe(call: Call, backend: Backend, tokens: int, statistic: str = "mean") -> Probe:
     """Start ``backend``'s stream with log-probabilities on and read its first ``tokens``
-    tokens (fewer when the answer ends sooner)."""
+    tokens (fewer when the answer ends sooner); their :func:`confidence` by ``statistic``."""
     req = call.req
     wanted = req.logprobs
     req.logprobs = True
@@ -147,7 +151,7 @@ async def probe(call: Call, backend: Backend, tokens: int) -> Probe:
         raise
     finally:
         req.logprobs = wanted
-    return Probe(chunks, seen, confidence(logprobs[:tokens]), wanted)
+    return Probe(chunks, seen, confidence(logprobs[:tokens], statistic), wanted)
 
 
 def _client_view(chunk: Chunk, logprobs: bool) -> Chunk:

@@ -351,6 +351,9 @@ class CascadeSpec(_Strict):
 
     threshold: float = Field(0.8, ge=0, le=1)
     probe_tokens: int = Field(8, ge=1, le=256)
+    #: How the probe's tokens make one confidence: ``mean``, exp(mean log-probability);
+    #: ``min``, the probability of the least likely token.
+    statistic: Literal["mean", "min"] = "mean"
     #: The tier to escalate to; default: the next costlier tier the request may use.
     to: str | None = Field(None, pattern=NAME_PATTERN)
 

@@ -58,6 +58,9 @@ class Script:
     tool_calls: Sequence[ToolCall] = ()
     #: The log-probability each token reports (when the request asks for log-probabilities).
     logprob: float = -0.25
+    #: Per-token log-probabilities, first token first, instead of ``logprob`` (tokens past
+    #: its end report ``logprob``).
+    token_logprobs: Sequence[float] = ()
 
     @classmethod
     def unavailable(cls, message: str = "scripted: no slot free", retry_after_s: float | None = None,
@@ -111,19 +114,23 @@ def scripted_vector(text: str | list[int], size: int) -> list[float]:
     return [x / norm for x in vector]
 
 
-def scripted_logprobs(pieces: Sequence[str], request: GenerationRequest, logprob: float = -0.25
+def scripted_logprobs(pieces: Sequence[str], request: GenerationRequest, logprob: float = -0.25,
+                      per_token: Sequence[float] = (), start: int = 0
                       ) -> list[TokenLogprob] | None:
     """The tokens' log-probabilities as the scripted model reports them, when asked:
-    ``logprob`` (the script's, default -0.25) each, with ``top_logprobs`` alternatives (the
-    token itself, then ``alt1``, ``alt2``...)."""
+    ``logprob`` (the script's, default -0.25) each, or ``per_token[i]`` for the answer's
+    ``i``-th token (``pieces`` start at token ``start``), with ``top_logprobs`` alternatives
+    (the token itself, then ``alt1``, ``alt2``...)."""
     if not request.logprobs:
         return None
     top = request.top_logprobs or 0
-    return [TokenLogprob(p, logprob, list(p.encode()),
-                         [TopLogprob(p, logprob, list(p.encode()))]
+    values = [per_token[start + j] if start + j < len(per_token) else logprob
+              for j in range(len(pieces))]
+    return [TokenLogprob(p, v, list(p.encode()),
+                         [TopLogprob(p, v, list(p.encode()))]
                          + [TopLogprob(f"alt{i}", -1.0 - i, list(f"alt{i}".encode()))
                             for i in range(1, top)] if top else [])
-            for p in pieces]
+            for p, v in zip(pieces, values, strict=True)]
 
 
 class ScriptedBackend(Backend):
@@ -199,10 +206,12 @@ class ScriptedBackend(Backend):
                               Usage(request.progress.prompt_tokens,
                                     request.progress.completion_tokens),
                               tool_calls=list(script.tool_calls),
-                              logprobs=scripted_logprobs(pieces, request, script.logprob))
+                              logprobs=scripted_logprobs(pieces, request, script.logprob,
+                                                         script.token_logprobs))
         return Generation("".join(pieces), finish, Usage(request.progress.prompt_tokens,
                                                          request.progress.completion_tokens),
-                          logprobs=scripted_logprobs(pieces, request, script.logprob))
+                          logprobs=scripted_logprobs(pieces, request, script.logprob,
+                                                         script.token_logprobs))
 
     #: The size of :meth:`embed`'s vectors when a request gives no ``dimensions``.
     embedding_size = 8
@@ -241,7 +250,8 @@ class ScriptedBackend(Backend):
         try:
             async for piece, finish in tokens:
                 record.tokens_sent += 1 if piece else 0
-                logprobs = scripted_logprobs([piece], request, script.logprob)
+                logprobs = scripted_logprobs([piece], request, script.logprob,
+                                             script.token_logprobs, record.tokens_sent - 1)
                 if finish is None:
                     yield Chunk(text=piece, logprobs=logprobs)
                 elif script.tool_calls and finish != "length":

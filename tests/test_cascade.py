@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+from policies import PolicyError, parse_policy
+
 from .inprocess import InProcessGateway, joules, policy, sse_events
 from .scripted import Script
 
@@ -167,3 +169,26 @@ async def test_a_cheap_tier_that_cannot_answer_falls_back_as_usual(tmp_path):
         assert r.headers["x-joulegate-tier"] == "big"
         assert r.json()["choices"][0]["message"]["content"] == "Four."
         assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(joules(10, 2, "big"))
+
+
+@pytest.mark.parametrize(("statistic", "tier", "confidence"),
+                         [("mean", "small", math.sqrt(0.95 * 0.60)), ("min", "big", 0.60)])
+async def test_the_statistic_decides_how_the_probe_tokens_make_one_confidence(
+        tmp_path, statistic, tier, confidence):
+    # One unsure token among sure ones: their geometric mean (0.755) passes a 0.7 threshold,
+    # the least likely token (0.60) does not.
+    s = {"up-small": Script(tokens=TOKENS, token_logprobs=[math.log(0.95), math.log(0.60)]),
+         "up-big": Script(tokens=["Four", "."])}
+    async with InProcessGateway(tmp_path, cascade_policy(threshold=0.7, statistic=statistic),
+                                s) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == tier
+        assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(confidence,
+                                                                                    abs=1e-3)
+
+
+def test_a_policy_names_only_a_known_statistic(tmp_path):
+    p = cascade_policy(statistic="median")
+    with pytest.raises(PolicyError, match="statistic"):
+        parse_policy(p)
