@@ -13,19 +13,27 @@ Routers compared, each as (quality = share of prompts answered right, total joul
 - one-shot estimators (``heuristic``, ``learned``, ``semantic``, whichever load): the request
   as sent scored up front, at or above the threshold to the strong tier;
 - ``cascade``: every prompt starts on the cheap tier; its first ``K`` tokens' confidence
-  (``exp(mean log-probability)``, as :mod:`gateway.cascade` computes it) below the threshold
+  (``--statistic``: ``mean``, exp(mean log-probability), or ``min``, the least likely token's
+  probability, as :func:`gateway.routing.estimators.confidence` computes it) below the threshold
   drops that answer and asks the strong tier, paying the probe *and* the strong answer. The
   probe's joules are the cheap answer's joules scaled to the tokens it had made by then (prompt
-  tokens weighted by the tier's joules_per_prompt_token / joules_per_output_token seeds).
+  tokens weighted by the tier's joules_per_prompt_token / joules_per_output_token seeds). The
+  log-probabilities are the whole cheap answer's where the labels carry them
+  (``cheap_answer_logprobs``), else the recorded probe's (``cheap_logprobs``).
 - ``oracle``: the strong tier only where the cheap one is wrong and the strong one right.
 
 No threshold is tuned on the prompts it is reported on: the prompts are split in two halves
 (alternate rows of each source); each router's threshold is chosen on one half as the
 cheapest that keeps 95% of always-strong's quality there, and reported on the other half,
-then the halves swap; the table gives the sum of both reported halves. The full sweep over
-every threshold is plotted as a curve (PNG) for the shape, not for choosing.
+then the halves swap; the table gives the sum of both reported halves. With ``--select`` a
+last row also chooses the cascade's ``K`` and statistic (from :data:`GRID`) with its threshold
+on each half. The full sweep over every threshold is plotted as a curve (PNG) for the shape,
+not for choosing; the last two columns read it against random routing at equal joules, over
+every threshold whose joules lie between always-cheap's and always-strong's: the least margin,
+and the share of those thresholds below random.
 
     .venv/bin/python benchmarks/cascade.py [--labels FILE ...] [--probe-tokens 8]
+        [--statistic mean|min] [--select]
 
 Writes ``benchmarks/results/cascade-<stamp>.md`` and ``.png``; prints the table.
 """
@@ -37,12 +45,14 @@ import csv
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gateway.cli.router_collect import MCQ_INSTRUCTION  # noqa: E402
+from gateway.routing.estimators import confidence  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "data" / "routing"
@@ -67,9 +77,9 @@ class Row:
     #: How the tiers were asked (``bare``, or ``chat`` / ``completion`` for HumanEval).
     format: str = "bare"
 
-    def confidence(self, k: int) -> float:
-        first = self.logprobs[:k]
-        return math.exp(sum(first) / len(first)) if first else 1.0
+    def confidence(self, k: int, statistic: str = "mean") -> float:
+        """What the gateway's cascade computes of the first ``k`` tokens."""
+        return confidence(list(self.logprobs[:k]), statistic)
 
     def probe_joules(self, k: int) -> float:
         """The cheap answer's joules up to its ``k``-th token (all of it when shorter)."""
@@ -83,13 +93,15 @@ def load(paths: list[Path]) -> list[Row]:
     for path in paths:
         with path.open(newline="") as f:
             for r in csv.DictReader(f):
-                if not r.get("cheap_logprobs"):
+                # the whole answer's (benchmarks/humaneval.py answer-logprobs), else the probe's
+                logprobs = r.get("cheap_answer_logprobs") or r.get("cheap_logprobs")
+                if not logprobs:
                     continue
                 out.append(Row(r["prompt"], r.get("source") or path.parent.name,
                                r["cheap_ok"] == "1", r["strong_ok"] == "1",
                                float(r["cheap_joules"]), float(r["strong_joules"]),
                                int(r["cheap_prompt_tokens"]), int(r["cheap_completion_tokens"]),
-                               tuple(float(x) for x in r["cheap_logprobs"].split()),
+                               tuple(float(x) for x in logprobs.split()),
                                r.get("format") or "bare"))
     return out
 
@@ -105,10 +117,11 @@ def one_shot_point(rows: list[Row], scores: list[float], threshold: float) -> tu
     return right, joules
 
 
-def cascade_point(rows: list[Row], k: int, threshold: float) -> tuple[int, float]:
+def cascade_point(rows: list[Row], k: int, threshold: float,
+                  statistic: str = "mean") -> tuple[int, float]:
     right, joules = 0, 0.0
     for row in rows:
-        if row.confidence(k) >= threshold:
+        if row.confidence(k, statistic) >= threshold:
             right += row.cheap_ok
             joules += row.cheap_j
         else:
@@ -147,14 +160,34 @@ def thresholds_of(values: list[float]) -> list[float]:
     return [*sorted(set(values)), math.inf]
 
 
-def choose(rows: list[Row], point, candidates: list[float], target: float) -> float:
-    """The cheapest threshold whose quality on ``rows`` is at least ``target`` (share)."""
+def choose(idx: list[int], point, candidates: list[float], target: float,
+           fallback: float) -> tuple[float, float] | None:
+    """The cheapest threshold whose right answers on prompts ``idx`` are at least ``target``
+    and its joules there; None when no threshold reaches it."""
     best: tuple[float, float] | None = None
     for t in candidates:
-        right, joules = point(rows, t)
-        if right >= target * len(rows) - 1e-9 and (best is None or joules < best[0]):
-            best = (joules, t)
-    return best[1] if best is not None else -math.inf  # nothing reaches it: all strong
+        right, joules = point(idx, t)
+        if right >= target - 1e-9 and (best is None or joules < best[1]):
+            best = (t, joules)
+    return best
+
+
+#: A router's outcome on some prompts (indices) at a threshold: right answers and joules.
+Point = Callable[[list[int], float], tuple[int, float]]
+#: What ``--select`` chooses among, with the threshold, on each fitting half.
+GRID = [(k, statistic) for k in (4, 8, 16, 32, 64, 128) for statistic in ("mean", "min")]
+
+
+def one_shot(rows: list[Row], scores: list[float]) -> Point:
+    return lambda idx, t: one_shot_point([rows[i] for i in idx], [scores[i] for i in idx], t)
+
+
+def cascade_router(rows: list[Row], k: int, statistic: str) -> tuple[Point, list[float], float]:
+    """The cascade at ``k`` probe tokens: its outcome, its thresholds (it escalates below
+    one: every confidence, and above all), and ``inf``, the threshold that escalates all."""
+    confidences = [r.confidence(k, statistic) for r in rows]
+    return ((lambda idx, t: cascade_point([rows[i] for i in idx], k, t, statistic)),
+            [-math.inf, *sorted(set(confidences)), math.inf], math.inf)
 
 
 def halves(rows: list[Row]) -> tuple[list[int], list[int]]:
@@ -173,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="*", type=Path,
                         default=sorted(DATA.glob("*/labels-*.csv")))
     parser.add_argument("--probe-tokens", type=int, default=8)
+    parser.add_argument("--statistic", choices=("mean", "min"), default="mean",
+                        help="the cascade's confidence of its probe tokens (as the policy's)")
+    parser.add_argument("--select", action="store_true",
+                        help="also a cascade whose probe_tokens and statistic (from GRID) are "
+                        "chosen with its threshold on each half")
     parser.add_argument("--estimators", default="heuristic,learned,semantic")
     parser.add_argument("--quality", type=float, default=0.95,
                         help="share of always-strong's quality each threshold must keep")
@@ -182,23 +220,19 @@ def main(argv: list[str] | None = None) -> int:
         print("no labelled rows with cheap_logprobs: run `joulegate router collect` first",
               file=sys.stderr)
         return 1
-    k = args.probe_tokens
-    routers: dict[str, tuple[object, list[float]]] = {}
+    # Each router: (which prompts -> right answers and joules at a threshold, the thresholds
+    # that change a decision, the threshold that sends everything to the strong tier).
+    routers: dict[str, tuple[Point, list[float], float]] = {}
     for name in args.estimators.split(","):
         scores = estimator_scores(name, rows)
         if scores is not None:
-            routers[name] = (scores, thresholds_of(scores))
-    confidences = [r.confidence(k) for r in rows]
-    # The cascade escalates below the threshold: candidates are the confidences and above.
-    cascade_candidates = [-math.inf, *sorted(set(confidences)), math.inf]
-
-    def point_for(name: str, subset: list[int]):
-        sub = [rows[i] for i in subset]
-        if name == "cascade":
-            return sub, lambda rs, t: cascade_point(rs, k, t)
-        scores = routers[name][0]
-        sub_scores = [scores[i] for i in subset]  # type: ignore[index]
-        return sub, lambda rs, t: one_shot_point(rs, sub_scores, t)
+            routers[f"one-shot {name}"] = (one_shot(rows, scores), thresholds_of(scores),
+                                           -math.inf)
+    k, statistic = args.probe_tokens, args.statistic
+    cascades = {(kk, st): cascade_router(rows, kk, st)
+                for kk, st in {(k, statistic), *(GRID if args.select else ())}}
+    cascade_name = f"cascade (K={k}, {statistic})"
+    routers[cascade_name] = cascades[(k, statistic)]
 
     a, b = halves(rows)
     table = []
@@ -210,31 +244,55 @@ def main(argv: list[str] | None = None) -> int:
     oracle = [(not r.cheap_ok) and r.strong_ok for r in rows]
     oracle_right = sum(r.strong_ok if o else r.cheap_ok for r, o in zip(rows, oracle, strict=True))
     oracle_j = sum(r.strong_j if o else r.cheap_j for r, o in zip(rows, oracle, strict=True))
-    table.append(("always-cheap", "", cheap_right, cheap_j))
-    table.append(("always-strong", "", strong_right, strong_j))
-    table.append(("oracle", "", oracle_right, oracle_j))
-    chosen_notes = []
-    for name in [*routers, "cascade"]:
-        right, joules, picked = 0, 0.0, []
-        for fit, report in ((a, b), (b, a)):
-            fit_rows, fit_point = point_for(name, fit)
-            strong_share = sum(fit_rows[i].strong_ok for i in range(len(fit_rows))) / max(len(fit_rows), 1)
-            cands = cascade_candidates if name == "cascade" else routers[name][1]  # type: ignore[assignment]
-            t = choose(fit_rows, fit_point, cands, args.quality * strong_share)
-            rep_rows, rep_point = point_for(name, report)
-            r_, j_ = rep_point(rep_rows, t)
-            right += r_
-            joules += j_
-            picked.append(t)
-        label = f"cascade (K={k})" if name == "cascade" else f"one-shot {name}"
-        table.append((label, " / ".join(f"{t:.3f}" for t in picked), right, joules))
-        chosen_notes.append(label)
+    table.append(("always-cheap", "", cheap_right, cheap_j, None))
+    table.append(("always-strong", "", strong_right, strong_j, None))
+    table.append(("oracle", "", oracle_right, oracle_j, None))
+
+    def target(idx: list[int]) -> float:
+        return args.quality * sum(rows[i].strong_ok for i in idx)
 
     def random_quality_at(j: float) -> float:
         if strong_j == cheap_j:
             return strong_right / n
         x = min(max((j - cheap_j) / (strong_j - cheap_j), 0.0), 1.0)
         return (cheap_right + x * (strong_right - cheap_right)) / n
+
+    def against_random(point: Point, candidates: list[float]) -> tuple[float, float]:
+        """Over every threshold whose joules are above always-cheap's and at most
+        always-strong's: the least margin over random routing at equal joules, and the share
+        of those thresholds at which the router is below random."""
+        margins = [right / n - random_quality_at(joules)
+                   for right, joules in (point(list(range(n)), t) for t in candidates)
+                   if cheap_j < joules <= strong_j]
+        if not margins:
+            return 0.0, 0.0
+        return min(margins), sum(m < -1e-9 for m in margins) / len(margins)
+
+    for label, (point, candidates, fallback) in routers.items():
+        right, joules, picked = 0, 0.0, []
+        for fit, report in ((a, b), (b, a)):
+            chosen = choose(fit, point, candidates, target(fit), fallback)
+            t = chosen[0] if chosen is not None else fallback
+            r_, j_ = point(report, t)
+            right += r_
+            joules += j_
+            picked.append(f"{t:.3f}")
+        table.append((label, " / ".join(picked), right, joules, against_random(point, candidates)))
+    if args.select:  # probe_tokens and statistic chosen with the threshold, per half
+        right, joules, picked = 0, 0.0, []
+        for fit, report in ((a, b), (b, a)):
+            best: tuple[float, tuple[int, str], float] | None = None
+            for config, (point, candidates, fallback) in cascades.items():
+                chosen = choose(fit, point, candidates, target(fit), fallback)
+                if chosen is not None and (best is None or chosen[1] < best[0]):
+                    best = (chosen[1], config, chosen[0])
+            config, t = (best[1], best[2]) if best is not None else ((k, statistic), math.inf)
+            r_, j_ = cascades[config][0](report, t)
+            right += r_
+            joules += j_
+            picked.append(f"K={config[0]} {config[1]} {t:.3f}")
+        table.append(("cascade (K, statistic chosen per half)", " / ".join(picked), right,
+                      joules, None))
 
     sources = sorted({r.source for r in rows})
     counts = ", ".join(f"{s} {sum(r.source == s for r in rows)}" for s in sources)
@@ -246,14 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         "the other, both ways (see the module docstring); the target is "
         f"{args.quality:.0%} of always-strong's quality.", "",
         "| router | thresholds (half A / half B) | quality | % of always-strong quality | "
-        "joules | % of always-strong joules | J per right answer | vs random at same joules |",
-        "|---|---|---|---|---|---|---|---|"]
-    for label, thr, right, joules in table:
+        "joules | % of always-strong joules | J per right answer | vs random at same joules | "
+        "every threshold: least margin vs random | thresholds below random |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, thr, right, joules, swept in table:
         q = right / n
         delta = q - random_quality_at(joules)
+        sweep = (f"{swept[0] * 100:+.1f} pts | {swept[1]:.0%}"
+                 if swept is not None else " | ")
         lines.append(f"| {label} | {thr} | {q:.1%} | {right / max(strong_right, 1):.1%} | "
                      f"{joules:,.0f} | {joules / strong_j:.1%} | {joules / max(right, 1):,.1f} | "
-                     f"{delta * 100:+.1f} pts |")
+                     f"{delta * 100:+.1f} pts | {sweep} |")
     per_source = ["", "Per source (always-cheap / always-strong / oracle quality):", ""]
     for s in sources:
         sub = [r for r in rows if r.source == s]
@@ -267,10 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"cascade-{stamp}.png"
-    curves = {f"one-shot {name}": sorted(one_shot_point(rows, sc, t)[::-1]
-                                         for t in th)  # type: ignore[arg-type]
-              for name, (sc, th) in routers.items()}
-    curves[f"cascade (K={k})"] = sorted(cascade_point(rows, k, t)[::-1] for t in cascade_candidates)
+    every = list(range(n))
+    curves = {label: sorted(point(every, t)[::-1] for t in candidates)
+              for label, (point, candidates, _) in routers.items()}
     _plot(curves, n, (cheap_j, cheap_right), (strong_j, strong_right), oracle_right, png)
     command = "benchmarks/cascade.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (RESULTS / f"cascade-{stamp}.md").write_text(

@@ -27,7 +27,6 @@ models, budget-degraded or capped plans) runs as planned.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -40,6 +39,7 @@ from policies.schema import CascadeSpec
 from . import fields, steps
 from .call import Call
 from .capabilities import capable_tiers, tier_capabilities
+from .routing.estimators import confidence
 from .runtime import Runtime, Snapshot
 from .steps import leave_slot, take_tokens
 
@@ -61,17 +61,6 @@ class Probe:
     confidence: float
     #: The client asked for log-probabilities itself (else they are stripped).
     logprobs: bool
-
-
-def confidence(logprobs: list[float], statistic: str = "mean") -> float:
-    """How sure the tokens were, in [0, 1] (1.0 for none): ``mean``, the geometric mean of
-    their probabilities, ``exp(mean log-probability)``; ``min``, the probability of the least
-    likely one (one unsure token in a run of sure ones is what a wrong answer tends to show)."""
-    if not logprobs:
-        return 1.0
-    if statistic == "min":
-        return math.exp(min(logprobs))
-    return math.exp(sum(logprobs) / len(logprobs))
 
 
 def cascade_for(snap: Snapshot, call: Call) -> tuple[CascadeSpec, TierSpec] | None:

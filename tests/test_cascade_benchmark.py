@@ -73,3 +73,29 @@ def test_a_cascade_pays_the_probe_and_the_strong_answer_only_when_it_escalates(t
     assert joules == pytest.approx(110.0 + probe + 500.0)
     right, joules = cascade.cascade_point(rows, 8, 0.0)  # nothing escalates
     assert (right, joules) == (1, 220.0)
+
+
+def test_the_whole_answers_log_probabilities_come_first_and_min_finds_one_unsure_token(tmp_path):
+    path = tmp_path / "l.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*COLUMNS, "cheap_answer_logprobs"])
+        writer.writerow([CODE, 0, 1, "100.0", "300.0", "completion", 50, 40, "-0.1 -0.1",
+                         "-0.1 -0.1 -0.1 -2.0"])
+    row = cascade.load([path])[0]
+    assert row.logprobs == (-0.1, -0.1, -0.1, -2.0)
+    assert row.confidence(4, "min") == pytest.approx(math.exp(-2.0))
+    assert row.confidence(4) == pytest.approx(math.exp(-0.575))
+    assert row.confidence(3, "min") == pytest.approx(math.exp(-0.1))
+
+
+def test_a_cascade_that_no_threshold_makes_good_enough_escalates_everything(tmp_path):
+    rows = cascade.load([write(tmp_path / "l.csv", [
+        ["a", 0, 1, "100.0", "300.0", "chat", 10, 10, "-0.1"],
+        ["b", 1, 1, "100.0", "300.0", "chat", 10, 10, "-0.2"],
+    ])])
+    point, candidates, fallback = cascade.cascade_router(rows, 8, "min")
+    # Both right needs escalating a, the surer of the two: a threshold above both.
+    assert cascade.choose([0, 1], point, candidates, 2, fallback)[0] > math.exp(-0.1)
+    assert cascade.choose([0, 1], point, candidates, 3, fallback) is None
+    assert point([0, 1], fallback)[0] == 2  # the fallback escalates every prompt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 
 import pytest
@@ -103,6 +104,39 @@ def test_router_eval_labels_scores_every_shipped_estimator_in_file_order(tmp_pat
     assert main(["router", "eval", "--labels", str(path)]) == 0
     text = capsys.readouterr().out
     assert "| semantic |" in text and "nothing is fitted" in text
+
+
+def test_router_eval_labels_ranks_by_the_cascade_where_the_file_has_log_probabilities(
+        tmp_path, capsys):
+    # The cheap answer's log-probabilities: the unsure ones are the ones it got wrong.
+    rows = [(EASY, 1, 1, "-0.01 -0.02"), (HARD, 0, 1, "-0.01 -2.5"),
+            ("Name a primary colour.", 1, 1, "-0.05 -0.01"),
+            ("Who wrote Hamlet?", 0, 1, "-1.5 -1.0")]
+    path = tmp_path / "probed.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_logprobs"])
+        w.writerows(rows)
+    assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
+    cascade = json.loads(capsys.readouterr().out)["estimators"]["cascade"]
+    # 1 - exp(mean log-probability) of the default probe (8 tokens, mean), in file order
+    assert cascade["scores"] == pytest.approx(
+        [1 - math.exp(sum(map(float, lp.split())) / 2) for *_, lp in rows], abs=1e-5)
+    assert cascade["apgr"] == pytest.approx(0.75)  # the oracle order: the two wrong rank first
+    # Without the column the cascade has nothing to rank by and is not listed.
+    _write(path, [r[:3] for r in rows])
+    assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
+    assert "cascade" not in json.loads(capsys.readouterr().out)["estimators"]
+
+
+def test_a_cascade_cell_gives_no_one_shot_joules():
+    from gateway.routing.lodo import cell
+
+    examples = [Example("t", f"p{i}", w, s, "t", "bare", 1.0, 3.0, (-0.1,))
+                for i, (w, s) in enumerate([(1, 1), (0, 1), (0, 0), (1, 1)])]
+    c = cell("t", "native", "cascade", [0.1, 0.9, 0.5, 0.2], examples, priced=False)
+    assert c.apgr == pytest.approx(0.875)  # as priced: the ranking is the same
+    assert (c.joules95, c.margin, c.curve) == (None, None, ([], []))
 
 
 def test_router_eval_labels_refuses_a_file_without_the_columns(tmp_path, capsys):

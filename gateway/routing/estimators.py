@@ -216,9 +216,22 @@ class SemanticEstimator(DifficultyEstimator):
         return self.model.neighbours(RequestText.of(request), k)
 
 
+def confidence(logprobs: list[float], statistic: str = "mean") -> float:
+    """How sure a cascade probe's tokens were, in [0, 1] (1.0 for none): ``mean``, the
+    geometric mean of their probabilities, ``exp(mean log-probability)``; ``min``, the
+    probability of the least likely one (one unsure token in a run of sure ones is what a
+    wrong answer tends to show)."""
+    if not logprobs:
+        return 1.0
+    if statistic == "min":
+        return math.exp(min(logprobs))
+    return math.exp(sum(logprobs) / len(logprobs))
+
+
 class CascadeEstimator(DifficultyEstimator):
     """``cascade``: no score up front (0 for every request), so ``auto`` starts on the
-    default tier; :mod:`gateway.cascade` escalates when that tier's first tokens are unsure."""
+    default tier; :mod:`gateway.cascade` escalates when that tier's first tokens are unsure
+    (their :func:`confidence`)."""
 
     name = "cascade"
 

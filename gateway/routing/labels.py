@@ -4,7 +4,8 @@ A *source* is one labelled data set: a folder ``data/routing/<source>/`` holding
 with (at least) the columns ``prompt,cheap_ok,strong_ok`` (``0``/``1``: whether the cheap and
 the strong tier answered that prompt correctly), and optionally ``cheap_joules`` and
 ``strong_joules`` (what answering it cost on each tier), ``joules`` (one figure, the strong
-tier's) and ``format`` (how it was asked: ``completion`` for a text completion, ``chat`` for
+tier's), ``cheap_answer_logprobs`` or ``cheap_logprobs`` (the cheap tier's answer's token
+log-probabilities, space-separated, for the cascade) and ``format`` (how it was asked: ``completion`` for a text completion, ``chat`` for
 a prompt already worded as a chat request; default ``bare``, a plain user message).
 ``mmlu/`` is RouteLLM's format (one column per model, ``True``/``False``) and is read as
 such: cheap = Mixtral-8x7B, strong = GPT-4. ``mt_bench/`` holds no labels and is skipped.
@@ -66,6 +67,9 @@ class Example:
     format: str = "bare"
     weak_joules: float | None = None
     strong_joules: float | None = None
+    #: The cheap tier's answer's log-probabilities, first token first (empty: not recorded),
+    #: what a cascade's probe judges.
+    cheap_logprobs: tuple[float, ...] = ()
 
     @property
     def needs_strong(self) -> bool:
@@ -103,10 +107,12 @@ def read_label_file(path: Path, source: str = "") -> list[Example]:
                              "expected prompt,cheap_ok,strong_ok (0/1)")
         for row in reader:
             strong_j = _number(row.get("strong_joules")) or _number(row.get("joules"))
+            logprobs = row.get("cheap_answer_logprobs") or row.get("cheap_logprobs") or ""
             examples.append(Example(
                 Path(path).stem, row["prompt"], _flag(row["cheap_ok"]), _flag(row["strong_ok"]),
                 source or Path(path).parent.name, row.get("format") or "bare",
-                _number(row.get("cheap_joules")), strong_j))
+                _number(row.get("cheap_joules")), strong_j,
+                tuple(float(v) for v in logprobs.split())))
     return examples
 
 

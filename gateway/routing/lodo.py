@@ -23,9 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends import GenerationRequest
+from policies.schema import CascadeSpec
 
 from . import semantic_train
-from .estimators import ESTIMATORS, DifficultyEstimator, LearnedEstimator, SemanticEstimator
+from .estimators import (
+    ESTIMATORS,
+    DifficultyEstimator,
+    LearnedEstimator,
+    SemanticEstimator,
+    confidence,
+)
 from .features import RequestText, extract
 from .labels import FORMATS, MIN_PROMPTS, Example, load_sources, read_label_file, request_for
 from .semantic import Embedder, SemanticUnavailable
@@ -42,6 +49,11 @@ QUALITY_SHARE = 0.95
 #: their problems held out (:func:`seen_source`), in this many folds.
 SEEN_MIN, SEEN_FOLDS = 100, 4
 ESTIMATOR_NAMES = ("heuristic", "learned", "semantic")
+#: ``cascade`` at the policy's default probe (:class:`policies.schema.CascadeSpec`): scored
+#: on the prompts of a held-out source that carry the cheap tier's log-probabilities (when at
+#: least MIN_PROMPTS do), by 1 - the confidence of the probe's tokens. It fits nothing, so no source is ever its
+#: training data; its joules (it pays the probe too) are benchmarks/cascade.py's to tell.
+CASCADE_PROBE = (CascadeSpec().probe_tokens, CascadeSpec().statistic)
 #: Fixed semantic variants measured beside the selected one, so the choice is visible:
 #: embedding-only kNN and embedding-only linear head.
 VARIANTS: dict[str, tuple[tuple[str, float], tuple[float, ...]]] = {
@@ -143,13 +155,25 @@ def _first_reaching(xs: list[float], ys: list[float], target: float) -> float:
     return 1.0
 
 
+def cascade_scores(examples: Sequence[Example]) -> list[float]:
+    """How unsure each prompt's cheap answer began: 1 - the :func:`confidence` of the
+    default probe (:data:`CASCADE_PROBE`) over its recorded log-probabilities."""
+    tokens, statistic = CASCADE_PROBE
+    return [1.0 - confidence(list(e.cheap_logprobs[:tokens]), statistic) for e in examples]
+
+
 def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
-         examples: Sequence[Example]) -> Cell:
+         examples: Sequence[Example], priced: bool = True) -> Cell:
+    """``priced``: the one-shot joules of :func:`cost_curve` are this router's (not for a
+    cascade, which also pays its probe): else no joules, margin or curve are given."""
     weak = [e.weak for e in examples]
     strong = [e.strong for e in examples]
     apgr = routing_curve(estimator, scores, weak, strong).apgr if sum(weak) != sum(strong) else 0.5
     fractions, quality, joules = cost_curve(scores, examples)
     target = QUALITY_SHARE * sum(strong) / len(strong)
+    if not priced:
+        return Cell(source, wording, estimator, apgr, _first_reaching(fractions, quality, target),
+                    None, None)
     has_joules = all(e.weak_joules is not None and e.strong_joules is not None for e in examples)
     margin = None
     if has_joules:
@@ -237,6 +261,11 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
             progress(f"  {held_out} / {wording}: " + ", ".join(
                 f"{c.estimator} {c.apgr:.3f}" for c in cells
                 if c.source == held_out and c.wording == wording))
+        probed = [e for e in test if e.cheap_logprobs]
+        if len(probed) >= MIN_PROMPTS:
+            unsure = cascade_scores(probed)
+            cells.append(cell(held_out, "native", "cascade", unsure, probed, priced=False))
+            cells.extend(_per_file(held_out, "cascade", unsure, probed, priced=False))
         for name, baseline in (("random", [0.0] * len(test)),
                                ("oracle", [float(e.strong) - float(e.weak) for e in test])):
             cells.append(cell(held_out, "native", name, baseline, test))
@@ -290,8 +319,8 @@ def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inp
     return out
 
 
-def _per_file(source: str, name: str, scores: Sequence[float], test: Sequence[Example]
-              ) -> list[Cell]:
+def _per_file(source: str, name: str, scores: Sequence[float], test: Sequence[Example],
+              priced: bool = True) -> list[Cell]:
     """A source's files one by one (``humaneval/chat``), when it has several and they are
     not MMLU subjects: the same problems labelled in different wordings."""
     files = sorted({e.subject for e in test})
@@ -299,7 +328,7 @@ def _per_file(source: str, name: str, scores: Sequence[float], test: Sequence[Ex
         return []
     return [cell(f"{source}/{f}", "native", name, [s for s, e in zip(scores, test, strict=True)
                                                    if e.subject == f],
-                 [e for e in test if e.subject == f]) for f in files]
+                 [e for e in test if e.subject == f], priced) for f in files]
 
 
 def describe(model: Any) -> str:
@@ -323,10 +352,11 @@ def split(examples: Sequence[Example], held_out: str) -> tuple[list[int], list[i
 
 def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
     """Per estimator: mean and worst held-out APGR in the labelled wording (``native``), the
-    worst over every wording, and the widest spread (max - min APGR over wordings) of any
-    source."""
+    worst over every wording, the widest spread (max - min APGR over wordings) of any
+    source, and over how many held-out sources (``cascade``: those with the cheap tier's
+    log-probabilities)."""
     out: dict[str, dict[str, float]] = {}
-    for name in (*ESTIMATOR_NAMES, *VARIANTS):
+    for name in (*ESTIMATOR_NAMES, "cascade", *VARIANTS):
         mine = [c for c in cells if c.estimator == name]
         if not mine:
             continue
@@ -338,7 +368,7 @@ def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
             spreads.append(max(values) - min(values))
         out[name] = {"mean": sum(native) / len(native), "worst": min(native),
                      "worst_any_wording": min(c.apgr for c in mine if "/" not in c.source),
-                     "widest_spread": max(spreads)}
+                     "widest_spread": max(spreads), "sources": len(native)}
     return out
 
 
@@ -354,9 +384,20 @@ def score_label_file(path: Path, names: Sequence[str] | None = None
         raise ValueError(f"{path}: no labelled rows")
     out: dict[str, dict[str, Any]] = {}
     requests: list[GenerationRequest] = [request_for(e) for e in examples]
-    # ``cascade`` decides after the cheap tier's first tokens, not from the prompt: it has
-    # no up-front score to rank by.
-    for name in names or [n for n in sorted(ESTIMATORS) if n != "cascade"]:
+    # ``cascade`` decides after the cheap tier's first tokens, not from the prompt: it ranks
+    # by them where the file recorded them (cheap_answer_logprobs or cheap_logprobs).
+    probed = all(e.cheap_logprobs for e in examples)
+    for name in names or [n for n in sorted(ESTIMATORS) if n != "cascade" or probed]:
+        if name == "cascade":
+            if not probed:
+                out[name] = {"error": "the cascade ranks by the cheap tier's answer's "
+                             "log-probabilities: give a cheap_logprobs column on every row"}
+                continue
+            scores = cascade_scores(examples)
+            c = cell(path.stem, "file", name, scores, examples, priced=False)
+            out[name] = {"apgr": c.apgr, "fraction95": c.fraction95, "joules95": None,
+                         "scores": scores}
+            continue
         try:
             est = ESTIMATORS[name]()
         except (SemanticUnavailable, ValueError, OSError) as exc:

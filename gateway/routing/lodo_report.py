@@ -21,7 +21,7 @@ def main_table(cells: list[Cell]) -> str:
     """Per held-out source (and file, where a source has several), in the wording it was
     labelled in: APGR, strong fraction and joules needed for 95% of strong quality, the least
     margin over random at equal joules, and the APGR spread over the other wordings."""
-    names = (*ESTIMATOR_NAMES, *VARIANTS, *BASELINES)
+    names = (*ESTIMATOR_NAMES, "cascade", *VARIANTS, *BASELINES)
     lines = ["| held out | estimator | APGR | APGR over wordings (min to max) | strong share for 95% "
              "| joules for 95% (of always-strong) | least margin vs random "
              "| at threshold fixed on training sources: quality, cost |",
@@ -53,7 +53,7 @@ def wording_table(cells: list[Cell]) -> str:
     lines = ["| held out | estimator | " + " | ".join(wordings) + " | spread |",
              "|---|---|" + "---|" * (len(wordings) + 1)]
     for source in sorted({c.source for c in cells if "/" not in c.source}):
-        for name in (*ESTIMATOR_NAMES, *VARIANTS):
+        for name in (*ESTIMATOR_NAMES, "cascade", *VARIANTS):
             row = {c.wording: c.apgr for c in cells if c.source == source and c.estimator == name}
             if not row:
                 continue
@@ -64,12 +64,15 @@ def wording_table(cells: list[Cell]) -> str:
 
 
 def summary_table(cells: list[Cell]) -> str:
-    lines = ["| estimator | mean APGR (held out) | worst APGR | worst over wordings "
-             f"| widest wording spread | target ≥ {TARGET_APGR} mean and worst |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| estimator | held-out sources | mean APGR (held out) | worst APGR "
+             f"| worst over wordings | widest wording spread | target ≥ {TARGET_APGR} mean and "
+             "worst |", "|---|---|---|---|---|---|---|"]
+    every = max(s["sources"] for s in summary(cells).values())
     for name, s in summary(cells).items():
         met = "met" if s["mean"] >= TARGET_APGR and s["worst"] >= TARGET_APGR else "not met"
-        lines.append(f"| {name} | {s['mean']:.3f} | {s['worst']:.3f} | "
+        if s["sources"] < every:
+            met += f" (on {s['sources']:.0f} of {every:.0f})"
+        lines.append(f"| {name} | {s['sources']:.0f} | {s['mean']:.3f} | {s['worst']:.3f} | "
                      f"{s['worst_any_wording']:.3f} | {s['widest_spread']:.3f} | {met} |")
     return "\n".join(lines)
 
@@ -115,7 +118,11 @@ def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
         "embedding-only heads, shown to make the choice visible. The last column applies one "
         "threshold per estimator fixed on the *training* sources (the score at which each "
         "training source's sweep reaches 95% of its strong quality, averaged) to the held-out "
-        "source, as a deployment would. Random and oracle are the "
+        "source, as a deployment would. `cascade` ranks a held-out source's prompts by how "
+        "unsure the cheap tier's answer began (1 - the confidence of the policy's default "
+        "probe, from the labelled log-probabilities); it fits nothing, and is scored only on the "
+        "prompts that recorded those log-probabilities, in their labelled wording; what it "
+        "costs (it also pays the probe) is `benchmarks/cascade.py`'s. Random and oracle are the "
         "baselines (random APGR is 0.5 in expectation). Rows `<source>+cv` are sources of "
         "our own tiers' labels evaluated with their *problems* held out instead (4 folds; "
         "models fitted on every other source and the other folds): the shipped models do "
@@ -146,6 +153,8 @@ def plot(report: dict[str, Any], out: Path) -> None:
         mine = [c for c in cells if c.source == source and c.wording == "native"]
         for c in mine:
             joules, quality = c.curve
+            if not joules:  # not priced (the cascade): its joules are not this sweep's
+                continue
             style = {"random": ":", "oracle": "--"}.get(c.estimator, "-")
             ax.plot([100 * j for j in joules], [100 * q for q in quality], style,
                     label=f"{c.estimator} ({c.apgr:.2f})", linewidth=1.4)
