@@ -308,6 +308,105 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The small tier's joules per prompt token over per output token (the default policy's seeds).
+PROMPT_WEIGHT = 0.1 / 1.1
+
+
+def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_tokens: int,
+                  name: str) -> list[str]:
+    """A cascade run at every other threshold, from its real probe confidences: a problem
+    decided as in the run costs and scores what it did there; one decided otherwise costs
+    the pinned cheap run's answer (kept) or a probe plus the pinned strong run's answer
+    (escalated; the probe is the cheap answer's joules scaled to ``probe_tokens`` tokens).
+    Thresholds are chosen on alternate problems and reported on the others, both ways."""
+    conf = {t: float(run[t]["cascade_confidence"]) for t in ids}
+
+    def outcome(t: str, x: float) -> tuple[bool, float]:
+        up = conf[t] < x
+        if up == ("->" in run[t]["cascade"]):
+            return run[t]["passed"], run[t]["energy_joules"]
+        if not up:
+            return cheap[t]["passed"], cheap[t]["energy_joules"]
+        c = cheap[t]
+        whole = PROMPT_WEIGHT * c["prompt_tokens"] + c["completion_tokens"]
+        made = PROMPT_WEIGHT * c["prompt_tokens"] + min(probe_tokens, c["completion_tokens"])
+        return strong[t]["passed"], c["energy_joules"] * made / whole + strong[t]["energy_joules"]
+
+    def point(sub: list[str], x: float) -> tuple[int, float]:
+        got = [outcome(t, x) for t in sub]
+        return sum(p for p, _ in got), sum(j for _, j in got)
+
+    candidates = [-1.0, *sorted(set(conf.values())), 2.0]
+    halves = (ids[0::2], ids[1::2])
+    right = joules = 0.0
+    picked = []
+    for fit, report in (halves, halves[::-1]):
+        need = 0.95 * sum(strong[t]["passed"] for t in fit)
+        x = min((c for c in candidates if point(fit, c)[0] >= need - 1e-9),
+                key=lambda c: point(fit, c)[1])
+        r, j = point(report, x)
+        right, joules, picked = right + r, joules + j, [*picked, x]
+    strong_right = sum(strong[t]["passed"] for t in ids)
+    strong_j = sum(strong[t]["energy_joules"] for t in ids)
+    cheap_right = sum(cheap[t]["passed"] for t in ids)
+    cheap_j = sum(cheap[t]["energy_joules"] for t in ids)
+    below, least = 0, 0.0
+    swept = [point(ids, c) for c in candidates]
+    inside = [(r, j) for r, j in swept if cheap_j < j <= strong_j]
+    for r, j in inside:
+        random = cheap_right + (strong_right - cheap_right) * (j - cheap_j) / (strong_j - cheap_j)
+        least = min(least, (r - random) / len(ids))
+        below += r < random - 1e-9
+    return [f"**{name} at every threshold** (from its own probe confidences; see "
+            "`cascade_sweep`): thresholds chosen on alternate problems and reported on the "
+            f"others ({picked[0]:.3f} / {picked[1]:.3f}): {right / strong_right:.1%} of "
+            f"always-strong pass@1 at {joules / strong_j:.1%} of its joules. Against random "
+            f"routing at equal joules, over the {len(inside)} thresholds between always-cheap's "
+            f"and always-strong's joules: least margin {100 * least:+.1f} points, "
+            f"{below} below random."]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """A routed run (``collect --cache-as NAME`` with model auto) against the pinned tiers'
+    runs: pass@1 and measured joules, each as a share of always-``--strong``'s, over the
+    problems every run has; for a cascade, how many escalated. The pinned runs were made at
+    another time: ``drift`` compares, on the problems the routed run answered on the cheap
+    tier alone, its joules with the cheap tier's own run (1.0: the same energy scale)."""
+    runs = {name: load_cache(name, args.mode) for name in [args.cheap, args.strong, *args.runs]}
+    common = sorted(set.intersection(*(set(r) for r in runs.values())))
+    strong = runs[args.strong]
+    strong_pass = sum(strong[t]["passed"] for t in common)
+    strong_j = sum(strong[t]["energy_joules"] for t in common)
+    lines = [f"# HumanEval ({args.mode}): routed runs against always-{args.strong}", "",
+             f"`benchmarks/humaneval.py compare --mode {args.mode} --runs {' '.join(args.runs)}`",
+             "", f"{len(common)} problems; every request through the gateway, temperature 0, "
+             f"`max_tokens` {MAX_TOKENS}; joules are each response's `usage.energy_joules`.", "",
+             "| run | pass@1 | % of always-strong pass@1 | joules | % of always-strong joules "
+             "| escalated | drift (cheap-only answers vs the cheap run) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in runs.items():
+        passed = sum(rows[t]["passed"] for t in common)
+        joules = sum(rows[t]["energy_joules"] for t in common)
+        escalated = sum("->" in (rows[t].get("cascade") or "") for t in common)
+        kept = [t for t in common if rows[t].get("cascade") and "->" not in rows[t]["cascade"]]
+        drift = (sum(rows[t]["energy_joules"] for t in kept)
+                 / sum(runs[args.cheap][t]["energy_joules"] for t in kept)) if kept else None
+        lines.append(f"| {name} | {passed / len(common):.1%} | {passed / strong_pass:.1%} | "
+                     f"{joules:,.0f} | {joules / strong_j:.1%} | "
+                     f"{escalated if rows[common[0]].get('cascade') else '-'} | "
+                     f"{'-' if drift is None else f'{drift:.3f}'} |")
+    for name in args.runs:
+        if runs[name][common[0]].get("cascade_confidence") is not None:
+            lines += ["", *cascade_sweep(runs[name], runs[args.cheap], runs[args.strong], common,
+                                         args.probe_tokens, name)]
+    report = "\n".join(lines)
+    print(report)
+    out = RESULTS / f"humaneval-compare-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.write_text(report + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_curve(args: argparse.Namespace) -> int:
     small, full = load_cache("small", args.mode), load_cache("full", args.mode)
     todo = [p for p in problems() if p["task_id"] in small and p["task_id"] in full]
@@ -429,6 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     rescore.add_argument("--tiers", default="small,full")
     rescore.add_argument("--mode", choices=MODES, default="completion")
     rescore.set_defaults(func=cmd_rescore)
+    compare = sub.add_parser("compare", help="routed runs (collect --cache-as) against the "
+                             "pinned tiers' runs (from the cache)")
+    compare.add_argument("--runs", nargs="+", required=True, help="cache names of routed runs")
+    compare.add_argument("--cheap", default="small")
+    compare.add_argument("--strong", default="full")
+    compare.add_argument("--mode", choices=MODES, default="completion")
+    compare.add_argument("--probe-tokens", type=int, default=64,
+                         help="the cascade runs' probe_tokens (for the threshold sweep)")
+    compare.set_defaults(func=cmd_compare)
     curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
     curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")
     curve.add_argument("--mode", choices=MODES, default="completion")

@@ -99,3 +99,38 @@ def test_a_cascade_that_no_threshold_makes_good_enough_escalates_everything(tmp_
     assert cascade.choose([0, 1], point, candidates, 2, fallback)[0] > math.exp(-0.1)
     assert cascade.choose([0, 1], point, candidates, 3, fallback) is None
     assert point([0, 1], fallback)[0] == 2  # the fallback escalates every prompt
+
+
+def _module(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parent.parent / "benchmarks" / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_cascade_run_is_replayed_at_other_thresholds_from_its_own_confidences():
+    humaneval = _module("humaneval_bench", "humaneval.py")
+
+    def row(passed, joules, **kw):
+        return {"passed": passed, "energy_joules": joules, "prompt_tokens": 0,
+                "completion_tokens": 100, **kw}
+
+    ids = ["a", "b", "c", "d"]
+    # The run (threshold 0.5): a and b escalated (probe + strong), c and d kept.
+    run = {"a": row(True, 330.0, cascade="small->full", cascade_confidence="0.1"),
+           "b": row(True, 330.0, cascade="small->full", cascade_confidence="0.4"),
+           "c": row(True, 100.0, cascade="small", cascade_confidence="0.6"),
+           "d": row(False, 100.0, cascade="small", cascade_confidence="0.9")}
+    cheap = {t: row(t in "bc", 100.0) for t in ids}
+    strong = {t: row(t != "c", 300.0) for t in ids}
+    (line,) = humaneval.cascade_sweep(run, cheap, strong, ids, 30, "k")
+    # Fitted on a and c (strong right on a only: need 0.95 right): keeping both is cheapest,
+    # c right on the cheap tier as in the run (threshold -1). Reported on b and d: both kept,
+    # b (escalated in the run) costs and scores its cheap answer: 1 right, 200 J.
+    # Fitted on b and d (need 1.9): d must escalate, past its 0.9 (threshold 2.0). Reported
+    # on a and c: a escalates as in the run (330 J, right); c did not in the run, so it costs
+    # 30 of its cheap answer's 100 tokens (30 J) plus the strong answer, wrong there: 1 right.
+    assert "(-1.000 / 2.000)" in line
+    assert "66.7% of always-strong pass@1 at 71.7% of its joules" in line  # 860 J of 1200
