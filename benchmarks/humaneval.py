@@ -357,7 +357,13 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_to
         random = cheap_right + (strong_right - cheap_right) * (j - cheap_j) / (strong_j - cheap_j)
         least = min(least, (r - random) / len(ids))
         below += r < random - 1e-9
-    return [f"**{name} at every threshold** (from its own probe confidences; see "
+    from gateway.routing.train import routing_curve
+
+    ranking = routing_curve(name, [-conf[t] for t in ids], [cheap[t]["passed"] for t in ids],
+                            [strong[t]["passed"] for t in ids]).apgr
+    return [f"**{name}'s probe confidences** ranked against the pinned runs' outcomes (the "
+            f"least sure first; no joules involved): APGR {ranking:.3f} (random 0.5).", "",
+            f"**{name} at every threshold** (from its own probe confidences; see "
             "`cascade_sweep`): thresholds chosen on alternate problems and reported on the "
             f"others ({picked[0]:.3f} / {picked[1]:.3f}): {right / strong_right:.1%} of "
             f"always-strong pass@1 at {joules / strong_j:.1%} of its joules. Against random "
@@ -371,24 +377,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runs: pass@1 and measured joules, each as a share of always-``--strong``'s, over the
     problems every run has; for a cascade, how many escalated. The pinned runs were made at
     another time: ``drift`` compares, on the problems the routed run answered on the cheap
-    tier alone, its joules with the cheap tier's own run (1.0: the same energy scale)."""
+    tier alone with the very answer of the cheap tier's own run, its joules with that run's
+    (1.0: the same energy scale; this shared machine's readings move by 10-20% between runs
+    made at different times)."""
     runs = {name: load_cache(name, args.mode) for name in [args.cheap, args.strong, *args.runs]}
     common = sorted(set.intersection(*(set(r) for r in runs.values())))
     strong = runs[args.strong]
     strong_pass = sum(strong[t]["passed"] for t in common)
     strong_j = sum(strong[t]["energy_joules"] for t in common)
     lines = [f"# HumanEval ({args.mode}): routed runs against always-{args.strong}", "",
-             f"`benchmarks/humaneval.py compare --mode {args.mode} --runs {' '.join(args.runs)}`",
+             f"`benchmarks/humaneval.py compare --mode {args.mode} --runs {' '.join(args.runs)} "
+             f"--cheap {args.cheap} --strong {args.strong}`",
              "", f"{len(common)} problems; every request through the gateway, temperature 0, "
              f"`max_tokens` {MAX_TOKENS}; joules are each response's `usage.energy_joules`.", "",
              "| run | pass@1 | % of always-strong pass@1 | joules | % of always-strong joules "
-             "| escalated | drift (cheap-only answers vs the cheap run) |",
+             "| escalated | drift (kept answers vs the same answers in the cheap run) |",
              "|---|---|---|---|---|---|---|"]
     for name, rows in runs.items():
         passed = sum(rows[t]["passed"] for t in common)
         joules = sum(rows[t]["energy_joules"] for t in common)
         escalated = sum("->" in (rows[t].get("cascade") or "") for t in common)
-        kept = [t for t in common if rows[t].get("cascade") and "->" not in rows[t]["cascade"]]
+        kept = [t for t in common if rows[t].get("cascade") and "->" not in rows[t]["cascade"]
+                and rows[t]["completion"] == runs[args.cheap][t]["completion"]]
         drift = (sum(rows[t]["energy_joules"] for t in kept)
                  / sum(runs[args.cheap][t]["energy_joules"] for t in kept)) if kept else None
         lines.append(f"| {name} | {passed / len(common):.1%} | {passed / strong_pass:.1%} | "

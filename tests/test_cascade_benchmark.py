@@ -125,7 +125,10 @@ def test_a_cascade_run_is_replayed_at_other_thresholds_from_its_own_confidences(
            "d": row(False, 100.0, cascade="small", cascade_confidence="0.9")}
     cheap = {t: row(t in "bc", 100.0) for t in ids}
     strong = {t: row(t != "c", 300.0) for t in ids}
-    (line,) = humaneval.cascade_sweep(run, cheap, strong, ids, 30, "k")
+    ranking, _, line = humaneval.cascade_sweep(run, cheap, strong, ids, 30, "k")
+    # Least sure first: a (+1 on the strong tier), b (0), c (-1), d (+1): cheap 0.5, strong
+    # 0.75, PGR 0, 1, 1, 0, 1 in steps of a quarter: APGR 0.625.
+    assert "APGR 0.625 " in ranking
     # Fitted on a and c (strong right on a only: need 0.95 right): keeping both is cheapest,
     # c right on the cheap tier as in the run (threshold -1). Reported on b and d: both kept,
     # b (escalated in the run) costs and scores its cheap answer: 1 right, 200 J.
