@@ -33,8 +33,7 @@ from typing import TypeVar
 
 from backends import Backend, Chunk, Generation, Usage
 from backends.features import TokenLogprob
-from policies import TierSpec
-from policies.schema import CascadeSpec
+from policies import CascadeSpec, TierSpec
 
 from . import fields, steps
 from .call import Call

@@ -16,6 +16,7 @@ from .schema import (
     DEFAULT_ROUTING,
     BackendSpec,
     CapacitySpec,
+    CascadeSpec,
     EnergySpec,
     Policy,
     RoutingSpec,
@@ -29,7 +30,7 @@ from .schema import (
 
 __all__ = [
     "AUTO_MODEL", "DEFAULT_POLICY_PATH", "DEFAULT_ROUTING", "BackendSpec", "CapacitySpec",
-    "Check", "EnergySpec", "Policy", "PolicyError", "PolicyIssue",
+    "CascadeSpec", "Check", "EnergySpec", "Policy", "PolicyError", "PolicyIssue",
     "PolicyReport", "RoutingSpec", "TenantSpec", "TierSpec", "did_you_mean", "inspect_policy",
     "key_digest", "load_policy", "parse_policy", "reference_issues", "resolve_key_ref",
 ]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends import GenerationRequest
-from policies.schema import CascadeSpec
+from policies import CascadeSpec
 
 from . import semantic_train
 from .estimators import (
