@@ -5,7 +5,9 @@ Routing scores nothing up front for a cascade tenant (the ``cascade`` estimator 
 request 0), so an ``auto`` request plans onto its default, cheapest tier. :func:`on_plan`
 then starts that tier's answer as a stream with log-probabilities on and reads its first
 ``routing.cascade.probe_tokens`` tokens before anything reaches the client. Their
-*confidence* is the geometric mean of their probabilities, ``exp(mean log-probability)``:
+*confidence* (:func:`gateway.routing.estimators.confidence`, by ``routing.cascade.statistic``)
+is the geometric mean of their probabilities, ``exp(mean log-probability)``, or the least
+likely token's probability:
 
 - at or above ``routing.cascade.threshold`` the answer is accepted: the tokens already made
   are the start of the answer, and the rest follows from the same generation (whole, or

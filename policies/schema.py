@@ -345,9 +345,8 @@ class CapacitySpec(_Strict):
 class CascadeSpec(_Strict):
     """``estimator: cascade``: an ``auto`` request is answered by its routed (cheapest) tier,
     whose first ``probe_tokens`` tokens are looked at before anything reaches the client; when
-    their confidence (the geometric mean of their probabilities, exp(mean log-probability))
-    is below ``threshold``, that answer is dropped and the request escalates to ``to`` (see
-    :mod:`gateway.cascade`)."""
+    their confidence (by ``statistic``) is below ``threshold``, that answer is dropped and the
+    request escalates to ``to`` (see :mod:`gateway.cascade`)."""
 
     threshold: float = Field(0.8, ge=0, le=1)
     probe_tokens: int = Field(8, ge=1, le=256)
