@@ -82,10 +82,15 @@ class Row:
         return confidence(list(self.logprobs[:k]), statistic)
 
     def probe_joules(self, k: int) -> float:
-        """The cheap answer's joules up to its ``k``-th token (all of it when shorter)."""
-        made = min(k, self.completion_tokens)
-        whole = PROMPT_WEIGHT * self.prompt_tokens + self.completion_tokens
-        return self.cheap_j * (PROMPT_WEIGHT * self.prompt_tokens + made) / whole if whole else 0.0
+        return probe_joules(self.cheap_j, self.prompt_tokens, self.completion_tokens, k)
+
+
+def probe_joules(cheap_j: float, prompt_tokens: int, completion_tokens: int, k: int) -> float:
+    """A cheap answer's joules up to its ``k``-th token (all of it when shorter), the prompt
+    tokens weighted by :data:`PROMPT_WEIGHT`."""
+    made = min(k, completion_tokens)
+    whole = PROMPT_WEIGHT * prompt_tokens + completion_tokens
+    return cheap_j * (PROMPT_WEIGHT * prompt_tokens + made) / whole if whole else 0.0
 
 
 def load(paths: list[Path]) -> list[Row]:
@@ -160,8 +165,8 @@ def thresholds_of(values: list[float]) -> list[float]:
     return [*sorted(set(values)), math.inf]
 
 
-def choose(idx: list[int], point, candidates: list[float], target: float,
-           fallback: float) -> tuple[float, float] | None:
+def choose(idx: list, point, candidates: list[float], target: float
+           ) -> tuple[float, float] | None:
     """The cheapest threshold whose right answers on prompts ``idx`` are at least ``target``
     and its joules there; None when no threshold reaches it."""
     best: tuple[float, float] | None = None
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, (point, candidates, fallback) in routers.items():
         right, joules, picked = 0, 0.0, []
         for fit, report in ((a, b), (b, a)):
-            chosen = choose(fit, point, candidates, target(fit), fallback)
+            chosen = choose(fit, point, candidates, target(fit))
             t = chosen[0] if chosen is not None else fallback
             r_, j_ = point(report, t)
             right += r_
@@ -282,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         right, joules, picked = 0, 0.0, []
         for fit, report in ((a, b), (b, a)):
             best: tuple[float, tuple[int, str], float] | None = None
-            for config, (point, candidates, fallback) in cascades.items():
-                chosen = choose(fit, point, candidates, target(fit), fallback)
+            for config, (point, candidates, _) in cascades.items():
+                chosen = choose(fit, point, candidates, target(fit))
                 if chosen is not None and (best is None or chosen[1] < best[0]):
                     best = (chosen[1], config, chosen[0])
             config, t = (best[1], best[2]) if best is not None else ((k, statistic), math.inf)

@@ -48,6 +48,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 from gateway.grading import run_program
@@ -145,18 +146,14 @@ def read_rows(path: Path) -> dict[str, dict]:
     return {row["task_id"]: row for row in rows}
 
 
-def ask(url: str, key: str, body: dict, timeout: float = 600.0) -> tuple[dict, dict]:
+def ask(url: str, key: str, body: dict, timeout: float = 600.0) -> tuple[dict, Message]:
     endpoint = "chat/completions" if "messages" in body else "completions"
     req = urllib.request.Request(f"{url.rstrip('/')}/v1/{endpoint}", method="POST",
                                  data=json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {key}",
                                           "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read()), dict(resp.headers)
-
-
-def header(headers: dict, name: str) -> str | None:
-    return next((v for k, v in headers.items() if k.lower() == name), None)
+        return json.loads(resp.read()), resp.headers  # looked up without regard to case
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -178,10 +175,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 passed, detail = run_tests(problem, text, args.mode)
                 usage = reply["usage"]
                 row = {"task_id": problem["task_id"], "tier": tier,
-                       "served_by": header(headers, "x-joulegate-tier"),
+                       "served_by": headers.get("x-joulegate-tier"),
                        # model auto under `estimator: cascade`: accepted, or escalated
-                       "cascade": header(headers, "x-joulegate-cascade"),
-                       "cascade_confidence": header(headers, "x-joulegate-cascade-confidence"),
+                       "cascade": headers.get("x-joulegate-cascade"),
+                       "cascade_confidence": headers.get("x-joulegate-cascade-confidence"),
                        "passed": passed, "detail": detail,
                        "prompt_tokens": usage["prompt_tokens"],
                        "completion_tokens": usage["completion_tokens"],
@@ -308,17 +305,18 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The small tier's joules per prompt token over per output token (the default policy's seeds).
-PROMPT_WEIGHT = 0.1 / 1.1
-
-
 def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_tokens: int,
                   name: str) -> list[str]:
     """A cascade run at every other threshold, from its real probe confidences: a problem
     decided as in the run costs and scores what it did there; one decided otherwise costs
     the pinned cheap run's answer (kept) or a probe plus the pinned strong run's answer
     (escalated; the probe is the cheap answer's joules scaled to ``probe_tokens`` tokens).
-    Thresholds are chosen on alternate problems and reported on the others, both ways."""
+    Thresholds are chosen on alternate problems and reported on the others, both ways, as
+    benchmarks/cascade.py chooses them."""
+    from cascade import choose, probe_joules
+
+    from gateway.routing.train import routing_curve
+
     conf = {t: float(run[t]["cascade_confidence"]) for t in ids}
 
     def outcome(t: str, x: float) -> tuple[bool, float]:
@@ -328,9 +326,9 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_to
         if not up:
             return cheap[t]["passed"], cheap[t]["energy_joules"]
         c = cheap[t]
-        whole = PROMPT_WEIGHT * c["prompt_tokens"] + c["completion_tokens"]
-        made = PROMPT_WEIGHT * c["prompt_tokens"] + min(probe_tokens, c["completion_tokens"])
-        return strong[t]["passed"], c["energy_joules"] * made / whole + strong[t]["energy_joules"]
+        probe = probe_joules(c["energy_joules"], c["prompt_tokens"], c["completion_tokens"],
+                             probe_tokens)
+        return strong[t]["passed"], probe + strong[t]["energy_joules"]
 
     def point(sub: list[str], x: float) -> tuple[int, float]:
         got = [outcome(t, x) for t in sub]
@@ -341,9 +339,9 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_to
     right = joules = 0.0
     picked = []
     for fit, report in (halves, halves[::-1]):
-        need = 0.95 * sum(strong[t]["passed"] for t in fit)
-        x = min((c for c in candidates if point(fit, c)[0] >= need - 1e-9),
-                key=lambda c: point(fit, c)[1])
+        # escalating everything (2.0) always reaches it
+        chosen = choose(fit, point, candidates, 0.95 * sum(strong[t]["passed"] for t in fit))
+        x = chosen[0] if chosen is not None else candidates[-1]
         r, j = point(report, x)
         right, joules, picked = right + r, joules + j, [*picked, x]
     strong_right = sum(strong[t]["passed"] for t in ids)
@@ -357,8 +355,6 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_to
         random = cheap_right + (strong_right - cheap_right) * (j - cheap_j) / (strong_j - cheap_j)
         least = min(least, (r - random) / len(ids))
         below += r < random - 1e-9
-    from gateway.routing.train import routing_curve
-
     ranking = routing_curve(name, [-conf[t] for t in ids], [cheap[t]["passed"] for t in ids],
                             [strong[t]["passed"] for t in ids]).apgr
     return [f"**{name}'s probe confidences** ranked against the pinned runs' outcomes (the "

@@ -96,8 +96,8 @@ def test_a_cascade_that_no_threshold_makes_good_enough_escalates_everything(tmp_
     ])])
     point, candidates, fallback = cascade.cascade_router(rows, 8, "min")
     # Both right needs escalating a, the surer of the two: a threshold above both.
-    assert cascade.choose([0, 1], point, candidates, 2, fallback)[0] > math.exp(-0.1)
-    assert cascade.choose([0, 1], point, candidates, 3, fallback) is None
+    assert cascade.choose([0, 1], point, candidates, 2)[0] > math.exp(-0.1)
+    assert cascade.choose([0, 1], point, candidates, 3) is None
     assert point([0, 1], fallback)[0] == 2  # the fallback escalates every prompt
 
 
@@ -110,7 +110,9 @@ def _module(name: str, file: str):
     return module
 
 
-def test_a_cascade_run_is_replayed_at_other_thresholds_from_its_own_confidences():
+def test_a_cascade_run_is_replayed_at_other_thresholds_from_its_own_confidences(monkeypatch):
+    # Run as a script, humaneval.py finds its neighbour benchmarks/cascade.py on the path.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     humaneval = _module("humaneval_bench", "humaneval.py")
 
     def row(passed, joules, **kw):

@@ -67,8 +67,9 @@ def summary_table(cells: list[Cell]) -> str:
     lines = ["| estimator | held-out sources | mean APGR (held out) | worst APGR "
              f"| worst over wordings | widest wording spread | target ≥ {TARGET_APGR} mean and "
              "worst |", "|---|---|---|---|---|---|---|"]
-    every = max(s["sources"] for s in summary(cells).values())
-    for name, s in summary(cells).items():
+    rows = summary(cells)
+    every = max(s["sources"] for s in rows.values())
+    for name, s in rows.items():
         met = "met" if s["mean"] >= TARGET_APGR and s["worst"] >= TARGET_APGR else "not met"
         if s["sources"] < every:
             met += f" (on {s['sources']:.0f} of {every:.0f})"
