@@ -25,6 +25,7 @@ from .base import (
     Load,
     Usage,
 )
+from .features import TokenLogprob
 from .kind import BackendKind, Capabilities, Requirement, Settings
 from .registry import KINDS
 from .wordllama_embed import load_wordllama
@@ -32,6 +33,7 @@ from .wordllama_embed import load_wordllama
 __all__ = [
     "KINDS", "Backend", "BackendError", "BackendFailure", "BackendInvalidResponse",
     "BackendKind", "BackendRejected", "BackendTimeout", "BackendUnavailable", "Capabilities",
-    "Chunk", "ContextWindowExceeded", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "Usage",
+    "Chunk", "ContextWindowExceeded", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "TokenLogprob",
+    "Usage",
     "load_wordllama",
 ]

@@ -55,6 +55,11 @@ class GenerationRequest:
     #: Return each generated token's log-probability, with ``top_logprobs`` alternatives.
     logprobs: bool = False
     top_logprobs: int | None = None
+    #: Score the prompt: the log-probability of each of its last ``prompt_logprobs`` tokens
+    #: (0: none) under the model, read as the prompt is read. A stream's first chunk, before
+    #: any text, carries them (:attr:`Chunk.prompt_logprobs`); so does the
+    #: :class:`Generation`. Only kinds whose capabilities say ``prompt_logprobs`` do this.
+    prompt_logprobs: int = 0
     #: Further OpenAI request fields (``presence_penalty``, ``logit_bias``, ``metadata``, ...),
     #: in OpenAI's spelling, for HTTP upstreams to forward as given; in-process backends
     #: use what they can of it (the gateway tells the client what they did not use).
@@ -82,6 +87,8 @@ class Generation:
     tool_calls: list[ToolCall] | None = None
     #: Per-token log-probabilities, when the request asked for them.
     logprobs: list[TokenLogprob] | None = None
+    #: The prompt's last tokens with their log-probabilities, when the request asked.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -119,6 +126,9 @@ class Chunk:
     tool_calls: list[ToolCallDelta] | None = None
     #: Log-probabilities of the tokens this chunk's text came from.
     logprobs: list[TokenLogprob] | None = None
+    #: The prompt's scored tokens (``GenerationRequest.prompt_logprobs``): on a chunk of
+    #: their own, the stream's first.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)

@@ -46,6 +46,9 @@ class Capabilities:
     embeddings: bool = False
     #: ``logprobs``/``top_logprobs`` (pass-through for HTTP kinds).
     logprobs: bool = False
+    #: The prompt's own tokens scored (``GenerationRequest.prompt_logprobs``), as the
+    #: cascade's ``signal: prompt`` reads them.
+    prompt_logprobs: bool = False
     #: The model runs in this process, on this host, so a host meter (RAPL, CPU time)
     #: measures it; otherwise it is a remote upstream, metered by an exporter or priced
     #: per token.

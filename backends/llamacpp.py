@@ -48,6 +48,11 @@ unified: a finished sequence's cells stay for prefix reuse, and every token's at
 walks all cells up to the highest one in use (flash attention skips the masked ones
 cheaply): one sequence alone after 8 had run took 37-38 ms a step against 35.
 
+A request may have its prompt's last tokens scored (``prompt_logprobs``: each one's
+log-probability given the tokens before it, computed by the engine from the logits of the
+prompt's own positions, as the prompt is read): a stream's first chunk carries them before any
+text, a whole answer's :class:`Generation` too. The cascade's ``signal: prompt`` reads them.
+
 Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
 and every generated token except the end-of-generation one, which is what
 llama-cpp-python's own non-streaming ``usage`` reports), also for streams; a request
@@ -84,6 +89,7 @@ from .base import (
     Usage,
     context_window_message,
 )
+from .features import TokenLogprob
 from .kind import BackendKind, Capabilities, Requirement, Settings
 from .llamacpp_batch import BatchEngine
 from .llamacpp_features import (
@@ -161,6 +167,11 @@ class _TokenTap:
         self.progress = progress
         #: Set when the request asked for log-probabilities.
         self.recorder: LogprobRecorder | None = None
+        #: The prompt's last tokens to score (``GenerationRequest.prompt_logprobs``), the
+        #: scores once the prompt is read, and who hears of them then (a stream).
+        self.score_last = 0
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.on_prompt: Callable[[list[TokenLogprob]], None] | None = None
 
     def usage(self) -> Usage:
         return Usage(self.progress.prompt_tokens, self.progress.completion_tokens)
@@ -236,6 +247,15 @@ def _sequence_llama(llama_cpp: Any) -> type:
         def __del__(self) -> None:
             pass
 
+        def _scored(self, scores: list[tuple[int, float]]) -> list[TokenLogprob]:
+            """The engine's prompt scores as tokens (special ones spelled out)."""
+            out = []
+            for token, logprob in scores:
+                piece = self.detokenize([token], special=True)
+                out.append(TokenLogprob(piece.decode("utf-8", errors="replace"), logprob,
+                                        list(piece)))
+            return out
+
         @property
         def _input_ids(self) -> Any:
             return np.asarray(self._history, dtype=np.intc)
@@ -266,7 +286,7 @@ def _sequence_llama(llama_cpp: Any) -> type:
                 mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl,
                 logits_processor=logits_processor, grammar=grammar)
             tap: _TokenTap = self.tap
-            seq = self._engine.submit(list(tokens), sampler, tap.cancelled)
+            seq = self._engine.submit(list(tokens), sampler, tap.cancelled, tap.score_last)
             progress = tap.progress
             progress.prompt_tokens = len(tokens)
             self._history = history = list(tokens)
@@ -275,6 +295,10 @@ def _sequence_llama(llama_cpp: Any) -> type:
                 for token in made:
                     if tap.cancelled.is_set():
                         return
+                    if tap.score_last and tap.prompt_logprobs is None:  # the prompt is read
+                        tap.prompt_logprobs = self._scored(seq.prompt_logprobs)
+                        if tap.on_prompt is not None:
+                            tap.on_prompt(tap.prompt_logprobs)
                     if stopping_criteria is not None and stopping_criteria(
                             self._input_ids, self._scores[-1, :]):
                         return
@@ -365,7 +389,7 @@ class LlamaCppBackend(Backend):
             llama_cpp, self._context.ctx, n_seq=self.slots,
             n_ctx_seq=self.n_ctx, n_batch=self.n_batch,
             is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
-            name=f"llamacpp-{self.name}")
+            name=f"llamacpp-{self.name}", n_vocab=int(llama_cpp.llama_vocab_n_tokens(vocab)))
         self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix=f"llamacpp-{self.name}")
         self._handle_class = _sequence_llama(llama_cpp)
         template = self._base.metadata.get("tokenizer.chat_template") or ""
@@ -473,6 +497,7 @@ class LlamaCppBackend(Backend):
         plan = self._plan(request)
         await self._acquire()
         tap = _TokenTap(request.progress)
+        tap.score_last = request.prompt_logprobs
 
         def work() -> Any:
             return self._call(request, plan, tap, stream=False)
@@ -489,7 +514,8 @@ class LlamaCppBackend(Backend):
         content, calls, finish = shape_answer(plan, text or "",
                                               choice.get("finish_reason") or "stop")
         return Generation(text=content, finish_reason=finish, usage=tap.usage(), tool_calls=calls,
-                          logprobs=tap.recorder.all() if tap.recorder is not None else None)
+                          logprobs=tap.recorder.all() if tap.recorder is not None else None,
+                          prompt_logprobs=tap.prompt_logprobs)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         plan = self._plan(request)
@@ -498,6 +524,12 @@ class LlamaCppBackend(Backend):
         tap = _TokenTap(request.progress)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
+        tap.score_last = request.prompt_logprobs
+
+        def on_prompt(scored: list[TokenLogprob]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, Chunk(prompt_logprobs=scored))
+
+        tap.on_prompt = on_prompt
 
         def work() -> None:
             try:
@@ -524,6 +556,9 @@ class LlamaCppBackend(Backend):
                     raise part
                 if isinstance(part, BaseException):
                     raise BackendFailure(f"llama.cpp failed: {part}")
+                if isinstance(part, Chunk):  # the prompt's scores, before any text
+                    yield part
+                    continue
                 part, drained = part
                 choice = part["choices"][0]
                 if request.messages is not None:
@@ -555,5 +590,6 @@ class LlamaCppBackend(Backend):
 
 KIND = BackendKind(LlamaCppBackend.kind, LlamaCppSettings,
                    Capabilities(streaming=True, tools=True, structured_output=True,
-                                logprobs=True, local=True), LlamaCppBackend,
+                                logprobs=True, prompt_logprobs=True, local=True),
+                   LlamaCppBackend,
                    requirement=_LLAMA_CPP)

@@ -30,6 +30,11 @@ A sequence that ends leaves its KV cells under its slot's id; the next sequence 
 slot keeps the longest common prefix with its own prompt and reads only the rest
 (a repeated system prompt or conversation is not read again).
 
+A sequence may also have its prompt's last tokens scored (``score_last``): those positions
+ask for logits too, and each next prompt token's log-probability is kept
+(:attr:`Sequence.prompt_logprobs`), for the cascade's prompt signal. Their cached prefix is
+not reused: the logits are not kept with the cache.
+
 The engine knows nothing of requests, chat templates or stop strings: its unit is a token
 list in and tokens out. Errors of ``llama_decode`` reach the consumers of the sequences in
 that batch as :class:`RuntimeError`.
@@ -37,6 +42,7 @@ that batch as :class:`RuntimeError`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import threading
@@ -76,6 +82,17 @@ class Sequence:
     made: int = 0
     ended: bool = False  # no more tokens will be made (end of generation, context full)
     released: bool = False  # the consumer is gone
+    #: Score the prompt's last this-many tokens (0: none): each one's log-probability given
+    #: the tokens before it goes to :attr:`prompt_logprobs`.
+    score_last: int = 0
+    #: ``(token, log-probability)`` of each scored prompt token, in prompt order; complete
+    #: once the first generated token is out (the same step reads the prompt's end).
+    prompt_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def score_from(self) -> int:
+        """The first scored prompt token's index (the first token has no context: never)."""
+        return max(1, len(self.prompt) - self.score_last) if self.score_last else len(self.prompt)
 
     def ready(self) -> bool:
         """Has a token to decode that its consumer wants."""
@@ -108,9 +125,13 @@ class BatchEngine:
     """One llama.cpp context serving up to ``n_seq`` sequences in shared batches."""
 
     def __init__(self, llama_cpp: Any, ctx: Any, *, n_seq: int, n_ctx_seq: int, n_batch: int,
-                 is_eog: Callable[[int], bool], gather_s: float = 0.01, name: str = "llamacpp"):
+                 is_eog: Callable[[int], bool], gather_s: float = 0.01, name: str = "llamacpp",
+                 n_vocab: int = 0):
         self._ll = llama_cpp
+        self._np = importlib.import_module("numpy")  # llama-cpp-python's own dependency
         self._ctx = ctx
+        #: Logits per token (only scoring prompts reads them; 0: not known, none scored).
+        self.n_vocab = n_vocab
         self._mem = llama_cpp.llama_get_memory(ctx)
         self.n_seq = n_seq
         self.n_ctx_seq = n_ctx_seq
@@ -133,13 +154,15 @@ class BatchEngine:
 
     # -- consumer side (any thread) -----------------------------------------------------
 
-    def submit(self, prompt: list[int], sampler: Any, cancelled: threading.Event) -> Sequence:
+    def submit(self, prompt: list[int], sampler: Any, cancelled: threading.Event,
+               score_last: int = 0) -> Sequence:
         """Start a sequence; its first token is wanted at once. At most ``n_seq`` may be
-        live (the backend's slots see to that)."""
+        live (the backend's slots see to that). With ``score_last``, the prompt's last
+        tokens are scored as they are read (:attr:`Sequence.prompt_logprobs`)."""
         if not prompt:
             sampler.close()
             raise ValueError("the prompt is empty: nothing to generate from")
-        seq = Sequence(list(prompt), sampler, cancelled, self)
+        seq = Sequence(list(prompt), sampler, cancelled, self, score_last=max(0, score_last))
         with self._cond:
             if self._closed:
                 sampler.close()
@@ -248,7 +271,9 @@ class BatchEngine:
             # The free slot whose cached tokens share the longest prefix with the prompt.
             slot = max(self._free_slots, key=lambda s: _common_prefix(self._cached[s], seq.prompt))
             self._free_slots.remove(slot)
-            keep = min(_common_prefix(self._cached[slot], seq.prompt), len(seq.prompt) - 1)
+            # Scored tokens are read again: their logits are not kept with the cache.
+            keep = min(_common_prefix(self._cached[slot], seq.prompt), len(seq.prompt) - 1,
+                       seq.score_from - 1)
             if not self._ll.llama_memory_seq_rm(self._mem, slot, keep, -1):
                 self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
                 keep = 0
@@ -260,13 +285,19 @@ class BatchEngine:
         ll, batch = self._ll, self._batch
         n = 0
         outputs: list[tuple[Sequence, int]] = []
+        scored: list[tuple[Sequence, int, int]] = []  # (sequence, batch index, next token)
         for seq, tokens, logits in plan:
             pos = len(seq.in_kv)
+            # A prompt chunk's positions whose next prompt token is scored.
+            first = seq.score_from - 1 if seq.pending else len(seq.prompt)
             for i, token in enumerate(tokens):
                 batch.token[n], batch.pos[n] = token, pos + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq.slot
-                batch.logits[n] = logits and i == len(tokens) - 1
+                score = first <= pos + i < len(seq.prompt) - 1
+                batch.logits[n] = (logits and i == len(tokens) - 1) or score
+                if score:
+                    scored.append((seq, n, seq.prompt[pos + i + 1]))
                 n += 1
             if logits:
                 outputs.append((seq, n - 1))
@@ -277,6 +308,8 @@ class BatchEngine:
             self._fail(plan, RuntimeError(f"llama_decode failed (code {rc})"))
             return
         self.decoded += n
+        for seq, index, token in scored:
+            seq.prompt_logprobs.append((token, self._logprob(index, token)))
         for seq, tokens, _ in plan:
             seq.in_kv.extend(tokens)
             if seq.pending:
@@ -292,6 +325,13 @@ class BatchEngine:
             seq.out.put(token)
             if seq.ended:
                 seq.out.put(_END)  # nothing follows an end of generation or a full context
+
+    def _logprob(self, index: int, token: int) -> float:
+        """``token``'s log-probability by the logits of the batch's ``index``-th token."""
+        row = self._np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index),
+                                          shape=(self.n_vocab,))
+        top = float(row.max())
+        return float(row[token]) - top - float(self._np.log(self._np.exp(row - top).sum()))
 
     def _fail(self, plan: list[tuple[Sequence, list[int], bool]], error: Exception) -> None:
         with self._cond:

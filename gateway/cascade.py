@@ -18,11 +18,18 @@ likely token's probability:
   ``routing.cascade.to`` or the next costlier tier that can serve the request, which then
   answers as usual.
 
+With ``routing.cascade.signal: prompt`` the probe reads no answer tokens: the cheap tier
+scores the prompt's last ``prompt_tokens`` tokens as it reads them (backends whose
+capabilities say ``prompt_logprobs``), and the confidence is how likely it found the
+request's own text (:func:`gateway.routing.estimators.prompt_confidence`: a model answers
+worse what it finds unfamiliar). An escalation then costs the cheap tier's prompt read and
+its first token; an accepted answer costs nothing more.
+
 Either way the response says so: ``X-Joulegate-Cascade`` (``small`` accepted, or
 ``small->full``) and ``X-Joulegate-Cascade-Confidence``; escalations count in
 ``joulegate_cascade_escalations_total{tenant,from,to}``. The cascade applies only to
 ``auto`` requests that routing sent to their default tier (``gate``), without tools or a
-JSON response format, on a tier that reports log-probabilities; everything else (pinned
+JSON response format, on a tier that reports the log-probabilities the signal needs; everything else (pinned
 models, budget-degraded or capped plans) runs as planned.
 """
 
@@ -40,7 +47,8 @@ from policies import CascadeSpec, TierSpec
 from . import fields, steps
 from .call import Call
 from .capabilities import capable_tiers, tier_capabilities
-from .routing.estimators import confidence
+from .routing.estimators import confidence, prompt_confidence
+from .routing.features import RequestText
 from .runtime import Runtime, Snapshot
 from .steps import leave_slot, take_tokens
 
@@ -72,9 +80,10 @@ def cascade_for(snap: Snapshot, call: Call) -> tuple[CascadeSpec, TierSpec] | No
         return None
     if req.tools or (req.response_format is not None and req.response_format.type != "text"):
         return None
-    if not tier_capabilities(snap.policy, plan.tier).logprobs:
-        return None
     spec = routing.cascade or CascadeSpec()
+    caps = tier_capabilities(snap.policy, plan.tier)
+    if not (caps.prompt_logprobs if spec.signal == "prompt" else caps.logprobs):
+        return None
     able = capable_tiers(snap.policy, call.who,
                          ("generation", *fields.needed_capabilities(req)), call.model)
     costlier = [t for t in able if t.cost > plan.tier.cost]
@@ -98,6 +107,8 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
     async def probe_attempt(call: Call, backend: Backend) -> Probe:
         call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
                                              call.dropped_params)
+        if spec.signal == "prompt":
+            return await probe_prompt(call, backend, spec.prompt_tokens, spec.statistic)
         return await probe(call, backend, spec.probe_tokens, spec.statistic)
 
     probed = await steps.on_plan(runtime, snap, call, probe_attempt)
@@ -142,6 +153,34 @@ async def probe(call: Call, backend: Backend, tokens: int, statistic: str = "mea
     finally:
         req.logprobs = wanted
     return Probe(chunks, seen, confidence(logprobs[:tokens], statistic), wanted)
+
+
+async def probe_prompt(call: Call, backend: Backend, tokens: int, statistic: str = "mean"
+                       ) -> Probe:
+    """Start ``backend``'s stream with the prompt's last ``tokens`` tokens scored and read
+    their scores, which come before any text: the :func:`prompt_confidence` of the request's
+    own text among them. The answer goes on from there (nothing of it is read yet)."""
+    req = call.req
+    req.prompt_logprobs = tokens
+    chunks = backend.stream(req)
+    seen: list[Chunk] = []
+    scored: list[TokenLogprob] = []
+    try:
+        while (chunk := await anext(chunks, None)) is not None:
+            if chunk.prompt_logprobs is not None:  # a chunk of its own: not the client's
+                scored = chunk.prompt_logprobs
+                break
+            seen.append(chunk)  # a backend that scored nothing: what it made stays
+            if chunk.finish_reason is not None:
+                break
+    except BaseException:  # incl. cancellation while waiting for a slot or prefill
+        await chunks.aclose()
+        take_tokens(call)
+        raise
+    finally:
+        req.prompt_logprobs = 0
+    text = RequestText.of(req).last
+    return Probe(chunks, seen, prompt_confidence(scored, text, statistic), req.logprobs)
 
 
 def _client_view(chunk: Chunk, logprobs: bool) -> Chunk:

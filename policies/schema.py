@@ -276,8 +276,8 @@ class TierSpec(_Strict):
     #: What this tier must not be used for, although its backend kind could: e.g. an HTTP
     #: upstream whose model is a chat model serves no embeddings, or a small model whose
     #: tool calls are poor. Routing then sends such requests to other tiers.
-    disable: list[Literal["tools", "structured_output", "logprobs", "embeddings"]] = Field(
-        default_factory=list)
+    disable: list[Literal["tools", "structured_output", "logprobs", "prompt_logprobs",
+                          "embeddings"]] = Field(default_factory=list)
 
 
 class BudgetSpec(_Strict):
@@ -344,12 +344,18 @@ class CapacitySpec(_Strict):
 
 class CascadeSpec(_Strict):
     """``estimator: cascade``: an ``auto`` request is answered by its routed (cheapest) tier,
-    whose first ``probe_tokens`` tokens are looked at before anything reaches the client; when
-    their confidence (by ``statistic``) is below ``threshold``, that answer is dropped and the
-    request escalates to ``to`` (see :mod:`gateway.cascade`)."""
+    which is probed before anything reaches the client; when the probe's confidence (by
+    ``statistic``) is below ``threshold``, that answer is dropped and the request escalates
+    to ``to`` (see :mod:`gateway.cascade`)."""
 
     threshold: float = Field(0.8, ge=0, le=1)
+    #: What is probed: ``answer``, the cheap tier's first ``probe_tokens`` answer tokens;
+    #: ``prompt``, how likely the cheap tier finds the request's own text (the last user
+    #: turn, or the prompt; at most its last ``prompt_tokens`` tokens), read as it reads the
+    #: prompt: an escalation costs a prompt read and one token.
+    signal: Literal["answer", "prompt"] = "answer"
     probe_tokens: int = Field(8, ge=1, le=256)
+    prompt_tokens: int = Field(512, ge=1, le=8192)
     #: How the probe's tokens make one confidence: ``mean``, exp(mean log-probability);
     #: ``min``, the probability of the least likely token.
     statistic: Literal["mean", "min"] = "mean"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +62,10 @@ class Script:
     #: Per-token log-probabilities, first token first, instead of ``logprob`` (tokens past
     #: its end report ``logprob``).
     token_logprobs: Sequence[float] = ()
+    #: When the request scores its prompt (``prompt_logprobs``): the log-probability of each
+    #: token of the request's own text, and of the scripted chat template's tokens around it.
+    prompt_logprob: float = -0.5
+    template_logprob: float = -0.01
 
     @classmethod
     def unavailable(cls, message: str = "scripted: no slot free", retry_after_s: float | None = None,
@@ -131,6 +136,26 @@ def scripted_logprobs(pieces: Sequence[str], request: GenerationRequest, logprob
                          + [TopLogprob(f"alt{i}", -1.0 - i, list(f"alt{i}".encode()))
                             for i in range(1, top)] if top else [])
             for p, v in zip(pieces, values, strict=True)]
+
+
+def scripted_prompt_scores(request: GenerationRequest, script: Script) -> list[TokenLogprob]:
+    """The prompt's last ``request.prompt_logprobs`` tokens with their scores, as a real
+    backend renders and scores them: a chat's turns in a template (``<|role|>`` tokens),
+    one token per word or run of spaces."""
+    def scored(text: str, logprob: float) -> list[TokenLogprob]:
+        return [TokenLogprob(p, logprob, list(p.encode())) for p in re.findall(r"\S+|\s+", text)]
+
+    if request.messages is None:
+        tokens = scored(request.prompt or "", script.prompt_logprob)
+    else:
+        tokens = []
+        for m in request.messages:
+            tokens += scored(f"<|{m['role']}|>\n", script.template_logprob)
+            tokens += scored(m["content"] or "", script.prompt_logprob if m["role"] == "user"
+                             else script.template_logprob)
+            tokens += scored("<|end|>\n", script.template_logprob)
+        tokens += scored("<|assistant|>\n", script.template_logprob)
+    return tokens[-request.prompt_logprobs:]
 
 
 class ScriptedBackend(Backend):
@@ -247,8 +272,12 @@ class ScriptedBackend(Backend):
     async def _stream(self, request: GenerationRequest, script: Script,
                       record: StreamRecord) -> AsyncIterator[Chunk]:
         tokens = self._generate(request, script)
+        scoring = request.prompt_logprobs > 0
         try:
             async for piece, finish in tokens:
+                if scoring:  # the prompt is read: its scores come first, on their own
+                    scoring = False
+                    yield Chunk(prompt_logprobs=scripted_prompt_scores(request, script))
                 record.tokens_sent += 1 if piece else 0
                 logprobs = scripted_logprobs([piece], request, script.logprob,
                                              script.token_logprobs, record.tokens_sent - 1)

@@ -71,7 +71,8 @@ def test_each_kind_is_declared_by_its_own_module():
     assert KINDS["vllm"] is vllm.KIND
     assert KINDS["wordllama"] is wordllama_embed.KIND
     features = {"tools": True, "structured_output": True, "logprobs": True}
-    assert llamacpp.KIND.capabilities == Capabilities(streaming=True, local=True, **features)
+    assert llamacpp.KIND.capabilities == Capabilities(streaming=True, local=True,
+                                                      prompt_logprobs=True, **features)
     assert openai_http.KIND.capabilities == Capabilities(streaming=True, embeddings=True,
                                                          local=False, **features)
     assert vllm.KIND.capabilities == Capabilities(streaming=True, local=False, **features)

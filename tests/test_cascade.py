@@ -8,9 +8,11 @@ import math
 
 import pytest
 
+from backends import TokenLogprob
+from gateway.routing.estimators import prompt_confidence
 from policies import PolicyError, parse_policy
 
-from .inprocess import InProcessGateway, joules, policy, sse_events
+from .inprocess import InProcessGateway, in_process_small, joules, policy, sse_events
 from .scripted import Script
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -192,3 +194,106 @@ def test_a_policy_names_only_a_known_statistic(tmp_path):
     p = cascade_policy(statistic="median")
     with pytest.raises(PolicyError, match="statistic"):
         parse_policy(p)
+
+
+# -- signal: prompt ---------------------------------------------------------------------------
+
+FAMILIAR = math.log(0.9)    # how likely the cheap tier finds the request's words
+UNFAMILIAR = math.log(0.2)
+
+
+def prompt_policy(budget: float | None = None, disable: list[str] | None = None,
+                  **cascade) -> dict:
+    """``small`` on an in-process kind (the one that scores prompts), read by its prompt."""
+    p = cascade_policy(budget, signal="prompt", threshold=0.5, **cascade)
+    return in_process_small(p, disable)
+
+
+def prompt_scripts(prompt_logprob: float, template_logprob: float = -0.01) -> dict:
+    return {"up-small": Script(tokens=TOKENS, prompt_logprob=prompt_logprob,
+                               template_logprob=template_logprob),
+            "up-big": Script(tokens=["Four", "."])}
+
+
+async def test_an_unfamiliar_prompt_escalates_after_the_prompt_is_read(tmp_path):
+    async with InProcessGateway(tmp_path, prompt_policy(budget=10_000),
+                                prompt_scripts(UNFAMILIAR)) as gw:
+        r = await gw.chat(model="auto", content="Prove the Riemann hypothesis.", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "big"
+        assert r.headers["x-joulegate-cascade"] == "small->big"
+        assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(0.2, abs=1e-3)
+        assert r.json()["choices"][0]["message"]["content"] == "Four."
+        small, big = gw.backends["up-small"], gw.backends["up-big"]
+        # The cheap tier scored its prompt's last 512 tokens and was stopped before the
+        # gateway read any of its answer; no answer log-probabilities were asked for, and the
+        # strong tier scored nothing.
+        assert small.requests[0].prompt_logprobs == 512 and small.requests[0].logprobs is False
+        assert small.calls.streams[0].closed_early and small.calls.streams[0].tokens_sent == 0
+        assert big.requests[0].prompt_logprobs == 0
+        # Both attempts are charged, once: the prompt read and big's answer.
+        body = r.json()
+        spent = (await gw.budget())["1d"]["spent_joules"]
+        assert body["usage"]["energy_joules"] == pytest.approx(spent)
+        assert spent >= joules(10, 2, "big")
+        assert await gw.metric("joulegate_energy_joules_total", tenant="acme") == \
+            pytest.approx(spent)
+        assert (await gw.budget())["1d"]["reserved_joules"] == 0
+        assert await gw.metric("joulegate_cascade_escalations_total", tenant="acme",
+                               **{"from": "small", "to": "big"}) == 1
+
+
+async def test_a_familiar_prompt_keeps_the_answer_the_cheap_tier_is_making(tmp_path):
+    async with InProcessGateway(tmp_path, prompt_policy(), prompt_scripts(FAMILIAR)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16, stream=True,
+                          stream_options={"include_usage": True})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "small"
+        assert r.headers["x-joulegate-cascade"] == "small"
+        assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(0.9, abs=1e-3)
+        events = sse_events(r.text)
+        deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+        # The prompt's scores are not the client's: every delta is the answer's.
+        assert "".join(d.get("content") or "" for d in deltas) == "".join(TOKENS)
+        assert all("prompt_logprobs" not in e for e in events[:-1])
+        # One generation: the scored stream went on to the end.
+        assert len(gw.backends["up-small"].calls.streams) == 1
+        assert gw.backends["up-small"].calls.streams[0].finished
+        assert gw.backends["up-big"].requests == []
+        usage = next(e["usage"] for e in events[:-1] if e.get("usage"))
+        assert usage["completion_tokens"] == 5
+
+
+async def test_the_prompt_signal_reads_the_users_words_not_the_template(tmp_path):
+    # The template's tokens are very unlikely here; the user's words decide alone.
+    async with InProcessGateway(tmp_path, prompt_policy(),
+                                prompt_scripts(FAMILIAR, template_logprob=math.log(0.01))) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.headers["x-joulegate-cascade"] == "small"
+        assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(0.9, abs=1e-3)
+
+
+async def test_a_tier_that_does_not_score_prompts_is_not_probed(tmp_path):
+    async with InProcessGateway(tmp_path, prompt_policy(disable=["prompt_logprobs"]),
+                                prompt_scripts(UNFAMILIAR)) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "small" and "x-joulegate-cascade" not in r.headers
+        assert gw.backends["up-small"].requests[0].prompt_logprobs == 0
+
+
+def test_prompt_confidence_finds_the_text_among_the_scored_tokens():
+    def tokens(*pairs):
+        return [TokenLogprob(t, lp, list(t.encode())) for t, lp in pairs]
+
+    sure, unsure = math.log(0.9), math.log(0.1)
+    chat = tokens(("<|user|>", unsure), ("\n", unsure), ("Hi", sure), (" there", sure),
+                  ("<|end|>", unsure))
+    assert prompt_confidence(chat, "Hi there") == pytest.approx(0.9)
+    # Only the prompt's end was scored: the text's longest end found decides.
+    end_only = tokens(("ere", sure), (" friend", sure), ("<|end|>", unsure))
+    assert prompt_confidence(end_only, "Hello there friend") == pytest.approx(0.9)
+    # Not there at all (a template that rewrote it): every scored token.
+    assert prompt_confidence(chat, "Something else entirely") == pytest.approx(
+        math.exp((3 * unsure + 2 * sure) / 5))
+    assert prompt_confidence([], "anything") == 1.0

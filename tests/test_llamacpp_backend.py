@@ -13,6 +13,7 @@ from backends import (
     GenerationRequest,
 )
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings
+from gateway.routing.estimators import prompt_confidence
 
 from .conftest import SMALL_MODEL
 
@@ -139,3 +140,40 @@ def test_a_handle_detokenizes_as_llama_cpp_pieces_a_token_longer_than_32_bytes_t
     long_token = long_tokens[0]
     assert handle.detokenize([long_token]) == piece(long_token, False)
     assert base.detokenize([long_token]) == b""  # llama-cpp-python's loss, mended here
+
+
+def test_the_prompt_is_scored_as_it_is_read(small_model_path):
+    """``prompt_logprobs``: a stream's first chunk, before any text, carries the prompt's last
+    tokens with their log-probabilities under the model; a prompt the model knows scores
+    higher than the same words shuffled; a repeated prompt (its prefix cached in the slot) is
+    read again and scored alike."""
+    text = "The quick brown fox jumps over the lazy dog."
+    shuffled = "Dog the over quick lazy jumps fox the brown."
+
+    async def scores(backend, content: str) -> tuple[list, str]:
+        req = GenerationRequest(model="m", messages=[{"role": "user", "content": content}],
+                                max_tokens=4, temperature=0, prompt_logprobs=20)
+        chunks = [c async for c in backend.stream(req)]
+        first = chunks[0]
+        assert first.prompt_logprobs is not None and first.text == "" and first.usage is None
+        assert all(c.prompt_logprobs is None for c in chunks[1:])
+        assert "".join(c.text for c in chunks) != ""  # the answer follows
+        return first.prompt_logprobs, "".join(t.token for t in first.prompt_logprobs)
+
+    async def body(backend):
+        scored, spelled = await scores(backend, text)
+        assert len(scored) == 20
+        # The prompt's end: the user's words, then the template's close and the reply's start.
+        assert "lazy dog." in spelled and spelled.endswith("<|im_start|>assistant\n")
+        assert all(t.logprob <= 0 for t in scored)
+        again, _ = await scores(backend, text)
+        assert [t.token for t in again] == [t.token for t in scored]
+        assert [t.logprob for t in again] == pytest.approx([t.logprob for t in scored], abs=0.3)
+        odd, _ = await scores(backend, shuffled)
+        assert prompt_confidence(scored, text) > prompt_confidence(odd, shuffled)
+        whole = await backend.complete(GenerationRequest(model="m", prompt=text, max_tokens=2,
+                                                         temperature=0, prompt_logprobs=4))
+        assert whole.prompt_logprobs is not None
+        assert "".join(t.token for t in whole.prompt_logprobs) == " the lazy dog."
+
+    asyncio.run(_with_backend(body))

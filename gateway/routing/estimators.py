@@ -29,12 +29,12 @@ import bisect
 import json
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
-from backends import GenerationRequest
+from backends import GenerationRequest, TokenLogprob
 
 from .features import RequestText, extract
 from .semantic import SEMANTIC_FILE, Neighbour, SemanticModel
@@ -226,6 +226,40 @@ def confidence(logprobs: list[float], statistic: str = "mean") -> float:
     if statistic == "min":
         return math.exp(min(logprobs))
     return math.exp(sum(logprobs) / len(logprobs))
+
+
+#: Bytes of a request's text that must be found among the scored tokens to read only its own.
+_MIN_MATCH = 8
+
+
+def prompt_confidence(tokens: Sequence[TokenLogprob], text: str, statistic: str = "mean"
+                      ) -> float:
+    """How likely a model found ``text`` (a request's last user turn, or its prompt), from
+    its scores of the prompt's last tokens: the :func:`confidence` of the tokens that spell
+    ``text`` (its longest end found among them, where it last occurs: only the prompt's end
+    may have been scored), so that a chat template's own tokens around it, sure whatever the
+    request, are left out; of all of them when not even the text's last characters are
+    there (a template that rewrote it)."""
+    spelled = [bytes(t.bytes) if t.bytes is not None else t.token.encode() for t in tokens]
+    joined = b"".join(spelled)
+    wanted = text.strip().encode()
+    # The longest end of the text found (if an end is there, every shorter one is too).
+    lo, hi = 0, len(wanted)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if joined.rfind(wanted[-mid:]) >= 0:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < min(len(wanted), _MIN_MATCH):
+        return confidence([t.logprob for t in tokens], statistic)
+    start = joined.rfind(wanted[-lo:])
+    end, at, inside = start + lo, 0, []
+    for token, piece in zip(tokens, spelled, strict=True):
+        if at < end and at + len(piece) > start:
+            inside.append(token.logprob)
+        at += len(piece)
+    return confidence(inside, statistic)
 
 
 class CascadeEstimator(DifficultyEstimator):
