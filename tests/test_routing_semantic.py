@@ -221,3 +221,31 @@ def test_label_files_and_wordings(tmp_path):
     assert system is not None and [m["role"] for m in system] == ["system", "user"]
     fewshot = request_for(e, "fewshot").messages
     assert fewshot is not None and fewshot[0]["content"].endswith(e.prompt)
+
+
+def test_prompt_scores_attach_to_the_labelled_prompts_they_name(tmp_path):
+    """``data/routing/prompt-scores-small.csv`` (benchmarks/prompt_scores.py) gives prompts the
+    cheap tier's mean log-probability of their text, by source, format and text; the
+    leave-one-dataset-out row ``cascade-prompt`` ranks the least likely first."""
+    from gateway.routing.labels import PROMPT_SCORES, load_sources
+    from gateway.routing.lodo import prompt_scores
+
+    folder = tmp_path / "alpha"
+    folder.mkdir()
+    with (folder / "labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "cheap_ok", "strong_ok", "format"])
+        w.writerows([["What is 2 + 2?", 1, 1, "chat"], ["Quelle heure est-il?", 0, 1, "chat"],
+                     ["What is 2 + 2?", 1, 1, "bare"]])
+    plain = load_sources(tmp_path)["alpha"]
+    assert [e.prompt_logprob for e in plain] == [None, None, None]
+    with (tmp_path / PROMPT_SCORES).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "mean_logprob"])
+        w.writerows([[plain[1].key, "-2.5"], [plain[0].key, "-0.5"]])
+    scored = load_sources(tmp_path)["alpha"]
+    # The same text asked in another format is another labelled prompt: not scored.
+    assert [e.prompt_logprob for e in scored] == [-0.5, -2.5, None]
+    unfamiliar = prompt_scores(scored[:2])
+    assert unfamiliar == pytest.approx([1 - math.exp(-0.5), 1 - math.exp(-2.5)])
+    assert unfamiliar[1] > unfamiliar[0]

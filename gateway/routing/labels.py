@@ -7,6 +7,8 @@ the strong tier answered that prompt correctly), and optionally ``cheap_joules``
 tier's), ``cheap_answer_logprobs`` or ``cheap_logprobs`` (the cheap tier's answer's token
 log-probabilities, space-separated, for the cascade) and ``format`` (how it was asked: ``completion`` for a text completion, ``chat`` for
 a prompt already worded as a chat request; default ``bare``, a plain user message).
+Beside the folders, :data:`PROMPT_SCORES` holds the cheap tier's own score of each prompt's text
+(for the cascade's prompt signal), where one was measured.
 ``mmlu/`` is RouteLLM's format (one column per model, ``True``/``False``) and is read as
 such: cheap = Mixtral-8x7B, strong = GPT-4. ``mt_bench/`` holds no labels and is skipped.
 
@@ -18,9 +20,10 @@ differently. Plain Python: no NumPy needed to read the data.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,9 @@ UNLABELLED = frozenset({"mt_bench"})
 #: A source with fewer labelled prompts is neither trained on nor held out (a collection
 #: still under way, say).
 MIN_PROMPTS = 30
+#: Beside the sources: per labelled prompt (:attr:`Example.key`), how likely the cheap tier
+#: found its own text (``benchmarks/prompt_scores.py``, through the llama.cpp backend).
+PROMPT_SCORES = "prompt-scores-small.csv"
 #: The wordings every estimator is evaluated in (see :func:`request_for`).
 FORMATS = ("bare", "system", "fewshot", "completion", "chat")
 
@@ -70,6 +76,15 @@ class Example:
     #: The cheap tier's answer's log-probabilities, first token first (empty: not recorded),
     #: what a cascade's probe judges.
     cheap_logprobs: tuple[float, ...] = ()
+    #: The cheap tier's mean log-probability of the prompt's own text as labelled (``None``:
+    #: not scored), what the cascade's ``signal: prompt`` judges (:data:`PROMPT_SCORES`).
+    prompt_logprob: float | None = None
+
+    @property
+    def key(self) -> str:
+        """Names the prompt as labelled, across files: its source, format and text."""
+        digest = hashlib.sha256(self.prompt.encode()).hexdigest()[:16]
+        return f"{self.source}/{self.format}/{digest}"
 
     @property
     def needs_strong(self) -> bool:
@@ -159,7 +174,19 @@ def load_sources(data_dir: Path) -> dict[str, list[Example]]:
             sources[folder.name] = examples
     if not sources:
         raise FileNotFoundError(f"no labelled routing data under {data_dir}")
+    scores = read_prompt_scores(data_dir / PROMPT_SCORES)
+    if scores:
+        sources = {name: [replace(e, prompt_logprob=scores.get(e.key)) for e in rows]
+                   for name, rows in sources.items()}
     return sources
+
+
+def read_prompt_scores(path: Path) -> dict[str, float]:
+    """:data:`PROMPT_SCORES`: example key → the cheap tier's mean log-probability of it."""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["key"]: float(row["mean_logprob"]) for row in csv.DictReader(fh)}
 
 
 def _few_shot(example_kind: str, prompt: str) -> str:

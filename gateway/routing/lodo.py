@@ -17,6 +17,7 @@ on a user's ``prompt,cheap_ok,strong_ok`` CSV.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,10 @@ ESTIMATOR_NAMES = ("heuristic", "learned", "semantic")
 #: least MIN_PROMPTS do), by 1 - the confidence of the probe's tokens. It fits nothing, so no source is ever its
 #: training data; its joules (it pays the probe too) are benchmarks/cascade.py's to tell.
 CASCADE_PROBE = (CascadeSpec().probe_tokens, CascadeSpec().statistic)
+#: The row of the cascade by its prompt signal (scored where PROMPT_SCORES has the prompt).
+CASCADE_PROMPT = "cascade-prompt"
+#: The cascade's rows: by its answer probe, by its prompt signal.
+CASCADES = ("cascade", CASCADE_PROMPT)
 #: Fixed semantic variants measured beside the selected one, so the choice is visible:
 #: embedding-only kNN and embedding-only linear head.
 VARIANTS: dict[str, tuple[tuple[str, float], tuple[float, ...]]] = {
@@ -162,6 +167,12 @@ def cascade_scores(examples: Sequence[Example]) -> list[float]:
     return [1.0 - confidence(list(e.cheap_logprobs[:tokens]), statistic) for e in examples]
 
 
+def prompt_scores(examples: Sequence[Example]) -> list[float]:
+    """How unfamiliar each prompt's text was to the cheap tier: 1 - exp(its mean
+    log-probability), the cascade's ``signal: prompt`` (its default ``mean`` statistic)."""
+    return [1.0 - math.exp(e.prompt_logprob or 0.0) for e in examples]
+
+
 def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
          examples: Sequence[Example], priced: bool = True) -> Cell:
     """``priced``: the one-shot joules of :func:`cost_curve` are this router's (not for a
@@ -266,6 +277,12 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
             unsure = cascade_scores(probed)
             cells.append(cell(held_out, "native", "cascade", unsure, probed, priced=False))
             cells.extend(_per_file(held_out, "cascade", unsure, probed, priced=False))
+        scored = [e for e in test if e.prompt_logprob is not None]
+        if len(scored) >= MIN_PROMPTS:
+            unfamiliar = prompt_scores(scored)
+            cells.append(cell(held_out, "native", CASCADE_PROMPT, unfamiliar, scored,
+                              priced=False))
+            cells.extend(_per_file(held_out, CASCADE_PROMPT, unfamiliar, scored, priced=False))
         for name, baseline in (("random", [0.0] * len(test)),
                                ("oracle", [float(e.strong) - float(e.weak) for e in test])):
             cells.append(cell(held_out, "native", name, baseline, test))
@@ -356,7 +373,7 @@ def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
     source, and over how many held-out sources (``cascade``: those with the cheap tier's
     log-probabilities)."""
     out: dict[str, dict[str, float]] = {}
-    for name in (*ESTIMATOR_NAMES, "cascade", *VARIANTS):
+    for name in (*ESTIMATOR_NAMES, *CASCADES, *VARIANTS):
         mine = [c for c in cells if c.estimator == name]
         if not mine:
             continue

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .labels import MIN_PROMPTS
-from .lodo import ESTIMATOR_NAMES, VARIANTS, Cell, summary
+from .lodo import CASCADES, ESTIMATOR_NAMES, VARIANTS, Cell, summary
 
 BASELINES = ("random", "oracle")
 TARGET_APGR = 0.62
@@ -21,7 +21,7 @@ def main_table(cells: list[Cell]) -> str:
     """Per held-out source (and file, where a source has several), in the wording it was
     labelled in: APGR, strong fraction and joules needed for 95% of strong quality, the least
     margin over random at equal joules, and the APGR spread over the other wordings."""
-    names = (*ESTIMATOR_NAMES, "cascade", *VARIANTS, *BASELINES)
+    names = (*ESTIMATOR_NAMES, *CASCADES, *VARIANTS, *BASELINES)
     lines = ["| held out | estimator | APGR | APGR over wordings (min to max) | strong share for 95% "
              "| joules for 95% (of always-strong) | least margin vs random "
              "| at threshold fixed on training sources: quality, cost |",
@@ -53,7 +53,7 @@ def wording_table(cells: list[Cell]) -> str:
     lines = ["| held out | estimator | " + " | ".join(wordings) + " | spread |",
              "|---|---|" + "---|" * (len(wordings) + 1)]
     for source in sorted({c.source for c in cells if "/" not in c.source}):
-        for name in (*ESTIMATOR_NAMES, "cascade", *VARIANTS):
+        for name in (*ESTIMATOR_NAMES, *CASCADES, *VARIANTS):
             row = {c.wording: c.apgr for c in cells if c.source == source and c.estimator == name}
             if not row:
                 continue
@@ -123,7 +123,12 @@ def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
         "unsure the cheap tier's answer began (1 - the confidence of the policy's default "
         "probe, from the labelled log-probabilities); it fits nothing, and is scored only on the "
         "prompts that recorded those log-probabilities, in their labelled wording; what it "
-        "costs (it also pays the probe) is `benchmarks/cascade.py`'s. Random and oracle are the "
+        "costs (it also pays the probe) is `benchmarks/cascade.py`'s. `cascade-prompt` ranks "
+        "them by how unfamiliar the cheap tier found the prompt's own text (1 - exp of its mean "
+        "log-probability, the cascade's `signal: prompt`; measured by "
+        "`benchmarks/prompt_scores.py` through the llama.cpp backend, in the labelled wording, "
+        "and only on the prompts scored there: a sample of MMLU's); it fits nothing either. "
+        "Random and oracle are the "
         "baselines (random APGR is 0.5 in expectation). Rows `<source>+cv` are sources of "
         "our own tiers' labels evaluated with their *problems* held out instead (4 folds; "
         "models fitted on every other source and the other folds): the shipped models do "
