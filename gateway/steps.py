@@ -157,7 +157,9 @@ def response_headers(call: Call) -> dict[str, str]:
     if plan.confidence is not None:  # estimator: cascade (gateway.cascade)
         headers["x-joulegate-cascade"] = "->".join(
             [plan.escalated_from, plan.tier.name] if plan.escalated_from else [plan.tier.name])
-        headers["x-joulegate-cascade-confidence"] = f"{plan.confidence:.3f}"
+        # Four significant digits: the prompt signal's confidences are small (a plain
+        # question's text reads at ~0.03, scrambled words at ~0.0001).
+        headers["x-joulegate-cascade-confidence"] = f"{plan.confidence:.4g}"
     return headers
 
 

@@ -74,3 +74,36 @@ def test_a_threshold_every_answer_reaches_keeps_the_cheap_answer(gateways, small
                         json={"model": "full", "max_tokens": 4,
                               "messages": [{"role": "user", "content": QUESTION}]})
     assert pinned.status_code == 200 and "x-joulegate-cascade" not in pinned.headers
+
+
+def test_the_prompt_signal_escalates_text_the_cheap_tier_finds_unfamiliar(gateways,
+                                                                           small_model_path):
+    """``signal: prompt`` on the real model: a plain question reads as likely, the same words
+    scrambled do not; one threshold between them keeps the one and escalates the other (its
+    probe a prompt read), streamed too, and the ledger holds exactly the joules reported."""
+    policy = cascade_policy(threshold=0.0)
+    policy["routing"]["cascade"] = {"signal": "prompt", "threshold": 0.0}
+    gw = gateways(policy)
+    scrambled = "Word capital in France? one Answer the of is What."
+    confidence = {}
+    for text in (QUESTION, scrambled):
+        r = ask(gw.url, messages=[{"role": "user", "content": text}])
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-cascade"] == "small"  # threshold 0: always kept
+        confidence[text] = float(r.headers["x-joulegate-cascade-confidence"])
+    assert 0 < confidence[scrambled] < confidence[QUESTION] < 1
+    # The same gateway with a threshold between the two (a policy reload would do; a second
+    # gateway keeps the test plain).
+    policy["routing"]["cascade"]["threshold"] = (confidence[QUESTION] + confidence[scrambled]) / 2
+    gw2 = gateways(policy)
+    kept = ask(gw2.url)
+    assert kept.headers["x-joulegate-cascade"] == "small" and "Paris" in kept.text
+    up = ask(gw2.url, messages=[{"role": "user", "content": scrambled}], stream=True,
+             stream_options={"include_usage": True})
+    assert up.status_code == 200 and up.headers["x-joulegate-cascade"] == "small->full"
+    assert up.text.rstrip().endswith("data: [DONE]")
+    events = [json.loads(line[len("data: "):]) for line in up.text.splitlines()
+              if line.startswith("data: {")]
+    streamed = next(e["usage"]["energy_joules"] for e in events if e.get("usage"))
+    assert spent(gw2.url) == pytest.approx(
+        kept.json()["usage"]["energy_joules"] + streamed, abs=1e-6)
