@@ -5,6 +5,7 @@ that request, not as a bare question."""
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import math
 import sys
@@ -127,7 +128,8 @@ def test_a_cascade_run_is_replayed_at_other_thresholds_from_its_own_confidences(
            "d": row(False, 100.0, cascade="small", cascade_confidence="0.9")}
     cheap = {t: row(t in "bc", 100.0) for t in ids}
     strong = {t: row(t != "c", 300.0) for t in ids}
-    ranking, _, line = humaneval.cascade_sweep(run, cheap, strong, ids, 30, "k")
+    probe = functools.partial(humaneval._answer_probe, 30)  # 30 of the cheap answer's tokens
+    ranking, _, line = humaneval.cascade_sweep(run, cheap, strong, ids, probe, "k")
     # Least sure first: a (+1 on the strong tier), b (0), c (-1), d (+1): cheap 0.5, strong
     # 0.75, PGR 0, 1, 1, 0, 1 in steps of a quarter: APGR 0.625.
     assert "APGR 0.625 " in ranking
@@ -139,3 +141,20 @@ def test_a_cascade_run_is_replayed_at_other_thresholds_from_its_own_confidences(
     # 30 of its cheap answer's 100 tokens (30 J) plus the strong answer, wrong there: 1 right.
     assert "(-1.000 / 2.000)" in line
     assert "66.7% of always-strong pass@1 at 71.7% of its joules" in line  # 860 J of 1200
+
+
+def test_the_prompt_probe_is_priced_from_the_runs_own_escalations(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    humaneval = _module("humaneval_bench", "humaneval.py")
+    cheap = {t: {"energy_joules": 100.0, "completion": "cheap"} for t in "abcd"}
+    strong = {t: {"energy_joules": 300.0, "completion": "strong"} for t in "abcd"}
+    # Escalated with the pinned strong answer: a (330 J at drift 1.1 is 300: no probe),
+    # b (363 J: 30 J over strong), c (385 J: 50 J); d kept.
+    run = {"a": {"energy_joules": 330.0, "cascade": "small->full", "completion": "strong"},
+           "b": {"energy_joules": 363.0, "cascade": "small->full", "completion": "strong"},
+           "c": {"energy_joules": 385.0, "cascade": "small->full", "completion": "strong"},
+           "d": {"energy_joules": 110.0, "cascade": "small", "completion": "cheap"}}
+    assert humaneval.prompt_probe_share(run, cheap, strong, list("abcd"), 1.1) == \
+        pytest.approx(0.30)  # the median of 0, 0.30 and 0.50 of the cheap answer's 100 J
+    run["b"]["completion"] = run["c"]["completion"] = run["a"]["completion"] = "other"
+    assert humaneval.prompt_probe_share(run, cheap, strong, list("abcd"), 1.1) is None
