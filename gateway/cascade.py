@@ -135,21 +135,14 @@ async def probe(call: Call, backend: Backend, tokens: int, statistic: str = "mea
     wanted = req.logprobs
     req.logprobs = True
     chunks = backend.stream(req)
-    seen: list[Chunk] = []
     logprobs: list[float] = []
+
+    def enough(chunk: Chunk) -> bool:
+        logprobs.extend(t.logprob for t in chunk.logprobs or ())
+        return len(logprobs) >= tokens
+
     try:
-        while len(logprobs) < tokens:
-            chunk = await anext(chunks, None)
-            if chunk is None:
-                break
-            seen.append(chunk)
-            logprobs.extend(t.logprob for t in chunk.logprobs or ())
-            if chunk.finish_reason is not None:
-                break
-    except BaseException:  # incl. cancellation while waiting for a slot or prefill
-        await chunks.aclose()
-        take_tokens(call)
-        raise
+        seen = await _read(call, chunks, enough)
     finally:
         req.logprobs = wanted
     return Probe(chunks, seen, confidence(logprobs[:tokens], statistic), wanted)
@@ -163,24 +156,38 @@ async def probe_prompt(call: Call, backend: Backend, tokens: int, statistic: str
     req = call.req
     req.prompt_logprobs = tokens
     chunks = backend.stream(req)
-    seen: list[Chunk] = []
     scored: list[TokenLogprob] = []
+
+    def enough(chunk: Chunk) -> bool:
+        scored.extend(chunk.prompt_logprobs or ())
+        return chunk.prompt_logprobs is not None
+
     try:
-        while (chunk := await anext(chunks, None)) is not None:
-            if chunk.prompt_logprobs is not None:  # a chunk of its own: not the client's
-                scored = chunk.prompt_logprobs
-                break
-            seen.append(chunk)  # a backend that scored nothing: what it made stays
-            if chunk.finish_reason is not None:
-                break
-    except BaseException:  # incl. cancellation while waiting for a slot or prefill
-        await chunks.aclose()
-        take_tokens(call)
-        raise
+        seen = await _read(call, chunks, enough)
     finally:
         req.prompt_logprobs = 0
     text = RequestText.of(req).last
     return Probe(chunks, seen, prompt_confidence(scored, text, statistic), req.logprobs)
+
+
+async def _read(call: Call, chunks: AsyncGenerator[Chunk, None],
+                enough: Callable[[Chunk], bool]) -> list[Chunk]:
+    """A probe's reading: ``chunks`` until ``enough`` says so of one, the answer ends or the
+    stream does; the chunks read, less the prompt's scores (never the client's). On any
+    failure (incl. cancellation while waiting for a slot or the prompt read) the stream is
+    closed and its tokens counted."""
+    seen: list[Chunk] = []
+    try:
+        while (chunk := await anext(chunks, None)) is not None:
+            if chunk.prompt_logprobs is None:
+                seen.append(chunk)
+            if enough(chunk) or chunk.finish_reason is not None:
+                break
+    except BaseException:
+        await chunks.aclose()
+        take_tokens(call)
+        raise
+    return seen
 
 
 def _client_view(chunk: Chunk, logprobs: bool) -> Chunk:
