@@ -12,7 +12,7 @@ path. The mean log-probability of the request's own text among the scored tokens
 :attr:`gateway.routing.labels.Example.key`). Rows already there are kept, so an interrupted
 run resumes.
 
-    .venv/bin/python benchmarks/prompt_scores.py [--per-subject 8] [--data DIR]
+    .venv/bin/python benchmarks/prompt_scores.py [--per-subject 32] [--data DIR]
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def chosen(sources: dict[str, list[Example]], per_subject: int) -> list[Example]
         for e in rows:
             subjects.setdefault(e.subject, []).append(e)
         for subject in sorted(subjects):
-            out.extend(random.Random(subject).sample(subjects[subject],
-                                                     min(per_subject, len(subjects[subject]))))
+            # A seeded order per subject, so that a larger sample extends a smaller one.
+            order = subjects[subject][:]
+            random.Random(subject).shuffle(order)
+            out.extend(order[:per_subject])
     return out
 
 
@@ -88,7 +90,7 @@ async def score(examples: list[Example], out: Path, done: set[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "routing")
-    parser.add_argument("--per-subject", type=int, default=8)
+    parser.add_argument("--per-subject", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = args.data / PROMPT_SCORES
