@@ -355,6 +355,9 @@ class CascadeSpec(_Strict):
     #: prompt: an escalation costs a prompt read and one token.
     signal: Literal["answer", "prompt"] = "answer"
     probe_tokens: int = Field(8, ge=1, le=256)
+    #: llama.cpp keeps a row of logits per scored position in its output buffer, which
+    #: grows to the most rows one step held: up to 512 x 151,936 floats (~310 MB) for
+    #: Qwen2.5 at the default, once a prompt that long was scored.
     prompt_tokens: int = Field(512, ge=1, le=8192)
     #: How the probe's tokens make one confidence: ``mean``, exp(mean log-probability);
     #: ``min``, the probability of the least likely token.
