@@ -297,3 +297,33 @@ def test_prompt_confidence_finds_the_text_among_the_scored_tokens():
     assert prompt_confidence(chat, "Something else entirely") == pytest.approx(
         math.exp((3 * unsure + 2 * sure) / 5))
     assert prompt_confidence([], "anything") == 1.0
+
+
+async def test_faults_while_the_prompt_is_read_end_in_openai_errors(tmp_path):
+    """The cheap tier refuses the prompt, or breaks before its scores: a clear error (or the
+    usual fallback), never a 500, nothing left reserved."""
+    s = {"up-small": [Script.rejected("scripted: prompt exceeds the context", "messages"),
+                      Script.broken_after(0)],
+         "up-big": Script(tokens=["Four", "."])}
+    async with InProcessGateway(tmp_path, prompt_policy(budget=10_000), s) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "messages"
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16, stream=True)
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["code"]
+        assert gw.backends["up-big"].requests == []
+        assert (await gw.budget())["1d"]["reserved_joules"] == 0
+    p = prompt_policy(budget=10_000)
+    p["routing"]["fallback"] = "auto"
+    p["routing"]["fallback_ladder"] = ["small", "big"]
+    (tmp_path / "fallback").mkdir()
+    async with InProcessGateway(tmp_path / "fallback", p,
+                                {"up-small": Script.unavailable(),
+                                 "up-big": Script(tokens=["Four", "."])}) as gw:
+        r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "big"
+        assert r.json()["choices"][0]["message"]["content"] == "Four."
+        assert (await gw.budget())["1d"]["reserved_joules"] == 0
