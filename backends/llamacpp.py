@@ -162,14 +162,14 @@ class _TokenTap:
     """A request's live token counts (its ``progress``) and cancellation flag, read and
     written by the token loop."""
 
-    def __init__(self, progress: Usage) -> None:
+    def __init__(self, progress: Usage, score_last: int = 0) -> None:
         self.cancelled = threading.Event()
         self.progress = progress
         #: Set when the request asked for log-probabilities.
         self.recorder: LogprobRecorder | None = None
         #: The prompt's last tokens to score (``GenerationRequest.prompt_logprobs``), the
         #: scores once the prompt is read, and who hears of them then (a stream).
-        self.score_last = 0
+        self.score_last = score_last
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.on_prompt: Callable[[list[TokenLogprob]], None] | None = None
 
@@ -496,8 +496,7 @@ class LlamaCppBackend(Backend):
     async def complete(self, request: GenerationRequest) -> Generation:
         plan = self._plan(request)
         await self._acquire()
-        tap = _TokenTap(request.progress)
-        tap.score_last = request.prompt_logprobs
+        tap = _TokenTap(request.progress, request.prompt_logprobs)
 
         def work() -> Any:
             return self._call(request, plan, tap, stream=False)
@@ -521,10 +520,9 @@ class LlamaCppBackend(Backend):
         plan = self._plan(request)
         shaper = StreamShaper(plan)
         await self._acquire()
-        tap = _TokenTap(request.progress)
+        tap = _TokenTap(request.progress, request.prompt_logprobs)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        tap.score_last = request.prompt_logprobs
 
         def on_prompt(scored: list[TokenLogprob]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, Chunk(prompt_logprobs=scored))

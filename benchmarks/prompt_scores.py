@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import csv
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -92,7 +91,6 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "routing")
     parser.add_argument("--per-subject", type=int, default=32)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = args.data / PROMPT_SCORES
     examples = chosen(load_sources(args.data), args.per_subject)
     done = set(read_prompt_scores(out))

@@ -29,8 +29,8 @@ Either way the response says so: ``X-Joulegate-Cascade`` (``small`` accepted, or
 ``small->full``) and ``X-Joulegate-Cascade-Confidence``; escalations count in
 ``joulegate_cascade_escalations_total{tenant,from,to}``. The cascade applies only to
 ``auto`` requests that routing sent to their default tier (``gate``), without tools or a
-JSON response format, on a tier that reports the log-probabilities the signal needs; everything else (pinned
-models, budget-degraded or capped plans) runs as planned.
+JSON response format, on a tier that reports the log-probabilities the signal needs;
+everything else (pinned models, budget-degraded or capped plans) runs as planned.
 """
 
 from __future__ import annotations
