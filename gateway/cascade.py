@@ -25,6 +25,13 @@ request's own text (:func:`gateway.routing.estimators.prompt_confidence`: a mode
 worse what it finds unfamiliar). An escalation then costs the cheap tier's prompt read and
 its first token; an accepted answer costs nothing more.
 
+With ``routing.cascade.prior`` (a difficulty estimator's name) the probe's confidence is
+lowered by that estimator's score d of the request before it meets the threshold:
+``confidence * exp(-prior_weight * d)`` (:func:`gateway.routing.estimators.with_prior`). The
+probe says how sure the cheap tier is, the prior what kind of task it was given; across
+labelled sources held out in turn, the two together rank better than either (`joulegate
+router eval`, rows ``cascade+heuristic`` and ``cascade-prompt+heuristic``).
+
 Either way the response says so: ``X-Joulegate-Cascade`` (``small`` accepted, or
 ``small->full``) and ``X-Joulegate-Cascade-Confidence``; escalations count in
 ``joulegate_cascade_escalations_total{tenant,from,to}``. The cascade applies only to
@@ -47,7 +54,7 @@ from policies import CascadeSpec, TierSpec
 from . import fields, steps
 from .call import Call
 from .capabilities import capable_tiers, tier_capabilities
-from .routing.estimators import confidence, prompt_confidence
+from .routing.estimators import confidence, prompt_confidence, with_prior
 from .routing.features import RequestText
 from .runtime import Runtime, Snapshot
 from .steps import leave_slot, take_tokens
@@ -112,6 +119,9 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
         return await probe(call, backend, spec.probe_tokens, spec.statistic)
 
     probed = await steps.on_plan(runtime, snap, call, probe_attempt)
+    if spec.prior is not None:
+        difficulty = snap.estimators[spec.prior].score_text(RequestText.of(call.req)).score
+        probed.confidence = with_prior(probed.confidence, difficulty, spec.prior_weight)
     plan = call.planned
     plan.confidence = probed.confidence
     if probed.confidence >= spec.threshold or plan.tier.name == target.name:

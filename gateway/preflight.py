@@ -42,18 +42,25 @@ def catalog_models(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def estimators(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """Every ``routing.estimator`` must name a registered difficulty estimator."""
+    """Every ``routing.estimator`` must name a registered difficulty estimator, and every
+    ``routing.cascade.prior`` one that scores up front (not ``cascade`` itself)."""
     from .routing import ESTIMATORS
 
     known = sorted(ESTIMATORS)
     places = [("routing", data.get("routing"))] + [
         (f"tenants.{t}.routing", _mapping(spec).get("routing"))
         for t, spec in _mapping(data.get("tenants")).items()]
+    priors = [n for n in known if n != "cascade"]
     for where, routing in places:
         name = _mapping(routing).get("estimator")
         if isinstance(name, str) and name and name not in ESTIMATORS:
             yield (f"{where}.estimator", f"unknown difficulty estimator '{name}'; expected one "
                    f"of: {', '.join(known)}{did_you_mean(name, known)}")
+        prior = _mapping(_mapping(routing).get("cascade")).get("prior")
+        if isinstance(prior, str) and prior and prior not in priors:
+            yield (f"{where}.cascade.prior", f"unknown difficulty estimator '{prior}' for the "
+                   f"cascade's prior; expected one of: {', '.join(priors)}"
+                   f"{did_you_mean(prior, priors)}")
 
 
 def key_variables(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:

@@ -385,19 +385,22 @@ class Runtime:
         estimators: dict[str, DifficultyEstimator] = {}
         issues = []
         for tenant, spec in routing.items():
-            name = spec.estimator or "learned"
-            if name in estimators:
-                continue
-            if reuse is not None and name in reuse.estimators:
-                estimators[name] = reuse.estimators[name]
-                continue
-            try:
-                estimators[name] = create_estimator(name)
-            except ValueError as exc:
-                own = policy.tenants[tenant].routing
-                where = "routing" if own is None or own.estimator is None \
-                    else f"tenants.{tenant}.routing"
-                issues.append(PolicyIssue(f"{where}.estimator", str(exc)))
+            own = policy.tenants[tenant].routing
+            prior = spec.cascade.prior if spec.cascade is not None else None
+            for name, key, overridden in (
+                    (spec.estimator or "learned", "estimator",
+                     own is not None and own.estimator is not None),
+                    (prior, "cascade.prior", own is not None and own.cascade is not None)):
+                if name is None or name in estimators:
+                    continue
+                if reuse is not None and name in reuse.estimators:
+                    estimators[name] = reuse.estimators[name]
+                    continue
+                try:
+                    estimators[name] = create_estimator(name)
+                except ValueError as exc:
+                    where = f"tenants.{tenant}.routing" if overridden else "routing"
+                    issues.append(PolicyIssue(f"{where}.{key}", str(exc)))
         if issues:
             raise PolicyError(str(self.policy_path), issues)
         return routing, estimators

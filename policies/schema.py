@@ -18,7 +18,15 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, cast
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from backends import KINDS, BackendKind
 
@@ -364,6 +372,22 @@ class CascadeSpec(_Strict):
     statistic: Literal["mean", "min"] = "mean"
     #: The tier to escalate to; default: the next costlier tier the request may use.
     to: str | None = Field(None, pattern=NAME_PATTERN)
+    #: A difficulty estimator (``heuristic``, ``learned``, ``semantic``) whose score of the
+    #: request, d in [0, 1], lowers the probe's confidence before it meets ``threshold``:
+    #: confidence x exp(-prior_weight x d). The probe tells how sure the cheap tier is; the
+    #: prior, what kind of task it was asked (none: the probe alone).
+    prior: str | None = Field(None, pattern=NAME_PATTERN)
+    #: Nats of log-probability one unit of the prior's difficulty is worth. The default is
+    #: what leave-one-dataset-out chooses on every labelled source (`joulegate router eval`).
+    prior_weight: float = Field(3.0, ge=0, le=50)
+
+    @field_validator("prior")
+    @classmethod
+    def _prior_scores_up_front(cls, value: str | None) -> str | None:
+        if value == "cascade":
+            raise ValueError("the cascade's prior must be an estimator that scores the request "
+                             "up front (heuristic, learned, semantic), not 'cascade' itself")
+        return value
 
 
 class RoutingSpec(_Strict):

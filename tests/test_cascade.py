@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from backends import TokenLogprob
+from backends import GenerationRequest, TokenLogprob
 from gateway.routing.estimators import prompt_confidence
 from policies import PolicyError, parse_policy
 
@@ -327,3 +327,48 @@ async def test_faults_while_the_prompt_is_read_end_in_openai_errors(tmp_path):
         assert r.headers["x-joulegate-tier"] == "big"
         assert r.json()["choices"][0]["message"]["content"] == "Four."
         assert (await gw.budget())["1d"]["reserved_joules"] == 0
+
+
+# -- prior: a one-shot estimator's score lowers the probe's confidence ------------------------
+
+HARD = ("Prove step by step that the two algorithms below are equivalent, then compare their "
+        "complexity and design a third one:\n```python\ndef f(x):\n    return x * 2\n```")
+
+
+@pytest.mark.parametrize("signal", ["prompt", "answer"])
+async def test_a_prior_lowers_the_confidence_by_the_requests_difficulty(tmp_path, signal):
+    """The same sure probe (0.9) is kept alone, and escalated once the heuristic's difficulty
+    of a hard-looking request lowers it below the threshold: 0.9 x exp(-w x d)."""
+    from gateway.routing.estimators import HeuristicEstimator, with_prior
+    from gateway.routing.features import RequestText
+
+    def made(**prior) -> dict:
+        if signal == "prompt":
+            return prompt_policy(**prior)
+        return cascade_policy(threshold=0.5, **prior)
+
+    s = prompt_scripts(FAMILIAR) if signal == "prompt" else scripts(FAMILIAR)
+    d = HeuristicEstimator().score_text(RequestText.of(chat_request(HARD))).score
+    assert 0.2 < d < 1  # hard enough for the weights below to tell
+    for weight, tier in ((0.0, "small"), (3.0, "big")):
+        expected = with_prior(0.9, d, weight)
+        assert (expected >= 0.5) == (tier == "small")
+        async with InProcessGateway(tmp_path, made(prior="heuristic", prior_weight=weight),
+                                    s) as gw:
+            r = await gw.chat(model="auto", content=HARD, max_tokens=16)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-joulegate-tier"] == tier
+            assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(
+                expected, rel=1e-3)
+    # An easy request is barely touched by the same weight.
+    easy = HeuristicEstimator().score_text(RequestText.of(chat_request("Hi"))).score
+    async with InProcessGateway(tmp_path, made(prior="heuristic", prior_weight=3.0), s) as gw:
+        r = await gw.chat(model="auto", content="Hi", max_tokens=16)
+        assert r.headers["x-joulegate-tier"] == "small"
+        assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(
+            with_prior(0.9, easy, 3.0), rel=1e-3)
+
+
+def chat_request(content: str) -> GenerationRequest:
+    return GenerationRequest(model="auto", messages=[{"role": "user", "content": content}],
+                             max_tokens=16)

@@ -312,6 +312,34 @@ def test_an_unknown_estimator_refuses_the_policy(tmp_path, monkeypatch):
         Runtime(tmp_path / "p.yaml")._routing(policy, None)
 
 
+def test_a_cascade_prior_must_be_an_estimator_that_scores_up_front(tmp_path, monkeypatch):
+    monkeypatch.setenv("X", "k")
+    found = problems(base_policy(routing={"estimator": "cascade",
+                                          "cascade": {"prior": "cascade"}}))
+    assert len(found) == 1 and found[0].startswith("routing.cascade.prior: ")
+    assert "not 'cascade' itself" in found[0]
+    # An unknown name is refused when the runtime builds the tenant's estimators ...
+    policy = parse_policy(base_policy(routing={"estimator": "cascade",
+                                               "cascade": {"prior": "bert"}}), "p.yaml")
+    with pytest.raises(PolicyError, match=r"routing\.cascade\.prior: unknown difficulty "
+                                          r"estimator 'bert'"):
+        Runtime(tmp_path / "p.yaml")._routing(policy, None)
+    # ... and named by check-policy's preflight, with what it may be instead.
+    from gateway.preflight import estimators
+
+    data = base_policy(tenants={"t": {"keys": ["env:X"], "default_tier": "small", "routing": {
+        "estimator": "cascade", "cascade": {"prior": "heuristik"}}}})
+    assert list(estimators(data)) == [
+        ("tenants.t.routing.cascade.prior", "unknown difficulty estimator 'heuristik' for the "
+         "cascade's prior; expected one of: heuristic, learned, semantic (did you mean "
+         "'heuristic'?)")]
+    # A known prior is built beside the tenant's estimator.
+    ok = parse_policy(base_policy(routing={"estimator": "cascade",
+                                           "cascade": {"prior": "heuristic"}}), "p.yaml")
+    _, built = Runtime(tmp_path / "p.yaml")._routing(ok, None)
+    assert sorted(built) == ["cascade", "heuristic"]
+
+
 def test_a_saturated_tier_is_skipped_for_the_next_cheaper_one():
     c = dataclasses.replace(ctx(0.95), saturated=frozenset({"big"}))
     d = route(c, chat("x"))

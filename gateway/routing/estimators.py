@@ -262,6 +262,13 @@ def prompt_confidence(tokens: Sequence[TokenLogprob], text: str, statistic: str 
     return confidence(inside, statistic)
 
 
+def with_prior(confidence: float, difficulty: float, weight: float) -> float:
+    """A cascade probe's ``confidence`` lowered by a one-shot estimator's ``difficulty`` of
+    the same request (``routing.cascade.prior``): ``confidence * exp(-weight * difficulty)``,
+    i.e. ``weight`` nats of log-probability per unit of difficulty."""
+    return confidence * math.exp(-weight * difficulty)
+
+
 class CascadeEstimator(DifficultyEstimator):
     """``cascade``: no score up front (0 for every request), so ``auto`` starts on the
     default tier; :mod:`gateway.cascade` escalates when that tier's first tokens are unsure
