@@ -249,3 +249,51 @@ def test_prompt_scores_attach_to_the_labelled_prompts_they_name(tmp_path):
     unfamiliar = prompt_scores(scored[:2])
     assert unfamiliar == pytest.approx([1 - math.exp(-0.5), 1 - math.exp(-2.5)])
     assert unfamiliar[1] > unfamiliar[0]
+
+
+def _labelled(source: str, n: int, needs_strong: list[bool]) -> list[Example]:
+    return [Example("s", f"{source} prompt {i}", weak=not hard, strong=True, source=source)
+            for i, hard in zip(range(n), needs_strong, strict=True)]
+
+
+def test_the_prior_weight_is_the_one_that_ranks_the_training_sources_best():
+    """``router eval``'s ``<cascade row>+heuristic``: the weight is chosen on the training
+    sources only (highest worst-source APGR, then mean, then the smallest)."""
+    from gateway.routing.lodo import PRIOR_WEIGHTS, prior_weight
+    from policies import CascadeSpec
+
+    hard = [i % 2 == 0 for i in range(40)]
+    examples = _labelled("a", 40, hard) + _labelled("b", 40, hard)
+    separates = [0.8 if h else 0.2 for h in hard] * 2
+    backwards = [0.2 if h else 0.8 for h in hard] * 2
+    flat = [0.5] * 80
+    # The probe says nothing, the prior tells the hard ones: the least weight that uses it.
+    assert prior_weight(examples, flat, separates) == PRIOR_WEIGHTS[1]
+    # The probe alone is right (a sure probe is a high confidence), the prior backwards: none.
+    sure_when_easy = [1 - s for s in separates]
+    assert prior_weight(examples, sure_when_easy, backwards) == 0.0
+    # Both right, the prior only weakly: any weight keeps the order; the least is taken.
+    assert prior_weight(examples, sure_when_easy, [0.5 + (s - 0.5) / 100 for s in separates]) \
+        == 0.0
+    # A source too small to judge by is ignored; with none left, the policy's default.
+    assert prior_weight(examples[:10], flat[:10], separates[:10]) == CascadeSpec().prior_weight
+
+
+def test_the_shipped_prior_weight_is_what_leave_one_out_picks_on_every_source():
+    """``routing.cascade.prior_weight``'s default is :func:`prior_weight` over every labelled
+    source the prompt signal was measured on, the same rule ``router eval`` applies without
+    the held-out source."""
+    from gateway.routing.estimators import HeuristicEstimator
+    from gateway.routing.features import RequestText
+    from gateway.routing.labels import load_sources
+    from gateway.routing.lodo import prior_weight, text_confidence
+    from gateway.routing.train import default_data_dir
+    from policies import CascadeSpec
+
+    examples = [e for rows in load_sources(default_data_dir()).values() for e in rows
+                if e.prompt_logprob is not None]
+    assert len({e.source for e in examples}) >= 3
+    heuristic = HeuristicEstimator()
+    prior = [heuristic.score_text(RequestText.of(request_for(e))).score for e in examples]
+    sure = [text_confidence(e) or 0.0 for e in examples]
+    assert prior_weight(examples, sure, prior) == CascadeSpec().prior_weight

@@ -9,7 +9,9 @@ nothing to fit; every estimator then scores the held-out source's prompts in eac
 asked in). Per (source, wording, estimator): APGR, the strong fraction and the joules needed
 for 95% of the strong tier's quality (a sweep over the score order: no threshold is chosen on
 the reported set), and, where the source has joules, the least margin over random routing at
-equal joules. Random and oracle baselines are given per source.
+equal joules. Random and oracle baselines are given per source. The cascade's rows rank by
+the cheap tier's recorded confidences (its answer probe, its prompt signal), alone and with
+the heuristic as ``routing.cascade.prior`` at the weight the training sources choose.
 
 :func:`score_label_file`: the shipped estimators as trained in the package, nothing refitted,
 on a user's ``prompt,cheap_ok,strong_ok`` CSV.
@@ -33,6 +35,7 @@ from .estimators import (
     LearnedEstimator,
     SemanticEstimator,
     confidence,
+    with_prior,
 )
 from .features import RequestText, extract
 from .labels import FORMATS, MIN_PROMPTS, Example, load_sources, read_label_file, request_for
@@ -57,8 +60,13 @@ ESTIMATOR_NAMES = ("heuristic", "learned", "semantic")
 CASCADE_PROBE = (CascadeSpec().probe_tokens, CascadeSpec().statistic)
 #: The row of the cascade by its prompt signal (scored where PROMPT_SCORES has the prompt).
 CASCADE_PROMPT = "cascade-prompt"
-#: The cascade's rows: by its answer probe, by its prompt signal.
-CASCADES = ("cascade", CASCADE_PROMPT)
+#: ``routing.cascade.prior`` in the report: each cascade row again as ``<row>+heuristic``,
+#: its confidences lowered by the heuristic's score (:func:`with_prior`), at the weight of
+#: PRIOR_WEIGHTS that ranks the *training* sources best (:func:`prior_weight`).
+PRIOR = "heuristic"
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+#: The cascade's rows: by its answer probe, by its prompt signal, each alone and with a prior.
+CASCADES = ("cascade", CASCADE_PROMPT, f"cascade+{PRIOR}", f"{CASCADE_PROMPT}+{PRIOR}")
 #: Fixed semantic variants measured beside the selected one, so the choice is visible:
 #: embedding-only kNN and embedding-only linear head.
 VARIANTS: dict[str, tuple[tuple[str, float], tuple[float, ...]]] = {
@@ -160,26 +168,76 @@ def _first_reaching(xs: list[float], ys: list[float], target: float) -> float:
     return 1.0
 
 
-def cascade_scores(examples: Sequence[Example]) -> list[float]:
-    """How unsure each prompt's cheap answer began: 1 - the :func:`confidence` of the
-    default probe (:data:`CASCADE_PROBE`) over its recorded log-probabilities."""
+def answer_confidence(example: Example) -> float | None:
+    """How sure the prompt's cheap answer began: the :func:`confidence` of the default probe
+    (:data:`CASCADE_PROBE`) over its recorded log-probabilities (None: not recorded)."""
+    if not example.cheap_logprobs:
+        return None
     tokens, statistic = CASCADE_PROBE
-    return [1.0 - confidence(list(e.cheap_logprobs[:tokens]), statistic) for e in examples]
+    return confidence(list(example.cheap_logprobs[:tokens]), statistic)
+
+
+def text_confidence(example: Example) -> float | None:
+    """How likely the cheap tier found the prompt's text: exp(its mean log-probability), the
+    cascade's ``signal: prompt`` (its default ``mean`` statistic); None: not scored."""
+    return None if example.prompt_logprob is None else math.exp(example.prompt_logprob)
+
+
+#: Each cascade row alone → the confidence it ranks a labelled prompt by.
+SIGNALS: dict[str, Callable[[Example], float | None]] = {
+    "cascade": answer_confidence, CASCADE_PROMPT: text_confidence}
+
+
+def _unsure(signal: Callable[[Example], float | None], examples: Sequence[Example]
+            ) -> list[float]:
+    """1 - each example's confidence by ``signal`` (0 where it has none)."""
+    return [1.0 - (1.0 if (c := signal(e)) is None else c) for e in examples]
+
+
+def cascade_scores(examples: Sequence[Example]) -> list[float]:
+    """How unsure each prompt's cheap answer began (1 - :func:`answer_confidence`)."""
+    return _unsure(answer_confidence, examples)
 
 
 def prompt_scores(examples: Sequence[Example]) -> list[float]:
-    """How unfamiliar each prompt's text was to the cheap tier: 1 - exp(its mean
-    log-probability), the cascade's ``signal: prompt`` (its default ``mean`` statistic)."""
-    return [1.0 - math.exp(e.prompt_logprob or 0.0) for e in examples]
+    """How unfamiliar each prompt's text was to the cheap tier (1 - :func:`text_confidence`)."""
+    return _unsure(text_confidence, examples)
+
+
+def prior_weight(examples: Sequence[Example], sure: Sequence[float], prior: Sequence[float],
+                 weights: Sequence[float] = PRIOR_WEIGHTS) -> float:
+    """The ``routing.cascade.prior_weight`` of ``weights`` under which the cascade's
+    confidences ``sure``, lowered by the prior's scores (:func:`with_prior`), rank
+    ``examples`` best: the highest worst-source APGR over their sources (those with at least
+    MIN_PROMPTS), then the highest mean; the smallest such weight. With no such source, the
+    policy's default."""
+    groups = [[i for i, e in enumerate(examples) if e.source == s]
+              for s in sorted({e.source for e in examples})]
+    groups = [g for g in groups if len(g) >= MIN_PROMPTS]
+    if not groups:
+        return CascadeSpec().prior_weight
+
+    def quality(weight: float) -> tuple[float, float]:
+        scores = [1.0 - with_prior(c, d, weight) for c, d in zip(sure, prior, strict=True)]
+        apgrs = [apgr_of([scores[i] for i in g], [examples[i] for i in g]) for g in groups]
+        return min(apgrs), sum(apgrs) / len(apgrs)
+
+    return max(weights, key=quality)
+
+
+def apgr_of(scores: Sequence[float], examples: Sequence[Example], name: str = "") -> float:
+    """APGR of routing ``examples`` hardest-score-first (0.5 when the tiers never differ)."""
+    weak = [e.weak for e in examples]
+    strong = [e.strong for e in examples]
+    return routing_curve(name, scores, weak, strong).apgr if sum(weak) != sum(strong) else 0.5
 
 
 def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
          examples: Sequence[Example], priced: bool = True) -> Cell:
     """``priced``: the one-shot joules of :func:`cost_curve` are this router's (not for a
     cascade, which also pays its probe): else no joules, margin or curve are given."""
-    weak = [e.weak for e in examples]
     strong = [e.strong for e in examples]
-    apgr = routing_curve(estimator, scores, weak, strong).apgr if sum(weak) != sum(strong) else 0.5
+    apgr = apgr_of(scores, examples, estimator)
     fractions, quality, joules = cost_curve(scores, examples)
     target = QUALITY_SHARE * sum(strong) / len(strong)
     if not priced:
@@ -217,7 +275,8 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     """The leave-one-dataset-out report: ``cells`` (list of :class:`Cell`), ``sources``
     (name → prompts, weak and strong quality), ``chosen`` (held-out source → the semantic
-    head and blend chosen without it)."""
+    head and blend chosen without it), ``prior_weights`` (held-out source → cascade row →
+    the prior weight chosen without it)."""
     from .estimators import HeuristicEstimator
 
     sources = load_sources(data_dir)
@@ -235,6 +294,9 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
     cells: list[Cell] = []
     chosen: dict[str, str] = {}
     heuristic = HeuristicEstimator()
+    # The cascade's prior: the heuristic's score of each prompt as labelled (nothing fitted).
+    prior = [heuristic.score_text(t).score for t in _requests(examples, "native")]
+    weights: dict[str, dict[str, float]] = {}
     for held_out in sources:
         train_rows, test_rows = split(examples, held_out)
         progress(f"held out {held_out}: fitting learned and semantic on "
@@ -272,17 +334,23 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
             progress(f"  {held_out} / {wording}: " + ", ".join(
                 f"{c.estimator} {c.apgr:.3f}" for c in cells
                 if c.source == held_out and c.wording == wording))
-        probed = [e for e in test if e.cheap_logprobs]
-        if len(probed) >= MIN_PROMPTS:
-            unsure = cascade_scores(probed)
-            cells.append(cell(held_out, "native", "cascade", unsure, probed, priced=False))
-            cells.extend(_per_file(held_out, "cascade", unsure, probed, priced=False))
-        scored = [e for e in test if e.prompt_logprob is not None]
-        if len(scored) >= MIN_PROMPTS:
-            unfamiliar = prompt_scores(scored)
-            cells.append(cell(held_out, "native", CASCADE_PROMPT, unfamiliar, scored,
-                              priced=False))
-            cells.extend(_per_file(held_out, CASCADE_PROMPT, unfamiliar, scored, priced=False))
+        for name, signal in SIGNALS.items():
+            sure = {r: conf for r in (*train_rows, *test_rows)
+                    if (conf := signal(examples[r])) is not None}
+            kept = [r for r in test_rows if r in sure]
+            if len(kept) < MIN_PROMPTS:
+                continue
+            trained = [r for r in train_rows if r in sure]
+            weight = weights.setdefault(held_out, {})[name] = prior_weight(
+                [examples[r] for r in trained], [sure[r] for r in trained],
+                [prior[r] for r in trained])
+            scored = [examples[r] for r in kept]
+            for label, unsure in (
+                    (name, [1.0 - sure[r] for r in kept]),
+                    (f"{name}+{PRIOR}", [1.0 - with_prior(sure[r], prior[r], weight)
+                                         for r in kept])):
+                cells.append(cell(held_out, "native", label, unsure, scored, priced=False))
+                cells.extend(_per_file(held_out, label, unsure, scored, priced=False))
         for name, baseline in (("random", [0.0] * len(test)),
                                ("oracle", [float(e.strong) - float(e.weak) for e in test])):
             cells.append(cell(held_out, "native", name, baseline, test))
@@ -294,7 +362,8 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                    "strong": sum(e.strong for e in rows) / len(rows),
                    "joules": all(e.strong_joules is not None for e in rows)}
             for name, rows in sources.items()}
-    return {"cells": cells, "sources": info, "chosen": chosen, "skipped": skipped}
+    return {"cells": cells, "sources": info, "chosen": chosen, "skipped": skipped,
+            "prior_weights": weights}
 
 
 def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inputs,

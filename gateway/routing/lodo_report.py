@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .labels import MIN_PROMPTS
-from .lodo import CASCADES, ESTIMATOR_NAMES, VARIANTS, Cell, summary
+from .lodo import CASCADES, ESTIMATOR_NAMES, PRIOR, VARIANTS, Cell, summary
 
 BASELINES = ("random", "oracle")
 TARGET_APGR = 0.62
@@ -104,6 +104,8 @@ def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
         f"- {name}: {info['prompts']} prompts, cheap-tier quality {info['weak']:.3f}, strong "
         f"{info['strong']:.3f}, joules {'labelled' if info['joules'] else 'not labelled'}; "
         f"semantic chosen without it: {report['chosen'][name]}"
+        + "".join(f"; prior weight for {row}+{PRIOR} chosen without it: {weight:g}"
+                  for row, weight in report.get("prior_weights", {}).get(name, {}).items())
         for name, info in report["sources"].items())
     sources += "".join(f"\n- {name}: skipped, {count} labelled prompts so far (fewer than "
                        f"{MIN_PROMPTS}; picked up once it has more)"
@@ -128,6 +130,10 @@ def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
         "log-probability, the cascade's `signal: prompt`; measured by "
         "`benchmarks/prompt_scores.py` through the llama.cpp backend, in the labelled wording, "
         "and only on the prompts scored there: a sample of MMLU's); it fits nothing either. "
+        "`cascade+heuristic` and `cascade-prompt+heuristic` are the same two with "
+        "`routing.cascade.prior: heuristic`: each confidence times exp(-w x the heuristic's "
+        "score), w the prior weight that ranks the *training* sources best (highest worst-source "
+        "APGR, then mean; given per source above). "
         "Random and oracle are the "
         "baselines (random APGR is 0.5 in expectation). Rows `<source>+cv` are sources of "
         "our own tiers' labels evaluated with their *problems* held out instead (4 folds; "
