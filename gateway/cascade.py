@@ -32,6 +32,13 @@ probe says how sure the cheap tier is, the prior what kind of task it was given;
 labelled sources held out in turn, the two together rank better than either (`joulegate
 router eval`, rows ``cascade+heuristic`` and ``cascade-prompt+heuristic``).
 
+A capacity on the tier it would escalate to (``routing.capacity``) holds as it does for
+routing: the tenant's capacity windows rank its requests by ``1 - confidence`` once the probe
+has read them, and an escalation the window does not admit (not among the least sure
+``fraction`` of recent requests, or the share already taken) keeps the cheap answer. With
+``threshold: 1`` the capacity alone decides: escalate the least sure ``fraction`` of the
+traffic, whatever scale the confidences of this traffic have.
+
 Either way the response says so: ``X-Joulegate-Cascade`` (``small`` accepted, or
 ``small->full``) and ``X-Joulegate-Cascade-Confidence``; escalations count in
 ``joulegate_cascade_escalations_total{tenant,from,to}``. The cascade applies only to
@@ -56,6 +63,7 @@ from .call import Call
 from .capabilities import capable_tiers, tier_capabilities
 from .routing.estimators import confidence, prompt_confidence, with_prior
 from .routing.features import RequestText
+from .routing.tiers import Skip
 from .runtime import Runtime, Snapshot
 from .steps import leave_slot, take_tokens
 
@@ -124,7 +132,11 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
         probed.confidence = with_prior(probed.confidence, difficulty, spec.prior_weight)
     plan = call.planned
     plan.confidence = probed.confidence
+    plan.rescore(1.0 - probed.confidence)  # capacity ranks by how unsure the probe was
     if probed.confidence >= spec.threshold or plan.tier.name == target.name:
+        return await accept(call, probed)
+    if not plan.may_escalate(target, steps.predict_joules(runtime, snap, call, target)):
+        plan.skipped.append(Skip(target.name, "capacity"))
         return await accept(call, probed)
     cheap = plan.tier.name
     await probed.chunks.aclose()  # stops the cheap tier's generation and frees its slot

@@ -14,6 +14,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from backends import Backend, BackendTimeout, BackendUnavailable, Generation, Usage
+from policies import TierSpec
 
 from . import fields
 from . import openai_types as wire
@@ -77,7 +78,7 @@ def route_context(runtime: Runtime, snap: Snapshot, call: Call,
                   capability: str | Sequence[str] = "generation") -> RouteContext:
     """What routing sees of this tenant and gateway now, as plain data: only the tiers
     that have the ``capability`` (or every capability) the request needs."""
-    tenant, generation = call.who, call.req
+    tenant = call.who
     spec, routing = snap.policy.tenants[tenant], snap.routing[tenant]
     wanted = (capability,) if isinstance(capability, str) else tuple(capability)
     key = (tenant, wanted, call.model)
@@ -85,7 +86,6 @@ def route_context(runtime: Runtime, snap: Snapshot, call: Call,
     if tiers is None:  # raises for a model the tenant may not use: never kept
         tiers = snap.capable[key] = capable_tiers(snap.policy, tenant, wanted, call.model)
     default = snap.tiers[spec.default_tier]
-    max_tokens = spec.default_max_tokens if generation.max_tokens is None else generation.max_tokens
     return RouteContext(
         tiers, default if default in tiers else tiers[0], routing,
         snap.estimators[routing.estimator or "learned"],
@@ -93,12 +93,19 @@ def route_context(runtime: Runtime, snap: Snapshot, call: Call,
         saturated=frozenset(t.name for t in tiers if snap.backend_for(t).saturated()),
         capacity={name: runtime.capacity.window(tenant, name, c)
                   for name, c in (routing.capacity or {}).items()},
-        joules={t.name: runtime.calibration.predict(t.name, call.prompt_estimate,
-                                                    snap.output_tokens(t, max_tokens))
-                for t in tiers},
+        joules={t.name: predict_joules(runtime, snap, call, t) for t in tiers},
         degrade_ladder=degrade_ladder(spec, tiers),
         carbon={t.name: snap.factors(t).co2_g_per_joule for t in tiers}
         if routing.carbon_weight else {})
+
+
+def predict_joules(runtime: Runtime, snap: Snapshot, call: Call, tier: TierSpec) -> float:
+    """What this request is predicted to cost on ``tier`` (calibrated per tier)."""
+    generation = call.req
+    max_tokens = (snap.policy.tenants[call.who].default_max_tokens
+                  if generation.max_tokens is None else generation.max_tokens)
+    return runtime.calibration.predict(tier.name, call.prompt_estimate,
+                                       snap.output_tokens(tier, max_tokens))
 
 
 async def admit(runtime: Runtime, snap: Snapshot, call: Call) -> None:

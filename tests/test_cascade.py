@@ -372,3 +372,48 @@ async def test_a_prior_lowers_the_confidence_by_the_requests_difficulty(tmp_path
 def chat_request(content: str) -> GenerationRequest:
     return GenerationRequest(model="auto", messages=[{"role": "user", "content": content}],
                              max_tokens=16)
+
+
+# -- capacity: the target tier's window holds for escalations ---------------------------------
+
+def by_confidence(request: GenerationRequest) -> Script:
+    """A cheap answer as sure as the message says: ``"... c=0.9"``."""
+    sure = float(str(request.messages[-1]["content"]).rsplit("c=", 1)[1])  # type: ignore[index]
+    return Script(tokens=TOKENS, logprob=math.log(sure))
+
+
+async def test_a_capacity_on_the_target_tier_lets_only_the_least_sure_escalate(tmp_path):
+    """With ``threshold: 1`` every probe wants to escalate; ``capacity: {big: 0.5}`` lets
+    through only requests among the least sure half of the tenant's recent ones (the window
+    ranks them by 1 - confidence once probed), within half of them in all (a young window
+    allows one)."""
+    p = cascade_policy(threshold=1.0)
+    p["routing"]["capacity"] = {"big": {"fraction": 0.5, "window_s": 3600}}
+    sure = [0.5, 0.5, 0.5, 0.5, 0.9, 0.9, 0.1]
+    expected = ["big",    # a young window's burst of one
+                "small",  # the share: 2 of 2 would be over half
+                "small",  # 2 of 3
+                "big",    # 2 of 4: ties with the window's median
+                "small",  # 3 of 5: over half
+                "small",  # 3 of 6 is within half, but 0.9 is among the surest half
+                "big"]    # 3 of 7, the least sure yet
+    s = {"up-small": by_confidence, "up-big": Script(tokens=["Four", "."])}
+    async with InProcessGateway(tmp_path, p, s) as gw:
+        served = []
+        for i, c in enumerate(sure):
+            r = await gw.chat(model="auto", content=f"question {i}: c={c}", max_tokens=16)
+            assert r.status_code == 200, r.text
+            assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(c, 1e-3)
+            served.append(r.headers["x-joulegate-tier"])
+            assert r.headers["x-joulegate-cascade"] == (
+                "small->big" if served[-1] == "big" else "small")
+        assert served == expected
+        assert await gw.metric("joulegate_cascade_escalations_total", tenant="acme",
+                               **{"from": "small", "to": "big"}) == 3
+        assert await gw.metric("joulegate_capacity_fraction", tenant="acme",
+                               tier="big") == pytest.approx(3 / 7)
+    # Without the capacity, every one of them escalates.
+    async with InProcessGateway(tmp_path, cascade_policy(threshold=1.0), s) as gw:
+        for i, c in enumerate(sure):
+            r = await gw.chat(model="auto", content=f"question {i}: c={c}", max_tokens=16)
+            assert r.headers["x-joulegate-tier"] == "big"

@@ -186,6 +186,32 @@ def test_capacity_window_forgets_old_requests():
     assert window.quantile_threshold(now=100.0) is None
 
 
+def test_a_rescored_entry_moves_the_quantile_and_is_not_counted_twice():
+    """A cascade learns a request's score after routing recorded it: the new score replaces
+    the old in the quantile, and asking whether that same request may use the tier counts it
+    once (by requests and by joules); counted twice, each would wrongly be admitted."""
+    window = CapacityWindow(CapacitySpec(fraction=0.5, window_s=1000))
+    window.record(0.2, True, 1.0, now=0.0)
+    window.record(0.8, False, 1.0, now=1.0)
+    mine = window.record(0.0, False, 1.0, now=2.0)
+    assert window.quantile_threshold(now=2.0) == 0.2
+    window.rescore(mine, 0.9)
+    assert window.quantile_threshold(now=2.0) == 0.8
+    # 2 of 3 requests would use it: over half (2 of 4, as a fifth entry, would not be).
+    assert not window.admits(0.9, 1.0, now=2.0, entry=mine)
+    assert window.admits(0.9, 1.0, now=2.0)
+    by_joules = CapacityWindow(CapacitySpec(fraction=0.5, by="joules", window_s=1000))
+    by_joules.record(0.1, True, 10.0, now=0.0)
+    by_joules.record(0.1, False, 10.0, now=1.0)
+    by_joules.record(0.1, False, 10.0, now=2.0)
+    own = by_joules.record(0.9, False, 10.0, now=3.0)
+    # 10 J used of 30 J besides this request: 15 J more is 25 of 45, over half (its own
+    # 10 J counted twice: 25 of 55).
+    assert not by_joules.admits(0.9, 15.0, now=3.0, entry=own)
+    assert by_joules.admits(0.9, 15.0, now=3.0)
+    assert by_joules.admits(0.9, 10.0, now=3.0, entry=own)  # 20 of 40
+
+
 def test_capacity_tracker_resets_a_window_when_its_settings_change():
     tracker = CapacityTracker()
     a = tracker.window("t", "big", CapacitySpec(fraction=0.5))

@@ -70,15 +70,21 @@ class CapacityWindow:
             return None
         return self._sorted[min(int(n * (1 - self.spec.fraction)), n - 1)]
 
-    def admits(self, score: float, joules: float, now: float | None = None) -> bool:
+    def admits(self, score: float, joules: float, now: float | None = None,
+               entry: Entry | None = None) -> bool:
+        """Whether a request of ``score`` and predicted ``joules`` may use the tier now.
+        ``entry``: the request's own, already recorded and not using the tier (a cascade
+        asks after routing recorded it), so that it is not counted twice."""
         now = time.monotonic() if now is None else now
         threshold = self.quantile_threshold(now)
         if threshold is not None and score < threshold:
             return False
-        n = len(self._entries) + 1
+        mine = entry is not None and entry.live
+        n = len(self._entries) + (0 if mine else 1)
+        others = self._joules - (entry.joules if mine and entry is not None else 0.0)
         if self.spec.by == "requests":
             return self._used + 1 <= max(1.0, self.spec.fraction * n)
-        return self._used_joules + joules <= max(joules, self.spec.fraction * (self._joules + joules))
+        return self._used_joules + joules <= max(joules, self.spec.fraction * (others + joules))
 
     def record(self, score: float, used: bool, joules: float, now: float | None = None) -> Entry:
         now = time.monotonic() if now is None else now
@@ -91,6 +97,14 @@ class CapacityWindow:
         if used:
             self._used_joules += joules
         return entry
+
+    def rescore(self, entry: Entry, score: float) -> None:
+        """The request's score became known later (a cascade's probe): it replaces the one
+        recorded, in the quantile too."""
+        if entry.live:
+            del self._sorted[bisect.bisect_left(self._sorted, entry.score)]
+            bisect.insort(self._sorted, score)
+        entry.score = score
 
     def reassign(self, entry: Entry, used: bool) -> None:
         """Whether ``entry``'s request uses the tier changed (it moved to another tier)."""

@@ -111,6 +111,20 @@ class TierPlan:
                 return c.tier
         return None
 
+    def rescore(self, score: float) -> None:
+        """The request's score, known only now (``estimator: cascade``: 1 - the probe's
+        confidence), replaces routing's in the capacity windows."""
+        for window, entry in self.decision.entries:
+            window.rescore(entry, score)
+
+    def may_escalate(self, tier: TierSpec, joules: float) -> bool:
+        """Whether ``tier``'s capacity window (if it has one) admits this request, at its
+        score and ``joules`` predicted there, beside the requests it already holds."""
+        for window, entry in self.decision.entries:
+            if window.tier == tier.name:
+                return window.admits(entry.score, joules, entry=entry)
+        return True
+
     def escalate(self, tier: TierSpec, confidence: float) -> None:
         """The tier in force answered with too little ``confidence`` (``estimator:
         cascade``): run on the costlier ``tier`` instead."""
