@@ -297,3 +297,26 @@ def test_the_shipped_prior_weight_is_what_leave_one_out_picks_on_every_source():
     prior = [heuristic.score_text(RequestText.of(request_for(e))).score for e in examples]
     sure = [text_confidence(e) or 0.0 for e in examples]
     assert prior_weight(examples, sure, prior) == CascadeSpec().prior_weight
+
+
+def test_a_capacity_share_is_fixed_on_the_training_sources_and_cut_on_the_traffic():
+    """The cascade rows' last column: the share each training source needs for 95% of its
+    strong quality (least sure first), averaged; applied as the held-out traffic's own
+    quantile, as a capacity window on the strong tier would."""
+    from gateway.routing.lodo import at_share, fixed_share
+
+    # Source a: 10 of 40 need the strong tier and are the least sure; the other 30 pass on
+    # the cheap tier, so 95% of strong quality (38 of 40) needs 8 escalations: 20%.
+    # Source b: 20 of 40 need it: 38 of 40 needs 18: 45%. Averaged: 32.5%.
+    a = _labelled("a", 40, [i < 10 for i in range(40)])
+    b = _labelled("b", 40, [i < 20 for i in range(40)])
+    unsure = [1.0 - i / 100 for i in range(40)] * 2
+    assert fixed_share(a + b, unsure) == pytest.approx((8 / 40 + 18 / 40) / 2)
+    assert fixed_share(a[:10], unsure[:10]) == 1.0  # no source large enough: everything
+    # On 8 held-out prompts, a 25% share escalates the two least sure.
+    held = _labelled("c", 8, [True, False, False, False, False, False, False, True])
+    scores = [0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
+    _, quality, share = at_share(0.25, scores, held)
+    assert share == 0.25 and quality == 1.0
+    _, quality, share = at_share(0.125, scores, held)
+    assert share == 0.125 and quality == pytest.approx(7 / 8)

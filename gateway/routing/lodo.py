@@ -90,9 +90,11 @@ class Cell:
     #: Least (quality - random quality at the same joules) over the curve (None: no joules).
     margin: float | None
     curve: tuple[list[float], list[float]] = field(default=([], []), repr=False)
-    #: At a threshold fixed on the training sources (:func:`fixed_threshold`): the score
-    #: threshold, the quality reached as a share of always-strong quality, and the joules
-    #: (share of always-strong; strong share without joules). None where not computed.
+    #: At a threshold fixed on the training sources (:func:`fixed_threshold`; the cascade's
+    #: rows: at a capacity share fixed there, :func:`fixed_share`): the score threshold, the
+    #: quality reached as a share of always-strong quality, and the joules (share of
+    #: always-strong; strong share without joules; the cascade's rows: always the strong
+    #: share, as their joules include the probe's). None where not computed.
     fixed: tuple[float, float, float] | None = None
 
 
@@ -119,15 +121,40 @@ def fixed_threshold(est: DifficultyEstimator, examples: Sequence[Example],
     return sum(thresholds) / len(thresholds)
 
 
-def at_threshold(threshold: float, scores: Sequence[float], examples: Sequence[Example]
-                 ) -> tuple[float, float, float]:
+def fixed_share(examples: Sequence[Example], scores: Sequence[float]) -> float:
+    """The share of requests a cascade's capacity on the strong tier (``threshold: 1``) is
+    given, fixed on *training* prompts: the strong share at which each training source's
+    sweep of ``scores`` first reaches 95% of its strong quality, averaged over the sources
+    with at least MIN_PROMPTS (1.0: none)."""
+    shares = []
+    for source in sorted({e.source for e in examples}):
+        rows = [i for i, e in enumerate(examples) if e.source == source]
+        if len(rows) >= MIN_PROMPTS:
+            shares.append(cell("", "native", "", [scores[i] for i in rows],
+                               [examples[i] for i in rows], priced=False).fraction95)
+    return sum(shares) / len(shares) if shares else 1.0
+
+
+def at_share(share: float, scores: Sequence[float], examples: Sequence[Example]
+             ) -> tuple[float, float, float]:
+    """:func:`at_threshold` (unpriced) at the score above which ``share`` of these scores lie:
+    what a capacity of that fraction does to this traffic."""
+    import numpy as np
+
+    cut = float(np.quantile(scores, 1.0 - share)) if share < 1 else -math.inf
+    return at_threshold(cut, scores, examples, priced=False)
+
+
+def at_threshold(threshold: float, scores: Sequence[float], examples: Sequence[Example],
+                 priced: bool = True) -> tuple[float, float, float]:
     """(threshold, quality as a share of always-strong quality, joules as a share of
-    always-strong joules, or the strong share without joules) when every prompt scoring at
-    least ``threshold`` goes strong."""
+    always-strong joules, or the strong share without joules or ``priced``) when every prompt
+    scoring at least ``threshold`` goes strong."""
     up = [s >= threshold for s in scores]
     quality = sum(e.strong if u else e.weak for u, e in zip(up, examples, strict=True))
     strong_quality = sum(e.strong for e in examples) or 1
-    if all(e.weak_joules is not None and e.strong_joules is not None for e in examples):
+    if priced and all(e.weak_joules is not None and e.strong_joules is not None
+                      for e in examples):
         joules = sum((e.strong_joules if u else e.weak_joules) or 0.0
                      for u, e in zip(up, examples, strict=True))
         cost = joules / sum(e.strong_joules or 0.0 for e in examples)
@@ -345,12 +372,21 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                 [examples[r] for r in trained], [sure[r] for r in trained],
                 [prior[r] for r in trained])
             scored = [examples[r] for r in kept]
-            for label, unsure in (
-                    (name, [1.0 - sure[r] for r in kept]),
-                    (f"{name}+{PRIOR}", [1.0 - with_prior(sure[r], prior[r], weight)
-                                         for r in kept])):
-                cells.append(cell(held_out, "native", label, unsure, scored, priced=False))
-                cells.extend(_per_file(held_out, label, unsure, scored, priced=False))
+            training = [examples[r] for r in trained]
+            for label, w in ((name, 0.0), (f"{name}+{PRIOR}", weight)):
+                unsure = [1.0 - with_prior(sure[r], prior[r], w) for r in kept]
+                share = fixed_share(training, [1.0 - with_prior(sure[r], prior[r], w)
+                                               for r in trained])
+                whole = cell(held_out, "native", label, unsure, scored, priced=False)
+                files = _per_file(held_out, label, unsure, scored, priced=False)
+                # A capacity window escalates the least sure `share` of the traffic it sees:
+                # the held-out source's, or one file's (one wording: one tenant's traffic).
+                whole.fixed = at_share(share, unsure, scored)
+                for c in files:
+                    pairs = [(x, e) for x, e in zip(unsure, scored, strict=True)
+                             if e.subject == c.source.split("/", 1)[1]]
+                    c.fixed = at_share(share, [x for x, _ in pairs], [e for _, e in pairs])
+                cells.extend([whole, *files])
         for name, baseline in (("random", [0.0] * len(test)),
                                ("oracle", [float(e.strong) - float(e.weak) for e in test])):
             cells.append(cell(held_out, "native", name, baseline, test))
