@@ -79,9 +79,9 @@ class CapacityWindow:
         threshold = self.quantile_threshold(now)
         if threshold is not None and score < threshold:
             return False
-        mine = entry is not None and entry.live
-        n = len(self._entries) + (0 if mine else 1)
-        others = self._joules - (entry.joules if mine and entry is not None else 0.0)
+        mine = entry if entry is not None and entry.live else None
+        n = len(self._entries) + (1 if mine is None else 0)
+        others = self._joules - (0.0 if mine is None else mine.joules)
         if self.spec.by == "requests":
             return self._used + 1 <= max(1.0, self.spec.fraction * n)
         return self._used_joules + joules <= max(joules, self.spec.fraction * (others + joules))
