@@ -38,7 +38,15 @@ from .estimators import (
     with_prior,
 )
 from .features import RequestText, extract
-from .labels import FORMATS, MIN_PROMPTS, Example, load_sources, read_label_file, request_for
+from .labels import (
+    FORMATS,
+    MIN_PROMPTS,
+    Example,
+    by_source,
+    load_sources,
+    read_label_file,
+    request_for,
+)
 from .semantic import Embedder, SemanticUnavailable
 from .train import _designs, fit_artefact, routing_curve, select
 
@@ -126,12 +134,9 @@ def fixed_share(examples: Sequence[Example], scores: Sequence[float]) -> float:
     given, fixed on *training* prompts: the strong share at which each training source's
     sweep of ``scores`` first reaches 95% of its strong quality, averaged over the sources
     with at least MIN_PROMPTS (1.0: none)."""
-    shares = []
-    for source in sorted({e.source for e in examples}):
-        rows = [i for i, e in enumerate(examples) if e.source == source]
-        if len(rows) >= MIN_PROMPTS:
-            shares.append(cell("", "native", "", [scores[i] for i in rows],
-                               [examples[i] for i in rows], priced=False).fraction95)
+    shares = [cell("", "native", "", [scores[i] for i in rows], [examples[i] for i in rows],
+                   priced=False).fraction95
+              for rows in by_source(examples).values() if len(rows) >= MIN_PROMPTS]
     return sum(shares) / len(shares) if shares else 1.0
 
 
@@ -238,9 +243,7 @@ def prior_weight(examples: Sequence[Example], sure: Sequence[float], prior: Sequ
     ``examples`` best: the highest worst-source APGR over their sources (those with at least
     MIN_PROMPTS), then the highest mean; the smallest such weight. With no such source, the
     policy's default."""
-    groups = [[i for i, e in enumerate(examples) if e.source == s]
-              for s in sorted({e.source for e in examples})]
-    groups = [g for g in groups if len(g) >= MIN_PROMPTS]
+    groups = [g for g in by_source(examples).values() if len(g) >= MIN_PROMPTS]
     if not groups:
         return CascadeSpec().prior_weight
 
@@ -353,11 +356,8 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                     if est.name in thresholds:
                         whole.fixed = at_threshold(thresholds[est.name], scores, test)
                         for c in files:
-                            subject = c.source.split("/", 1)[1]
-                            pairs = [(x, e) for x, e in zip(scores, test, strict=True)
-                                     if e.subject == subject]
-                            c.fixed = at_threshold(thresholds[est.name], [x for x, _ in pairs],
-                                                   [e for _, e in pairs])
+                            c.fixed = at_threshold(thresholds[est.name],
+                                                   *_in_file(c, scores, test))
             progress(f"  {held_out} / {wording}: " + ", ".join(
                 f"{c.estimator} {c.apgr:.3f}" for c in cells
                 if c.source == held_out and c.wording == wording))
@@ -383,9 +383,7 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                 # the held-out source's, or one file's (one wording: one tenant's traffic).
                 whole.fixed = at_share(share, unsure, scored)
                 for c in files:
-                    pairs = [(x, e) for x, e in zip(unsure, scored, strict=True)
-                             if e.subject == c.source.split("/", 1)[1]]
-                    c.fixed = at_share(share, [x for x, _ in pairs], [e for _, e in pairs])
+                    c.fixed = at_share(share, *_in_file(c, unsure, scored))
                 cells.extend([whole, *files])
         for name, baseline in (("random", [0.0] * len(test)),
                                ("oracle", [float(e.strong) - float(e.weak) for e in test])):
@@ -451,6 +449,14 @@ def _per_file(source: str, name: str, scores: Sequence[float], test: Sequence[Ex
     return [cell(f"{source}/{f}", "native", name, [s for s, e in zip(scores, test, strict=True)
                                                    if e.subject == f],
                  [e for e in test if e.subject == f], priced) for f in files]
+
+
+def _in_file(c: Cell, scores: Sequence[float], examples: Sequence[Example]
+             ) -> tuple[list[float], list[Example]]:
+    """The scores and examples of the file a :func:`_per_file` cell is about."""
+    subject = c.source.split("/", 1)[1]
+    pairs = [(x, e) for x, e in zip(scores, examples, strict=True) if e.subject == subject]
+    return [x for x, _ in pairs], [e for _, e in pairs]
 
 
 def describe(model: Any) -> str:
