@@ -40,8 +40,11 @@ has read them, and an escalation the window does not admit (not among the least 
 traffic, whatever scale the confidences of this traffic have.
 
 Either way the response says so: ``X-Joulegate-Cascade`` (``small`` accepted, or
-``small->full``) and ``X-Joulegate-Cascade-Confidence``; escalations count in
-``joulegate_cascade_escalations_total{tenant,from,to}``. The cascade applies only to
+``small->full``) and ``X-Joulegate-Cascade-Confidence``, and ``X-Joulegate-Cascade-Held:
+full`` when a capacity kept the cheap answer; escalations count in
+``joulegate_cascade_escalations_total{tenant,from,to}``, held ones in
+``joulegate_cascade_capacity_holds_total{tenant,from,to}``, and the access log's record
+carries ``cascade_from``, ``cascade_held`` and ``cascade_confidence``. The cascade applies only to
 ``auto`` requests that routing sent to their default tier (``gate``), without tools or a
 JSON response format, on a tier that reports the log-probabilities the signal needs;
 everything else (pinned models, budget-degraded or capped plans) runs as planned.
@@ -63,7 +66,6 @@ from .call import Call
 from .capabilities import capable_tiers, tier_capabilities
 from .routing.estimators import confidence, prompt_confidence, with_prior
 from .routing.features import RequestText
-from .routing.tiers import Skip
 from .runtime import Runtime, Snapshot
 from .steps import leave_slot, take_tokens
 
@@ -136,7 +138,8 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
     if probed.confidence >= spec.threshold or plan.tier.name == target.name:
         return await accept(call, probed)
     if not plan.may_escalate(target, steps.predict_joules(runtime, snap, call, target)):
-        plan.skipped.append(Skip(target.name, "capacity"))
+        plan.hold(target)
+        runtime.metrics.cascade_holds.labels(call.who, plan.tier.name, target.name).inc()
         return await accept(call, probed)
     cheap = plan.tier.name
     await probed.chunks.aclose()  # stops the cheap tier's generation and frees its slot

@@ -129,6 +129,10 @@ class Metrics:
             "joulegate_cascade_escalations",
             "Requests (estimator: cascade) whose cheap tier's first tokens were too unsure, "
             "escalated to a costlier tier.", ["tenant", "from", "to"], registry=r)
+        self.cascade_holds = Counter(
+            "joulegate_cascade_capacity_holds",
+            "Requests (estimator: cascade) unsure enough to escalate that the costlier tier's "
+            "capacity kept on the cheap tier.", ["tenant", "from", "to"], registry=r)
         self.backend_waiting = Gauge("joulegate_backend_waiting_requests",
                                      "Requests queued in an upstream server (vLLM).", ["backend"],
                                      registry=r, multiprocess_mode="mostrecent")

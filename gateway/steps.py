@@ -167,6 +167,8 @@ def response_headers(call: Call) -> dict[str, str]:
         # Four significant digits: the prompt signal's confidences are small (a plain
         # question's text reads at ~0.03, scrambled words at ~0.0001).
         headers["x-joulegate-cascade-confidence"] = f"{plan.confidence:.4g}"
+        if plan.held is not None:
+            headers["x-joulegate-cascade-held"] = plan.held
     return headers
 
 

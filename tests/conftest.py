@@ -101,7 +101,7 @@ def anyio_backend():
 
 SMALL_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 SMALL_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
-KEYS = {"acme": "sk-test-acme", "globex": "sk-test-globex"}
+KEYS = {"acme": "sk-test-acme", "globex": "sk-test-globex", "initech": "sk-test-initech"}
 ADMIN_KEY = "sk-test-admin"
 
 

@@ -4,6 +4,7 @@ exactly once, and says so in headers and metrics."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -382,11 +383,12 @@ def by_confidence(request: GenerationRequest) -> Script:
     return Script(tokens=TOKENS, logprob=math.log(sure))
 
 
-async def test_a_capacity_on_the_target_tier_lets_only_the_least_sure_escalate(tmp_path):
+async def test_a_capacity_on_the_target_tier_lets_only_the_least_sure_escalate(
+        tmp_path, caplog):
     """With ``threshold: 1`` every probe wants to escalate; ``capacity: {big: 0.5}`` lets
     through only requests among the least sure half of the tenant's recent ones (the window
     ranks them by 1 - confidence once probed), within half of them in all (a young window
-    allows one)."""
+    allows one). Each held escalation says so: header, metric and access record."""
     p = cascade_policy(threshold=1.0)
     p["routing"]["capacity"] = {"big": {"fraction": 0.5, "window_s": 3600}}
     sure = [0.5, 0.5, 0.5, 0.5, 0.9, 0.9, 0.1]
@@ -400,16 +402,27 @@ async def test_a_capacity_on_the_target_tier_lets_only_the_least_sure_escalate(t
     s = {"up-small": by_confidence, "up-big": Script(tokens=["Four", "."])}
     async with InProcessGateway(tmp_path, p, s) as gw:
         served = []
-        for i, c in enumerate(sure):
-            r = await gw.chat(model="auto", content=f"question {i}: c={c}", max_tokens=16)
-            assert r.status_code == 200, r.text
-            assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(c, 1e-3)
-            served.append(r.headers["x-joulegate-tier"])
-            assert r.headers["x-joulegate-cascade"] == (
-                "small->big" if served[-1] == "big" else "small")
+        with caplog.at_level(logging.INFO, "joulegate.access"):
+            for i, c in enumerate(sure):
+                r = await gw.chat(model="auto", content=f"question {i}: c={c}", max_tokens=16)
+                assert r.status_code == 200, r.text
+                assert float(r.headers["x-joulegate-cascade-confidence"]) == pytest.approx(
+                    c, 1e-3)
+                served.append(r.headers["x-joulegate-tier"])
+                assert r.headers["x-joulegate-cascade"] == (
+                    "small->big" if served[-1] == "big" else "small")
+                assert r.headers.get("x-joulegate-cascade-held") == (
+                    None if served[-1] == "big" else "big")
         assert served == expected
         assert await gw.metric("joulegate_cascade_escalations_total", tenant="acme",
                                **{"from": "small", "to": "big"}) == 3
+        assert await gw.metric("joulegate_cascade_capacity_holds_total", tenant="acme",
+                               **{"from": "small", "to": "big"}) == 4
+        records = [r.access for r in caplog.records if hasattr(r, "access")]
+        assert [(r["tier"], r["cascade_from"], r["cascade_held"]) for r in records] == [
+            ("big", "small", None) if t == "big" else ("small", None, "big") for t in expected]
+        assert [r["cascade_confidence"] for r in records] == pytest.approx(sure, rel=1e-3)
+        assert all(r["fallback_from"] == [] for r in records)  # an escalation is no fallback
         assert await gw.metric("joulegate_capacity_fraction", tenant="acme",
                                tier="big") == pytest.approx(3 / 7)
     # Without the capacity, every one of them escalates.

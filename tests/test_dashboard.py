@@ -45,6 +45,8 @@ REQUIRED_PANELS = [
     # issue 19: facility energy, water and carbon
     "Carbon intensity and served load", "Facility vs IT power", "CO2 per tenant and site, dashboard range",
     "Water per tenant, dashboard range",
+    # issue 18: the cascade's escalations and the capacity's holds
+    "Cascade escalations and capacity holds",
 ]
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -215,6 +217,11 @@ def truth_policy(dead_port: int) -> dict:
                            budgets=[{"window": "1d", "joules": 1.0e6, "soft_pct": 80}]),
             "globex": tenant("globex", default_tier="small", on_exhausted="degrade",
                              budgets=[{"window": "1h", "joules": 40, "soft_pct": 50}]),
+            # The cascade panel: every probe wants big (threshold 1), the capacity lets the
+            # first through (a young window's burst) and holds the next (over half).
+            "initech": tenant("initech", default_tier="small", routing={
+                "estimator": "cascade",
+                "cascade": {"threshold": 1.0, "probe_tokens": 2, "to": "big"}}),
         },
     }
 
@@ -254,6 +261,9 @@ def send_traffic(gw) -> None:
     for i in range(8):
         chat(acme, HARD if i % 2 else EASY, stream=bool(i % 2 == 0))
     chat(acme, EASY, model="remote")
+    initech = gw.client("initech")
+    for prompt in (EASY, HARD, EASY):
+        chat(initech, prompt)
     with pytest.raises(openai.BadRequestError):
         acme.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}],
                                      max_tokens=-1)
@@ -269,8 +279,8 @@ def test_every_panel_shows_data_from_a_real_prometheus(gateways, prometheus_for,
     send_traffic(gw)
     time.sleep(3)  # a few more scrapes after the last request
 
-    # Grafana's substitution: two tenants chosen, every tier, a 1-minute rate window.
-    variables = {"tenant": "acme|globex", "tier": ".*", "__rate_interval": "1m",
+    # Grafana's substitution: three tenants chosen, every tier, a 1-minute rate window.
+    variables = {"tenant": "acme|globex|initech", "tier": ".*", "__rate_interval": "1m",
                  "__interval": "1m", "__range": "10m"}
     empty = []
     for panel in panels(dashboard()):

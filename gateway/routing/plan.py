@@ -52,6 +52,8 @@ class TierPlan:
     #: probe ran), and that tier when the request escalated from it.
     confidence: float | None = None
     escalated_from: str | None = None
+    #: ``estimator: cascade``: the tier an escalation was due to, held back by its capacity.
+    held: str | None = None
     _at: int = 0
 
     @classmethod
@@ -124,6 +126,12 @@ class TierPlan:
             if window.tier == tier.name:
                 return window.admits(entry.score, joules, entry=entry)
         return True
+
+    def hold(self, tier: TierSpec) -> None:
+        """An escalation to ``tier`` its capacity window did not admit (``estimator:
+        cascade``): the tier in force answers after all."""
+        self.held = tier.name
+        self.skipped.append(Skip(tier.name, "capacity"))
 
     def escalate(self, tier: TierSpec, confidence: float) -> None:
         """The tier in force answered with too little ``confidence`` (``estimator:
