@@ -120,17 +120,19 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
     if cascade is None:
         return await steps.on_plan(runtime, snap, call, attempt)
     spec, target = cascade
+    text = RequestText.of(call.req)  # the request's words, for the prompt signal and the prior
 
     async def probe_attempt(call: Call, backend: Backend) -> Probe:
         call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
                                              call.dropped_params)
         if spec.signal == "prompt":
-            return await probe_prompt(call, backend, spec.prompt_tokens, spec.statistic)
+            return await probe_prompt(call, backend, text.last, spec.prompt_tokens,
+                                      spec.statistic)
         return await probe(call, backend, spec.probe_tokens, spec.statistic)
 
     probed = await steps.on_plan(runtime, snap, call, probe_attempt)
     if spec.prior is not None:
-        difficulty = snap.estimators[spec.prior].score_text(RequestText.of(call.req)).score
+        difficulty = snap.estimators[spec.prior].score_text(text).score
         probed.confidence = with_prior(probed.confidence, difficulty, spec.prior_weight)
     plan = call.planned
     plan.confidence = probed.confidence
@@ -173,11 +175,12 @@ async def probe(call: Call, backend: Backend, tokens: int, statistic: str = "mea
     return Probe(chunks, seen, confidence(logprobs[:tokens], statistic), wanted)
 
 
-async def probe_prompt(call: Call, backend: Backend, tokens: int, statistic: str = "mean"
-                       ) -> Probe:
+async def probe_prompt(call: Call, backend: Backend, text: str, tokens: int,
+                       statistic: str = "mean") -> Probe:
     """Start ``backend``'s stream with the prompt's last ``tokens`` tokens scored and read
     their scores, which come before any text: the :func:`prompt_confidence` of the request's
-    own text among them. The answer goes on from there (nothing of it is read yet)."""
+    own ``text`` (its last user turn, or the completion prompt) among them. The answer goes
+    on from there (nothing of it is read yet)."""
     req = call.req
     req.prompt_logprobs = tokens
     chunks = backend.stream(req)
@@ -191,7 +194,6 @@ async def probe_prompt(call: Call, backend: Backend, tokens: int, statistic: str
         seen = await _read(call, chunks, enough)
     finally:
         req.prompt_logprobs = 0
-    text = RequestText.of(req).last
     return Probe(chunks, seen, prompt_confidence(scored, text, statistic), req.logprobs)
 
 
