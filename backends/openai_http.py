@@ -438,10 +438,15 @@ class OpenAIBackend(Backend):
 
     # -- the interface ------------------------------------------------------------------
 
-    async def complete(self, request: GenerationRequest) -> Generation:
+    async def complete_raw(self, request: GenerationRequest) -> bytes:
+        """A non-streamed request's answer as the upstream sent it, for a server's own fields
+        (vLLM's ``prompt_logprobs``: :mod:`backends.vllm`)."""
         deadline = time.monotonic() + self.total_s
         response = await self._send(request, stream=False, deadline=deadline)
-        raw = await self._read_all(response, deadline)
+        return await self._read_all(response, deadline)
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        raw = await self.complete_raw(request)
         try:
             text, finish, usage = parse_completion(raw, request.is_chat)
         except Malformed as exc:

@@ -15,6 +15,14 @@ Builds on :class:`backends.openai_http.OpenAIBackend` (one per replica) and adds
   first byte, failures reach the caller.
 - **Managed mode**: with ``managed`` settings the backend launches a local vLLM server and
   supervises it (:mod:`backends.vllm_managed`).
+- **Prompt scores** (``GenerationRequest.prompt_logprobs``, the cascade's prompt signal):
+  vLLM scores a prompt (its ``prompt_logprobs`` field) only when not streaming, so the
+  prompt is first sent for one token with ``prompt_logprobs: 0`` (each position's own
+  token only), and the answer follows on the same replica, whose prefix cache holds the
+  prompt by then. A stream's first chunk carries the scores before any answer is asked
+  for: a cascade that escalates closes the stream there and pays for the prompt read and
+  one token. The prompt is charged once: the answer's own usage replaces the scoring
+  request's when it comes.
 """
 
 from __future__ import annotations
@@ -22,16 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
+from dataclasses import replace
 from typing import Annotated, Any
 
 import aiohttp
+import orjson
 from pydantic import Field, model_validator
 
 from .base import (
     Backend,
     BackendError,
+    BackendInvalidResponse,
     BackendTimeout,
     BackendUnavailable,
     Chunk,
@@ -39,9 +51,18 @@ from .base import (
     GenerationRequest,
     Health,
     Load,
+    Usage,
 )
+from .features import TokenLogprob
 from .kind import BackendKind, Capabilities, Requirement, Settings
-from .openai_http import URL_PATTERN, OpenAIBackend, OpenAISettings, Timeouts
+from .openai_http import (
+    URL_PATTERN,
+    Malformed,
+    OpenAIBackend,
+    OpenAISettings,
+    Timeouts,
+    parse_usage,
+)
 from .vllm_managed import ManagedServer, ManagedSettings
 
 log = logging.getLogger("joulegate.backends.vllm")
@@ -95,6 +116,47 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
             if sample.name in wanted:
                 out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
     return out
+
+
+def parse_prompt_logprobs(raw: bytes, chat: bool, last: int
+                          ) -> tuple[list[TokenLogprob], Usage | None]:
+    """vLLM's scores of a prompt, from a non-streamed answer to ``prompt_logprobs: 0``: one
+    entry per prompt position, ``null`` for the first (nothing before it) and else
+    ``{token_id: {"logprob", "rank", "decoded_token"}}``, the position's own token first
+    (with ``0``, alone); at the top of a chat completion, in ``choices[0]`` of a completion.
+    The last ``last`` positions' tokens, and the answer's usage."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise Malformed("the body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise Malformed("the body is not an object")
+    holder = doc
+    if not chat:
+        choices = doc.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise Malformed("no choices")
+        holder = choices[0]
+    positions = holder.get("prompt_logprobs")
+    if not isinstance(positions, list):
+        raise Malformed("no prompt_logprobs (is this a vLLM server?)")
+    scored: list[TokenLogprob] = []
+    for position in positions[-last:] if last > 0 else []:
+        if position is None:
+            continue  # the prompt's first token: nothing before it to score it by
+        if not isinstance(position, dict) or not position:
+            raise Malformed("a prompt position's scores are not an object")
+        own = next(iter(position.values()))
+        if not isinstance(own, dict):
+            raise Malformed("a prompt token's score is not an object")
+        logprob, token = own.get("logprob"), own.get("decoded_token")
+        if isinstance(logprob, bool) or not isinstance(logprob, int | float) or not (
+                math.isfinite(logprob) and logprob <= 0):
+            raise Malformed("a prompt token's logprob is not a log-probability")
+        if not isinstance(token, str):
+            raise Malformed("a prompt token has no decoded_token")
+        scored.append(TokenLogprob(token, float(logprob)))
+    return scored, parse_usage(doc.get("usage"))
 
 
 class Replica:
@@ -322,12 +384,33 @@ class VLLMBackend(Backend):
             tried.add(picked[0])
             yield picked[1]
 
+    async def _score_prompt(self, replica: Replica, request: GenerationRequest
+                            ) -> list[TokenLogprob]:
+        """The prompt's last ``request.prompt_logprobs`` tokens scored by ``replica``, in a
+        non-streamed request for one token; its usage is the request's progress until the
+        answer's own replaces it."""
+        scoring = replace(request, max_tokens=1, logprobs=False, top_logprobs=None,
+                          extra={**request.extra, "prompt_logprobs": 0}, progress=Usage())
+        raw = await replica.backend.complete_raw(scoring)
+        try:
+            scored, usage = parse_prompt_logprobs(raw, request.is_chat, request.prompt_logprobs)
+        except Malformed as exc:
+            raise BackendInvalidResponse(f"upstream '{replica.backend.name}' sent invalid "
+                                         f"prompt scores: {exc}") from None
+        if usage is not None:
+            request.progress.prompt_tokens = usage.prompt_tokens
+            request.progress.completion_tokens = usage.completion_tokens
+        return scored
+
     async def complete(self, request: GenerationRequest) -> Generation:
         last: BackendError | None = None
         for replica in self._attempts():
             replica.outstanding += 1
             try:
+                scored = (await self._score_prompt(replica, request)
+                          if request.prompt_logprobs > 0 else None)
                 result = await replica.backend.complete(request)
+                result.prompt_logprobs = scored
             except _RETRYABLE as exc:
                 self._note_failure(replica, exc)
                 last = exc
@@ -346,10 +429,14 @@ class VLLMBackend(Backend):
         last: BackendError | None = None
         for replica in self._attempts():
             replica.outstanding += 1
-            chunks = replica.backend.stream(request)
+            chunks: AsyncGenerator[Chunk, None] | None = None
             try:
                 try:
-                    first = await anext(chunks)
+                    if request.prompt_logprobs > 0:  # the scores first, then the answer
+                        first = Chunk(prompt_logprobs=await self._score_prompt(replica, request))
+                    else:
+                        chunks = replica.backend.stream(request)
+                        first = await anext(chunks)
                 except _RETRYABLE as exc:  # nothing sent yet: another replica may serve it
                     self._note_failure(replica, exc)
                     last = exc
@@ -358,6 +445,8 @@ class VLLMBackend(Backend):
                     return
                 replica.succeeded()
                 yield first
+                if chunks is None:
+                    chunks = replica.backend.stream(request)
                 async for chunk in chunks:
                     yield chunk
                 return
@@ -366,7 +455,8 @@ class VLLMBackend(Backend):
                 raise
             finally:
                 replica.outstanding -= 1
-                await chunks.aclose()
+                if chunks is not None:
+                    await chunks.aclose()
                 replica.count(request)
         raise last or self._unavailable()
 
@@ -405,7 +495,8 @@ def _runs_vllm_here(settings: Mapping[str, Any]) -> bool:
 KIND = BackendKind(
     VLLMBackend.kind, VLLMSettings,
     # tools, structured output, logprobs: passed through to vLLM (its server flags decide).
-    Capabilities(streaming=True, tools=True, structured_output=True, logprobs=True), VLLMBackend,
+    Capabilities(streaming=True, tools=True, structured_output=True, logprobs=True,
+                 prompt_logprobs=True), VLLMBackend,
     requirement=Requirement("vllm", "vllm", "vllm", mode="managed",
                             hint="or set managed.python to a Python that has vLLM"),
     needs_requirement=_runs_vllm_here)

@@ -75,7 +75,8 @@ def test_each_kind_is_declared_by_its_own_module():
                                                       prompt_logprobs=True, **features)
     assert openai_http.KIND.capabilities == Capabilities(streaming=True, embeddings=True,
                                                          local=False, **features)
-    assert vllm.KIND.capabilities == Capabilities(streaming=True, local=False, **features)
+    assert vllm.KIND.capabilities == Capabilities(streaming=True, local=False,
+                                                  prompt_logprobs=True, **features)
     assert wordllama_embed.KIND.capabilities == Capabilities(generation=False, embeddings=True,
                                                              local=True)
     caps = wordllama_embed.KIND.capabilities  # an embeddings-only kind generates nothing

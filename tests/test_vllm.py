@@ -105,6 +105,61 @@ def test_chat_completions_and_streams_through_vllm(gateway):
                in httpx.get(f"{gateway.url}/metrics", timeout=10).text, 10, 0.2, "load gauges")
 
 
+def test_the_cascade_prompt_signal_on_a_vllm_tier(vllm_server, upstream, tmp_path):
+    """``signal: prompt`` with vLLM as the cheap tier: vLLM scores the prompt in a request of
+    its own (it does not while streaming), then answers, or the request escalates having paid
+    for the prompt read and one token. acme accepts every probe (threshold 0), globex none
+    (threshold 1)."""
+    policy = priced_policy(upstream.url, {"default_tier": "moe"})
+    policy["backends"] = {"up-big": policy["backends"]["up-big"], "vmoe": {
+        "kind": "vllm", "base_url": vllm_server.url, "retries": 0,
+        "energy": {"meter": "estimated", "joules_per_prompt_token": 0.05,
+                   "joules_per_output_token": 0.05}}}
+    policy["tiers"] = [policy["tiers"][0],
+                       {"name": "moe", "backend": "vmoe", "model": TINY_MOE_NAME, "cost": 1.0,
+                        "joules_per_prompt_token": 0.05, "joules_per_output_token": 0.05}]
+    policy["tenants"]["globex"]["default_tier"] = "moe"
+
+    def cascade(threshold: float) -> dict:
+        return {"estimator": "cascade", "cascade": {"signal": "prompt", "threshold": threshold,
+                                                    "to": "big"}}
+    policy["tenants"]["acme"]["routing"] = cascade(0.0)
+    policy["tenants"]["globex"]["routing"] = cascade(1.0)
+    gw = Gateway(policy, tmp_path).start()
+    try:
+        messages = [{"role": "user", "content": "What is two plus two?"}]
+        kept = gw.client("acme").chat.completions.with_raw_response.create(
+            model="auto", messages=messages, max_tokens=6)
+        reply = kept.parse()
+        assert kept.headers["x-joulegate-tier"] == "moe" and reply.model == TINY_MOE_NAME
+        assert kept.headers["x-joulegate-cascade"] == "moe"
+        assert 0 < float(kept.headers["x-joulegate-cascade-confidence"]) < 1
+        assert reply.choices[0].message.content and reply.usage.completion_tokens == 6
+        prompt = reply.usage.prompt_tokens
+        # The prompt is charged once (the answer read it from vLLM's prefix cache).
+        assert reply.usage.model_extra["energy_joules"] == pytest.approx(0.05 * (prompt + 6))
+
+        events = list(gw.client("acme").chat.completions.create(
+            model="auto", messages=messages, max_tokens=6, stream=True,
+            stream_options={"include_usage": True}))
+        assert "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+        assert events[-1].usage.completion_tokens == 6
+
+        escalated = gw.client("globex").chat.completions.with_raw_response.create(
+            model="auto", messages=messages, max_tokens=6)
+        assert escalated.headers["x-joulegate-cascade"] == "moe->big"
+        assert escalated.headers["x-joulegate-tier"] == "big"
+        pinned = gw.client("globex").chat.completions.create(
+            model="big", messages=messages, max_tokens=6)
+        probe = (escalated.parse().usage.model_extra["energy_joules"]
+                 - pinned.usage.model_extra["energy_joules"])
+        assert probe == pytest.approx(0.05 * (prompt + 1))  # the prompt read and one token
+        assert metric(gw, "joulegate_cascade_escalations_total", tenant="globex",
+                      **{"from": "moe", "to": "big"}) == 1
+    finally:
+        gw.stop()
+
+
 def test_a_saturated_vllm_queue_is_skipped(gateway, vllm_server):
     stop = threading.Event()
 

