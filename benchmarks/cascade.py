@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gateway.cli.router_collect import MCQ_INSTRUCTION  # noqa: E402
 from gateway.routing.estimators import confidence  # noqa: E402
+from gateway.routing.train import against_random  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "data" / "routing"
@@ -256,22 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     def target(idx: list[int]) -> float:
         return args.quality * sum(rows[i].strong_ok for i in idx)
 
-    def random_quality_at(j: float) -> float:
-        if strong_j == cheap_j:
-            return strong_right / n
-        x = min(max((j - cheap_j) / (strong_j - cheap_j), 0.0), 1.0)
-        return (cheap_right + x * (strong_right - cheap_right)) / n
+    def margin_at(joules: float, quality: float) -> float:
+        """Over random routing at ``joules`` (held within always-cheap's and -strong's)."""
+        lo, hi = sorted((cheap_j, strong_j))
+        return against_random([(min(max(joules, lo), hi), quality)],
+                              (cheap_j, cheap_right / n), (strong_j, strong_right / n))[0]
 
-    def against_random(point: Point, candidates: list[float]) -> tuple[float, float]:
+    def versus_random(point: Point, candidates: list[float]) -> tuple[float, float]:
         """Over every threshold whose joules are above always-cheap's and at most
         always-strong's: the least margin over random routing at equal joules, and the share
         of those thresholds at which the router is below random."""
-        margins = [right / n - random_quality_at(joules)
-                   for right, joules in (point(list(range(n)), t) for t in candidates)
-                   if cheap_j < joules <= strong_j]
-        if not margins:
-            return 0.0, 0.0
-        return min(margins), sum(m < -1e-9 for m in margins) / len(margins)
+        swept = (point(list(range(n)), t) for t in candidates)
+        least, below, count = against_random(
+            ((j, right / n) for right, j in swept if cheap_j < j <= strong_j),
+            (cheap_j, cheap_right / n), (strong_j, strong_right / n))
+        return least, below / count if count else 0.0
 
     for label, (point, candidates, fallback) in routers.items():
         right, joules, picked = 0, 0.0, []
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             right += r_
             joules += j_
             picked.append(f"{t:.3f}")
-        table.append((label, " / ".join(picked), right, joules, against_random(point, candidates)))
+        table.append((label, " / ".join(picked), right, joules, versus_random(point, candidates)))
     if args.select:  # probe_tokens and statistic chosen with the threshold, per half
         right, joules, picked = 0, 0.0, []
         for fit, report in ((a, b), (b, a)):
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|"]
     for label, thr, right, joules, swept in table:
         q = right / n
-        delta = q - random_quality_at(joules)
+        delta = margin_at(joules, q)
         sweep = (f"{swept[0] * 100:+.1f} pts | {swept[1]:.0%}"
                  if swept is not None else " | ")
         lines.append(f"| {label} | {thr} | {q:.1%} | {right / max(strong_right, 1):.1%} | "

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from gateway.grading import run_program
 from gateway.routing.labels import code_chat
+from gateway.routing.train import against_random, routing_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -331,8 +332,6 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str],
     chooses them."""
     from cascade import choose
 
-    from gateway.routing.train import routing_curve
-
     conf = {t: float(run[t]["cascade_confidence"]) for t in ids}
 
     def outcome(t: str, x: float) -> tuple[bool, float]:
@@ -361,13 +360,11 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str],
     strong_j = sum(strong[t]["energy_joules"] for t in ids)
     cheap_right = sum(cheap[t]["passed"] for t in ids)
     cheap_j = sum(cheap[t]["energy_joules"] for t in ids)
-    below, least = 0, 0.0
+    n = len(ids)
     swept = [point(ids, c) for c in candidates]
-    inside = [(r, j) for r, j in swept if cheap_j < j <= strong_j]
-    for r, j in inside:
-        random = cheap_right + (strong_right - cheap_right) * (j - cheap_j) / (strong_j - cheap_j)
-        least = min(least, (r - random) / len(ids))
-        below += r < random - 1e-9
+    least, below, inside = against_random(
+        ((j, r / n) for r, j in swept if cheap_j < j <= strong_j),
+        (cheap_j, cheap_right / n), (strong_j, strong_right / n))
     ranking = routing_curve(name, [-conf[t] for t in ids], [cheap[t]["passed"] for t in ids],
                             [strong[t]["passed"] for t in ids]).apgr
     return [f"**{name}'s probe confidences** ranked against the pinned runs' outcomes (the "
@@ -376,7 +373,7 @@ def cascade_sweep(run: dict, cheap: dict, strong: dict, ids: list[str],
             "`cascade_sweep`): thresholds chosen on alternate problems and reported on the "
             f"others ({picked[0]:.3f} / {picked[1]:.3f}): {right / strong_right:.1%} of "
             f"always-strong pass@1 at {joules / strong_j:.1%} of its joules. Against random "
-            f"routing at equal joules, over the {len(inside)} thresholds between always-cheap's "
+            f"routing at equal joules, over the {inside} thresholds between always-cheap's "
             f"and always-strong's joules: least margin {100 * least:+.1f} points, "
             f"{below} below random."]
 
@@ -477,8 +474,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
     _, p_full, j_full = point([True] * n)
     _, p_oracle, _ = point([not small[i]["passed"] and full[i]["passed"] for i in ids])
 
-    def random_pass_at(joules: float) -> float:  # the straight line between always-*
-        return p_small + (joules - j_small) / (j_full - j_small) * (p_full - p_small)
+    def versus_random(joules: float, passed: float) -> float:  # at equal joules
+        return against_random([(joules, passed)], (j_small, p_small), (j_full, p_full))[0]
 
     rows = [("always-small", "", 0.0, p_small, j_small, None),
             ("always-full", "", 1.0, p_full, j_full, None)]
@@ -491,7 +488,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
             threshold = ranked[min(int(n * (1 - target)), n - 1)]
             frac, passed, joules = point([s >= threshold for s in scores])
             rows.append((f"auto ({name})", f"{threshold:.4f}", frac, passed, joules,
-                         passed - random_pass_at(joules)))
+                         versus_random(joules, passed)))
             curve.append((joules, passed))
         curves[name] = curve
     how = ("the prompt in a chat message, code block extracted" if args.mode == "chat"

@@ -48,7 +48,7 @@ from .labels import (
     request_for,
 )
 from .semantic import Embedder, SemanticUnavailable
-from .train import _designs, fit_artefact, routing_curve, select
+from .train import _designs, against_random, fit_artefact, routing_curve, select
 
 if TYPE_CHECKING:
     import numpy as np
@@ -275,12 +275,9 @@ def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
                     None, None)
     has_joules = all(e.weak_joules is not None and e.strong_joules is not None for e in examples)
     margin = None
-    if has_joules:
-        # Random routing at equal joules: the straight line between always-cheap and
-        # always-strong (in expectation).
-        j0, j1, q0, q1 = joules[0], joules[-1], quality[0], quality[-1]
-        margin = min(q - (q0 + (q1 - q0) * (j - j0) / (j1 - j0)) for j, q in
-                     zip(joules[1:-1], quality[1:-1], strict=True)) if len(joules) > 2 else 0.0
+    if has_joules:  # the curve's inner points against random routing at equal joules
+        margin = against_random(zip(joules[1:-1], quality[1:-1], strict=True),
+                                (joules[0], quality[0]), (joules[-1], quality[-1]))[0]
     return Cell(source, wording, estimator, apgr, _first_reaching(fractions, quality, target),
                 _first_reaching(joules, quality, target) if has_joules else None, margin,
                 (joules, quality))

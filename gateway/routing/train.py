@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,6 +229,20 @@ class Curve:
     apgr: float
     cpt50: float
     cpt80: float
+
+
+def against_random(points: Iterable[tuple[float, float]], cheap: tuple[float, float],
+                   strong: tuple[float, float]) -> tuple[float, int, int]:
+    """``(joules, quality)`` points of a router against random routing at equal joules, whose
+    expected quality is the straight line from always-cheap's ``(joules, quality)`` to
+    always-strong's: the least margin (quality less random's), how many points are below
+    random, and how many there are; ``(0.0, 0, 0)`` for none."""
+    (j0, q0), (j1, q1) = cheap, strong
+    margins = [q - (q1 if j1 == j0 else q0 + (q1 - q0) * (j - j0) / (j1 - j0))
+               for j, q in points]
+    if not margins:
+        return 0.0, 0, 0
+    return min(margins), sum(m < -1e-9 for m in margins), len(margins)
 
 
 def routing_curve(name: str, scores: ArrayLike, weak: ArrayLike, strong: ArrayLike) -> Curve:
