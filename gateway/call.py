@@ -221,8 +221,7 @@ class Call:
             "latency_s": round(elapsed, 6),
             "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
             "degraded_from": plan.degraded_from if plan else None,
-            "fallback_from": [t.name for t in plan.attempts[:-1]
-                              if plan.escalated_from != t.name] if plan else [],
+            "fallback_from": plan.fallen_back if plan else [],
             "cascade_from": plan.escalated_from if plan else None,
             "cascade_held": plan.held if plan else None,
             "cascade_confidence": (None if plan is None or plan.confidence is None

@@ -159,8 +159,8 @@ def response_headers(call: Call) -> dict[str, str]:
         headers["x-joulegate-degraded"] = f"{plan.degraded_from}->{plan.attempts[0].name}"
     if call.admission is not None and call.admission.warning:
         headers["x-joulegate-budget-warning"] = call.admission.warning
-    if len(plan.attempts) > 1 and plan.escalated_from is None:
-        headers["x-joulegate-fallback"] = "->".join(t.name for t in plan.attempts)
+    if plan.fallen_back:
+        headers["x-joulegate-fallback"] = "->".join([*plan.fallen_back, plan.tier.name])
     if plan.confidence is not None:  # estimator: cascade (gateway.cascade)
         headers["x-joulegate-cascade"] = "->".join(
             [plan.escalated_from, plan.tier.name] if plan.escalated_from else [plan.tier.name])

@@ -174,6 +174,30 @@ async def test_a_cheap_tier_that_cannot_answer_falls_back_as_usual(tmp_path):
         assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(joules(10, 2, "big"))
 
 
+async def test_a_failed_escalation_falls_back_and_says_which_tier_failed(tmp_path, caplog):
+    """The probe is unsure, ``big`` cannot answer, the ladder's next tier ``mid`` does: the
+    headers name the cascade (small->big) and the fallback (big->mid), and the access record
+    names big, not the probed small, as the tier that failed."""
+    p = cascade_policy(budget=10_000, to="big")
+    p["backends"]["up-mid"] = dict(p["backends"]["up-small"])
+    p["tiers"].append({"name": "mid", "backend": "up-mid", "model": "mid-model", "cost": 1.5,
+                       "joules_per_prompt_token": 1.5, "joules_per_output_token": 1.5})
+    p["routing"]["fallback"] = "all"
+    p["routing"]["fallback_ladder"] = ["small", "big", "mid"]
+    s = {"up-small": Script(tokens=TOKENS, logprob=UNSURE), "up-big": Script.unavailable(),
+         "up-mid": Script(tokens=["Four", "."])}
+    async with InProcessGateway(tmp_path, p, s) as gw:
+        with caplog.at_level(logging.INFO, "joulegate.access"):
+            r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "mid"
+        assert r.headers["x-joulegate-cascade"] == "small->mid"
+        assert r.headers["x-joulegate-fallback"] == "big->mid"
+        (record,) = [r.access for r in caplog.records if hasattr(r, "access")]
+        assert record["fallback_from"] == ["big"] and record["cascade_from"] == "small"
+        assert (await gw.budget())["1d"]["reserved_joules"] == 0
+
+
 @pytest.mark.parametrize(("statistic", "tier", "confidence"),
                          [("mean", "small", math.sqrt(0.95 * 0.60)), ("min", "big", 0.60)])
 async def test_the_statistic_decides_how_the_probe_tokens_make_one_confidence(

@@ -84,6 +84,12 @@ class TierPlan:
         """The tier in force: the one serving (or last tried)."""
         return self.candidates[self._at].tier
 
+    @property
+    def fallen_back(self) -> list[str]:
+        """The tiers that failed before answering, in the order they were tried (a cascade's
+        probed tier, escalated from, did not fail)."""
+        return [t.name for t in self.attempts[:-1] if t.name != self.escalated_from]
+
     def degrade_options(self) -> list[TierSpec]:
         """Cheaper tiers a budget may move the request to, most capable first."""
         if self._at != 0:
