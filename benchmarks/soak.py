@@ -21,6 +21,12 @@ kept-alive connections and the 1e-9 J left reserved (see the git log).
 
     .venv/bin/python benchmarks/soak.py                      # 240 s, 6 workers
     .venv/bin/python benchmarks/soak.py --duration 600 --concurrency 10
+    .venv/bin/python benchmarks/soak.py --cascade            # the tenant cascades (below)
+
+With ``--cascade`` the tenant's ``auto`` requests cascade as the README suggests for mixed
+traffic: the prompt signal with the heuristic prior, ``threshold: 1`` and a capacity of half
+on ``full`` (the least sure half escalates); the report counts the requests probed,
+escalated and held from the access log.
 """
 
 from __future__ import annotations
@@ -229,7 +235,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def policy(state: Path, port: int) -> dict[str, Any]:
+CASCADE = {"estimator": "cascade",
+           "cascade": {"signal": "prompt", "prior": "heuristic", "threshold": 1.0, "to": "full"},
+           "capacity": {"full": {"fraction": 0.5, "window_s": 600}}}
+
+
+def policy(state: Path, port: int, cascade: bool = False) -> dict[str, Any]:
     default = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
     default["server"]["port"] = port
     default["state_dir"] = str(state)
@@ -237,21 +248,29 @@ def policy(state: Path, port: int) -> dict[str, Any]:
     tenant = default["tenants"]["demo"]
     tenant["keys"] = ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()]
     tenant["budgets"] = [{"window": "1d", "joules": 10_000_000}]
+    if cascade:
+        tenant["routing"] = CASCADE
     return dict(default)
 
 
-def ledger_check(url: str, log: Path) -> tuple[float, float, float]:
-    """(spent, reserved) of the tenant's budget, and the joules its access records charged."""
-    window = httpx.get(f"{url}/admin/tenants/demo/budget", timeout=30,
-                       headers={"authorization": f"Bearer {ADMIN}"}).json()["windows"][0]
-    charged = 0.0
+def access_records(log: Path) -> list[dict[str, Any]]:
+    """The tenant's access records in the gateway's log."""
+    records = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if record.get("request_id") and record.get("tenant") == "demo":
-            charged += record.get("energy_joules") or 0.0
+            records.append(record)
+    return records
+
+
+def ledger_check(url: str, log: Path) -> tuple[float, float, float]:
+    """(spent, reserved) of the tenant's budget, and the joules its access records charged."""
+    window = httpx.get(f"{url}/admin/tenants/demo/budget", timeout=30,
+                       headers={"authorization": f"Bearer {ADMIN}"}).json()["windows"][0]
+    charged = sum(r.get("energy_joules") or 0.0 for r in access_records(log))
     return window["spent_joules"], window["reserved_joules"], charged
 
 
@@ -260,12 +279,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=240.0, help="seconds of traffic")
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cascade", action="store_true",
+                        help="the tenant's auto requests cascade (see the module's doc)")
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run = RESULTS / "runs" / f"soak-{stamp}"
     run.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (run / "policy.yaml").write_text(yaml.safe_dump(policy(run / "state", port), sort_keys=False))
+    (run / "policy.yaml").write_text(yaml.safe_dump(policy(run / "state", port, args.cascade),
+                                                sort_keys=False))
     log = run / "gateway.log"
     say(f"starting the gateway on the default tiers (port {port}); log in {log}")
     with open(log, "ab") as out:
@@ -314,6 +336,11 @@ def main() -> int:
     balanced = abs(spent - charged) < 1e-3 and reserved == 0
     lines += ["", f"- Ledger: spent {spent:.6f} J, access log charged {charged:.6f} J, reserved "
                   f"{reserved} J: {'balanced' if balanced else 'NOT balanced'}"]
+    if args.cascade:
+        probed = [r for r in access_records(log) if r.get("cascade_confidence") is not None]
+        lines.append(f"- Cascade ({json.dumps(CASCADE)}): {len(probed)} requests probed, "
+                     f"{sum(bool(r.get('cascade_from')) for r in probed)} escalated, "
+                     f"{sum(bool(r.get('cascade_held')) for r in probed)} held by the capacity")
     if failures:
         lines += ["", "## Answers not as expected (first five per kind)", "", *failures]
     text = "\n".join(lines) + "\n"
