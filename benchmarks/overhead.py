@@ -46,6 +46,12 @@ Method:
   tiers serve); the tenant has a joule budget on the embedded SQLite ledger (reserve before,
   settle after, every request); fallback on. The row is labelled ``joulegate (full path)``.
   The plain path (``joulegate``) is measured in the same run before it, unless ``--no-plain``.
+* ``--cascade``: the full path with ``routing.estimator: cascade`` instead (the answer
+  signal, ``probe_tokens: 2``, ``threshold: 0``): every request starts as a stream with
+  log-probabilities on ``small``, whose first two tokens are read and buffered before the
+  answer is passed on (the fake upstream sends log-probabilities when asked). Nothing
+  escalates, so the row is the cascade's own cost, not a second tier's answer. Labelled
+  ``joulegate (cascade)``.
 * With ``--litellm`` the LiteLLM proxy (``litellm[proxy]``, a pinned release, ``--litellm-spec``;
   in a venv created on first use under ``${TMPDIR:-/tmp}/bench-venvs/litellm``, which takes
   minutes) runs on a config written here, the same way as joulegate: one
@@ -98,11 +104,23 @@ def log(message: str) -> None:
     print(f"[overhead {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+#: The routing of each routed path (see the module's doc).
+ROUTING = {
+    "full": "  estimator: learned\n  thresholds: {large: 0.0}\n",
+    "cascade": "  estimator: cascade\n  cascade: {threshold: 0.0, probe_tokens: 2, to: large}\n",
+}
+#: Each path's row label and file name.
+PATHS = {"plain": ("joulegate", "joulegate"),
+         "full": ("joulegate (full path)", "joulegate-full"),
+         "cascade": ("joulegate (cascade)", "joulegate-cascade")}
+
+
 def policy_yaml(budgeted: bool = False, upstream_port: int = UPSTREAM_PORT,
-                state_dir: Path = RESULTS / "runs" / "state", full_path: bool = False) -> str:
+                state_dir: Path = RESULTS / "runs" / "state", path: str = "plain") -> str:
     digest = hashlib.sha256(KEY.encode()).hexdigest()
-    budget = "\n    budgets: [{window: 1d, joules: 1.0e12}]" if budgeted or full_path else ""
-    if full_path:
+    budget = ("\n    budgets: [{window: 1d, joules: 1.0e12}]" if budgeted or path != "plain"
+              else "")
+    if path != "plain":
         return f"""version: 1
 state_dir: {state_dir}
 backends:
@@ -116,9 +134,7 @@ tiers:
   - {{name: small, backend: small, model: {MODEL}, cost: 1}}
   - {{name: large, backend: large, model: {MODEL}-large, cost: 4}}
 routing:
-  estimator: learned
-  thresholds: {{large: 0.0}}
-  capacity: {{large: {{fraction: 0.5, by: requests, window_s: 60}}}}
+{ROUTING[path]}  capacity: {{large: {{fraction: 0.5, by: requests, window_s: 60}}}}
   fallback: auto
 tenants:
   bench:
@@ -448,29 +464,29 @@ def measure_interleaved(gateways: list[tuple[Service, str, str, str]], stream: b
 # ---------------------------------------------------------------- gateways
 
 def start_joulegate(args: argparse.Namespace, run_dir: Path, upstream_port: int,
-                    full_path: bool = False, code: str = "") -> tuple[Service, str, str, str]:
-    """``joulegate serve`` on a policy written here: the plain path (one tier, the model
-    pinned), or with ``full_path`` the routed, budgeted one (see the module docstring).
+                    path: str = "plain", code: str = "") -> tuple[Service, str, str, str]:
+    """``joulegate serve`` on a policy written here: the ``plain`` path (one tier, the model
+    pinned), or a routed, budgeted one, ``full`` or ``cascade`` (see the module docstring).
     ``code``: a tree of the project whose packages it imports instead (``--baseline-code``)."""
     exe = Path(sys.executable).parent / "joulegate"
     if not exe.exists():
         sys.exit(f"no joulegate next to {sys.executable}: run this with the project's venv "
                  "(.venv/bin/python benchmarks/overhead.py)")
-    label = ("joulegate (full path)" if full_path
-             else "joulegate+budget" if args.budgeted else "joulegate")
-    slug = "joulegate-full" if full_path else label
+    label, slug = PATHS[path]
+    if path == "plain" and args.budgeted:
+        label = slug = "joulegate+budget"
     env = None
     if code:
         label, slug = f"{label} [baseline]", f"{slug}-baseline"
         env = {**os.environ, "PYTHONPATH": code}
     policy = run_dir / f"{slug}-policy.yaml"
     policy.write_text(policy_yaml(args.budgeted, upstream_port, run_dir / f"{slug}-state",
-                                  full_path))
+                                  path))
     port = free_port()
     cmd = [str(exe), "serve", "--policy", str(policy), "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(args.workers)]  # default logging: one access record per request
     service = Service(label, cmd, run_dir / f"{slug}.log", args.proxy_cpus, env)
-    return service, f"http://127.0.0.1:{port}/v1", KEY, "auto" if full_path else MODEL
+    return service, f"http://127.0.0.1:{port}/v1", KEY, MODEL if path == "plain" else "auto"
 
 
 def ensure_litellm(venv: Path, spec: str = LITELLM_SPEC) -> str:
@@ -636,8 +652,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full-path", action="store_true",
                         help="also measure the full path: model auto routed over 2 tiers with a "
                              "capacity window, a joule budget on the embedded ledger")
+    parser.add_argument("--cascade", action="store_true",
+                        help="also measure the cascade's path: the full path with estimator "
+                             "cascade, every probe accepted")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
-                        help="with --full-path, measure the plain path too")
+                        help="with --full-path or --cascade, measure the plain path too")
     parser.add_argument("--interleave", action="store_true",
                         help="start every gateway first and measure them in turns, each repeat "
                              "and concurrency (for a machine shared with other jobs)")
@@ -706,13 +725,14 @@ def main(argv: list[str] | None = None) -> int:
         for stream in modes:
             runs += measure_target("direct", upstream_url, "", stream, args, upstream)
 
-        joulegates = [False] if args.plain or not args.full_path else []
-        joulegates += [True] if args.full_path else []
+        routed = [p for p, on in (("full", args.full_path), ("cascade", args.cascade)) if on]
+        joulegates = ["plain"] if args.plain or not routed else []
+        joulegates += routed
         starters: list[Callable[[argparse.Namespace, Path, int],
                                 tuple[Service, str, str, str]]] = [
-            functools.partial(start_joulegate, full_path=full, code=code)
+            functools.partial(start_joulegate, path=path, code=code)
             for code in ([args.baseline_code] if args.baseline_code else []) + [""]
-            for full in joulegates]
+            for path in joulegates]
         starters += [start_litellm] if args.litellm else []
         started_all: list[tuple[Service, str, str, str]] = []
         for start in starters:
@@ -765,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("; full path: model auto over 2 tiers (learned estimator, capacity 0.5 of "
                  "requests on the costlier), joule budget on the embedded ledger"
                  if args.full_path else "")
+              + ("; cascade: the full path with estimator cascade (answer signal, 2 probe "
+                 "tokens, threshold 0: every probe accepted)" if args.cascade else "")
               + ". The CPU is shared with other jobs on this machine: compare rows of the "
                 "same run (ratios), not across runs.\n\n"
               + text + "\n"

@@ -16,7 +16,9 @@ Plain answers carry ``usage`` {prompt_tokens 12, completion_tokens 12, total_tok
 With ``"stream": true`` in the request body the answer is ``text/event-stream`` (chunked):
 ``--stream-chunks`` delta events, a finish event, a usage event (12 prompt tokens, one
 completion token per delta) only when ``stream_options.include_usage`` is true, then
-``data: [DONE]``. The request body is searched for those two flags, never parsed.
+``data: [DONE]``. The request body is searched for those two flags, never parsed. A chat
+request with ``"logprobs": true`` gets each token's log-probability too (``logprobs.content``,
+-0.05 each, no alternatives), as a cascade's probe asks for them.
 
     python tests/fake_upstream.py [--host 127.0.0.1] [--port 0] [--workers 1]
         [--model fake-model] [--delay-ms 0] [--stream-chunks 4] [--stream-chunk-delay-ms 0]
@@ -152,9 +154,21 @@ def prepare(options: Options) -> dict[str, object]:
         {"id": "cmpl-fake", "object": "text_completion", **common},
         [{"index": 0, "text": w, "logprobs": None, "finish_reason": None} for w in words],
         {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"})
+    def scored(pieces: list[str]) -> dict:
+        return {"content": [{"token": w, "logprob": -0.05, "bytes": list(w.encode()),
+                             "top_logprobs": []} for w in pieces]}
+
+    chat_logprobs = Generation(
+        {"id": "chatcmpl-fake", "object": "chat.completion", **common,
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(TEXT)},
+                      "logprobs": scored(list(TEXT)), "finish_reason": "stop"}], "usage": usage},
+        {"id": "chatcmpl-fake", "object": "chat.completion.chunk", **common},
+        [{"index": 0, "delta": {"role": "assistant", "content": w} if i == 0 else {"content": w},
+          "logprobs": scored([w]), "finish_reason": None} for i, w in enumerate(words)],
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"})
     models = dumps({"object": "list", "data": [{"id": model, "object": "model",
                                                 "created": CREATED, "owned_by": "fake-upstream"}]})
-    return {"chat": chat, "completions": text,
+    return {"chat": chat, "chat-logprobs": chat_logprobs, "completions": text,
             "models": {ka: response(b"200 OK", models, ka) for ka in (True, False)},
             "health": {ka: response(b"200 OK", b"ok", ka, b"text/plain") for ka in (True, False)}}
 
@@ -212,6 +226,7 @@ def fault_name(request_id: bytes) -> str | None:
 
 STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
 INCLUDE_USAGE_TRUE = re.compile(rb'"include_usage"\s*:\s*true')
+LOGPROBS_TRUE = re.compile(rb'"logprobs"\s*:\s*true')
 
 
 def stream_mode(body: bytes) -> int:
@@ -272,7 +287,9 @@ class Connection(asyncio.Protocol):
 
     def answer(self, method: bytes, path: bytes, body: bytes, keep_alive: bool):
         route = ROUTES.get((method, path))
-        answer = self.answers.get(route)
+        chat = route == "chat"
+        answer = self.answers.get("chat-logprobs" if chat and LOGPROBS_TRUE.search(body)
+                                  else route)
         if isinstance(answer, Generation):
             if self.options.record is not None:
                 with open(self.options.record, "ab") as f:
@@ -290,7 +307,7 @@ class Connection(asyncio.Protocol):
             elif fault in CONTEXT_REFUSALS:
                 data = response(b"400 Bad Request", CONTEXT_REFUSALS[fault], keep_alive)
             elif fault is not None and fault != "refuse-max-tokens":
-                self.later(self.fault, fault, route == "chat", mode, keep_alive)
+                self.later(self.fault, fault, chat, mode, keep_alive)
                 return
             elif self.delay or (mode and self.chunk_delay) or self.tasks:
                 self.later(self.generate, answer, mode, keep_alive)

@@ -80,6 +80,23 @@ def test_chat_and_completions_are_fixed_openai_objects_with_usage(fake):
     assert text.usage.total_tokens == 24
 
 
+def test_chat_log_probabilities_only_when_asked(fake):
+    client = sdk(fake)
+    messages = [{"role": "user", "content": "hi"}]
+    plain = client.chat.completions.create(model="m", messages=messages)
+    assert plain.choices[0].logprobs is None
+    whole = client.chat.completions.create(model="m", messages=messages, logprobs=True)
+    tokens = whole.choices[0].logprobs.content
+    assert "".join(t.token for t in tokens) == whole.choices[0].message.content
+    assert {t.logprob for t in tokens} == {-0.05}
+    events = list(client.chat.completions.create(model="m", messages=messages, logprobs=True,
+                                                 stream=True))
+    streamed = [t for e in events if e.choices and e.choices[0].logprobs
+                for t in e.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [e.choices[0].delta.content for e in events
+                                           if e.choices and e.choices[0].delta.content]
+
+
 def test_streams_send_deltas_a_finish_and_usage_only_when_asked(fake):
     client = sdk(fake)
     messages = [{"role": "user", "content": "hi"}]
