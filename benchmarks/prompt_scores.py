@@ -13,6 +13,15 @@ path. The mean log-probability of the request's own text among the scored tokens
 run resumes.
 
     .venv/bin/python benchmarks/prompt_scores.py [--per-subject 32] [--data DIR]
+
+With ``--wordings`` the same prompts are scored as asked in the other wordings of
+:data:`gateway.routing.labels.FORMATS` (a prompt's own is the file above), for the wording
+spread of the ``cascade-prompt`` rows; they go to
+``data/routing/prompt-scores-small-wordings.csv`` (``key,wording,mean_logprob``). A request
+already scored (the same text in the same wording: a HumanEval problem labelled in chat
+asked as a completion is the completion file's prompt) is not scored again.
+
+    .venv/bin/python benchmarks/prompt_scores.py --wordings --per-subject 4
 """
 
 from __future__ import annotations
@@ -32,10 +41,13 @@ from backends.llamacpp import LlamaCppBackend, LlamaCppSettings  # noqa: E402
 from gateway.routing.estimators import prompt_confidence  # noqa: E402
 from gateway.routing.features import RequestText  # noqa: E402
 from gateway.routing.labels import (  # noqa: E402
+    FORMATS,
     PROMPT_SCORES,
+    WORDED_SCORES,
     Example,
     load_sources,
     read_prompt_scores,
+    read_worded_scores,
     request_for,
 )
 from policies import CascadeSpec  # noqa: E402
@@ -61,7 +73,10 @@ def chosen(sources: dict[str, list[Example]], per_subject: int) -> list[Example]
     return out
 
 
-async def score(examples: list[Example], out: Path, done: set[str]) -> None:
+async def score(todo: list[tuple[Example, str | None]], out: Path, header: list[str],
+                known: dict[tuple[str, str], float]) -> None:
+    """Score each (example, wording) of ``todo`` (``None``: as labelled) and append its row
+    to ``out``; ``known``: (prompt, wording) → a score already measured, reused."""
     from tqdm import tqdm
 
     backend = LlamaCppBackend("small", LlamaCppSettings(model=MODEL, n_ctx=4096, slots=1))
@@ -71,17 +86,21 @@ async def score(examples: list[Example], out: Path, done: set[str]) -> None:
         with out.open("a", newline="") as fh:
             writer = csv.writer(fh)
             if fh.tell() == 0:
-                writer.writerow(["key", "mean_logprob"])
-            for e in tqdm([e for e in examples if e.key not in done], desc="prompt scores",
-                          unit="prompt", file=sys.stdout, mininterval=10):
-                req = request_for(e)
-                req.max_tokens, req.temperature, req.prompt_logprobs = 1, 0.0, tokens
-                answer = await backend.complete(req)
-                text = RequestText.of(req).last
-                mean = math.log(prompt_confidence(answer.prompt_logprobs or [], text))
-                writer.writerow([e.key, f"{mean:.4f}"])
+                writer.writerow(header)
+            for e, wording in tqdm(todo, desc="prompt scores", unit="prompt",
+                                   file=sys.stdout, mininterval=10):
+                asked = (e.prompt, wording or e.format)
+                mean = known.get(asked)
+                if mean is None:
+                    req = request_for(e, wording)
+                    req.max_tokens, req.temperature, req.prompt_logprobs = 1, 0.0, tokens
+                    answer = await backend.complete(req)
+                    text = RequestText.of(req).last
+                    mean = known[asked] = math.log(
+                        prompt_confidence(answer.prompt_logprobs or [], text))
+                writer.writerow([e.key, f"{mean:.4f}"] if wording is None
+                                else [e.key, wording, f"{mean:.4f}"])
                 fh.flush()
-                done.add(e.key)
     finally:
         await backend.close()
 
@@ -90,12 +109,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "routing")
     parser.add_argument("--per-subject", type=int, default=32)
+    parser.add_argument("--wordings", action="store_true",
+                        help="score the prompts in the other wordings instead (see above)")
     args = parser.parse_args()
-    out = args.data / PROMPT_SCORES
     examples = chosen(load_sources(args.data), args.per_subject)
-    done = set(read_prompt_scores(out))
-    print(f"{len(examples)} prompts, {len(done & {e.key for e in examples})} already scored")
-    asyncio.run(score(examples, out, done))
+    # Every score measured so far, by what was asked: (prompt, wording).
+    known = {(e.prompt, e.format): e.prompt_logprob for e in examples
+             if e.prompt_logprob is not None}
+    if args.wordings:
+        out, header = args.data / WORDED_SCORES, ["key", "wording", "mean_logprob"]
+        worded = read_worded_scores(out)
+        by_key = {e.key: e for e in examples}
+        known.update({(by_key[k].prompt, w): v for (k, w), v in worded.items() if k in by_key})
+        todo: list[tuple[Example, str | None]] = [
+            (e, w) for e in examples for w in FORMATS
+            if w != e.format and (e.key, w) not in worded]
+    else:
+        out, header = args.data / PROMPT_SCORES, ["key", "mean_logprob"]
+        done = set(read_prompt_scores(out))
+        todo = [(e, None) for e in examples if e.key not in done]
+    print(f"{len(todo)} to score ({len({(e.prompt, w or e.format) for e, w in todo} - set(known))}"
+          " requests not measured yet)")
+    asyncio.run(score(todo, out, header, known))
     print(f"wrote {out}")
     return 0
 

@@ -251,6 +251,54 @@ def test_prompt_scores_attach_to_the_labelled_prompts_they_name(tmp_path):
     assert unfamiliar[1] > unfamiliar[0]
 
 
+def test_prompt_scores_in_other_wordings_give_the_prompt_signal_a_wording_spread(tmp_path):
+    """``prompt-scores-small-wordings.csv`` (``prompt_scores.py --wordings``): a prompt's
+    score asked in another wording; ``router eval`` gives the prompt signal a cell in each
+    wording with at least MIN_PROMPTS scored prompts, ranked by those scores."""
+    from gateway.routing.estimators import HeuristicEstimator
+    from gateway.routing.labels import MIN_PROMPTS, PROMPT_SCORES, WORDED_SCORES, load_sources
+    from gateway.routing.lodo import worded_prompt_cells
+
+    folder = tmp_path / "alpha"
+    folder.mkdir()
+    n = MIN_PROMPTS
+    hard = [i % 3 == 0 for i in range(n)]  # the strong tier alone answers these
+    with (folder / "labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "cheap_ok", "strong_ok"])
+        w.writerows([[f"question {i}", int(not h), 1] for i, h in enumerate(hard)])
+    rows = load_sources(tmp_path)["alpha"]
+    with (tmp_path / PROMPT_SCORES).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "mean_logprob"])
+        w.writerows([[e.key, "-1.0"] for e in rows])  # as labelled: no signal at all
+    with (tmp_path / WORDED_SCORES).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "wording", "mean_logprob"])
+        # In the system wording the hard ones read as unfamiliar; in fewshot, the easy ones;
+        # chat was scored for too few prompts to make a cell.
+        pairs = list(zip(rows, hard, strict=True))
+        w.writerows([[e.key, "system", "-3.0" if h else "-0.5"] for e, h in pairs])
+        w.writerows([[e.key, "fewshot", "-0.5" if h else "-3.0"] for e, h in pairs])
+        w.writerows([[e.key, "chat", "-1.0"] for e in rows[:n - 1]])
+    scored = load_sources(tmp_path)["alpha"]
+    assert scored[0].prompt_logprob_in("native") == scored[0].prompt_logprob_in("bare") == -1.0
+    assert scored[0].prompt_logprob_in("system") == -3.0
+    assert scored[0].prompt_logprob_in("completion") is None
+    assert scored[-1].prompt_logprob_in("chat") is None
+    cells = worded_prompt_cells("alpha", scored, HeuristicEstimator(), 0.0,
+                                ["system", "fewshot", "chat", "completion"])
+    apgr = {(c.wording, c.estimator): c.apgr for c in cells}
+    assert set(apgr) == {(w, e) for w in ("system", "fewshot")
+                         for e in ("cascade-prompt", "cascade-prompt+heuristic")}
+    # A third need the strong tier: sent first, all the gain comes by a third of the traffic
+    # (APGR 1 - 1/6); sent last, only in the last third (1/6).
+    assert apgr["system", "cascade-prompt"] == pytest.approx(5 / 6)
+    assert apgr["fewshot", "cascade-prompt"] == pytest.approx(1 / 6)
+    # Weight 0: the prior leaves the ranking as it is.
+    assert apgr["system", "cascade-prompt+heuristic"] == apgr["system", "cascade-prompt"]
+
+
 def _labelled(source: str, n: int, needs_strong: list[bool]) -> list[Example]:
     return [Example("s", f"{source} prompt {i}", weak=not hard, strong=True, source=source)
             for i, hard in zip(range(n), needs_strong, strict=True)]

@@ -40,6 +40,9 @@ MIN_PROMPTS = 30
 #: Beside the sources: per labelled prompt (:attr:`Example.key`), how likely the cheap tier
 #: found its own text (``benchmarks/prompt_scores.py``, through the llama.cpp backend).
 PROMPT_SCORES = "prompt-scores-small.csv"
+#: The same for a sample of the prompts asked in the other wordings of :data:`FORMATS`
+#: (``key,wording,mean_logprob``), for the prompt signal's wording spread.
+WORDED_SCORES = "prompt-scores-small-wordings.csv"
 #: The wordings every estimator is evaluated in (see :func:`request_for`).
 FORMATS = ("bare", "system", "fewshot", "completion", "chat")
 
@@ -79,12 +82,22 @@ class Example:
     #: The cheap tier's mean log-probability of the prompt's own text as labelled (``None``:
     #: not scored), what the cascade's ``signal: prompt`` judges (:data:`PROMPT_SCORES`).
     prompt_logprob: float | None = None
+    #: The same of the prompt asked in other wordings: ``(wording, mean log-probability)``
+    #: (:data:`WORDED_SCORES`).
+    worded_logprobs: tuple[tuple[str, float], ...] = ()
 
     @property
     def key(self) -> str:
         """Names the prompt as labelled, across files: its source, format and text."""
         digest = hashlib.sha256(self.prompt.encode()).hexdigest()[:16]
         return f"{self.source}/{self.format}/{digest}"
+
+    def prompt_logprob_in(self, wording: str) -> float | None:
+        """:attr:`prompt_logprob` of the prompt asked in ``wording`` (``native``: as labelled);
+        ``None``: not scored so."""
+        if wording in ("native", self.format):
+            return self.prompt_logprob
+        return dict(self.worded_logprobs).get(wording)
 
     @property
     def needs_strong(self) -> bool:
@@ -175,8 +188,12 @@ def load_sources(data_dir: Path) -> dict[str, list[Example]]:
     if not sources:
         raise FileNotFoundError(f"no labelled routing data under {data_dir}")
     scores = read_prompt_scores(data_dir / PROMPT_SCORES)
-    if scores:
-        sources = {name: [replace(e, prompt_logprob=scores.get(e.key)) for e in rows]
+    worded: dict[str, list[tuple[str, float]]] = {}
+    for (key, wording), value in read_worded_scores(data_dir / WORDED_SCORES).items():
+        worded.setdefault(key, []).append((wording, value))
+    if scores or worded:
+        sources = {name: [replace(e, prompt_logprob=scores.get(e.key),
+                                  worded_logprobs=tuple(worded.get(e.key, ()))) for e in rows]
                    for name, rows in sources.items()}
     return sources
 
@@ -187,6 +204,16 @@ def read_prompt_scores(path: Path) -> dict[str, float]:
         return {}
     with path.open(newline="") as fh:
         return {row["key"]: float(row["mean_logprob"]) for row in csv.DictReader(fh)}
+
+
+def read_worded_scores(path: Path) -> dict[tuple[str, str], float]:
+    """:data:`WORDED_SCORES`: (example key, wording) → the cheap tier's mean log-probability
+    of the prompt asked so."""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as fh:
+        return {(row["key"], row["wording"]): float(row["mean_logprob"])
+                for row in csv.DictReader(fh)}
 
 
 def _few_shot(example_kind: str, prompt: str) -> str:

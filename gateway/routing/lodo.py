@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from backends import GenerationRequest
 from policies import CascadeSpec
@@ -382,6 +382,8 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
                 for c in files:
                     c.fixed = at_share(share, *_in_file(c, unsure, scored))
                 cells.extend([whole, *files])
+            if name == CASCADE_PROMPT:
+                cells.extend(worded_prompt_cells(held_out, test, heuristic, weight, wordings))
         for name, baseline in (("random", [0.0] * len(test)),
                                ("oracle", [float(e.strong) - float(e.weak) for e in test])):
             cells.append(cell(held_out, "native", name, baseline, test))
@@ -395,6 +397,25 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
             for name, rows in sources.items()}
     return {"cells": cells, "sources": info, "chosen": chosen, "skipped": skipped,
             "prior_weights": weights}
+
+
+def worded_prompt_cells(source: str, test: Sequence[Example], prior: DifficultyEstimator,
+                        weight: float, wordings: Sequence[str]) -> list[Cell]:
+    """The prompt signal's cells (alone, and with ``prior`` at the ``weight`` chosen on the
+    training sources) in each of ``wordings`` in which at least MIN_PROMPTS of the held-out
+    prompts were scored as asked so (``benchmarks/prompt_scores.py --wordings``: a sample of
+    MMLU); the labels stay those of the labelled wording, as for every estimator."""
+    out: list[Cell] = []
+    for wording in wordings:
+        scored = [e for e in test if e.prompt_logprob_in(wording) is not None]
+        if len(scored) < MIN_PROMPTS:
+            continue
+        sure = [math.exp(cast(float, e.prompt_logprob_in(wording))) for e in scored]
+        difficulty = [prior.score_text(t).score for t in _requests(scored, wording)]
+        for label, w in ((CASCADE_PROMPT, 0.0), (f"{CASCADE_PROMPT}+{PRIOR}", weight)):
+            unsure = [1.0 - with_prior(c, d, w) for c, d in zip(sure, difficulty, strict=True)]
+            out.append(cell(source, wording, label, unsure, scored, priced=False))
+    return out
 
 
 def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inputs,
