@@ -399,23 +399,42 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
             "prior_weights": weights}
 
 
+#: Marks the cells of a held-out source's sample (``mmlu/sample``): the prompts scored in
+#: every wording, when those are not all of the source's.
+SAMPLE = "/sample"
+
+
 def worded_prompt_cells(source: str, test: Sequence[Example], prior: DifficultyEstimator,
                         weight: float, wordings: Sequence[str]) -> list[Cell]:
     """The prompt signal's cells (alone, and with ``prior`` at the ``weight`` chosen on the
     training sources) in each of ``wordings`` in which at least MIN_PROMPTS of the held-out
-    prompts were scored as asked so (``benchmarks/prompt_scores.py --wordings``: a sample of
-    MMLU); the labels stay those of the labelled wording, as for every estimator."""
+    prompts were scored as asked so (``benchmarks/prompt_scores.py --wordings``), all on the
+    prompts scored in every one of them, so that the wordings compare like with like; the
+    labels stay those of the labelled wording, as for every estimator. When those prompts are
+    a sample of the source (MMLU's), the cells are the source's :data:`SAMPLE`, with a
+    ``native`` cell of their own: one source's APGR moves by several hundredths between
+    samples."""
+    ready = [w for w in wordings
+             if sum(e.prompt_logprob_in(w) is not None for e in test) >= MIN_PROMPTS]
+    common = [e for e in test
+              if all(e.prompt_logprob_in(w) is not None for w in ("native", *ready))]
+    if not ready or len(common) < MIN_PROMPTS:
+        return []
+    name, asked = (source, ready) if len(common) == len(test) else (source + SAMPLE,
+                                                                     ["native", *ready])
     out: list[Cell] = []
-    for wording in wordings:
-        scored = [e for e in test if e.prompt_logprob_in(wording) is not None]
-        if len(scored) < MIN_PROMPTS:
-            continue
-        sure = [math.exp(cast(float, e.prompt_logprob_in(wording))) for e in scored]
-        difficulty = [prior.score_text(t).score for t in _requests(scored, wording)]
+    for wording in asked:
+        sure = [math.exp(cast(float, e.prompt_logprob_in(wording))) for e in common]
+        difficulty = [prior.score_text(t).score for t in _requests(common, wording)]
         for label, w in ((CASCADE_PROMPT, 0.0), (f"{CASCADE_PROMPT}+{PRIOR}", weight)):
             unsure = [1.0 - with_prior(c, d, w) for c, d in zip(sure, difficulty, strict=True)]
-            out.append(cell(source, wording, label, unsure, scored, priced=False))
+            out.append(cell(name, wording, label, unsure, common, priced=False))
     return out
+
+
+def compares_wordings(source: str) -> bool:
+    """Whether a source's cells compare wordings: a held-out source or its sample."""
+    return "/" not in source or source.endswith(SAMPLE)
 
 
 def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inputs,
@@ -509,11 +528,11 @@ def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
         mine = [c for c in mine if "+cv" not in c.source]
         native = [c.apgr for c in mine if c.wording == "native" and "/" not in c.source]
         spreads = []
-        for source in sorted({c.source for c in mine if "/" not in c.source}):
+        for source in sorted({c.source for c in mine if compares_wordings(c.source)}):
             values = [c.apgr for c in mine if c.source == source]
             spreads.append(max(values) - min(values))
         out[name] = {"mean": sum(native) / len(native), "worst": min(native),
-                     "worst_any_wording": min(c.apgr for c in mine if "/" not in c.source),
+                     "worst_any_wording": min(c.apgr for c in mine if compares_wordings(c.source)),
                      "widest_spread": max(spreads), "sources": len(native)}
     return out
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .labels import MIN_PROMPTS
-from .lodo import CASCADES, ESTIMATOR_NAMES, PRIOR, VARIANTS, Cell, summary
+from .lodo import CASCADES, ESTIMATOR_NAMES, PRIOR, VARIANTS, Cell, compares_wordings, summary
 
 BASELINES = ("random", "oracle")
 TARGET_APGR = 0.62
@@ -48,11 +48,11 @@ def main_table(cells: list[Cell]) -> str:
 def wording_table(cells: list[Cell]) -> str:
     """APGR of every estimator on every held-out source in every wording."""
     cells = [c for c in cells if "+cv" not in c.source]
-    wordings = sorted({c.wording for c in cells if "/" not in c.source},
+    wordings = sorted({c.wording for c in cells if compares_wordings(c.source)},
                       key=lambda w: (w != "native", w))
     lines = ["| held out | estimator | " + " | ".join(wordings) + " | spread |",
              "|---|---|" + "---|" * (len(wordings) + 1)]
-    for source in sorted({c.source for c in cells if "/" not in c.source}):
+    for source in sorted({c.source for c in cells if compares_wordings(c.source)}):
         for name in (*ESTIMATOR_NAMES, *CASCADES, *VARIANTS):
             row = {c.wording: c.apgr for c in cells if c.source == source and c.estimator == name}
             if not row:
@@ -130,6 +130,9 @@ def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
         "log-probability, the cascade's `signal: prompt`; measured by "
         "`benchmarks/prompt_scores.py` through the llama.cpp backend, in the labelled wording, "
         "and only on the prompts scored there: a sample of MMLU's); it fits nothing either. "
+        "Its other wordings (`prompt_scores.py --wordings`) are on the prompts scored in every "
+        "wording; where those are a sample of the source (MMLU, 4 per subject), they are the "
+        "rows `<source>/sample`, with the labelled wording's APGR on the same sample. "
         "`cascade+heuristic` and `cascade-prompt+heuristic` are the same two with "
         "`routing.cascade.prior: heuristic`: each confidence times exp(-w x the heuristic's "
         "score), w the prior weight that ranks the *training* sources best (highest worst-source "
