@@ -43,10 +43,11 @@ from pydantic import Field, model_validator
 from .base import (
     Backend,
     BackendError,
-    BackendInvalidResponse,
+    BackendRejected,
     BackendTimeout,
     BackendUnavailable,
     Chunk,
+    ContextWindowExceeded,
     Generation,
     GenerationRequest,
     Health,
@@ -385,31 +386,44 @@ class VLLMBackend(Backend):
             yield picked[1]
 
     async def _score_prompt(self, replica: Replica, request: GenerationRequest
-                            ) -> list[TokenLogprob]:
+                            ) -> list[TokenLogprob] | None:
         """The prompt's last ``request.prompt_logprobs`` tokens scored by ``replica``, in a
-        non-streamed request for one token; its usage is the request's progress until the
-        answer's own replaces it."""
+        non-streamed request for one token, whose usage counts as the replica's work and is
+        the request's progress until the answer's own replaces it. ``None`` when the server
+        will not score it (a build that refuses ``prompt_logprobs``, or an answer without
+        them): the request is then answered unscored, as the cascade takes any backend's
+        answer without scores (warned in the log; never the client's error, nor the
+        replica's). A prompt over the context window is the client's, as for any answer."""
         scoring = replace(request, max_tokens=1, logprobs=False, top_logprobs=None,
                           extra={**request.extra, "prompt_logprobs": 0}, progress=Usage())
-        raw = await replica.backend.complete_raw(scoring)
         try:
+            raw = await replica.backend.complete_raw(scoring)
             scored, usage = parse_prompt_logprobs(raw, request.is_chat, request.prompt_logprobs)
-        except Malformed as exc:
-            raise BackendInvalidResponse(f"upstream '{replica.backend.name}' sent invalid "
-                                         f"prompt scores: {exc}") from None
+        except ContextWindowExceeded:
+            raise
+        except (BackendRejected, Malformed) as exc:
+            log.warning("backend '%s': replica %s did not score the prompt (%s); answering "
+                        "unscored", self.name, replica.url, exc)
+            return None
         if usage is not None:
             request.progress.prompt_tokens = usage.prompt_tokens
             request.progress.completion_tokens = usage.completion_tokens
+            replica.own_tokens[0] += usage.prompt_tokens
+            replica.own_tokens[1] += usage.completion_tokens
         return scored
 
     async def complete(self, request: GenerationRequest) -> Generation:
         last: BackendError | None = None
+        scored: list[TokenLogprob] | None = None
+        asked = request.prompt_logprobs > 0  # scores still to ask for (once, on any replica)
         for replica in self._attempts():
             replica.outstanding += 1
+            answered = False
             try:
-                scored = (await self._score_prompt(replica, request)
-                          if request.prompt_logprobs > 0 else None)
+                if asked:
+                    scored, asked = await self._score_prompt(replica, request), False
                 result = await replica.backend.complete(request)
+                answered = True
                 result.prompt_logprobs = scored
             except _RETRYABLE as exc:
                 self._note_failure(replica, exc)
@@ -420,33 +434,42 @@ class VLLMBackend(Backend):
                 raise
             finally:
                 replica.outstanding -= 1
-                replica.count(request)
+                if answered:
+                    replica.count(request)
             replica.succeeded()
             return result
         raise last or self._unavailable()
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        """The replicas' stream, the best first. With ``prompt_logprobs`` the prompt's scores
+        come first, as a chunk of their own (:meth:`_score_prompt`); the answer is asked for
+        once that chunk has been taken. An answer that fails before its first chunk is asked
+        of the next replica (the scores are not asked again)."""
         last: BackendError | None = None
+        asked = request.prompt_logprobs > 0  # scores still to ask for (once, on any replica)
         for replica in self._attempts():
             replica.outstanding += 1
             chunks: AsyncGenerator[Chunk, None] | None = None
+            answered = False
             try:
                 try:
-                    if request.prompt_logprobs > 0:  # the scores first, then the answer
-                        first = Chunk(prompt_logprobs=await self._score_prompt(replica, request))
-                    else:
-                        chunks = replica.backend.stream(request)
-                        first = await anext(chunks)
-                except _RETRYABLE as exc:  # nothing sent yet: another replica may serve it
+                    if asked:  # a replica that fails to score it leaves it to the next
+                        scores = await self._score_prompt(replica, request)
+                        asked = False
+                        if scores is not None:
+                            replica.succeeded()
+                            yield Chunk(prompt_logprobs=scores)
+                    chunks = replica.backend.stream(request)
+                    first = await anext(chunks)
+                except _RETRYABLE as exc:  # nothing of the answer yet: another replica
                     self._note_failure(replica, exc)
                     last = exc
                     continue
                 except StopAsyncIteration:
                     return
+                answered = True
                 replica.succeeded()
                 yield first
-                if chunks is None:
-                    chunks = replica.backend.stream(request)
                 async for chunk in chunks:
                     yield chunk
                 return
@@ -457,7 +480,8 @@ class VLLMBackend(Backend):
                 replica.outstanding -= 1
                 if chunks is not None:
                     await chunks.aclose()
-                replica.count(request)
+                if answered:
+                    replica.count(request)
         raise last or self._unavailable()
 
     async def health(self) -> Health:
