@@ -159,8 +159,10 @@ def response_headers(call: Call) -> dict[str, str]:
         headers["x-joulegate-degraded"] = f"{plan.degraded_from}->{plan.attempts[0].name}"
     if call.admission is not None and call.admission.warning:
         headers["x-joulegate-budget-warning"] = call.admission.warning
-    if plan.fallen_back:
-        headers["x-joulegate-fallback"] = "->".join([*plan.fallen_back, plan.tier.name])
+    if failed := plan.fallen_back:  # the failed tiers, then the one the last handed it to
+        tried = [t.name for t in plan.attempts]
+        headers["x-joulegate-fallback"] = "->".join(
+            [*failed, tried[tried.index(failed[-1]) + 1]])
     if plan.confidence is not None:  # estimator: cascade (gateway.cascade)
         headers["x-joulegate-cascade"] = "->".join(
             [plan.escalated_from, plan.tier.name] if plan.escalated_from else [plan.tier.name])

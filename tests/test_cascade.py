@@ -196,6 +196,22 @@ async def test_a_failed_escalation_falls_back_and_says_which_tier_failed(tmp_pat
         (record,) = [r.access for r in caplog.records if hasattr(r, "access")]
         assert record["fallback_from"] == ["big"] and record["cascade_from"] == "small"
         assert (await gw.budget())["1d"]["reserved_joules"] == 0
+    # The other way round: small cannot answer, mid (next on the ladder) is probed, unsure,
+    # and escalates to big. The fallback was small->mid, the cascade mid->big.
+    s = {"up-small": Script.unavailable(), "up-mid": Script(tokens=TOKENS, logprob=UNSURE),
+         "up-big": Script(tokens=["Four", "."])}
+    p["routing"]["fallback_ladder"] = ["small", "mid", "big"]
+    (tmp_path / "probe-fell-back").mkdir()
+    async with InProcessGateway(tmp_path / "probe-fell-back", p, s) as gw:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "joulegate.access"):
+            r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "big"
+        assert r.headers["x-joulegate-fallback"] == "small->mid"
+        assert r.headers["x-joulegate-cascade"] == "mid->big"
+        (record,) = [r.access for r in caplog.records if hasattr(r, "access")]
+        assert record["fallback_from"] == ["small"] and record["cascade_from"] == "mid"
 
 
 @pytest.mark.parametrize(("statistic", "tier", "confidence"),
