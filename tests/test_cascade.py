@@ -174,44 +174,36 @@ async def test_a_cheap_tier_that_cannot_answer_falls_back_as_usual(tmp_path):
         assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(joules(10, 2, "big"))
 
 
-async def test_a_failed_escalation_falls_back_and_says_which_tier_failed(tmp_path, caplog):
-    """The probe is unsure, ``big`` cannot answer, the ladder's next tier ``mid`` does: the
-    headers name the cascade (small->big) and the fallback (big->mid), and the access record
-    names big, not the probed small, as the tier that failed."""
+@pytest.mark.parametrize(("down", "unsure", "ladder", "served", "cascade", "fallback"), [
+    # The probe on small is unsure, big cannot answer, mid (next on the ladder) does.
+    ("big", "small", ["small", "big", "mid"], "mid", "small->mid", "big->mid"),
+    # Small cannot answer, mid is probed instead, is unsure, and escalates to big.
+    ("small", "mid", ["small", "mid", "big"], "big", "mid->big", "small->mid"),
+])
+async def test_fallback_and_escalation_each_name_their_own_hop(
+        tmp_path, caplog, down, unsure, ladder, served, cascade, fallback):
+    """A fallback and an escalation in one request: the cascade header names the probed tier
+    and the one that served, the fallback header the tier that failed and the one it handed
+    the request to, and the access record names the failed tier (never the probed one)."""
     p = cascade_policy(budget=10_000, to="big")
     p["backends"]["up-mid"] = dict(p["backends"]["up-small"])
     p["tiers"].append({"name": "mid", "backend": "up-mid", "model": "mid-model", "cost": 1.5,
                        "joules_per_prompt_token": 1.5, "joules_per_output_token": 1.5})
     p["routing"]["fallback"] = "all"
-    p["routing"]["fallback_ladder"] = ["small", "big", "mid"]
-    s = {"up-small": Script(tokens=TOKENS, logprob=UNSURE), "up-big": Script.unavailable(),
-         "up-mid": Script(tokens=["Four", "."])}
+    p["routing"]["fallback_ladder"] = ladder
+    s = {f"up-{t}": Script(tokens=["Four", "."]) for t in ("small", "mid", "big")}
+    s[f"up-{down}"] = Script.unavailable()
+    s[f"up-{unsure}"] = Script(tokens=TOKENS, logprob=UNSURE)
     async with InProcessGateway(tmp_path, p, s) as gw:
         with caplog.at_level(logging.INFO, "joulegate.access"):
             r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
         assert r.status_code == 200, r.text
-        assert r.headers["x-joulegate-tier"] == "mid"
-        assert r.headers["x-joulegate-cascade"] == "small->mid"
-        assert r.headers["x-joulegate-fallback"] == "big->mid"
+        assert r.headers["x-joulegate-tier"] == served
+        assert r.headers["x-joulegate-cascade"] == cascade
+        assert r.headers["x-joulegate-fallback"] == fallback
         (record,) = [r.access for r in caplog.records if hasattr(r, "access")]
-        assert record["fallback_from"] == ["big"] and record["cascade_from"] == "small"
+        assert record["fallback_from"] == [down] and record["cascade_from"] == unsure
         assert (await gw.budget())["1d"]["reserved_joules"] == 0
-    # The other way round: small cannot answer, mid (next on the ladder) is probed, unsure,
-    # and escalates to big. The fallback was small->mid, the cascade mid->big.
-    s = {"up-small": Script.unavailable(), "up-mid": Script(tokens=TOKENS, logprob=UNSURE),
-         "up-big": Script(tokens=["Four", "."])}
-    p["routing"]["fallback_ladder"] = ["small", "mid", "big"]
-    (tmp_path / "probe-fell-back").mkdir()
-    async with InProcessGateway(tmp_path / "probe-fell-back", p, s) as gw:
-        caplog.clear()
-        with caplog.at_level(logging.INFO, "joulegate.access"):
-            r = await gw.chat(model="auto", content="What is 2 + 2?", max_tokens=16)
-        assert r.status_code == 200, r.text
-        assert r.headers["x-joulegate-tier"] == "big"
-        assert r.headers["x-joulegate-fallback"] == "small->mid"
-        assert r.headers["x-joulegate-cascade"] == "mid->big"
-        (record,) = [r.access for r in caplog.records if hasattr(r, "access")]
-        assert record["fallback_from"] == ["small"] and record["cascade_from"] == "mid"
 
 
 @pytest.mark.parametrize(("statistic", "tier", "confidence"),
