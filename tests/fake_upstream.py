@@ -139,14 +139,23 @@ def prepare(options: Options) -> dict[str, object]:
              "total_tokens": PROMPT_TOKENS + len(TEXT)}
     common = {"created": CREATED, "model": model, "system_fingerprint": "fp_fake"}
     words = [TEXT[i % len(TEXT)] for i in range(n)]
-    chat = Generation(
-        {"id": "chatcmpl-fake", "object": "chat.completion", **common,
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(TEXT)},
-                      "logprobs": None, "finish_reason": "stop"}], "usage": usage},
-        {"id": "chatcmpl-fake", "object": "chat.completion.chunk", **common},
-        [{"index": 0, "delta": {"role": "assistant", "content": w} if i == 0 else {"content": w},
-          "logprobs": None, "finish_reason": None} for i, w in enumerate(words)],
-        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"})
+    def chat_answer(logprobs: bool) -> Generation:
+        """The chat answer, each token with its log-probability when ``logprobs``."""
+        def scored(pieces: list[str]) -> dict | None:
+            return {"content": [{"token": w, "logprob": -0.05, "bytes": list(w.encode()),
+                                 "top_logprobs": []} for w in pieces]} if logprobs else None
+
+        return Generation(
+            {"id": "chatcmpl-fake", "object": "chat.completion", **common,
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(TEXT)},
+                          "logprobs": scored(list(TEXT)), "finish_reason": "stop"}],
+             "usage": usage},
+            {"id": "chatcmpl-fake", "object": "chat.completion.chunk", **common},
+            [{"index": 0,
+              "delta": {"role": "assistant", "content": w} if i == 0 else {"content": w},
+              "logprobs": scored([w]), "finish_reason": None} for i, w in enumerate(words)],
+            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"})
+
     text = Generation(
         {"id": "cmpl-fake", "object": "text_completion", **common,
          "choices": [{"index": 0, "text": "".join(TEXT), "logprobs": None,
@@ -154,21 +163,9 @@ def prepare(options: Options) -> dict[str, object]:
         {"id": "cmpl-fake", "object": "text_completion", **common},
         [{"index": 0, "text": w, "logprobs": None, "finish_reason": None} for w in words],
         {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"})
-    def scored(pieces: list[str]) -> dict:
-        return {"content": [{"token": w, "logprob": -0.05, "bytes": list(w.encode()),
-                             "top_logprobs": []} for w in pieces]}
-
-    chat_logprobs = Generation(
-        {"id": "chatcmpl-fake", "object": "chat.completion", **common,
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(TEXT)},
-                      "logprobs": scored(list(TEXT)), "finish_reason": "stop"}], "usage": usage},
-        {"id": "chatcmpl-fake", "object": "chat.completion.chunk", **common},
-        [{"index": 0, "delta": {"role": "assistant", "content": w} if i == 0 else {"content": w},
-          "logprobs": scored([w]), "finish_reason": None} for i, w in enumerate(words)],
-        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"})
     models = dumps({"object": "list", "data": [{"id": model, "object": "model",
                                                 "created": CREATED, "owned_by": "fake-upstream"}]})
-    return {"chat": chat, "chat-logprobs": chat_logprobs, "completions": text,
+    return {"chat": chat_answer(False), "chat-logprobs": chat_answer(True), "completions": text,
             "models": {ka: response(b"200 OK", models, ka) for ka in (True, False)},
             "health": {ka: response(b"200 OK", b"ok", ka, b"text/plain") for ka in (True, False)}}
 
