@@ -408,8 +408,7 @@ class VLLMBackend(Backend):
         if usage is not None:
             request.progress.prompt_tokens = usage.prompt_tokens
             request.progress.completion_tokens = usage.completion_tokens
-            replica.own_tokens[0] += usage.prompt_tokens
-            replica.own_tokens[1] += usage.completion_tokens
+            replica.count(request)  # the scoring request's own work, counted where it ran
         return scored
 
     async def complete(self, request: GenerationRequest) -> Generation:
