@@ -52,6 +52,7 @@ everything else (pinned models, budget-degraded or capped plans) runs as planned
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -120,19 +121,20 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
     if cascade is None:
         return await steps.on_plan(runtime, snap, call, attempt)
     spec, target = cascade
-    text = RequestText.of(call.req)  # the request's words, for the prompt signal and the prior
+    # The request's words, read once and only if the prompt signal or the prior needs them.
+    words = functools.cache(lambda: RequestText.of(call.req))
 
     async def probe_attempt(call: Call, backend: Backend) -> Probe:
         call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
                                              call.dropped_params)
         if spec.signal == "prompt":
-            return await probe_prompt(call, backend, text.last, spec.prompt_tokens,
+            return await probe_prompt(call, backend, words().last, spec.prompt_tokens,
                                       spec.statistic)
         return await probe(call, backend, spec.probe_tokens, spec.statistic)
 
     probed = await steps.on_plan(runtime, snap, call, probe_attempt)
     if spec.prior is not None:
-        difficulty = snap.estimators[spec.prior].score_text(text).score
+        difficulty = snap.estimators[spec.prior].score_text(words()).score
         probed.confidence = with_prior(probed.confidence, difficulty, spec.prior_weight)
     plan = call.planned
     plan.confidence = probed.confidence
