@@ -415,14 +415,19 @@ def by_confidence(request: GenerationRequest) -> Script:
     return Script(tokens=TOKENS, logprob=math.log(sure))
 
 
+@pytest.mark.parametrize("thresholds", [True, False], ids=["with-thresholds", "no-thresholds"])
 async def test_a_capacity_on_the_target_tier_lets_only_the_least_sure_escalate(
-        tmp_path, caplog):
+        tmp_path, caplog, thresholds):
     """With ``threshold: 1`` every probe wants to escalate; ``capacity: {big: 0.5}`` lets
     through only requests among the least sure half of the tenant's recent ones (the window
     ranks them by 1 - confidence once probed), within half of them in all (a young window
-    allows one). Each held escalation says so: header, metric and access record."""
+    allows one). Each held escalation says so: header, metric and access record. A cascade
+    needs no routing ``thresholds``, and the capacity holds without them too (it once
+    recorded nothing there, and every probe escalated)."""
     p = cascade_policy(threshold=1.0)
     p["routing"]["capacity"] = {"big": {"fraction": 0.5, "window_s": 3600}}
+    if not thresholds:
+        del p["routing"]["thresholds"]
     sure = [0.5, 0.5, 0.5, 0.5, 0.9, 0.9, 0.1]
     expected = ["big",    # a young window's burst of one
                 "small",  # the share: 2 of 2 would be over half
