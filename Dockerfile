@@ -1,6 +1,7 @@
 # The gateway image the Helm chart runs (helm/joulegate, image.repository): joulegate with
-# llama.cpp and the two GGUF models of the default policy, assembled and sha256-checked at
-# build time, so nothing is downloaded when a pod starts.
+# llama.cpp and the catalog's GGUF models (the default policy's two, and the 0.5B requantized
+# to IQ4_NL for policies/cascade.yaml), assembled and sha256-checked at build time, so nothing
+# is downloaded or made when a pod starts.
 #   docker build -t ghcr.io/joulegate/joulegate:0.1.0 .
 FROM python:3.11-slim AS build
 RUN apt-get update \

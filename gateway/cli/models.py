@@ -115,6 +115,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"models in {cache_dir()}:")
     for model in CATALOG.values():
         if args.assemble and not is_assembled(model):
+            if model.requantized is not None:
+                print(f"{model.name}: requantizing {model.requantized.source} to "
+                      f"{model.requantized.ftype} with llama.cpp", file=sys.stderr)
             progress = AssemblyProgress(model.name, model.size, sys.stderr, sys.stderr.isatty())
             try:
                 assemble(model, progress=progress)
