@@ -454,7 +454,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    small, full = load_cache("small", args.mode), load_cache("full", args.mode)
+    small, full = load_cache(args.cheap, args.mode), load_cache(args.strong, args.mode)
     todo = [p for p in problems() if p["task_id"] in small and p["task_id"] in full]
     if not todo:
         print("no cached outcomes for both tiers: run `collect` first", file=sys.stderr)
@@ -494,7 +494,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
     how = ("the prompt in a chat message, code block extracted" if args.mode == "chat"
            else "text completion of the prompt")
     lines = [f"HumanEval ({how}), {n} problems, tiers small = Qwen2.5-Coder-0.5B, full = Qwen2.5-Coder-1.5B "
-             f"(Q4_K_M, llama.cpp, 2 threads); energy source: {', '.join(sorted(sources))}; "
+             f"(llama.cpp, 2 threads; runs `{args.cheap}` and `{args.strong}`); energy source: "
+             f"{', '.join(sorted(sources))}; "
              f"oracle (best of both) pass@1 {p_oracle:.1%}.", "",
              "| router | threshold | to full | pass@1 | % of full pass@1 | joules | % of full joules "
              "| vs random at same joules |", "|---|---|---|---|---|---|---|---|"]
@@ -589,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
     curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")
     curve.add_argument("--mode", choices=MODES, default="completion")
+    curve.add_argument("--cheap", default="small", help="cache name of the cheap tier's run")
+    curve.add_argument("--strong", default="full", help="cache name of the strong tier's run")
     curve.set_defaults(func=cmd_curve)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -49,6 +49,16 @@ def test_shipped_default_policy_is_valid():
 
 
 @pytest.mark.unit
+def test_the_benchmark_run_policies_stay_valid():
+    """The policies a reported benchmark run used (benchmarks/run-policies/) still load, so the
+    README's command reproduces the run."""
+    root = DEFAULT_POLICY_PATH.parent.parent / "benchmarks" / "run-policies"
+    policy = load_policy(root / "cascade-iq4.yaml")
+    assert policy.backends["qwen-0.5b"].model == "qwen2.5-coder-0.5b-instruct-iq4_nl"
+    assert policy.routing.estimator == "cascade" and policy.routing.thresholds is None
+
+
+@pytest.mark.unit
 def test_unknown_key_names_path_and_allowed_keys():
     found = issues(lambda d: d["backends"]["up"].update(timeout=3))
     assert len(found) == 1
