@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from publish import peak_rss_mib, publish  # noqa: E402
+
 from backends import GenerationRequest  # noqa: E402
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings  # noqa: E402
 
@@ -40,7 +41,6 @@ MODELS = ("qwen2.5-coder-0.5b-instruct-q4_k_m", "qwen2.5-coder-0.5b-instruct-iq4
           "qwen2.5-coder-1.5b-instruct-q4_k_m")
 ANCHOR = MODELS[-1]
 WATTS_PER_CORE = 12.0  # the estimated meter's default (policies: energy.watts_per_core)
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def request(problem: dict, max_tokens: int) -> GenerationRequest:
@@ -115,7 +115,7 @@ def main() -> int:
     args = parser.parse_args()
     problems = list(read_problems().values())[: args.problems]
     rows = asyncio.run(measure(problems, args.tokens))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     report = (f"# Catalog models per token on this CPU\n\n"
               f"`benchmarks/model_formats.py --problems {args.problems} --tokens {args.tokens}`:"
               f" HumanEval chat prompts, the llama.cpp backend (one slot each, default threads),"
@@ -123,11 +123,7 @@ def main() -> int:
               f" of the process, joules at {WATTS_PER_CORE:g} W per busy core.\n\n"
               f"{table(rows)}\n\nPeak resident memory of the process (all three loaded): "
               f"{peak:,.0f} MiB.\n")
-    print(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"model-formats-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(report)
-    print(f"wrote {out}")
+    publish(report, "model-formats")
     return 0
 
 

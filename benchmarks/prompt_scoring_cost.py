@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import resource
 import statistics
 import sys
 import time
@@ -28,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from publish import peak_rss_mib, publish  # noqa: E402
+
 from backends import GenerationRequest  # noqa: E402
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings  # noqa: E402
 
 MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def request(problem: dict, mode: str, scored: int) -> GenerationRequest:
@@ -99,17 +99,13 @@ def main() -> int:
     args = parser.parse_args()
     problems = list(read_problems().values())[: args.problems]
     rows = asyncio.run(measure(problems, args.tokens))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     report = (f"# The prompt signal's cost on the cheap tier\n\n"
               f"`benchmarks/prompt_scoring_cost.py --problems {args.problems} --tokens "
               f"{args.tokens}`: {MODEL}, llama.cpp backend, one slot, `max_tokens` 1; scored "
               f"and plain requests interleaved by a seeded coin.\n\n{table(rows)}\n\n"
               f"Peak resident memory of the process: {peak:,.0f} MiB.\n")
-    print(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"prompt-scoring-cost-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(report)
-    print(f"wrote {out}")
+    publish(report, "prompt-scoring-cost")
     return 0
 
 
