@@ -19,8 +19,9 @@
   compete with it the same way. A pick that differs from the joules-only one has reason
   ``carbon``. Difficulty, budget pressure, capacity and load apply as before.
 
-With no candidate above the default tier, nothing is scored (no cost on that path); the
-request still counts in the tenant's capacity windows, at score 0.
+With no candidate above the default tier, nothing is scored (no cost on that path); under
+``estimator: cascade`` the request still counts in the tenant's capacity windows, at score 0
+(the cascade's escalations are what those windows hold).
 A request routing cannot serve raises a :class:`RouteRefusal`; ``gateway.errors`` says
 what the client sees.
 """
@@ -168,8 +169,11 @@ def route(ctx: RouteContext, generation: GenerationRequest,
     candidates = sorted((t for t in ctx.tiers if t.cost > ctx.default.cost and t.name in thresholds),
                         key=lambda t: (-t.cost, ctx.predict(t) if order is None else order[t.name]))
     if not candidates:
-        return _recorded(ctx, Decision(ctx.default, "gate") if order is None
-                         else _default_peer(ctx, order, max_tier), 0.0)
+        decision = Decision(ctx.default, "gate") if order is None \
+            else _default_peer(ctx, order, max_tier)
+        # A cascade escalates past routing's candidates, so its capacity windows need the
+        # request anyway; other estimators' windows rank only requests routing could move.
+        return _recorded(ctx, decision, 0.0) if ctx.routing.estimator == "cascade" else decision
     difficulty = ctx.estimator.score(generation)
     score = difficulty.score
     gated = next((t for t in candidates if score >= thresholds[t.name]), ctx.default)
@@ -198,9 +202,10 @@ def route(ctx: RouteContext, generation: GenerationRequest,
 
 def _recorded(ctx: RouteContext, decision: Decision, score: float) -> Decision:
     """``decision``, with the request recorded at ``score`` in every capacity window of the
-    tenant, whether or not it uses that window's tier: each counts in the share. A request
-    routing had no candidate to score for is recorded at 0; a cascade rescores it once its
-    probe has read it, and its windows decide the escalation."""
+    tenant, whether or not it uses that window's tier: each counts in the share. Under
+    ``estimator: cascade`` a request routing had no candidate to score for is recorded at 0;
+    the cascade rescores it once its probe has read it, and its windows decide the
+    escalation."""
     for name, window in ctx.capacity.items():
         decision.entries.append((window, window.record(score, decision.tier.name == name,
                                                        ctx.predict(decision.tier))))
