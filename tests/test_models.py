@@ -75,7 +75,7 @@ def _source_in(directory: Path, source: Path) -> None:
 def test_requantized_model_is_made_here_and_matches_its_pin(tmp_path, small_model_path):
     """llama.cpp's quantizer turns the Q4_K_M into the pinned IQ4_NL file byte for byte (the
     pin holds on another machine only if requantizing is deterministic), and llama.cpp reads
-    it back as IQ4_NL with the output layer left at Q8_0."""
+    it back as IQ4_NL."""
     from llama_cpp import Llama
 
     _source_in(tmp_path, small_model_path)
