@@ -11,7 +11,9 @@ twice per model, temperature 0: with ``max_tokens`` 1 (the prompt read, the slot
 holding another prompt), then with ``--tokens`` (the answer: the prompt is then in the
 slot's cache, and llama.cpp reads only its last token again). A request is timed by the
 process's CPU time (the engine's threads included: the gateway's CPU-time energy estimate
-reads the same clock): the first per prompt token, the second per generated token. Joules
+reads the same clock): the first per prompt token, the second per generated token. The slot
+still holds the previous problem's prompt, so the chat template's shared opening is read from
+cache: the prompt figures are those of consecutive chat requests, not of a cold read. Joules
 are that CPU time at the estimate's 12 W per busy core. Writes
 ``benchmarks/results/model-formats-<time>.md`` and prints the table.
 
@@ -93,7 +95,7 @@ def table(rows: list[Row]) -> str:
     for model in MODELS:
         sel = [r for r in rows if r[0] == model]
         prompt_ms = statistics.median(1000 * r[2] / r[1] for r in sel)
-        token_ms = statistics.median(1000 * r[4] / r[3] for r in sel)
+        token_ms = statistics.median(1000 * r[4] / max(1, r[3]) for r in sel)
         stats[model] = prompt_ms, token_ms
     for model in MODELS:
         sel = [r for r in rows if r[0] == model]
