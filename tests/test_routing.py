@@ -289,6 +289,24 @@ def test_no_gated_tier_means_no_scoring():
     assert (d.tier.name, d.reason, d.difficulty) == ("small", "gate", None)
 
 
+@pytest.mark.parametrize("estimator", ["heuristic", "cascade"])
+def test_with_no_candidate_only_a_cascade_records_the_request_in_its_capacity_windows(estimator):
+    """A cascade escalates past routing's candidates, so its window on ``big`` must count a
+    request routing had nothing to score for (at 0, to be rescored after the probe); another
+    estimator's window keeps ranking only requests routing could move."""
+    share = CapacitySpec(fraction=0.5)
+    spec = RoutingSpec(estimator=estimator, capacity={"big": share})
+    window = CapacityTracker().window("t", "big", share)
+    c = RouteContext(tuple(TIERS), TIERS[0], spec, FixedScore(0.99), capacity={"big": window},
+                     joules={t.name: 1.0 for t in TIERS})
+    d = route(c, chat("x"))
+    assert (d.tier.name, d.difficulty) == ("small", None)
+    if estimator == "cascade":
+        assert [(w, e.score, e.used) for w, e in d.entries] == [(window, 0.0, False)]
+    else:
+        assert d.entries == []
+
+
 # -- policy --------------------------------------------------------------------------------
 
 def base_policy(**extra) -> dict:
