@@ -327,18 +327,20 @@ def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
     fallbacks = metric(gateway, "joulegate_fallbacks_total", **{"from": "moe", "to": "small"})
     # The end-of-sequence token is banned (logit_bias passes through to vLLM): greedy decoding
     # of random weights can still reach it, depending on what else vLLM batches with it, and
-    # a stream that finished before the kill would not fail.
+    # a stream that finished before the kill would not fail. The kill comes with the first
+    # chunk and the stream is as long as the context allows: once, killed after the fifth,
+    # the stream ended normally (most likely already written out whole before the kill).
     eos = json.loads((vllm_server.model / "generation_config.json").read_text())["eos_token_id"]
     stream = gateway.client().completions.create(
-        model="moe", prompt="energy", max_tokens=1500, temperature=0, stream=True,
+        model="moe", prompt="energy", max_tokens=2000, temperature=0, stream=True,
         logit_bias={str(eos): -100}, stream_options={"include_usage": True})
     received = 0
     with pytest.raises(openai.APIError) as err:
         for _ in stream:
             received += 1
-            if received == 5:
+            if received == 1:
                 vllm_server.kill()
-    assert received >= 5 and "upstream" in str(err.value)
+    assert received >= 1 and "upstream" in str(err.value)
     # The joules spent on the tokens produced before the failure are charged, not lost.
     wait_until(lambda: metric(gateway, "joulegate_requests_total", tier="moe", status="502") >= 1,
                10, 0.1, "the failed stream to be recorded")
