@@ -126,3 +126,36 @@ def test_a_label_file_with_fewer_columns_gets_the_new_ones(tmp_path):
     assert list(got[0]) == [*COLUMNS, *DETAIL]
     assert (got[0]["prompt"], got[0]["cheap_logprobs"]) == ("two\nlines", "")
     assert (got[1]["prompt"], got[1]["cheap_logprobs"]) == ("next", "-0.1000 -0.2000")
+
+
+@pytest.mark.unit
+def test_mbpp_is_its_test_split_in_the_papers_wording():
+    from gateway.cli import router_collect
+
+    items = list(router_collect.ITEMS["mbpp"](None))
+    problems = router_collect.mbpp_problems()
+    # The hand-verified problems whose ids MBPP's README puts in its test split (11-510).
+    assert len(items) == len(problems) == 257
+    assert all(11 <= p["task_id"] <= 510 for p in problems)
+    first = items[0]
+    assert first.prompt.startswith("You are an expert Python programmer, and here is your "
+                                   "task: Write a python function to remove first and last")
+    assert first.prompt.endswith('assert remove_Occ("PHP","P") == "H"')
+    assert first.system is None and first.max_tokens == 512
+
+
+@pytest.mark.e2e  # grading runs each program in a fresh interpreter
+def test_mbpp_grading_passes_the_reference_solutions_and_fails_wrong_ones():
+    from gateway.cli import router_collect
+
+    problems = router_collect.mbpp_problems()
+    # One with `test_imports` (its tests need `math`), and the first few.
+    sample = [p for p in problems if p["test_imports"]][:1] + problems[:4]
+    assert sample[0]["test_imports"]
+    for p in sample:
+        reply = f"Here you go:\n```python\n{p['code']}\n```\nIt works because..."
+        assert router_collect.mbpp_ok(p, reply), p["task_id"]
+        # The right name but a wrong body fails its asserts.
+        name = p["test_list"][0].split("assert ")[1].split("(")[0].strip()
+        wrong = f"```python\ndef {name}(*args, **kwargs):\n    return None\n```"
+        assert not router_collect.mbpp_ok(p, wrong), p["task_id"]

