@@ -279,12 +279,20 @@ def cmd_answer_logprobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def scores_for(estimator_name: str, todo: list[dict], mode: str) -> list[float]:
-    """The difficulty the gateway would assign each problem's request (same estimator code)."""
+def scores_for(estimator_name: str, todo: list[dict], mode: str,
+               semantic_model: str | None = None) -> list[float]:
+    """The difficulty the gateway would assign each problem's request (same estimator code);
+    ``semantic_model``: the semantic estimator from that file (``joulegate router train
+    --estimator semantic --without humaneval --out FILE``: HumanEval as unseen work) instead
+    of the shipped one."""
     from backends import GenerationRequest
     from gateway.routing import create_estimator
+    from gateway.routing.estimators import SemanticEstimator
 
-    estimator = create_estimator(estimator_name)
+    if estimator_name == "semantic" and semantic_model:
+        estimator = SemanticEstimator.load(Path(semantic_model))
+    else:
+        estimator = create_estimator(estimator_name)
     out = []
     for problem in todo:
         body = request_for(problem, "auto", mode)
@@ -481,7 +489,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
             ("always-full", "", 1.0, p_full, j_full, None)]
     curves = {}
     for name in args.estimator.split(","):
-        scores = scores_for(name, todo, args.mode)
+        scores = scores_for(name, todo, args.mode, args.semantic_model)
         ranked = sorted(scores)
         curve = []
         for target in [k / 20 for k in range(1, 20)]:  # 5% ... 95% of problems to full
@@ -496,7 +504,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
     lines = [f"HumanEval ({how}), {n} problems, tiers small = Qwen2.5-Coder-0.5B, full = Qwen2.5-Coder-1.5B "
              f"(llama.cpp, 2 threads; runs `{args.cheap}` and `{args.strong}`); energy source: "
              f"{', '.join(sorted(sources))}; "
-             f"oracle (best of both) pass@1 {p_oracle:.1%}.", "",
+             f"oracle (best of both) pass@1 {p_oracle:.1%}."
+             + (f" `semantic` scored by `{args.semantic_model}`."
+                if args.semantic_model and "semantic" in args.estimator else ""), "",
              "| router | threshold | to full | pass@1 | % of full pass@1 | joules | % of full joules "
              "| vs random at same joules |", "|---|---|---|---|---|---|---|---|"]
     for name, threshold, frac, passed, joules, delta in rows:
@@ -589,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     compare.set_defaults(func=cmd_compare)
     curve = sub.add_parser("curve", help="pass@1 vs joules for always-*, random and auto (from the cache)")
     curve.add_argument("--estimator", default="heuristic,learned", help="comma-separated estimators")
+    curve.add_argument("--semantic-model", metavar="FILE",
+                       help="score `semantic` with this model (e.g. one trained --without "
+                            "humaneval) instead of the shipped one")
     curve.add_argument("--mode", choices=MODES, default="completion")
     curve.add_argument("--cheap", default="small", help="cache name of the cheap tier's run")
     curve.add_argument("--strong", default="full", help="cache name of the strong tier's run")

@@ -368,3 +368,30 @@ def test_a_capacity_share_is_fixed_on_the_training_sources_and_cut_on_the_traffi
     assert share == 0.25 and quality == 1.0
     _, quality, share = at_share(0.125, scores, held)
     assert share == 0.125 and quality == pytest.approx(7 / 8)
+
+
+def test_router_train_without_a_source_leaves_it_out_of_the_model(tmp_path, capsys):
+    from gateway.cli import main
+    from gateway.routing.semantic import SemanticModel
+
+    for e in _synthetic():
+        folder = tmp_path / "data" / e.source
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "labels.csv"
+        with path.open("a", newline="") as fh:
+            w = csv.writer(fh)
+            if fh.tell() == 0:
+                w.writerow(["prompt", "cheap_ok", "strong_ok"])
+            w.writerow([e.prompt, int(e.weak), int(e.strong)])
+    out = tmp_path / "sem.npz"
+    argv = ["router", "train", "--estimator", "semantic", "--data", str(tmp_path / "data"),
+            "--out", str(out)]
+    assert main([*argv, "--without", "gamma"]) == 0
+    model = SemanticModel.load(out)
+    assert set(model.meta["sources"]) == {"alpha", "beta"} and "gamma" not in model.sources
+    assert "alpha (40), beta (40)" in capsys.readouterr().out
+    # A name that is not a source, or --without where it does not apply, says so.
+    assert main([*argv, "--without", "delta"]) == 2
+    assert "no labelled source delta" in capsys.readouterr().err
+    assert main(["router", "train", "--without", "gamma", "--data", str(tmp_path / "data")]) == 2
+    assert "--without is for --estimator semantic" in capsys.readouterr().err

@@ -84,6 +84,10 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     from ..routing.semantic import SEMANTIC_FILE, SemanticUnavailable
 
     data = _data_dir(args)
+    if args.without and args.estimator != "semantic":
+        print("joulegate: --without is for --estimator semantic (learned trains on MMLU only)",
+              file=sys.stderr)
+        return 2
     if args.estimator in ("learned", "all"):
         out = Path(args.out) if args.out and args.estimator == "learned" else MODEL_FILE
         artefact = train.train(data, out)
@@ -92,9 +96,10 @@ def cmd_router_train(args: argparse.Namespace) -> int:
               f"{meta['degree']}, L2 {meta['l2']:g}, chosen across subjects); wrote {out}")
     if args.estimator in ("semantic", "all"):
         out = Path(args.out) if args.out and args.estimator == "semantic" else SEMANTIC_FILE
+        without = [name for name in (args.without or "").split(",") if name]
         try:
-            smeta = semantic_train.train(data, out)
-        except SemanticUnavailable as exc:
+            smeta = semantic_train.train(data, out, without=without)
+        except (SemanticUnavailable, ValueError) as exc:
             print(f"joulegate: {exc}", file=sys.stderr)
             return 2
         blend = ", ".join(f"{k} {v:g}" for k, v in smeta["blend"].items())
@@ -202,6 +207,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rtrain.add_argument("--out", metavar="FILE",
                         help="where to write the model, with --estimator learned or semantic "
                              "(default: the packaged router_model.json / semantic_model.npz)")
+    rtrain.add_argument("--without", metavar="SOURCES",
+                        help="semantic: leave these labelled sources (comma-separated folder "
+                             "names) out of training, to score one of them as unseen work")
     rtrain.set_defaults(func=cmd_router_train)
     reval = router_sub.add_parser(
         "eval", help="score the routers leaving one dataset out (table + PNG), or on your CSV",

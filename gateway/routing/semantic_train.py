@@ -312,14 +312,22 @@ def fit(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int],
     return SemanticModel(arrays, embedder), arrays
 
 
-def train(data_dir: Path, out: Path = SEMANTIC_FILE, embedder: Embedder | None = None
-          ) -> dict[str, Any]:
-    """Fit on every labelled source and write the artefact; returns its metadata."""
+def train(data_dir: Path, out: Path = SEMANTIC_FILE, embedder: Embedder | None = None,
+          without: Sequence[str] = ()) -> dict[str, Any]:
+    """Fit on every labelled source but those named in ``without`` (to score one of them as
+    unseen work) and write the artefact; returns its metadata."""
     import numpy as np
 
-    embedder = embedder or Embedder.load(DIMS)
     sources = load_sources(data_dir)
-    examples = [e for rows in sources.values() if len(rows) >= MIN_PROMPTS for e in rows]
+    unknown = sorted(set(without) - set(sources))
+    if unknown:
+        raise ValueError(f"no labelled source {', '.join(unknown)} under {data_dir}; "
+                         f"there are {', '.join(sources)}")
+    examples = [e for name, rows in sources.items()
+                if len(rows) >= MIN_PROMPTS and name not in without for e in rows]
+    if not examples:
+        raise ValueError(f"nothing left to train on under {data_dir}")
+    embedder = embedder or Embedder.load(DIMS)
     inputs = prepare(examples, embedder)
     _, arrays = fit(inputs, examples, range(len(examples)))
     with Path(out).open("wb") as fh:
