@@ -52,6 +52,8 @@ A request may have its prompt's last tokens scored (``prompt_logprobs``: each on
 log-probability given the tokens before it, computed by the engine from the logits of the
 prompt's own positions, as the prompt is read): a stream's first chunk carries them before any
 text, a whole answer's :class:`Generation` too. The cascade's ``signal: prompt`` reads them.
+The scores stay with the slot's cached tokens, so a prefix scored before (a system prompt, the
+conversation so far) is not read again (:mod:`backends.llamacpp_batch`).
 
 Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
 and every generated token except the end-of-generation one, which is what

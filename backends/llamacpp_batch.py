@@ -32,8 +32,11 @@ slot keeps the longest common prefix with its own prompt and reads only the rest
 
 A sequence may also have its prompt's last tokens scored (``score_last``): those positions
 ask for logits too, and each next prompt token's log-probability is kept
-(:attr:`Sequence.prompt_logprobs`), for the cascade's prompt signal. Their cached prefix is
-not reused: the logits are not kept with the cache.
+(:attr:`Sequence.prompt_logprobs`), for the cascade's prompt signal. The scores are kept
+with the slot's cached tokens: a later prompt that shares a scored prefix (the chat
+template's opening, a system prompt, the conversation so far) takes those tokens' scores
+from the cache and reads only the rest, as an unscored prompt would, plus the one position
+that scores the first token not yet scored.
 
 The engine knows nothing of requests, chat templates or stop strings: its unit is a token
 list in and tokens out. Errors of ``llama_decode`` reach the consumers of the sequences in
@@ -88,6 +91,10 @@ class Sequence:
     #: ``(token, log-probability)`` of each scored prompt token, in prompt order; complete
     #: once the first generated token is out (the same step reads the prompt's end).
     prompt_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    #: Token index → its log-probability given the tokens before it, for the tokens of this
+    #: sequence's cache that were ever scored (taken from the slot's cache, or scored here);
+    #: kept with the slot's cache when the sequence leaves.
+    known: dict[int, float] = field(default_factory=dict)
 
     @property
     def score_from(self) -> int:
@@ -142,8 +149,10 @@ class BatchEngine:
         self._cond = threading.Condition()
         self._incoming: list[Sequence] = []
         self._active: list[Sequence] = []
-        #: Per slot (sequence id): the tokens its cells hold, for prefix reuse.
+        #: Per slot (sequence id): the tokens its cells hold, for prefix reuse, and the
+        #: scores known of them (:attr:`Sequence.known`).
         self._cached: list[list[int]] = [[] for _ in range(n_seq)]
+        self._scores: list[dict[int, float]] = [{} for _ in range(n_seq)]
         self._free_slots = list(range(n_seq))
         self._closed = False
         #: Steps run and tokens decoded (prompt + generated), for tests and benchmarks.
@@ -258,6 +267,7 @@ class BatchEngine:
         for seq in self._active:
             if seq.released or seq.cancelled.is_set():
                 self._cached[seq.slot] = seq.in_kv
+                self._scores[seq.slot] = seq.known
                 self._free_slots.append(seq.slot)
                 seq.sampler.close()
                 seq.out.put(_END)  # a consumer still waiting (a cancelled one) stops
@@ -271,21 +281,39 @@ class BatchEngine:
             # The free slot whose cached tokens share the longest prefix with the prompt.
             slot = max(self._free_slots, key=lambda s: _common_prefix(self._cached[s], seq.prompt))
             self._free_slots.remove(slot)
-            # Scored tokens are read again: their logits are not kept with the cache.
-            keep = min(_common_prefix(self._cached[slot], seq.prompt), len(seq.prompt) - 1,
-                       seq.score_from - 1)
+            shared = _common_prefix(self._cached[slot], seq.prompt)
+            # A cached token's score holds while every token up to it is the same.
+            seq.known = {j: lp for j, lp in self._scores[slot].items() if j < shared}
+            keep = min(shared, len(seq.prompt) - 1, self._scored_until(seq) - 1)
             if not self._ll.llama_memory_seq_rm(self._mem, slot, keep, -1):
                 self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
                 keep = 0
+                seq.known = {}
             seq.slot, seq.in_kv, seq.pending = slot, seq.prompt[:keep], seq.prompt[keep:]
-            self._cached[slot] = []
+            # The scored tokens the kept cells cover come from the cache; reading resumes at
+            # position `keep`, whose logits score token keep + 1.
+            seq.prompt_logprobs = [(seq.prompt[j], seq.known[j])
+                                   for j in range(seq.score_from, keep + 1)]
+            self._cached[slot], self._scores[slot] = [], {}
             self._active.append(seq)
+
+    @staticmethod
+    def _scored_until(seq: Sequence) -> int:
+        """The first token to score whose score the cache does not hold (the prompt's
+        length when it holds them all; the kept cells must end before it: its score needs
+        the logits of the position before it)."""
+        if not seq.score_last:
+            return len(seq.prompt) + 1
+        j = seq.score_from
+        while j < len(seq.prompt) and j in seq.known:
+            j += 1
+        return j
 
     def _step(self, plan: list[tuple[Sequence, list[int], bool]]) -> None:
         ll, batch = self._ll, self._batch
         n = 0
         outputs: list[tuple[Sequence, int]] = []
-        scored: list[tuple[Sequence, int, int]] = []  # (sequence, batch index, next token)
+        scored: list[tuple[Sequence, int, int]] = []  # (sequence, batch index, token index)
         for seq, tokens, logits in plan:
             pos = len(seq.in_kv)
             # A prompt chunk's positions whose next prompt token is scored.
@@ -297,7 +325,7 @@ class BatchEngine:
                 score = first <= pos + i < len(seq.prompt) - 1
                 batch.logits[n] = (logits and i == len(tokens) - 1) or score
                 if score:
-                    scored.append((seq, n, seq.prompt[pos + i + 1]))
+                    scored.append((seq, n, pos + i + 1))
                 n += 1
             if logits:
                 outputs.append((seq, n - 1))
@@ -308,8 +336,9 @@ class BatchEngine:
             self._fail(plan, RuntimeError(f"llama_decode failed (code {rc})"))
             return
         self.decoded += n
-        for seq, index, token in scored:
-            seq.prompt_logprobs.append((token, self._logprob(index, token)))
+        for seq, index, j in scored:
+            logprob = seq.known[j] = self._logprob(index, seq.prompt[j])
+            seq.prompt_logprobs.append((seq.prompt[j], logprob))
         for seq, tokens, _ in plan:
             seq.in_kv.extend(tokens)
             if seq.pending:
@@ -339,7 +368,7 @@ class BatchEngine:
                 if seq in self._active:
                     self._active.remove(seq)
                     self._ll.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
-                    self._cached[seq.slot] = []
+                    self._cached[seq.slot], self._scores[seq.slot] = [], {}
                     self._free_slots.append(seq.slot)
                     seq.sampler.close()
                     seq.out.put(error)

@@ -145,8 +145,8 @@ def test_a_handle_detokenizes_as_llama_cpp_pieces_a_token_longer_than_32_bytes_t
 def test_the_prompt_is_scored_as_it_is_read(small_model_path):
     """``prompt_logprobs``: a stream's first chunk, before any text, carries the prompt's last
     tokens with their log-probabilities under the model; a prompt the model knows scores
-    higher than the same words shuffled; a repeated prompt (its prefix cached in the slot) is
-    read again and scored alike."""
+    higher than the same words shuffled; a repeated prompt (its prefix cached in the slot)
+    is scored alike."""
     text = "The quick brown fox jumps over the lazy dog."
     shuffled = "Dog the over quick lazy jumps fox the brown."
 
@@ -177,3 +177,56 @@ def test_the_prompt_is_scored_as_it_is_read(small_model_path):
         assert "".join(t.token for t in whole.prompt_logprobs) == " the lazy dog."
 
     asyncio.run(_with_backend(body))
+
+
+def test_a_scored_prefix_is_not_read_again(small_model_path):
+    """The scores of a slot's cached tokens stay with the cache: a scored request that shares
+    the previous one's system prompt reads only what follows the shared tokens, takes their
+    scores from the cache (the previous request's, exactly), and scores like a cold read."""
+    system = "You are a careful assistant for a team of Python programmers. " * 4
+
+    def scored(user: str) -> GenerationRequest:
+        return GenerationRequest(model="m", messages=[{"role": "system", "content": system},
+                                                      {"role": "user", "content": user}],
+                                 max_tokens=1, temperature=0, prompt_logprobs=512)
+
+    async def read(backend, user: str):
+        engine = backend._engine
+        before = engine.decoded
+        reply = await backend.complete(scored(user))
+        return reply.prompt_logprobs, reply.usage.prompt_tokens, engine.decoded - before
+
+    warm: dict = {}
+
+    async def shared(backend):
+        warm["first"] = await read(backend, "Reverse a list.")
+        warm["second"] = await read(backend, "Sort a dictionary by its values.")
+
+    cold: dict = {}
+
+    async def alone(backend):
+        cold["second"] = await read(backend, "Sort a dictionary by its values.")
+
+    asyncio.run(_with_backend(shared))
+    asyncio.run(_with_backend(alone))
+    first, _, _ = warm["first"]
+    scores, n, decoded = warm["second"]
+    cold_scores, cold_n, cold_decoded = cold["second"]
+    # Every token but the first is scored; a cold read decodes the whole prompt (the one
+    # answer token is sampled, never decoded).
+    assert n == cold_n and len(scores) == len(cold_scores) == n - 1 and cold_decoded == n
+    # The tokens both prompts share (the template, the system prompt, the user turn's
+    # opening) keep their cells and their scores: only the rest is read.
+    same = next(i for i, (a, b) in enumerate(zip(first, scores, strict=False))
+                if a.token != b.token)
+    assert same > len(system) // 8  # the system prompt alone is dozens of tokens
+    # Token 0 has no score, so `same` + 1 tokens are shared; the last of them is read again
+    # for the logits that score the first new token.
+    assert decoded == n - same
+    assert [t.logprob for t in scores[:same]] == [t.logprob for t in first[:same]]
+    # The cached scores are the ones a cold read computes, and so are the rest (llama.cpp's
+    # arithmetic differs a little with the batch's size: a few hundredths, a tenth at most).
+    assert [t.token for t in scores] == [t.token for t in cold_scores]
+    cached, rest = [t.logprob for t in scores], [t.logprob for t in cold_scores]
+    assert cached[:same] == pytest.approx(rest[:same], abs=0.05)
+    assert cached[same:] == pytest.approx(rest[same:], abs=0.3)
