@@ -4,13 +4,19 @@ make one token, with the prompt's last ``--tokens`` tokens scored and without.
 
 HumanEval prompts in both wordings (``chat`` as benchmarks/humaneval.py asks them, and
 ``completion``) go through the llama.cpp backend of the default policy's ``small`` tier
-(Qwen2.5-Coder-0.5B, one slot), ``max_tokens`` 1, each prompt once, scored or not by a
-seeded coin, so the two kinds interleave over the same minutes. Each request is timed by the
+(Qwen2.5-Coder-0.5B, one slot; ``--model`` for another catalog model), ``max_tokens`` 1,
+each prompt once, scored or not by a seeded coin, so the two kinds interleave over the same
+minutes. ``--order problem`` (the default) asks each problem in both wordings before the
+next problem, so consecutive prompts share little; ``--order wording`` asks every problem in
+chat, then every one as a completion, as one tenant's traffic arrives: consecutive chat
+prompts share the chat template and the instruction, which the slot's cache holds (with
+their scores, when a request before scored them). Each request is timed by the
 process's CPU time (the engine's threads included; the gateway's CPU-time energy estimate
 reads the same clock) per prompt token. Writes
 ``benchmarks/results/prompt-scoring-cost-<time>.md`` and prints the table.
 
-    .venv/bin/python benchmarks/prompt_scoring_cost.py [--problems 80] [--tokens 512]
+    .venv/bin/python benchmarks/prompt_scoring_cost.py [--problems 80] [--tokens 512] \
+        [--order problem|wording] [--model qwen2.5-coder-0.5b-instruct-iq4_nl]
 """
 
 from __future__ import annotations
@@ -44,17 +50,19 @@ def request(problem: dict, mode: str, scored: int) -> GenerationRequest:
                              prompt_logprobs=scored)
 
 
-async def measure(problems: list[dict], tokens: int, seed: int = 5
-                  ) -> list[tuple[str, bool, int, float, float]]:
+async def measure(problems: list[dict], tokens: int, seed: int = 5, order: str = "problem",
+                  model: str = MODEL) -> list[tuple[str, bool, int, float, float]]:
     """(mode, scored, prompt tokens, CPU seconds, wall seconds) per request."""
     from tqdm import tqdm
 
-    backend = LlamaCppBackend("small", LlamaCppSettings(model=MODEL, n_ctx=4096, slots=1))
+    backend = LlamaCppBackend("small", LlamaCppSettings(model=model, n_ctx=4096, slots=1))
     await backend.start()
     coin = random.Random(seed)
     rows = []
     try:
-        todo = [(p, mode) for p in problems for mode in ("chat", "completion")]
+        modes = ("chat", "completion")
+        todo = ([(p, mode) for p in problems for mode in modes] if order == "problem"
+                else [(p, mode) for mode in modes for p in problems])
         for problem, mode in tqdm(todo, desc="prompt reads", unit="request", file=sys.stdout,
                                   mininterval=5):
             scored = coin.random() < 0.5
@@ -96,13 +104,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=80)
     parser.add_argument("--tokens", type=int, default=512, help="prompt_tokens when scored")
+    parser.add_argument("--order", choices=("problem", "wording"), default="problem",
+                        help="both wordings of a problem in turn, or every chat prompt first")
+    parser.add_argument("--model", default=MODEL, help="a catalog model (`joulegate models`)")
     args = parser.parse_args()
     problems = list(read_problems().values())[: args.problems]
-    rows = asyncio.run(measure(problems, args.tokens))
+    rows = asyncio.run(measure(problems, args.tokens, order=args.order, model=args.model))
     peak = peak_rss_mib()
     report = (f"# The prompt signal's cost on the cheap tier\n\n"
               f"`benchmarks/prompt_scoring_cost.py --problems {args.problems} --tokens "
-              f"{args.tokens}`: {MODEL}, llama.cpp backend, one slot, `max_tokens` 1; scored "
+              f"{args.tokens} --order {args.order} --model {args.model}`: {args.model}, "
+              f"llama.cpp backend, one slot, `max_tokens` 1; scored "
               f"and plain requests interleaved by a seeded coin.\n\n{table(rows)}\n\n"
               f"Peak resident memory of the process: {peak:,.0f} MiB.\n")
     publish(report, "prompt-scoring-cost")
