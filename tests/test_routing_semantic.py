@@ -325,6 +325,14 @@ def test_the_prior_weight_is_the_one_that_ranks_the_training_sources_best():
         == 0.0
     # A source too small to judge by is ignored; with none left, the policy's default.
     assert prior_weight(examples[:10], flat[:10], separates[:10]) == CascadeSpec().prior_weight
+    # So is one that every weight ranks alike (here: a prior with nothing to say, and a probe
+    # at chance), however its APGR happens to fall: the other source decides.
+    noise = _labelled("n", 40, hard)
+    chance = [0.9 if i % 4 < 2 else 0.1 for i in range(40)]  # sure of half the hard ones
+    mixed = examples[:40] + noise
+    assert prior_weight(mixed, flat[:40] + chance, separates[:40] + [0.5] * 40) \
+        == PRIOR_WEIGHTS[1]
+    assert prior_weight(noise, chance, [0.5] * 40) == 0.0  # every weight ties: the least
 
 
 def test_the_shipped_prior_weight_is_what_leave_one_out_picks_on_every_source():

@@ -73,6 +73,11 @@ CASCADE_PROMPT = "cascade-prompt"
 #: PRIOR_WEIGHTS that ranks the *training* sources best (:func:`prior_weight`).
 PRIOR = "heuristic"
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+#: A source whose APGR moves by less than this over all of :data:`PRIOR_WEIGHTS` (one
+#: prompt in a hundred, about) ranks the same whatever the weight: it says nothing about
+#: which weight to take, and is left out of the choice (else its noise would decide a
+#: worst-source-first rule whenever nothing ranks it: MBPP, for the prompt signal).
+PRIOR_MIN_SPREAD = 0.01
 #: The cascade's rows: by its answer probe, by its prompt signal, each alone and with a prior.
 CASCADES = ("cascade", CASCADE_PROMPT, f"cascade+{PRIOR}", f"{CASCADE_PROMPT}+{PRIOR}")
 #: Fixed semantic variants measured beside the selected one, so the choice is visible:
@@ -241,16 +246,26 @@ def prior_weight(examples: Sequence[Example], sure: Sequence[float], prior: Sequ
     """The ``routing.cascade.prior_weight`` of ``weights`` under which the cascade's
     confidences ``sure``, lowered by the prior's scores (:func:`with_prior`), rank
     ``examples`` best: the highest worst-source APGR over their sources (those with at least
-    MIN_PROMPTS), then the highest mean; the smallest such weight. With no such source, the
-    policy's default."""
+    MIN_PROMPTS, and whose APGR the weight moves by :data:`PRIOR_MIN_SPREAD` or more), then
+    the highest mean; the smallest such weight. With no source of MIN_PROMPTS, the policy's
+    default."""
     groups = [g for g in by_source(examples).values() if len(g) >= MIN_PROMPTS]
     if not groups:
         return CascadeSpec().prior_weight
 
-    def quality(weight: float) -> tuple[float, float]:
+    def apgrs(weight: float) -> list[float]:
         scores = [1.0 - with_prior(c, d, weight) for c, d in zip(sure, prior, strict=True)]
-        apgrs = [apgr_of([scores[i] for i in g], [examples[i] for i in g]) for g in groups]
-        return min(apgrs), sum(apgrs) / len(apgrs)
+        return [apgr_of([scores[i] for i in g], [examples[i] for i in g]) for g in groups]
+
+    table = {w: apgrs(w) for w in weights}
+    # With no source moved, every weight ties: the smallest is taken.
+    moved = [k for k in range(len(groups))
+             if max(t[k] for t in table.values()) - min(t[k] for t in table.values())
+             >= PRIOR_MIN_SPREAD]
+
+    def quality(weight: float) -> tuple[float, float]:
+        kept = [table[weight][k] for k in moved] or [0.0]
+        return min(kept), sum(kept) / len(kept)
 
     return max(weights, key=quality)
 
