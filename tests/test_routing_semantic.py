@@ -325,14 +325,24 @@ def test_the_prior_weight_is_the_one_that_ranks_the_training_sources_best():
         == 0.0
     # A source too small to judge by is ignored; with none left, the policy's default.
     assert prior_weight(examples[:10], flat[:10], separates[:10]) == CascadeSpec().prior_weight
-    # So is one that every weight ranks alike (here: a prior with nothing to say, and a probe
-    # at chance), however its APGR happens to fall: the other source decides.
-    noise = _labelled("n", 40, hard)
-    chance = [0.9 if i % 4 < 2 else 0.1 for i in range(40)]  # sure of half the hard ones
-    mixed = examples[:40] + noise
-    assert prior_weight(mixed, flat[:40] + chance, separates[:40] + [0.5] * 40) \
-        == PRIOR_WEIGHTS[1]
-    assert prior_weight(noise, chance, [0.5] * 40) == 0.0  # every weight ties: the least
+    # So is one whose APGR no weight moves by PRIOR_MIN_SPREAD, though it is the worst: from
+    # 0.5 on, one hard prompt trades places with the easy one beside it (one step of APGR),
+    # which a worst-source-first rule over every source would follow to 0.5.
+    from gateway.routing.lodo import PRIOR_MIN_SPREAD, apgr_of, with_prior
+
+    noise = _labelled("n", 40, [i % 4 == 0 for i in range(40)])
+    sure = [0.2 + 0.015 * i for i in range(40)]
+    prior = [0.5] * 40
+    sure[20], prior[20] = sure[21] + 0.0005, 0.502  # hard, a hair surer than 21 (easy)
+
+    def noise_apgr(w: float) -> float:
+        return apgr_of([1 - with_prior(c, d, w) for c, d in zip(sure, prior, strict=True)],
+                       noise)
+
+    assert noise_apgr(0.25) < noise_apgr(0.5) < noise_apgr(0.25) + PRIOR_MIN_SPREAD
+    assert noise_apgr(0.5) < 0.6  # the worst source, at every weight
+    assert prior_weight(examples + noise, flat + sure, separates + prior) == PRIOR_WEIGHTS[1]
+    assert prior_weight(noise, sure, prior) == 0.0  # alone, every weight ties: the least
 
 
 def test_the_shipped_prior_weight_is_what_leave_one_out_picks_on_every_source():
@@ -401,5 +411,13 @@ def test_router_train_without_a_source_leaves_it_out_of_the_model(tmp_path, caps
     # A name that is not a source, or --without where it does not apply, says so.
     assert main([*argv, "--without", "delta"]) == 2
     assert "no labelled source delta" in capsys.readouterr().err
+    assert main([*argv, "--without", " alpha, beta ,gamma"]) == 2  # names stripped
+    assert "nothing left to train on" in capsys.readouterr().err
+    assert main([*argv, "--without", ","]) == 2
+    assert "--without names no source" in capsys.readouterr().err
     assert main(["router", "train", "--without", "gamma", "--data", str(tmp_path / "data")]) == 2
     assert "--without is for --estimator semantic" in capsys.readouterr().err
+    # Without --out it would overwrite the shipped model with one that lacks a source.
+    assert main(["router", "train", "--estimator", "semantic", "--without", "gamma",
+                 "--data", str(tmp_path / "data")]) == 2
+    assert "--without needs --out FILE" in capsys.readouterr().err

@@ -84,9 +84,16 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     from ..routing.semantic import SEMANTIC_FILE, SemanticUnavailable
 
     data = _data_dir(args)
-    if args.without and args.estimator != "semantic":
-        print("joulegate: --without is for --estimator semantic (learned trains on MMLU only)",
-              file=sys.stderr)
+    without = [name.strip() for name in (args.without or "").split(",") if name.strip()]
+    refusal = ""
+    if args.without is not None and args.estimator != "semantic":
+        refusal = "--without is for --estimator semantic (learned trains on MMLU only)"
+    elif args.without is not None and not args.out:
+        refusal = "--without needs --out FILE (the shipped model trains on every source)"
+    elif args.without is not None and not without:
+        refusal = "--without names no source"
+    if refusal:
+        print(f"joulegate: {refusal}", file=sys.stderr)
         return 2
     if args.estimator in ("learned", "all"):
         out = Path(args.out) if args.out and args.estimator == "learned" else MODEL_FILE
@@ -96,10 +103,9 @@ def cmd_router_train(args: argparse.Namespace) -> int:
               f"{meta['degree']}, L2 {meta['l2']:g}, chosen across subjects); wrote {out}")
     if args.estimator in ("semantic", "all"):
         out = Path(args.out) if args.out and args.estimator == "semantic" else SEMANTIC_FILE
-        without = [name for name in (args.without or "").split(",") if name]
         try:
             smeta = semantic_train.train(data, out, without=without)
-        except (SemanticUnavailable, ValueError) as exc:
+        except (SemanticUnavailable, semantic_train.NoSuchSource) as exc:
             print(f"joulegate: {exc}", file=sys.stderr)
             return 2
         blend = ", ".join(f"{k} {v:g}" for k, v in smeta["blend"].items())

@@ -312,6 +312,10 @@ def fit(inputs: Inputs, examples: Sequence[Example], rows: Sequence[int],
     return SemanticModel(arrays, embedder), arrays
 
 
+class NoSuchSource(ValueError):
+    """``train(without=...)`` names a source that is not there, or leaves none."""
+
+
 def train(data_dir: Path, out: Path = SEMANTIC_FILE, embedder: Embedder | None = None,
           without: Sequence[str] = ()) -> dict[str, Any]:
     """Fit on every labelled source but those named in ``without`` (to score one of them as
@@ -321,12 +325,13 @@ def train(data_dir: Path, out: Path = SEMANTIC_FILE, embedder: Embedder | None =
     sources = load_sources(data_dir)
     unknown = sorted(set(without) - set(sources))
     if unknown:
-        raise ValueError(f"no labelled source {', '.join(unknown)} under {data_dir}; "
-                         f"there are {', '.join(sources)}")
+        raise NoSuchSource(f"no labelled source {', '.join(unknown)} under {data_dir}; "
+                           f"there are {', '.join(sources)}")
     examples = [e for name, rows in sources.items()
                 if len(rows) >= MIN_PROMPTS and name not in without for e in rows]
     if not examples:
-        raise ValueError(f"nothing left to train on under {data_dir}")
+        raise NoSuchSource(f"nothing left to train on under {data_dir} without "
+                           f"{', '.join(without)}")
     embedder = embedder or Embedder.load(DIMS)
     inputs = prepare(examples, embedder)
     _, arrays = fit(inputs, examples, range(len(examples)))
