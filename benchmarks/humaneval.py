@@ -462,6 +462,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
+    if args.semantic_model and "semantic" not in args.estimator.split(","):
+        print("--semantic-model scores `semantic`: name it in --estimator", file=sys.stderr)
+        return 2
     small, full = load_cache(args.cheap, args.mode), load_cache(args.strong, args.mode)
     todo = [p for p in problems() if p["task_id"] in small and p["task_id"] in full]
     if not todo:
@@ -506,7 +509,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
              f"{', '.join(sorted(sources))}; "
              f"oracle (best of both) pass@1 {p_oracle:.1%}."
              + (f" `semantic` scored by `{args.semantic_model}`."
-                if args.semantic_model and "semantic" in args.estimator else ""), "",
+                if args.semantic_model else ""), "",
              "| router | threshold | to full | pass@1 | % of full pass@1 | joules | % of full joules "
              "| vs random at same joules |", "|---|---|---|---|---|---|---|---|"]
     for name, threshold, frac, passed, joules, delta in rows:

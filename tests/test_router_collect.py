@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -134,9 +135,12 @@ def test_mbpp_is_its_test_split_in_the_papers_wording():
 
     items = list(router_collect.ITEMS["mbpp"](None))
     problems = router_collect.mbpp_problems()
-    # The hand-verified problems whose ids MBPP's README puts in its test split (11-510).
-    assert len(items) == len(problems) == 257
-    assert all(11 <= p["task_id"] <= 510 for p in problems)
+    # The hand-verified problems whose ids MBPP's README puts in its test split (11-510):
+    # 257 of the file's 427, in file order.
+    every = [p["task_id"] for p in router_collect._jsonl(router_collect.DATA / "mbpp"
+                                                         / "problems.jsonl")]
+    assert len(every) == 427 and len(items) == len(problems) == 257
+    assert [p["task_id"] for p in problems] == [i for i in every if 11 <= i <= 510]
     first = items[0]
     assert first.prompt.startswith("You are an expert Python programmer, and here is your "
                                    "task: Write a python function to remove first and last")
@@ -148,14 +152,16 @@ def test_mbpp_is_its_test_split_in_the_papers_wording():
 def test_mbpp_grading_passes_the_reference_solutions_and_fails_wrong_ones():
     from gateway.cli import router_collect
 
-    problems = router_collect.mbpp_problems()
-    # One with `test_imports` (its tests need `math`), and the first few.
-    sample = [p for p in problems if p["test_imports"]][:1] + problems[:4]
-    assert sample[0]["test_imports"]
+    problems = {p["task_id"]: p for p in router_collect.mbpp_problems()}
+    # Task 98's tests call math.isclose and its solution imports nothing: the grader must
+    # run the problem's `test_imports` first. Then the first few.
+    sample = [problems[98], *list(problems.values())[:4]]
+    assert "import math" not in problems[98]["code"] and problems[98]["test_imports"]
     for p in sample:
         reply = f"Here you go:\n```python\n{p['code']}\n```\nIt works because..."
         assert router_collect.mbpp_ok(p, reply), p["task_id"]
-        # The right name but a wrong body fails its asserts.
-        name = p["test_list"][0].split("assert ")[1].split("(")[0].strip()
+        # The function the tests call, by its right name, with a wrong body: fails them.
+        name = next(n for n in re.findall(r"def (\w+)", p["code"])
+                    if f"{n}(" in p["test_list"][0])
         wrong = f"```python\ndef {name}(*args, **kwargs):\n    return None\n```"
         assert not router_collect.mbpp_ok(p, wrong), p["task_id"]
