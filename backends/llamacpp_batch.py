@@ -282,8 +282,10 @@ class BatchEngine:
     def _admit(self) -> None:
         while self._incoming and self._free_slots:
             seq = self._incoming.pop(0)
-            # The free slot whose cells the sequence can keep the most of.
-            slot = max(self._free_slots, key=lambda s: self._reusable(s, seq)[0])
+            # The free slot whose cells the sequence can keep the most of; of those, the one
+            # holding the fewest (a cache another prompt may still want is kept longest).
+            slot = max(self._free_slots,
+                       key=lambda s: (self._reusable(s, seq)[0], -len(self._cached[s])))
             self._free_slots.remove(slot)
             keep, shared = self._reusable(slot, seq)
             # A cached token's score holds while every token up to it is the same.
@@ -300,9 +302,9 @@ class BatchEngine:
             self._active.append(seq)
 
     def _reusable(self, slot: int, seq: Sequence) -> tuple[int, int]:
-        """(cells of ``slot`` the sequence keeps, tokens its prompt shares with them). All
-        shared cells but the last, whose logits give the next token (sampled, or scored),
-        unless the sequence scores its prompt: then only as far as the slot's scores of the
+        """(cells of ``slot`` the sequence keeps, tokens its prompt shares with them). The
+        shared cells, but never the prompt's last token, whose logits give the first answer
+        token; when the sequence scores its prompt, only as far as the slot's scores of the
         shared tokens go, less one (the position before the first token still to score)."""
         shared = _common_prefix(self._cached[slot], seq.prompt)
         keep = min(shared, len(seq.prompt) - 1)

@@ -197,3 +197,16 @@ def test_a_scoring_request_takes_the_slot_whose_scores_it_can_use(engine):
     assert same_scores(scores, cold(scored, 512))
     _, _, decoded = run(eng, [*system, 2, 3, 4, 5], score_last=0)
     assert decoded == 1  # slot 1: every cell of `system + [2, 3, 4]` kept; 5 is read
+
+
+def test_a_request_with_nothing_to_reuse_takes_the_emptiest_slot(engine):
+    """A prompt that shares nothing with any slot leaves the cached ones alone: the next
+    prompt that shares a cached prefix still finds it."""
+    eng, _ = engine(n_seq=2)
+    system = list(range(1, 11)) * 2
+    run(eng, [*system, 1], score_last=512)  # slot 0 (both empty: the first free)
+    run(eng, [5, 5, 5], score_last=512)  # slot 1; slot 0 is now first on the free list
+    run(eng, [11, 11, 11], score_last=512)  # shares nothing: slot 1, which holds less
+    scores, _, decoded = run(eng, [*system, 2], score_last=512)
+    assert decoded == 2  # slot 0's system prompt and its scores were still there
+    assert same_scores(scores, cold([*system, 2], 512))
