@@ -284,10 +284,9 @@ class BatchEngine:
             seq = self._incoming.pop(0)
             # The free slot whose cells the sequence can keep the most of; of those, the one
             # holding the fewest (a cache another prompt may still want is kept longest).
-            slot = max(self._free_slots,
-                       key=lambda s: (self._reusable(s, seq)[0], -len(self._cached[s])))
+            (keep, shared), slot = max(((self._reusable(s, seq), s) for s in self._free_slots),
+                                       key=lambda c: (c[0][0], -len(self._cached[c[1]])))
             self._free_slots.remove(slot)
-            keep, shared = self._reusable(slot, seq)
             # A cached token's score holds while every token up to it is the same.
             seq.known = {j: lp for j, lp in self._scores[slot].items() if j < shared}
             if not self._ll.llama_memory_seq_rm(self._mem, slot, keep, -1):
