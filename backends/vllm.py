@@ -10,6 +10,9 @@ Builds on :class:`backends.openai_http.OpenAIBackend` (one per replica) and adds
 - **Balancing**: least outstanding requests among the replicas in service.
 - **Ejection**: a replica that fails ``eject_after`` times in a row is taken out for
   ``eject_s`` seconds (doubling while it keeps failing its health check, up to ten times).
+  Only the replica's own faults count (:data:`_NOT_THE_REPLICAS`): a request it refuses as
+  invalid, or a model answer that broke the request's contract, would fail on any replica,
+  and one client sending bad requests must not take healthy servers out of service.
 - **Retries**: a request that fails before its first byte (unreachable, overloaded, no
   first token in time) is retried on another replica, up to ``retries`` times; after the
   first byte, failures reach the caller.
@@ -43,6 +46,7 @@ from pydantic import Field, model_validator
 from .base import (
     Backend,
     BackendError,
+    BackendInvalidOutput,
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
@@ -69,6 +73,10 @@ from .vllm_managed import ManagedServer, ManagedSettings
 log = logging.getLogger("joulegate.backends.vllm")
 
 _RETRYABLE = (BackendUnavailable, BackendTimeout)
+#: Failures that say nothing of the replica's health (see the module docstring): the
+#: request's (a 4xx: invalid parameters, a prompt over the context window) or the model's
+#: (a tool call or JSON answer that does not parse), the same on every replica.
+_NOT_THE_REPLICAS = (BackendRejected, BackendInvalidOutput)
 #: Work of a prompt token relative to a generated one, for the gateway's share of a server.
 PREFILL_WEIGHT = 0.1
 
@@ -371,6 +379,8 @@ class VLLMBackend(Backend):
         return BackendUnavailable(f"backend '{self.name}': no replica in service", retry_after_s=5)
 
     def _note_failure(self, replica: Replica, exc: BaseException) -> None:
+        if isinstance(exc, _NOT_THE_REPLICAS):
+            return
         if replica.failed(self.eject_after, self.eject_s):
             log.warning("backend '%s': replica %s ejected for %.0f s after repeated failures (%s)",
                         self.name, replica.url, replica.ejected_until - time.monotonic(), exc)

@@ -170,3 +170,43 @@ def test_malformed_prompt_scores_are_refused(body, why):
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     with pytest.raises(Malformed, match=why):
         parse_prompt_logprobs(raw, chat=True, last=8)
+
+
+def test_only_the_replicas_own_faults_eject_it():
+    """A client's invalid requests (a 4xx from the server) or a model answer that broke the
+    request's contract fail the same on every replica: however many come in a row, the
+    replica stays in service; its own faults (here a dropped connection) still eject it."""
+    import asyncio
+
+    from backends import BackendFailure, BackendRejected, GenerationRequest
+    from backends.base import BackendInvalidOutput
+
+    from .scripted import Script, ScriptedBackend
+
+    b = _vllm("b", base_url="http://a:1/v1", eject_after=2, retries=0)
+    replica = b.replicas[0]
+    scripts = [Script.rejected("prompt too long"), Script.rejected("bad temperature", "temperature"),
+               Script(fail=BackendInvalidOutput("tool call arguments are not JSON")),
+               Script.rejected("bad top_p", "top_p")]
+    replica.backend = ScriptedBackend("upstream", [*scripts, Script.broken_after(0)])
+
+    async def ask(streamed: bool) -> None:
+        request = GenerationRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+        if streamed:
+            async for _ in b.stream(request):
+                pass
+        else:
+            await b.complete(request)
+
+    async def run() -> None:
+        for i, expected in enumerate([BackendRejected, BackendRejected, BackendInvalidOutput,
+                                      BackendRejected]):
+            with pytest.raises(expected):
+                await ask(streamed=i % 2 == 1)
+            assert replica.failures == 0 and replica.in_service(0)
+        for _ in range(2):  # the server's own fault, twice in a row
+            with pytest.raises(BackendFailure):
+                await ask(streamed=False)
+        assert replica.ejected and not replica.in_service(0)
+
+    asyncio.run(run())
