@@ -421,3 +421,56 @@ def test_router_train_without_a_source_leaves_it_out_of_the_model(tmp_path, caps
     assert main(["router", "train", "--estimator", "semantic", "--without", "gamma",
                  "--data", str(tmp_path / "data")]) == 2
     assert "--without needs --out FILE" in capsys.readouterr().err
+
+
+def test_a_threshold_for_the_files_traffic_and_how_it_holds_on_alternate_halves():
+    """8 prompts, strong right on 7, cheap on 4 (rows 0, 3, 4, 7). By score, rows 1, 2, 5
+    need the strong tier, so 95% of strong quality (6.65 of 7) needs all three: threshold
+    0.7, all right, 3 of 8 sent strong. Even rows alone (strong 3, cheap 2) need row 2 only:
+    0.8, which sends odd row 1 strong; odd rows (strong 4, cheap 2) need 1 and 5: 0.7, which
+    sends even row 2. Those held-out decisions get 6 of 7 right (row 5 stays cheap) with 2 of
+    8 strong; at 1 J cheap and 3 J strong, 12 J of always-strong's 24."""
+    from gateway.routing.lodo import calibrate, threshold_95
+
+    rows = [(1, 1, 0.1), (0, 1, 0.9), (0, 1, 0.8), (1, 1, 0.2), (1, 1, 0.3), (0, 1, 0.7),
+            (0, 0, 0.6), (1, 1, 0.4)]
+    scores = [r[2] for r in rows]
+    unpriced = [Example("t", f"p{i}", w, s, "t") for i, (w, s, _) in enumerate(rows)]
+    assert threshold_95(scores, unpriced) == 0.7
+    assert calibrate(scores, unpriced) == {
+        "threshold": 0.7, "quality": 1.0, "cost": 3 / 8, "halves_quality": 6 / 7,
+        "halves_cost": 2 / 8, "cost_of": "strong share"}
+    priced = [Example("t", f"p{i}", w, s, "t", "bare", 1.0, 3.0)
+              for i, (w, s, _) in enumerate(rows)]
+    got = calibrate(scores, priced)
+    assert (got["cost"], got["halves_cost"], got["cost_of"]) == (14 / 24, 12 / 24, "joules")
+    # A cheap tier that already keeps 95% needs no threshold at all.
+    assert threshold_95([0.5, 0.1], [Example("t", "a", 1, 1, "t"), Example("t", "b", 1, 1, "t")]
+                        ) is None
+
+
+def test_router_eval_labels_gives_each_estimator_its_threshold_for_the_file(tmp_path, capsys):
+    rows = [(EASY, 1, 1, "-0.01 -0.02"), (HARD, 0, 1, "-0.01 -2.5"),
+            ("Name a primary colour.", 1, 1, "-0.05 -0.01"),
+            ("Who wrote Hamlet?", 0, 1, "-1.5 -1.0")]
+    path = tmp_path / "probed.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_logprobs"])
+        w.writerows(rows)
+    assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["estimators"]
+    # Both cheap misses must escalate: the cascade's confidence threshold sits just above
+    # the less unsure of them (Hamlet's, exp(-1.25)).
+    assert out["cascade"]["threshold_for_95pct"] == (
+        f"routing.cascade.threshold: {math.exp(-1.25) + 1e-6:.6f}")
+    heuristic = out["heuristic"]
+    scores = heuristic["scores"]
+    needed = min(scores[1], scores[3])  # the two rows only the strong tier gets right
+    sent = sum(s >= needed for s in scores)
+    assert heuristic["threshold_for_95pct"] == f"routing.thresholds.<strong tier>: {needed:.6f}"
+    assert heuristic["strong_share_for_95pct"] <= sent / 4
+    halves = heuristic["alternate_halves"]
+    assert halves["cost_of"] == "strong share" and 0 <= halves["cost_share"] <= 1
+    assert main(["router", "eval", "--labels", str(path)]) == 0
+    assert "routing.cascade.threshold: 0.2865" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import router_collect
 from .common import add_policy_option, policy_state
@@ -162,13 +163,21 @@ def _eval_labels(args: argparse.Namespace) -> int:
         print(f"joulegate: {exc}", file=sys.stderr)
         return 2
     note = ("shipped estimators as trained in the package; nothing is fitted or tuned on this "
-            "file (APGR is threshold-free: a sweep over each estimator's score order)")
+            "file (APGR is threshold-free: a sweep over each estimator's score order); the "
+            "threshold is this file's, for routing traffic like it (the cascade's: for its "
+            "default probe), checked on alternate halves")
     if args.json:
         print(json.dumps({"file": str(args.labels), "prompts": len(examples), "note": note,
                           "estimators": {
                               name: ({"error": r["error"]} if "error" in r else
                                      {"apgr": round(r["apgr"], 4),
                                       "strong_share_for_95pct": round(r["fraction95"], 4),
+                                      "threshold_for_95pct": _setting(name, r["calibration"]),
+                                      "alternate_halves": {
+                                          "quality_share": round(
+                                              r["calibration"]["halves_quality"], 4),
+                                          "cost_share": round(r["calibration"]["halves_cost"], 4),
+                                          "cost_of": r["calibration"]["cost_of"]},
                                       "scores": [round(s, 6) for s in r["scores"]]})
                               for name, r in results.items()}}))
         return 0
@@ -176,13 +185,31 @@ def _eval_labels(args: argparse.Namespace) -> int:
     strong = sum(e.strong for e in examples) / len(examples)
     print(f"{args.labels}: {len(examples)} prompts, cheap tier right {weak:.1%}, strong "
           f"{strong:.1%}; {note}")
-    print("| estimator | APGR | strong share for 95% of strong quality |\n|---|---|---|")
+    print("| estimator | APGR | strong share for 95% of strong quality | threshold for 95% "
+          "here | that rule chosen on alternate halves, on the other half |\n|---|---|---|---|---|")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name} | - | not available here: {r['error']} |")
-        else:
-            print(f"| {name} | {r['apgr']:.3f} | {r['fraction95']:.1%} |")
+            print(f"| {name} | - | not available here: {r['error']} | - | - |")
+            continue
+        cal = r["calibration"]
+        setting = _setting(name, cal)
+        print(f"| {name} | {r['apgr']:.3f} | {r['fraction95']:.1%} | "
+              f"{'none needed: the cheap tier keeps 95%' if setting is None else setting} | "
+              f"{cal['halves_quality']:.1%} of strong quality at {cal['halves_cost']:.1%} "
+              f"{'of always-strong joules' if cal['cost_of'] == 'joules' else 'sent strong'} |")
     return 0
+
+
+def _setting(estimator: str, calibration: dict[str, Any]) -> str | None:
+    """The policy setting that routes this file's traffic at 95% of strong quality: a
+    difficulty threshold on the strong tier, or the cascade's confidence threshold (it
+    escalates below it; its scores here are 1 - confidence)."""
+    t = calibration["threshold"]
+    if t is None:
+        return None
+    if estimator == "cascade":
+        return f"routing.cascade.threshold: {min(1.0, 1.0 - t + 1e-6):.6f}"
+    return f"routing.thresholds.<strong tier>: {t:.6f}"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -231,7 +258,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                             "bare,system,fewshot,completion,chat)")
     reval.add_argument("--note", help="a line appended to the markdown report")
     reval.add_argument("--labels", metavar="FILE.csv",
-                       help="score the shipped estimators on this CSV (prompt,cheap_ok,strong_ok)")
+                       help="score the shipped estimators on this CSV (prompt,cheap_ok,strong_ok), "
+                            "each with its threshold for traffic like the file's")
     reval.add_argument("--json", action="store_true",
                        help="with --labels: per estimator the APGR and every prompt's score")
     reval.set_defaults(func=cmd_router_eval)

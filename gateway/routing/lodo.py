@@ -14,7 +14,9 @@ the cheap tier's recorded confidences (its answer probe, its prompt signal), alo
 the heuristic as ``routing.cascade.prior`` at the weight the training sources choose.
 
 :func:`score_label_file`: the shipped estimators as trained in the package, nothing refitted,
-on a user's ``prompt,cheap_ok,strong_ok`` CSV.
+on a user's ``prompt,cheap_ok,strong_ok`` CSV, with the threshold that routes traffic like the
+file's at 95% of the strong tier's quality (:func:`calibrate`): a threshold does not carry over
+between kinds of traffic the way a ranking does, so it is set on a sample of the traffic.
 """
 
 from __future__ import annotations
@@ -160,7 +162,13 @@ def at_threshold(threshold: float, scores: Sequence[float], examples: Sequence[E
     """(threshold, quality as a share of always-strong quality, joules as a share of
     always-strong joules, or the strong share without joules or ``priced``) when every prompt
     scoring at least ``threshold`` goes strong."""
-    up = [s >= threshold for s in scores]
+    return (threshold, *_routed([s >= threshold for s in scores], examples, priced))
+
+
+def _routed(up: Sequence[bool], examples: Sequence[Example], priced: bool = True
+            ) -> tuple[float, float]:
+    """Quality (share of always-strong quality) and cost (share of always-strong joules; the
+    strong share without joules or ``priced``) when the prompts ``up`` go strong."""
     quality = sum(e.strong if u else e.weak for u, e in zip(up, examples, strict=True))
     strong_quality = sum(e.strong for e in examples) or 1
     if priced and all(e.weak_joules is not None and e.strong_joules is not None
@@ -170,7 +178,46 @@ def at_threshold(threshold: float, scores: Sequence[float], examples: Sequence[E
         cost = joules / sum(e.strong_joules or 0.0 for e in examples)
     else:
         cost = sum(up) / len(up)
-    return threshold, quality / strong_quality, cost
+    return quality / strong_quality, cost
+
+
+def threshold_95(scores: Sequence[float], examples: Sequence[Example]) -> float | None:
+    """The highest score threshold at which sending every prompt scoring at least it to the
+    strong tier keeps :data:`QUALITY_SHARE` of always-strong's quality on these prompts;
+    ``None`` when the cheap tier alone keeps it. (Prompts tied with the last one needed go
+    strong with it: the threshold is their score.)"""
+    target = QUALITY_SHARE * sum(e.strong for e in examples)
+    right = sum(e.weak for e in examples)
+    if right >= target:
+        return None
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        right += examples[i].strong - examples[i].weak
+        if right >= target:
+            return scores[i]
+    return min(scores)  # not reached: always-strong keeps all of its quality
+
+
+def calibrate(scores: Sequence[float], examples: Sequence[Example], priced: bool = True
+              ) -> dict[str, Any]:
+    """A threshold for this traffic, and how well such a threshold carries over to traffic it
+    was not chosen on: :func:`threshold_95` of all the prompts, with the quality and cost it
+    gives them; and chosen on alternate halves (even rows, odd rows), each half routed by the
+    other's threshold: the quality and cost of those held-out decisions (the cost in joules
+    where the file has them and ``priced``, else the strong share)."""
+    halves = [list(range(0, len(scores), 2)), list(range(1, len(scores), 2))]
+    up = [False] * len(scores)
+    for chosen_on, applied_to in (halves, halves[::-1]):
+        t = threshold_95([scores[i] for i in chosen_on], [examples[i] for i in chosen_on])
+        for i in applied_to:
+            up[i] = t is not None and scores[i] >= t
+    t = threshold_95(scores, examples)
+    quality, cost = _routed([t is not None and s >= t for s in scores], examples, priced)
+    held_quality, held_cost = _routed(up, examples, priced)
+    has_joules = priced and all(e.weak_joules is not None and e.strong_joules is not None
+                                for e in examples)
+    return {"threshold": t, "quality": quality, "cost": cost,
+            "halves_quality": held_quality, "halves_cost": held_cost,
+            "cost_of": "joules" if has_joules else "strong share"}
 
 
 def cost_curve(scores: Sequence[float], examples: Sequence[Example]
@@ -558,7 +605,8 @@ def score_label_file(path: Path, names: Sequence[str] | None = None
                      ) -> tuple[list[Example], dict[str, dict[str, Any]]]:
     """Every shipped estimator (or ``names``), as trained in the package, on the CSV's
     prompts asked as plain user messages (or the CSV's ``format`` column): per estimator
-    ``apgr`` and ``scores`` in file order, or ``error`` when it cannot load here."""
+    ``apgr``, ``scores`` in file order and the file's own threshold (:func:`calibrate`), or
+    ``error`` when it cannot load here."""
     examples = read_label_file(path)
     if not examples:
         raise ValueError(f"{path}: no labelled rows")
@@ -576,7 +624,7 @@ def score_label_file(path: Path, names: Sequence[str] | None = None
             scores = cascade_scores(examples)
             c = cell(path.stem, "file", name, scores, examples, priced=False)
             out[name] = {"apgr": c.apgr, "fraction95": c.fraction95, "joules95": None,
-                         "scores": scores}
+                         "scores": scores, "calibration": calibrate(scores, examples, False)}
             continue
         try:
             est = ESTIMATORS[name]()
@@ -586,5 +634,5 @@ def score_label_file(path: Path, names: Sequence[str] | None = None
         scores = [est.score(r).score for r in requests]
         c = cell(path.stem, "file", name, scores, examples)
         out[name] = {"apgr": c.apgr, "fraction95": c.fraction95, "joules95": c.joules95,
-                     "scores": scores}
+                     "scores": scores, "calibration": calibrate(scores, examples)}
     return examples, out
