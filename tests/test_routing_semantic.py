@@ -447,6 +447,17 @@ def test_a_threshold_for_the_files_traffic_and_how_it_holds_on_alternate_halves(
     # A cheap tier that already keeps 95% needs no threshold at all.
     assert threshold_95([0.5, 0.1], [Example("t", "a", 1, 1, "t"), Example("t", "b", 1, 1, "t")]
                         ) is None
+    # A tied block goes strong whole: the target is judged after all of it. At 0.5 the
+    # needed prompt shares its score with one only the cheap tier gets right, so 0.5 keeps
+    # 3 of 4 (75%); the block below (0.4) has to go as well.
+    tied = [(0, 1, 0.5), (1, 0, 0.5), (0, 1, 0.4), (1, 1, 0.1)]
+    examples = [Example("t", f"p{i}", w, s, "t") for i, (w, s, _) in enumerate(tied)]
+    assert threshold_95([r[2] for r in tied], examples) == 0.4
+    # Nothing to keep a share of, or no second half: not measured rather than invented.
+    none_right = calibrate([0.2, 0.8], [Example("t", "a", 1, 0, "t"), Example("t", "b", 0, 0, "t")])
+    assert none_right["threshold"] is None and none_right["quality"] is None
+    one = calibrate([0.3], [Example("t", "a", 0, 1, "t")])
+    assert one["threshold"] == 0.3 and one["halves_quality"] is None
 
 
 def test_router_eval_labels_gives_each_estimator_its_threshold_for_the_file(tmp_path, capsys):
@@ -460,17 +471,28 @@ def test_router_eval_labels_gives_each_estimator_its_threshold_for_the_file(tmp_
         w.writerows(rows)
     assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)["estimators"]
-    # Both cheap misses must escalate: the cascade's confidence threshold sits just above
-    # the less unsure of them (Hamlet's, exp(-1.25)).
-    assert out["cascade"]["threshold_for_95pct"] == (
-        f"routing.cascade.threshold: {math.exp(-1.25) + 1e-6:.6f}")
+    needed = (1, 3)  # the rows only the strong tier gets right
+
+    def value(setting):
+        return float(setting.split(": ")[1])
+
+    # The cascade escalates a confidence below its threshold: both cheap misses, nothing else.
+    cascade = value(out["cascade"]["threshold_for_95pct"])
+    confidences = [math.exp(sum(map(float, lp.split())) / 2) for *_, lp in rows]
+    assert [c < cascade for c in confidences] == [i in needed for i in range(4)]
+    # A difficulty threshold sends a score at or above it strong: both rows it needs (the
+    # printed value is rounded down, never up past the lower of the two).
     heuristic = out["heuristic"]
     scores = heuristic["scores"]
-    needed = min(scores[1], scores[3])  # the two rows only the strong tier gets right
-    sent = sum(s >= needed for s in scores)
-    assert heuristic["threshold_for_95pct"] == f"routing.thresholds.<strong tier>: {needed:.6f}"
-    assert heuristic["strong_share_for_95pct"] <= sent / 4
+    threshold = value(heuristic["threshold_for_95pct"])
+    assert all(scores[i] >= threshold for i in needed)
+    assert threshold > min(scores[i] for i in needed) - 1e-6
+    # Alternate halves: the even rows (0, 2) are both right on the cheap tier, so they set
+    # no threshold and the odd rows stay cheap, wrong; the odd rows need both of theirs,
+    # whose threshold may send even rows strong, where both tiers are right: 2 of 4.
     halves = heuristic["alternate_halves"]
-    assert halves["cost_of"] == "strong share" and 0 <= halves["cost_share"] <= 1
+    assert halves["cost_of"] == "strong share" and halves["quality_share"] == 0.5
+    assert halves["cost_share"] == sum(scores[i] >= min(scores[j] for j in needed)
+                                       for i in (0, 2)) / 4
     assert main(["router", "eval", "--labels", str(path)]) == 0
-    assert "routing.cascade.threshold: 0.2865" in capsys.readouterr().out
+    assert f"routing.cascade.threshold: {cascade:.6f}" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -173,11 +174,7 @@ def _eval_labels(args: argparse.Namespace) -> int:
                                      {"apgr": round(r["apgr"], 4),
                                       "strong_share_for_95pct": round(r["fraction95"], 4),
                                       "threshold_for_95pct": _setting(name, r["calibration"]),
-                                      "alternate_halves": {
-                                          "quality_share": round(
-                                              r["calibration"]["halves_quality"], 4),
-                                          "cost_share": round(r["calibration"]["halves_cost"], 4),
-                                          "cost_of": r["calibration"]["cost_of"]},
+                                      "alternate_halves": _halves(r["calibration"]),
                                       "scores": [round(s, 6) for s in r["scores"]]})
                               for name, r in results.items()}}))
         return 0
@@ -193,23 +190,40 @@ def _eval_labels(args: argparse.Namespace) -> int:
             continue
         cal = r["calibration"]
         setting = _setting(name, cal)
-        print(f"| {name} | {r['apgr']:.3f} | {r['fraction95']:.1%} | "
-              f"{'none needed: the cheap tier keeps 95%' if setting is None else setting} | "
-              f"{cal['halves_quality']:.1%} of strong quality at {cal['halves_cost']:.1%} "
-              f"{'of always-strong joules' if cal['cost_of'] == 'joules' else 'sent strong'} |")
+        if cal["quality"] is None:
+            setting = "- (the strong tier got none right)"
+        elif setting is None:
+            setting = "none needed: the cheap tier keeps 95%"
+        halves = "-" if cal["halves_quality"] is None else (
+            f"{cal['halves_quality']:.1%} of strong quality at {cal['halves_cost']:.1%} "
+            f"{'of always-strong joules' if cal['cost_of'] == 'joules' else 'sent strong'}")
+        print(f"| {name} | {r['apgr']:.3f} | {r['fraction95']:.1%} | {setting} | {halves} |")
     return 0
+
+
+def _halves(calibration: dict[str, Any]) -> dict[str, Any] | None:
+    if calibration["halves_quality"] is None:
+        return None
+    return {"quality_share": round(calibration["halves_quality"], 4),
+            "cost_share": round(calibration["halves_cost"], 4),
+            "cost_of": calibration["cost_of"]}
 
 
 def _setting(estimator: str, calibration: dict[str, Any]) -> str | None:
     """The policy setting that routes this file's traffic at 95% of strong quality: a
-    difficulty threshold on the strong tier, or the cascade's confidence threshold (it
-    escalates below it; its scores here are 1 - confidence)."""
+    difficulty threshold on the strong tier (a score at or above it goes strong), or the
+    cascade's confidence threshold (it escalates below it; its scores here are 1 -
+    confidence). Rounded to 6 places toward sending more strong, never fewer."""
     t = calibration["threshold"]
     if t is None:
         return None
     if estimator == "cascade":
-        return f"routing.cascade.threshold: {min(1.0, 1.0 - t + 1e-6):.6f}"
-    return f"routing.thresholds.<strong tier>: {t:.6f}"
+        # just above the confidence of the least unsure prompt that must escalate
+        c = math.floor((1.0 - t) * 1e6) / 1e6 + 1e-6
+        if c > 1.0:
+            return "routing.cascade.threshold: 1 (even then, fully confident probes stay)"
+        return f"routing.cascade.threshold: {c:.6f}"
+    return f"routing.thresholds.<strong tier>: {math.floor(t * 1e6) / 1e6:.6f}"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

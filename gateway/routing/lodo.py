@@ -190,9 +190,11 @@ def threshold_95(scores: Sequence[float], examples: Sequence[Example]) -> float 
     right = sum(e.weak for e in examples)
     if right >= target:
         return None
-    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    for k, i in enumerate(order):
         right += examples[i].strong - examples[i].weak
-        if right >= target:
+        # a tied block goes strong whole, so the target is judged after its last prompt
+        if right >= target and (k + 1 == len(order) or scores[order[k + 1]] != scores[i]):
             return scores[i]
     return min(scores)  # not reached: always-strong keeps all of its quality
 
@@ -203,21 +205,28 @@ def calibrate(scores: Sequence[float], examples: Sequence[Example], priced: bool
     was not chosen on: :func:`threshold_95` of all the prompts, with the quality and cost it
     gives them; and chosen on alternate halves (even rows, odd rows), each half routed by the
     other's threshold: the quality and cost of those held-out decisions (the cost in joules
-    where the file has them and ``priced``, else the strong share)."""
-    halves = [list(range(0, len(scores), 2)), list(range(1, len(scores), 2))]
-    up = [False] * len(scores)
-    for chosen_on, applied_to in (halves, halves[::-1]):
-        t = threshold_95([scores[i] for i in chosen_on], [examples[i] for i in chosen_on])
-        for i in applied_to:
-            up[i] = t is not None and scores[i] >= t
-    t = threshold_95(scores, examples)
-    quality, cost = _routed([t is not None and s >= t for s in scores], examples, priced)
-    held_quality, held_cost = _routed(up, examples, priced)
+    where the file has them and ``priced``, else the strong share). ``None`` where there is
+    nothing to measure: no prompt the strong tier got right, or a half with no rows."""
     has_joules = priced and all(e.weak_joules is not None and e.strong_joules is not None
                                 for e in examples)
-    return {"threshold": t, "quality": quality, "cost": cost,
-            "halves_quality": held_quality, "halves_cost": held_cost,
-            "cost_of": "joules" if has_joules else "strong share"}
+    out: dict[str, Any] = {"threshold": None, "quality": None, "cost": None,
+                           "halves_quality": None, "halves_cost": None,
+                           "cost_of": "joules" if has_joules else "strong share"}
+    if not any(e.strong for e in examples):
+        return out  # no quality of the strong tier's to keep a share of
+    t = threshold_95(scores, examples)
+    out["threshold"] = t
+    out["quality"], out["cost"] = _routed([t is not None and s >= t for s in scores],
+                                          examples, priced)
+    halves = [list(range(0, len(scores), 2)), list(range(1, len(scores), 2))]
+    if all(halves):
+        up = [False] * len(scores)
+        for chosen_on, applied_to in (halves, halves[::-1]):
+            ht = threshold_95([scores[i] for i in chosen_on], [examples[i] for i in chosen_on])
+            for i in applied_to:
+                up[i] = ht is not None and scores[i] >= ht
+        out["halves_quality"], out["halves_cost"] = _routed(up, examples, priced)
+    return out
 
 
 def cost_curve(scores: Sequence[float], examples: Sequence[Example]
