@@ -106,17 +106,24 @@ def test_router_eval_labels_scores_every_shipped_estimator_in_file_order(tmp_pat
     assert "| semantic |" in text and "nothing is fitted" in text
 
 
-def test_router_eval_labels_ranks_by_the_cascade_where_the_file_has_log_probabilities(
-        tmp_path, capsys):
-    # The cheap answer's log-probabilities: the unsure ones are the ones it got wrong.
-    rows = [(EASY, 1, 1, "-0.01 -0.02"), (HARD, 0, 1, "-0.01 -2.5"),
-            ("Name a primary colour.", 1, 1, "-0.05 -0.01"),
-            ("Who wrote Hamlet?", 0, 1, "-1.5 -1.0")]
+#: Four prompts with the cheap answer's log-probabilities: the unsure ones are the ones it
+#: got wrong (rows 1 and 3, which only the strong tier gets right).
+PROBED = [(EASY, 1, 1, "-0.01 -0.02"), (HARD, 0, 1, "-0.01 -2.5"),
+          ("Name a primary colour.", 1, 1, "-0.05 -0.01"), ("Who wrote Hamlet?", 0, 1, "-1.5 -1.0")]
+
+
+def _probed(tmp_path):
     path = tmp_path / "probed.csv"
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_logprobs"])
-        w.writerows(rows)
+        w.writerows(PROBED)
+    return PROBED, path
+
+
+def test_router_eval_labels_ranks_by_the_cascade_where_the_file_has_log_probabilities(
+        tmp_path, capsys):
+    rows, path = _probed(tmp_path)
     assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
     cascade = json.loads(capsys.readouterr().out)["estimators"]["cascade"]
     # 1 - exp(mean log-probability) of the default probe (8 tokens, mean), in file order
@@ -461,14 +468,7 @@ def test_a_threshold_for_the_files_traffic_and_how_it_holds_on_alternate_halves(
 
 
 def test_router_eval_labels_gives_each_estimator_its_threshold_for_the_file(tmp_path, capsys):
-    rows = [(EASY, 1, 1, "-0.01 -0.02"), (HARD, 0, 1, "-0.01 -2.5"),
-            ("Name a primary colour.", 1, 1, "-0.05 -0.01"),
-            ("Who wrote Hamlet?", 0, 1, "-1.5 -1.0")]
-    path = tmp_path / "probed.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["prompt", "cheap_ok", "strong_ok", "cheap_logprobs"])
-        w.writerows(rows)
+    rows, path = _probed(tmp_path)
     assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)["estimators"]
     needed = (1, 3)  # the rows only the strong tier gets right
