@@ -4,8 +4,9 @@ rank the prompts that need the strong tier first where every shipped estimator i
 (MBPP)? Neither is wired into the gateway; this is the evidence for why not.
 
 ``answers``: the cheap tier's *whole* answer, each token scored by the model that wrote it
-(teacher forcing, llama.cpp in-process: the same log-probabilities the answer was generated
-with at temperature 0). The answers are the labelled runs' own: HumanEval in the chat
+(teacher forcing, llama.cpp in-process: about the log-probabilities the answer was generated
+with at temperature 0; the answer's text is tokenised again, which need not give back the
+very tokens generated, and split multi-byte characters decode to U+FFFD). The answers are the labelled runs' own: HumanEval in the chat
 wording (``benchmarks/results/humaneval/small-chat.jsonl``, the Q4_K_M 0.5B, the answers
 ``data/routing/humaneval/chat.csv`` labels) and MBPP (``data/routing/mbpp/replies-small.jsonl``,
 written by ``joulegate router collect mbpp --replies``, the IQ4_NL 0.5B). Per answer, the mean
@@ -20,14 +21,15 @@ so an optimistic figure).
 ``hidden``: a linear probe over the cheap tier's own hidden state of each labelled prompt
 (Qwen2.5-Coder-0.5B Q4_K_M, last layer; the mean over the prompt's tokens, the last token's,
 or both), asked in its labelled wording, as the gateway would send it. Ridge regression,
-sources weighted equally, on the gain (strong right less cheap right) or on the cheap
+sources weighted equally (weights averaging 1 per training prompt), on the gain (strong right less cheap right) or on the cheap
 tier failing, refitted with each source held out (leave one dataset out); MMLU is a seeded
 sample of 8 prompts per subject (``prompt_scores.chosen``). Every (features, target,
 penalty) of the grid is reported: its best row is chosen *with* the held-out sources, so it
-is an upper bound on what such a probe does.
+flatters the probe; it is the best of this grid, not of every such probe. The hidden states
+are the Q4_K_M's on every source, where MBPP's labels are the IQ4_NL's.
 
-    .venv/bin/python benchmarks/signal_probes.py answers   # ~15 min on 2 cores
-    .venv/bin/python benchmarks/signal_probes.py hidden    # ~15 min on 2 cores
+    .venv/bin/python benchmarks/signal_probes.py answers   # ~25 min on 2 cores
+    .venv/bin/python benchmarks/signal_probes.py hidden    # ~17 min on 2 cores
 
 Per-prompt measurements are kept in ``benchmarks/results/runs/signal-probes/`` (an
 interrupted ``answers`` run resumes); the tables go to
@@ -279,12 +281,14 @@ def cmd_hidden(_: argparse.Namespace) -> list[str]:
     best = (-1.0, "")
     for feat, x in (("mean", mean), ("last", last), ("both", np.hstack([mean, last]))):
         for target, y in (("gain", strong - weak), ("cheap fails", 1 - weak)):
-            for penalty in (10.0, 100.0, 1000.0, 10000.0):
+            for penalty in (1.0, 10.0, 100.0, 1000.0, 10000.0):
                 apgrs = []
                 for held in names:
                     train = src != held
-                    weight = np.array([1.0 / (src == s).sum() for s in src])
-                    model = ridge(x[train], y[train], weight[train], penalty)
+                    # equal per source, averaging 1 per training prompt
+                    weight = np.array([1.0 / (src[train] == s).sum() for s in src[train]])
+                    weight *= len(weight) / weight.sum()
+                    model = ridge(x[train], y[train], weight, penalty)
                     test = src == held
                     apgrs.append(routing_curve(held, model(x[test]), weak[test],
                                                strong[test]).apgr)
