@@ -157,6 +157,11 @@ def at_share(share: float, scores: Sequence[float], examples: Sequence[Example]
     return at_threshold(cut, scores, examples, priced=False)
 
 
+def has_joules(examples: Sequence[Example]) -> bool:
+    """Whether every example has both tiers' joules labelled."""
+    return all(e.weak_joules is not None and e.strong_joules is not None for e in examples)
+
+
 def at_threshold(threshold: float, scores: Sequence[float], examples: Sequence[Example],
                  priced: bool = True) -> tuple[float, float, float]:
     """(threshold, quality as a share of always-strong quality, joules as a share of
@@ -171,8 +176,7 @@ def _routed(up: Sequence[bool], examples: Sequence[Example], priced: bool = True
     strong share without joules or ``priced``) when the prompts ``up`` go strong."""
     quality = sum(e.strong if u else e.weak for u, e in zip(up, examples, strict=True))
     strong_quality = sum(e.strong for e in examples) or 1
-    if priced and all(e.weak_joules is not None and e.strong_joules is not None
-                      for e in examples):
+    if priced and has_joules(examples):
         joules = sum((e.strong_joules if u else e.weak_joules) or 0.0
                      for u, e in zip(up, examples, strict=True))
         cost = joules / sum(e.strong_joules or 0.0 for e in examples)
@@ -186,17 +190,12 @@ def threshold_95(scores: Sequence[float], examples: Sequence[Example]) -> float 
     strong tier keeps :data:`QUALITY_SHARE` of always-strong's quality on these prompts;
     ``None`` when the cheap tier alone keeps it. (Prompts tied with the last one needed go
     strong with it: the threshold is their score.)"""
-    target = QUALITY_SHARE * sum(e.strong for e in examples)
-    right = sum(e.weak for e in examples)
-    if right >= target:
+    fractions, quality, _ = cost_curve(scores, examples)  # at the ends of tied blocks
+    target = QUALITY_SHARE * sum(e.strong for e in examples) / len(examples)
+    reached = next(i for i, q in enumerate(quality) if q >= target - 1e-12)
+    if reached == 0:
         return None
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    for k, i in enumerate(order):
-        right += examples[i].strong - examples[i].weak
-        # a tied block goes strong whole, so the target is judged after its last prompt
-        if right >= target and (k + 1 == len(order) or scores[order[k + 1]] != scores[i]):
-            return scores[i]
-    return min(scores)  # not reached: always-strong keeps all of its quality
+    return sorted(scores, reverse=True)[round(fractions[reached] * len(scores)) - 1]
 
 
 def calibrate(scores: Sequence[float], examples: Sequence[Example], priced: bool = True
@@ -207,11 +206,10 @@ def calibrate(scores: Sequence[float], examples: Sequence[Example], priced: bool
     other's threshold: the quality and cost of those held-out decisions (the cost in joules
     where the file has them and ``priced``, else the strong share). ``None`` where there is
     nothing to measure: no prompt the strong tier got right, or a half with no rows."""
-    has_joules = priced and all(e.weak_joules is not None and e.strong_joules is not None
-                                for e in examples)
     out: dict[str, Any] = {"threshold": None, "quality": None, "cost": None,
                            "halves_quality": None, "halves_cost": None,
-                           "cost_of": "joules" if has_joules else "strong share"}
+                           "cost_of": "joules" if priced and has_joules(examples)
+                           else "strong share"}
     if not any(e.strong for e in examples):
         return out  # no quality of the strong tier's to keep a share of
     t = threshold_95(scores, examples)
@@ -241,9 +239,9 @@ def cost_curve(scores: Sequence[float], examples: Sequence[Example]
     n = len(s)
     weak = np.array([examples[i].weak for i in order], dtype=float)
     strong = np.array([examples[i].strong for i in order], dtype=float)
-    has_joules = all(e.weak_joules is not None and e.strong_joules is not None for e in examples)
-    wj = np.array([examples[i].weak_joules or 0.0 for i in order]) if has_joules else np.zeros(n)
-    sj = np.array([examples[i].strong_joules or 0.0 for i in order]) if has_joules else np.ones(n)
+    priced = has_joules(examples)
+    wj = np.array([examples[i].weak_joules or 0.0 for i in order]) if priced else np.zeros(n)
+    sj = np.array([examples[i].strong_joules or 0.0 for i in order]) if priced else np.ones(n)
     ends = [0] + [i for i in range(1, n) if s[order][i] != s[order][i - 1]] + [n]
     quality = (weak.sum() + np.concatenate([[0.0], np.cumsum(strong - weak)])[ends]) / n
     joules = (wj.sum() + np.concatenate([[0.0], np.cumsum(sj - wj)])[ends]) / sj.sum()
@@ -344,13 +342,13 @@ def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
     if not priced:
         return Cell(source, wording, estimator, apgr, _first_reaching(fractions, quality, target),
                     None, None)
-    has_joules = all(e.weak_joules is not None and e.strong_joules is not None for e in examples)
+    labelled = has_joules(examples)
     margin = None
-    if has_joules:  # the curve's inner points against random routing at equal joules
+    if labelled:  # the curve's inner points against random routing at equal joules
         margin = against_random(zip(joules[1:-1], quality[1:-1], strict=True),
                                 (joules[0], quality[0]), (joules[-1], quality[-1]))[0]
     return Cell(source, wording, estimator, apgr, _first_reaching(fractions, quality, target),
-                _first_reaching(joules, quality, target) if has_joules else None, margin,
+                _first_reaching(joules, quality, target) if labelled else None, margin,
                 (joules, quality))
 
 
