@@ -52,6 +52,7 @@ import urllib.request
 from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
+from typing import Any
 
 from gateway.grading import run_program
 from gateway.routing.labels import code_chat
@@ -236,42 +237,58 @@ def answer_logprobs_path(mode: str) -> Path:
     return CACHE / f"small-answer-logprobs-{mode}.jsonl"
 
 
+def scoring_model(model: str, n_threads: int, **kw: Any
+                  ) -> tuple[Any, Callable[[list[dict[str, str]]], str]]:
+    """A catalog model (or GGUF path) in-process (``kw``: more ``Llama`` settings), and its
+    own chat template as a function of the messages (as the llama.cpp backend renders it)."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from backends.models import resolve_model_path
+
+    llm = Llama(str(resolve_model_path(model)), n_threads=n_threads, verbose=False, **kw)
+    eos = llm.detokenize([llm.token_eos()]).decode()
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=eos,
+                                    bos_token="")
+    return llm, lambda messages: formatter(messages=messages).prompt
+
+
+def answer_log_softmax(llm: Any, prompt: list[int], answer: list[int]) -> Any:
+    """Teacher forcing: ``prompt + answer`` read by ``llm`` (a :func:`scoring_model` with
+    ``logits_all``); row j
+    is the log-softmax of the logits before answer token j, the distribution it came from."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt + answer)
+    logits = np.asarray(llm.scores[len(prompt) - 1: len(prompt) + len(answer) - 1],
+                        dtype=np.float64)
+    top = logits.max(axis=1)
+    return logits - (top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))[:, None]
+
+
 def cmd_answer_logprobs(args: argparse.Namespace) -> int:
     """Every token of the cached cheap answers with its log-probability (see the docstring)."""
     import numpy as np
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from tqdm import tqdm
-
-    from backends.models import resolve_model_path
 
     answers = load_cache(args.tier, args.mode)
     path = answer_logprobs_path(args.mode)
     done = read_rows(path)
     todo = [p for p in problems() if p["task_id"] in answers and p["task_id"] not in done]
-    llm = Llama(str(resolve_model_path(args.model)), n_ctx=2048, n_threads=os.cpu_count(),
-                logits_all=True, verbose=False)
-    eos = llm.detokenize([llm.token_eos()]).decode()
-    render = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=eos,
-                                 bos_token="")
+    llm, render = scoring_model(args.model, os.cpu_count() or 1, n_ctx=2048,
+                                logits_all=True)
     with path.open("a") as out:
         for problem in tqdm(todo, desc=f"HumanEval ({args.mode}) answer log-probabilities",
                             unit="problem"):
             if args.mode == "chat":
-                text = render(messages=chat_request(problem, args.tier)["messages"]).prompt
+                text = render(chat_request(problem, args.tier)["messages"])
                 prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
             else:
                 prompt = llm.tokenize(problem["prompt"].encode(), add_bos=True, special=False)
             answer = llm.tokenize(answers[problem["task_id"]]["completion"].encode(),
                                   add_bos=False, special=False)[: args.tokens]
-            llm.reset()
-            llm.eval(prompt + answer)
-            # the logits before each answer token, as log-softmax, at that token
-            logits = np.asarray(llm.scores[len(prompt) - 1: len(prompt) + len(answer) - 1],
-                                dtype=np.float64)
-            top = logits.max(axis=1)
-            norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-            values = logits[np.arange(len(answer)), answer] - norm
+            values = answer_log_softmax(llm, prompt, answer)[np.arange(len(answer)), answer]
             out.write(json.dumps({"task_id": problem["task_id"], "tier": args.tier,
                                   "logprobs": [round(float(v), 4) for v in values]}) + "\n")
             out.flush()

@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from backends.models import resolve_model_path  # noqa: E402
+import humaneval  # noqa: E402
+
 from gateway.routing.labels import (  # noqa: E402
     MIN_PROMPTS,
     Example,
@@ -73,25 +74,11 @@ COPY_CONTEXT = 12
 SELECTIONS = ("all", "code", "novel", "novel code")
 
 
-def _llama(model: str, **kw: Any) -> tuple[Any, Callable[[list[dict[str, str]]], str]]:
-    """The model in-process and its own chat template (as the llama.cpp backend renders it)."""
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    llm = Llama(str(resolve_model_path(model)), n_threads=2, verbose=False, **kw)
-    eos = llm.detokenize([llm.token_eos()]).decode()
-    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=eos,
-                                    bos_token="")
-    return llm, lambda messages: formatter(messages=messages).prompt
-
-
 # --- answers -------------------------------------------------------------------------------
 
 def answer_sets() -> Iterator[tuple[str, str, list[tuple[str, str, str, bool, bool, float, float]]]]:
     """(source, model, [(key, request text, answer, cheap_ok, strong_ok, cheap J, strong J)])."""
     import csv
-
-    import humaneval
 
     labels = {r["task_id"]: r for r in csv.DictReader((DATA / "humaneval" / "chat.csv").open())}
     answers = humaneval.load_cache("small", "chat")
@@ -127,7 +114,7 @@ def score_answers(source: str, model: str, rows: list) -> list[dict[str, Any]]:
         done = {r["key"]: r for r in map(json.loads, path.open())}
     todo = [r for r in rows if r[0] not in done]
     if todo:
-        llm, render = _llama(model, n_ctx=4096, logits_all=True)
+        llm, render = humaneval.scoring_model(model, 2, n_ctx=4096, logits_all=True)
         with path.open("a") as out:
             for key, user, answer, *_ in tqdm(todo, desc=f"{source}: scoring answers",
                                               unit="answer", file=sys.stdout, mininterval=10):
@@ -135,13 +122,7 @@ def score_answers(source: str, model: str, rows: list) -> list[dict[str, Any]]:
                                       add_bos=False, special=True)
                 tokens = llm.tokenize(answer.encode(), add_bos=False, special=False)
                 tokens = tokens[: 4096 - len(prompt) - 1]
-                llm.reset()
-                llm.eval(prompt + tokens)
-                # the logits before each answer token, as log-softmax
-                logits = np.asarray(llm.scores[len(prompt) - 1: len(prompt) + len(tokens) - 1],
-                                    dtype=np.float64)
-                top = logits.max(axis=1)
-                logsm = logits - (top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))[:, None]
+                logsm = humaneval.answer_log_softmax(llm, prompt, tokens)
                 row = {"key": key,
                        "tokens": [llm.detokenize([t]).decode("utf-8", "replace") for t in tokens],
                        "logprob": [round(float(v), 4) for v in logsm[np.arange(len(tokens)), tokens]],
@@ -225,8 +206,9 @@ def hidden_states(examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
         cached = np.load(path)
         if list(cached["keys"]) == keys:
             return cached["mean"], cached["last"]
-    llm, render = _llama(SMALL, n_ctx=4096, n_batch=4096, n_ubatch=4096, embedding=True,
-                         pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
+    llm, render = humaneval.scoring_model(SMALL, 2, n_ctx=4096, n_batch=4096, n_ubatch=4096,
+                                          embedding=True,
+                                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
     means, lasts = [], []
     for e in tqdm(examples, desc="hidden states", unit="prompt", file=sys.stdout,
                   mininterval=10):
