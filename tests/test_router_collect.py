@@ -66,6 +66,28 @@ def test_collect_labels_prompts_on_two_tiers_and_resumes(gateways, tmp_path, sma
     logged = [json.loads(line) for line in replies.read_text().splitlines()]
     assert [r["tier"] for r in logged] == ["small", "full"]
     assert logged[0]["prompt"] == rows(out)[2]["prompt"] and isinstance(logged[0]["ok"], bool)
+    # --keep-strong: the strong tier's outcome comes from an earlier file (here a made-up
+    # one, so a copied value is told from an asked one) and only the cheap tier is asked.
+    earlier = tmp_path / "earlier.csv"
+    first_row = rows(out)[0]
+    flipped = "0" if first_row["strong_ok"] == "1" else "1"
+    with open(earlier, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerow([first_row["prompt"], first_row["cheap_ok"], flipped, 1.0, 123.5, "mmlu"])
+    relabelled, asked = tmp_path / "relabelled.csv", tmp_path / "asked.jsonl"
+    kept = joulegate("router", "collect", "mmlu", "--url", gw.url, "--key", KEYS["acme"],
+                     "--tiers", "small,full", "--limit", "2", "--keep-strong", str(earlier),
+                     "--out", str(relabelled), "--replies", str(asked))
+    assert kept.returncode == 0, kept.stderr
+    assert "copied from" in kept.stderr and "for 1 of them" in kept.stderr
+    copied, fresh = rows(relabelled)
+    assert copied["prompt"] == first_row["prompt"] and copied["strong_ok"] == flipped
+    assert float(copied["strong_joules"]) == 123.5
+    assert copied["cheap_ok"] == first_row["cheap_ok"] and float(copied["cheap_joules"]) > 0
+    assert fresh["strong_ok"] == fresh["cheap_ok"] and float(fresh["strong_joules"]) > 0
+    assert [r["tier"] for r in map(json.loads, asked.read_text().splitlines())] == [
+        "small", "small", "full"]
     # A maths problem, graded on its final number (2 tokens cannot hold a right answer).
     maths = tmp_path / "gsm8k.csv"
     done = joulegate("router", "collect", "gsm8k", "--url", gw.url, "--key", KEYS["acme"],

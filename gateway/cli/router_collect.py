@@ -22,6 +22,10 @@ Datasets (files in the source tree, see ``data/routing/README.md``):
 - ``mbpp`` — MBPP's hand-verified problems of its test split, asked in the MBPP paper's
   wording (the task and its ``assert`` tests), the reply's code block run against the tests.
 
+``--keep-strong FILE`` copies the strong tier's outcome and joules for each prompt that FILE
+(an earlier label file of the same dataset and wording) has, instead of asking it again: after
+the cheap tier's model changes, only the cheap tier is run.
+
 ``--from-results DIR`` (HumanEval only) writes the rows from the per-tier outcomes that
 ``benchmarks/humaneval.py collect`` already cached in DIR instead of asking again.
 """
@@ -265,14 +269,27 @@ def default_key() -> str:
     return ""
 
 
+def kept_strong(path: Path | None) -> dict[str, tuple[bool, float]]:
+    """prompt → (strong_ok, strong_joules) of an earlier label file (empty without one)."""
+    if path is None:
+        return {}
+    with path.open(newline="") as f:
+        return {row["prompt"]: (row["strong_ok"] == "1", float(row["strong_joules"] or 0.0))
+                for row in csv.DictReader(f)}
+
+
 def collect_live(args: argparse.Namespace, tiers: list[str], out: Path) -> int:
+    kept = kept_strong(Path(args.keep_strong) if args.keep_strong else None)
     items = list(ITEMS[args.dataset](args.max_tokens))[args.offset:]
     if args.limit:
         items = items[: args.limit]
     done = done_prompts(out)
     todo = [item for item in items if item.prompt not in done]
     print(f"{args.dataset}: {len(items)} prompts, {len(items) - len(todo)} already in {out}, "
-          f"{len(todo)} to ask on tiers {', '.join(tiers)}", file=sys.stderr)
+          f"{len(todo)} to ask on tiers {', '.join(tiers)}"
+          + (f"; {tiers[-1]}'s outcome copied from {args.keep_strong} for "
+             f"{sum(item.prompt in kept for item in todo)} of them" if kept else ""),
+          file=sys.stderr)
     key = args.key or default_key()
     replies = Path(args.replies).open("a") if args.replies else None  # noqa: SIM115 - closed below
     f, writer = open_out(out, tiers, extra=CHEAP_DETAIL)
@@ -284,6 +301,10 @@ def collect_live(args: argparse.Namespace, tiers: list[str], out: Path) -> int:
             joules: dict[str, float] = {}
             detail: list[object] = []
             for tier in tiers:
+                if tier == tiers[-1] and item.prompt in kept:
+                    ok[tier], joules[tier] = kept[item.prompt]
+                    wins[tier] += ok[tier]
+                    continue
                 body = request_body(item, tier)
                 if tier == tiers[0]:
                     body["logprobs"] = True  # greedy all the same: the same answer
@@ -383,6 +404,9 @@ def register(router_sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="CSV to append to (default: data/routing/DATASET/labels-TIERS.csv)")
     p.add_argument("--replies", metavar="FILE",
                    help="also append every answer and its grade to FILE (JSON lines)")
+    p.add_argument("--keep-strong", metavar="FILE",
+                   help="copy the strong tier's outcome and joules from this earlier label "
+                        "file where it has the prompt, instead of asking again")
     p.add_argument("--from-results", metavar="DIR",
                    help="humaneval: rows from benchmarks/humaneval.py's cached outcomes in DIR")
     p.add_argument("--mode", choices=("completion", "chat"), default="chat",
