@@ -10,14 +10,17 @@ metrics and the access log are the chat path's.
    ``function_call`` / ``function_call_output`` items) → chat messages (an assistant's
    ``tool_calls``, ``tool`` messages); flat function ``tools`` → :class:`ToolSpec`;
    ``text.format`` → :class:`ResponseFormat`; ``max_output_tokens`` → ``max_tokens``;
-3. the shared steps: plan (among the tiers that can serve tools or structured output, when
-   the request uses them), admit (reserve joules), the plan's tier with its energy share
+   ``include: ["message.output_text.logprobs"]`` → ``logprobs`` (with ``top_logprobs``
+   alternatives, 0..20; ``top_logprobs`` alone returns none, as OpenAI's does);
+3. the shared steps: plan (:func:`~gateway.steps.plan`: among the tiers that can serve
+   tools, structured output and log-probabilities, when the request uses them), admit (reserve joules), the plan's tier with its energy share
    open, then :func:`~gateway.steps.finish`;
 4. the answer: a ``response`` object — ``output`` holds a ``message`` item (``output_text``)
    and/or ``function_call`` items; ``status`` is ``incomplete`` (``incomplete_details.reason:
    max_output_tokens``) when the output was cut; ``usage`` has ``input_tokens``,
    ``output_tokens``, ``total_tokens``, their details, ``energy_joules`` and
-   ``energy_source``. With ``stream: true``: server-sent events ``event: <type>`` /
+   ``energy_source``; each ``output_text`` part's ``logprobs`` (``token``, ``logprob``,
+   ``bytes``, ``top_logprobs``) when the request included them. With ``stream: true``: server-sent events ``event: <type>`` /
    ``data: {json}`` with increasing ``sequence_number`` s — ``response.created``,
    ``response.in_progress``; per message ``response.output_item.added``,
    ``response.content_part.added``, ``response.output_text.delta`` ...,
@@ -59,25 +62,35 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from backends import BackendError, Chunk, GenerationRequest
-from backends.features import NamedToolChoice, ResponseFormat, ToolCall, ToolChoice, ToolSpec
+from backends.features import (
+    NamedToolChoice,
+    ResponseFormat,
+    TokenLogprob,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+)
 
 from .call import Call
 from .errors import APIError, InvalidRequest
+from .openai_types import MAX_TOP_LOGPROBS
 from .pipeline import run_request
-from .routing import TierPlan, pick_tier
 from .runtime import Runtime, Snapshot
 from .steps import (
     answer_headers,
     complete_on,
     on_plan,
+    plan,
     read_body,
     request_id,
-    route_context,
     take_tokens,
 )
 from .streaming import SSEResponse, first_chunk, stream_response
 
 log = logging.getLogger("joulegate")
+
+#: The ``include`` value that asks for the output text's log-probabilities.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 #: The same bounds as chat (:mod:`gateway.openai_types`).
@@ -366,7 +379,8 @@ class ResponsesRequest(BaseModel):
     conversation: Any = None
     prompt: Any = None
     background: bool | None = None
-    top_logprobs: int | None = None
+    # used with include: ["message.output_text.logprobs"]
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("previous_response_id", "conversation", "prompt")
     @classmethod
@@ -386,13 +400,10 @@ class ResponsesRequest(BaseModel):
                                       "supported")
         return value
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        if value:
-            raise PydanticCustomError("unsupported_value", "top_logprobs is not supported on "
-                                      "/v1/responses")
-        return value
+    @property
+    def wants_logprobs(self) -> bool:
+        """The answer's ``output_text`` parts carry their tokens' log-probabilities."""
+        return LOGPROBS_INCLUDE in (self.include or ())
 
     def dropped_params(self) -> list[str]:
         """Fields accepted but not passed on to the backend."""
@@ -400,8 +411,10 @@ class ResponsesRequest(BaseModel):
             "reasoning", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
             "safety_identifier", "max_tool_calls", "context_management")
             if getattr(self, name) is not None]
-        if self.include:
+        if any(value != LOGPROBS_INCLUDE for value in self.include or ()):
             dropped.append("include")
+        if self.top_logprobs and not self.wants_logprobs:
+            dropped.append("top_logprobs")
         if self.store:
             dropped.append("store")
         if self.truncation == "auto":
@@ -493,7 +506,8 @@ class ResponsesRequest(BaseModel):
             request_id=request_id,
             tools=[t.spec() for t in self.functions()] or None,
             tool_choice=self.tool_choice_value(), parallel_tool_calls=self.parallel_tool_calls,
-            response_format=self.response_format())
+            response_format=self.response_format(), logprobs=self.wants_logprobs,
+            top_logprobs=self.top_logprobs if self.wants_logprobs else None)
 
     def echo(self) -> dict[str, Any]:
         """The request's settings, as every response object repeats them."""
@@ -516,7 +530,7 @@ class ResponsesRequest(BaseModel):
             else (choice or "auto"),
             "tools": [t.echo() for t in self.functions()], "top_p": self.top_p,
             "truncation": self.truncation or "disabled", "user": self.user,
-            "background": False, "service_tier": "default",
+            "top_logprobs": self.top_logprobs, "background": False, "service_tier": "default",
         }
 
 
@@ -634,7 +648,7 @@ async def handle_responses(runtime: Runtime, request: Request) -> Response:
         return await (_open_stream if call.stream else _complete)(runtime, snap, call)
 
     return await run_request(runtime, request, ResponsesCall(request_id(request), chat=True),
-                             _read, answer, _plan)
+                             _read, answer, plan)
 
 
 async def _read(snap: Snapshot, call: ResponsesCall, request: Request) -> None:
@@ -662,31 +676,37 @@ def prompt_estimate(generation: GenerationRequest) -> int:
     return chars // 4 + 1
 
 
-def _plan(runtime: Runtime, snap: Snapshot, call: ResponsesCall, max_tier: str | None) -> None:
-    """The tier plan, among the tiers that can serve what the request uses."""
-    generation = call.req
-    capability = "generation"
-    if generation.tools:
-        capability = "tools"
-    elif generation.response_format is not None and generation.response_format.type != "text":
-        capability = "structured_output"
-    ctx = route_context(runtime, snap, call, capability=capability)
-    call.plan = TierPlan.route(ctx, pick_tier(ctx, call.model or "", generation, max_tier))
-
-
 # -- the whole answer --------------------------------------------------------------------
 
 def _new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
 
-def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+def message_item(item_id: str, text: str, status: str,
+                 logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "status": status, "role": "assistant",
-            "content": [] if text is None else [_text_part(text)]}
+            "content": [] if text is None else [_text_part(text, logprobs)]}
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [],
+            "logprobs": response_logprobs(logprobs)}
+
+
+def response_logprobs(entries: list[TokenLogprob] | None) -> list[dict[str, Any]]:
+    """An ``output_text`` part's (or text event's) ``logprobs``: the chat entries, with each
+    token's UTF-8 ``bytes`` always given (the Responses schema requires them)."""
+    def filled(entry: dict[str, Any]) -> dict[str, Any]:
+        if entry.get("bytes") is None:
+            entry["bytes"] = list(entry["token"].encode())
+        return entry
+
+    out = []
+    for e in entries or ():
+        entry = filled(e.to_openai())
+        entry["top_logprobs"] = [filled(t) for t in entry["top_logprobs"]]
+        out.append(entry)
+    return out
 
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str,
@@ -706,7 +726,7 @@ async def _complete(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Re
     status = _status(result.finish_reason)
     output: list[dict[str, Any]] = []
     if result.text or not result.tool_calls:
-        output.append(message_item(_new_id("msg_"), result.text, status))
+        output.append(message_item(_new_id("msg_"), result.text, status, result.logprobs))
     for tc in result.tool_calls or ():
         output.append(call_item(_new_id("fc_"), tc.id, tc.name, tc.arguments, "completed"))
     return Response(orjson.dumps(call.response(status, output)), media_type="application/json",
@@ -760,7 +780,7 @@ class _Events:
                                  item={**item, "content": []} if item["type"] == "message"
                                  else item)
 
-    def text(self, delta: str) -> list[bytes]:
+    def text(self, delta: str, logprobs: list[TokenLogprob] | None = None) -> list[bytes]:
         out: list[bytes] = []
         if self.message is None:
             out.extend(self.close_all())
@@ -773,9 +793,13 @@ class _Events:
                                   part={"type": "output_text", "text": "", "annotations": []}))
         index = self.message
         item = self.output[index]
-        item["content"][0]["text"] += delta
+        part = item["content"][0]
+        part["text"] += delta
+        entries = response_logprobs(logprobs)
+        part["logprobs"].extend(entries)
         out.append(self.event("response.output_text.delta", item_id=item["id"],
-                              output_index=index, content_index=0, delta=delta, logprobs=[]))
+                              output_index=index, content_index=0, delta=delta,
+                              logprobs=entries))
         return out
 
     def tool_call(self, index: int, call_id: str | None, name: str | None,
@@ -804,11 +828,9 @@ class _Events:
                 part = item["content"][0]
                 out.append(self.event("response.output_text.done", item_id=item["id"],
                                       output_index=index, content_index=0, text=part["text"],
-                                      logprobs=[]))
+                                      logprobs=part["logprobs"]))
                 out.append(self.event("response.content_part.done", item_id=item["id"],
-                                      output_index=index, content_index=0,
-                                      part={"type": "output_text", "text": part["text"],
-                                            "annotations": []}))
+                                      output_index=index, content_index=0, part=part))
             else:
                 item["status"] = "completed"
                 out.append(self.event("response.function_call_arguments.done",
@@ -840,8 +862,8 @@ async def _stream_events(call: ResponsesCall, events: _Events, chunks: AsyncIter
         while True:
             if chunk is None:  # the backend ended without a finish reason
                 chunk = Chunk(finish_reason="stop")
-            if chunk.text:
-                parts.extend(events.text(chunk.text))
+            if chunk.text or chunk.logprobs:
+                parts.extend(events.text(chunk.text or "", chunk.logprobs))
             for delta in chunk.tool_calls or ():
                 parts.extend(events.tool_call(delta.index, delta.id, delta.name,
                                               delta.arguments))

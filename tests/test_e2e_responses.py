@@ -75,6 +75,26 @@ def test_sdk_stream_events(gw):
     assert events[-1].response.usage.model_extra["energy_joules"] > 0
 
 
+def test_sdk_logprobs_of_the_real_model(gw):
+    client = gw.client()
+    ask = {"model": "small", "input": "Say hello in three words.", "max_output_tokens": 8,
+           "temperature": 0, "include": ["message.output_text.logprobs"], "top_logprobs": 3}
+    reply = client.responses.create(**ask)
+    [part] = reply.output[0].content
+    # one entry per generated token, whose bytes spell the text
+    assert len(part.logprobs) == reply.usage.output_tokens
+    assert bytes(b for e in part.logprobs for b in e.bytes).decode() == part.text
+    for entry in part.logprobs:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+    with client.responses.stream(**ask) as stream:
+        events = list(stream)
+    streamed = [x.logprob for e in events if e.type == "response.output_text.delta"
+                for x in e.logprobs]
+    assert streamed == pytest.approx([e.logprob for e in part.logprobs], abs=1e-4)
+
+
 def test_langchain_chat_openai_responses_api(gw):
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(model="small", base_url=f"{gw.url}/v1",

@@ -19,7 +19,7 @@ import pytest
 from backends.features import NamedToolChoice, ResponseFormat, ToolCall, ToolSpec
 
 from .conftest import KEYS
-from .inprocess import BASE_URL, InProcessGateway, joules, policy
+from .inprocess import BASE_URL, InProcessGateway, in_process_small, joules, policy
 from .scripted import Script
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -382,3 +382,84 @@ async def test_reasoning_items_from_another_model_are_accepted_and_not_passed_on
         r = await gw.post(RESPONSES, {"model": "big", "input": [reasoning]})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "input"
+
+
+# -- log-probabilities -------------------------------------------------------------------
+
+LOGPROBS = ["message.output_text.logprobs"]
+
+
+async def test_included_logprobs_are_on_the_output_text_whole_and_streamed(tmp_path):
+    scripts = {"up-big": [Script(token_logprobs=[-0.5, -1.5]), Script()]}
+    async with InProcessGateway(tmp_path, scripts=scripts) as gw:
+        r = await gw.post(RESPONSES, {"model": "big", "input": "Hi", "include": LOGPROBS,
+                                      "top_logprobs": 2})
+        assert r.status_code == 200, r.text
+        assert "x-joulegate-dropped-params" not in r.headers
+        body = r.json()
+        [part] = body["output"][0]["content"]
+        assert [e["token"] for e in part["logprobs"]] == ["Hello", ",", " world", "."]
+        assert [e["logprob"] for e in part["logprobs"]] == [-0.5, -1.5, -0.25, -0.25]
+        first = part["logprobs"][0]
+        assert first["bytes"] == list(b"Hello")
+        assert [t["token"] for t in first["top_logprobs"]] == ["Hello", "alt1"]
+        assert body["top_logprobs"] == 2
+        (seen,) = gw.backends["up-big"].requests
+        assert seen.logprobs and seen.top_logprobs == 2
+
+        r = await gw.post(RESPONSES, {"model": "big", "input": "Hi", "include": LOGPROBS,
+                                      "stream": True})
+        events = sse(r.text)
+    deltas = [e for k, e in events if k == "response.output_text.delta"]
+    assert [[x["token"] for x in d["logprobs"]] for d in deltas] == [
+        ["Hello"], [","], [" world"], ["."]]
+    assert all(x["top_logprobs"] == [] for d in deltas for x in d["logprobs"])
+    data = dict(events)
+    whole = [x["token"] for x in data["response.output_text.done"]["logprobs"]]
+    assert whole == ["Hello", ",", " world", "."]
+    assert data["response.content_part.done"]["part"]["logprobs"] == (
+        data["response.output_text.done"]["logprobs"])
+    done = data["response.completed"]["response"]
+    assert done["output"][0]["content"][0]["logprobs"] == (
+        data["response.output_text.done"]["logprobs"])
+
+
+async def test_top_logprobs_without_the_include_returns_none_and_says_so(tmp_path):
+    async with InProcessGateway(tmp_path) as gw:
+        r = await gw.post(RESPONSES, {"model": "big", "input": "Hi", "top_logprobs": 3})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-dropped-params"] == "top_logprobs"
+        assert r.json()["output"][0]["content"][0]["logprobs"] == []
+        (seen,) = gw.backends["up-big"].requests
+        assert not seen.logprobs and seen.top_logprobs is None
+        r = await gw.post(RESPONSES, {"model": "big", "input": "Hi", "top_logprobs": 21,
+                                      "include": LOGPROBS})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "top_logprobs"
+
+
+async def test_routed_only_among_tiers_with_every_capability_used(tmp_path):
+    p = in_process_small(policy({"default_tier": "small"}), ["logprobs", "structured_output"])
+    async with InProcessGateway(tmp_path, p) as gw:
+        r = await gw.post(RESPONSES, {"model": "auto", "input": "Hi"})
+        assert r.headers["x-joulegate-tier"] == "small"
+        r = await gw.post(RESPONSES, {"model": "auto", "input": "Hi", "include": LOGPROBS})
+        assert r.status_code == 200 and r.headers["x-joulegate-tier"] == "big"
+        assert len(r.json()["output"][0]["content"][0]["logprobs"]) == 4
+        # tools the small tier has, a format it has not: both count
+        r = await gw.post(RESPONSES, {"model": "auto", "input": "Weather?", "tools": [WEATHER],
+                                      "text": {"format": {"type": "json_object"}}})
+        assert r.status_code == 200 and r.headers["x-joulegate-tier"] == "big"
+        r = await gw.post(RESPONSES, {"model": "small", "input": "Hi", "include": LOGPROBS})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "capability_missing" and "'logprobs'" in err["message"]
+
+
+def test_every_logprob_carries_its_utf8_bytes():
+    from backends.features import TokenLogprob, TopLogprob
+    from gateway.responses import response_logprobs
+    [entry] = response_logprobs([TokenLogprob("é", -0.1, None, [TopLogprob("e", -2.5)])])
+    assert entry == {"token": "é", "logprob": -0.1, "bytes": [0xC3, 0xA9],
+                     "top_logprobs": [{"token": "e", "logprob": -2.5, "bytes": [0x65]}]}
+    assert response_logprobs(None) == []
