@@ -127,7 +127,8 @@ def main() -> int:
     else:
         out, header = args.data / PROMPT_SCORES, ["key", "mean_logprob"]
         done = set(read_prompt_scores(out))
-        todo = [(e, None) for e in examples if e.key not in done]
+        # One row per key: a question asked twice (MMLU repeats a few) is scored once.
+        todo = list({e.key: (e, None) for e in examples if e.key not in done}.values())
     print(f"{len(todo)} to score ({len({(e.prompt, w or e.format) for e, w in todo} - set(known))}"
           " requests not measured yet)")
     asyncio.run(score(todo, out, header, known))
