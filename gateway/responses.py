@@ -13,16 +13,17 @@ metrics and the access log are the chat path's.
    ``include: ["message.output_text.logprobs"]`` → ``logprobs`` (with ``top_logprobs``
    alternatives, 0..20; ``top_logprobs`` alone returns none, as OpenAI's does);
 3. the shared steps: plan (:func:`~gateway.steps.plan`: among the tiers that can serve
-   tools, structured output and log-probabilities, when the request uses them), admit (reserve joules), the plan's tier with its energy share
-   open, then :func:`~gateway.steps.finish`;
+   tools, structured output and log-probabilities, when the request uses them), admit
+   (reserve joules), the plan's tier with its energy share open, then
+   :func:`~gateway.steps.finish`;
 4. the answer: a ``response`` object — ``output`` holds a ``message`` item (``output_text``)
    and/or ``function_call`` items; ``status`` is ``incomplete`` (``incomplete_details.reason:
    max_output_tokens``) when the output was cut; ``usage`` has ``input_tokens``,
    ``output_tokens``, ``total_tokens``, their details, ``energy_joules`` and
    ``energy_source``; each ``output_text`` part's ``logprobs`` (``token``, ``logprob``,
-   ``bytes``, ``top_logprobs``) when the request included them. With ``stream: true``: server-sent events ``event: <type>`` /
-   ``data: {json}`` with increasing ``sequence_number`` s — ``response.created``,
-   ``response.in_progress``; per message ``response.output_item.added``,
+   ``bytes``, ``top_logprobs``) when the request included them. With ``stream: true``:
+   server-sent events ``event: <type>`` / ``data: {json}`` with increasing
+   ``sequence_number`` s — ``response.created``, ``response.in_progress``; per message ``response.output_item.added``,
    ``response.content_part.added``, ``response.output_text.delta`` ...,
    ``response.output_text.done``, ``response.content_part.done``,
    ``response.output_item.done``; per function call ``response.output_item.added``,
@@ -693,6 +694,19 @@ def _text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[st
             "logprobs": response_logprobs(logprobs)}
 
 
+def spelled(entries: list[TokenLogprob] | None, text: str) -> list[TokenLogprob]:
+    """The leading ``entries`` whose bytes make up ``text``: not those of a tool call's or a
+    stop sequence's tokens, which are not part of the output text."""
+    out: list[TokenLogprob] = []
+    room = len(text.encode())
+    for e in entries or ():
+        room -= len(e.token.encode() if e.bytes is None else e.bytes)
+        if room < 0:
+            break
+        out.append(e)
+    return out
+
+
 def response_logprobs(entries: list[TokenLogprob] | None) -> list[dict[str, Any]]:
     """An ``output_text`` part's (or text event's) ``logprobs``: the chat entries, with each
     token's UTF-8 ``bytes`` always given (the Responses schema requires them)."""
@@ -726,7 +740,8 @@ async def _complete(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Re
     status = _status(result.finish_reason)
     output: list[dict[str, Any]] = []
     if result.text or not result.tool_calls:
-        output.append(message_item(_new_id("msg_"), result.text, status, result.logprobs))
+        output.append(message_item(_new_id("msg_"), result.text, status,
+                                   spelled(result.logprobs, result.text)))
     for tc in result.tool_calls or ():
         output.append(call_item(_new_id("fc_"), tc.id, tc.name, tc.arguments, "completed"))
     return Response(orjson.dumps(call.response(status, output)), media_type="application/json",
@@ -761,6 +776,8 @@ class _Events:
         #: A streamed call's ``index`` → its output index.
         self.calls: dict[int, int] = {}
         self.open: list[int] = []
+        #: Log-probabilities of tokens whose text has not come yet (held back by the backend).
+        self.pending: list[TokenLogprob] = []
 
     def event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -795,7 +812,8 @@ class _Events:
         item = self.output[index]
         part = item["content"][0]
         part["text"] += delta
-        entries = response_logprobs(logprobs)
+        entries = response_logprobs(self.pending + (logprobs or []))
+        self.pending = []
         part["logprobs"].extend(entries)
         out.append(self.event("response.output_text.delta", item_id=item["id"],
                               output_index=index, content_index=0, delta=delta,
@@ -805,6 +823,7 @@ class _Events:
     def tool_call(self, index: int, call_id: str | None, name: str | None,
                   arguments: str) -> list[bytes]:
         out: list[bytes] = []
+        self.pending = []  # a call's own tokens: not output text
         if index not in self.calls:
             out.extend(self.close_all())
             position, added = self._add(call_item(_new_id("fc_"), call_id or _new_id("call_"),
@@ -862,8 +881,10 @@ async def _stream_events(call: ResponsesCall, events: _Events, chunks: AsyncIter
         while True:
             if chunk is None:  # the backend ended without a finish reason
                 chunk = Chunk(finish_reason="stop")
-            if chunk.text or chunk.logprobs:
-                parts.extend(events.text(chunk.text or "", chunk.logprobs))
+            if chunk.text:
+                parts.extend(events.text(chunk.text, chunk.logprobs))
+            elif chunk.logprobs and not chunk.tool_calls:
+                events.pending.extend(chunk.logprobs)  # their text may follow
             for delta in chunk.tool_calls or ():
                 parts.extend(events.tool_call(delta.index, delta.id, delta.name,
                                               delta.arguments))
@@ -876,6 +897,7 @@ async def _stream_events(call: ResponsesCall, events: _Events, chunks: AsyncIter
                 call.completion_tokens = chunk.usage.completion_tokens
             if chunk.finish_reason is not None:
                 status = _status(chunk.finish_reason)
+                events.pending = []  # tokens whose text never came
                 if not events.output:  # nothing generated: still one (empty) message
                     parts.extend(events.text(""))
                 parts.extend(events.close_all("incomplete" if status == "incomplete"

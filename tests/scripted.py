@@ -119,6 +119,12 @@ def scripted_vector(text: str | list[int], size: int) -> list[float]:
     return [x / norm for x in vector]
 
 
+def halves(call: ToolCall) -> tuple[str, str]:
+    """A scripted call's arguments as the two tokens it streams them in."""
+    half = len(call.arguments) // 2
+    return call.arguments[:half], call.arguments[half:]
+
+
 def scripted_logprobs(pieces: Sequence[str], request: GenerationRequest, logprob: float = -0.25,
                       per_token: Sequence[float] = (), start: int = 0
                       ) -> list[TokenLogprob] | None:
@@ -227,12 +233,14 @@ class ScriptedBackend(Backend):
             await tokens.aclose()
         if script.tool_calls and finish != "length":
             request.progress.completion_tokens += 2 * len(script.tool_calls)
+            # as llama.cpp's: the calls' tokens too, after the text's
             return Generation("".join(pieces), "tool_calls",
                               Usage(request.progress.prompt_tokens,
                                     request.progress.completion_tokens),
                               tool_calls=list(script.tool_calls),
-                              logprobs=scripted_logprobs(pieces, request, script.logprob,
-                                                         script.token_logprobs))
+                              logprobs=scripted_logprobs(
+                                  pieces + [p for c in script.tool_calls for p in halves(c)],
+                                  request, script.logprob, script.token_logprobs))
         return Generation("".join(pieces), finish, Usage(request.progress.prompt_tokens,
                                                          request.progress.completion_tokens),
                           logprobs=scripted_logprobs(pieces, request, script.logprob,
@@ -286,12 +294,17 @@ class ScriptedBackend(Backend):
                 elif script.tool_calls and finish != "length":
                     if piece:
                         yield Chunk(text=piece, logprobs=logprobs)
+                    at = record.tokens_sent  # the index of the calls' first token
                     for i, call in enumerate(script.tool_calls):
-                        half = len(call.arguments) // 2
                         yield Chunk(tool_calls=[ToolCallDelta(i, call.id, call.name)])
-                        for part in (call.arguments[:half], call.arguments[half:]):
+                        for part in halves(call):
                             request.progress.completion_tokens += 1
-                            yield Chunk(tool_calls=[ToolCallDelta(i, arguments=part)])
+                            # as llama.cpp's: a call's tokens' log-probabilities on its deltas
+                            yield Chunk(tool_calls=[ToolCallDelta(i, arguments=part)],
+                                        logprobs=scripted_logprobs(
+                                            [part], request, script.logprob,
+                                            script.token_logprobs, at))
+                            at += 1
                     record.finished = True
                     yield Chunk(finish_reason="tool_calls",
                                 usage=Usage(request.progress.prompt_tokens,

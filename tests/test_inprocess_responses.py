@@ -408,12 +408,13 @@ async def test_included_logprobs_are_on_the_output_text_whole_and_streamed(tmp_p
         assert seen.logprobs and seen.top_logprobs == 2
 
         r = await gw.post(RESPONSES, {"model": "big", "input": "Hi", "include": LOGPROBS,
-                                      "stream": True})
+                                      "top_logprobs": 2, "stream": True})
         events = sse(r.text)
     deltas = [e for k, e in events if k == "response.output_text.delta"]
     assert [[x["token"] for x in d["logprobs"]] for d in deltas] == [
         ["Hello"], [","], [" world"], ["."]]
-    assert all(x["top_logprobs"] == [] for d in deltas for x in d["logprobs"])
+    assert [[t["token"] for t in x["top_logprobs"]] for d in deltas for x in d["logprobs"]] == [
+        ["Hello", "alt1"], [",", "alt1"], [" world", "alt1"], [".", "alt1"]]
     data = dict(events)
     whole = [x["token"] for x in data["response.output_text.done"]["logprobs"]]
     assert whole == ["Hello", ",", " world", "."]
@@ -422,6 +423,26 @@ async def test_included_logprobs_are_on_the_output_text_whole_and_streamed(tmp_p
     done = data["response.completed"]["response"]
     assert done["output"][0]["content"][0]["logprobs"] == (
         data["response.output_text.done"]["logprobs"])
+
+
+async def test_a_tool_calls_tokens_are_not_output_text(tmp_path):
+    # The backend reports log-probabilities for the call's tokens too (llama.cpp does): they
+    # are no part of the message, whole or streamed, and open no message of their own.
+    text = ["Let", " me", " check", "."]
+    scripts = {"up-big": [Script(tokens=text, tool_calls=[CALL, CALL]),
+                          Script(tokens=text, tool_calls=[CALL, CALL])]}
+    ask = {"model": "big", "input": "Weather?", "tools": [WEATHER], "include": LOGPROBS}
+    async with InProcessGateway(tmp_path, scripts=scripts) as gw:
+        whole = (await gw.post(RESPONSES, ask)).json()
+        events = sse((await gw.post(RESPONSES, {**ask, "stream": True})).text)
+    assert [o["type"] for o in whole["output"]] == ["message", "function_call", "function_call"]
+    assert [e["token"] for e in whole["output"][0]["content"][0]["logprobs"]] == text
+    done = dict(events)["response.completed"]["response"]
+    assert [o["type"] for o in done["output"]] == ["message", "function_call", "function_call"]
+    assert done["output"][0]["content"][0]["logprobs"] == (
+        whole["output"][0]["content"][0]["logprobs"])
+    added = [e["item"]["type"] for k, e in events if k == "response.output_item.added"]
+    assert added == ["message", "function_call", "function_call"]
 
 
 async def test_top_logprobs_without_the_include_returns_none_and_says_so(tmp_path):
