@@ -136,6 +136,28 @@ def test_collect_needs_two_tiers():
 
 
 @pytest.mark.unit
+def test_keep_strong_says_what_is_wrong_with_the_file(tmp_path, capsys):
+    from gateway.cli import router_collect
+
+    base = ["router", "collect", "mmlu", "--url", "http://127.0.0.1:9", "--out",
+            str(tmp_path / "out.csv"), "--keep-strong"]
+    assert main([*base, str(tmp_path / "absent.csv")]) == 2
+    assert "absent.csv" in capsys.readouterr().err
+    other = tmp_path / "other.csv"
+    other.write_text("prompt,cheap_ok,strong_ok\nq,1,0\n")
+    assert main([*base, str(other)]) == 2
+    assert "no strong_joules column" in capsys.readouterr().err
+    assert not (tmp_path / "out.csv").exists()  # refused before anything was asked
+    assert main(["router", "collect", "humaneval", "--from-results", str(tmp_path), "--out",
+                 str(tmp_path / "h.csv"), "--keep-strong", str(other)]) == 2
+    # A row without joules is not copied: the strong tier is asked again for it.
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text("prompt,cheap_ok,strong_ok,cheap_joules,strong_joules,source\n"
+                       "a,0,1,1.0,5.5,mmlu\nb,0,1,1.0,,mmlu\n")
+    assert router_collect.kept_strong(earlier) == {"a": (True, 5.5)}
+
+
+@pytest.mark.unit
 def test_a_label_file_with_fewer_columns_gets_the_new_ones(tmp_path):
     from gateway.cli import router_collect
 

@@ -269,17 +269,23 @@ def default_key() -> str:
     return ""
 
 
-def kept_strong(path: Path | None) -> dict[str, tuple[bool, float]]:
-    """prompt → (strong_ok, strong_joules) of an earlier label file (empty without one)."""
-    if path is None:
-        return {}
+def kept_strong(path: Path) -> dict[str, tuple[bool, float]]:
+    """prompt → (strong_ok, strong_joules) of an earlier label file (written by this command
+    with the same strong tier); rows without joules are not kept (asked again).
+
+    :raises ValueError: the file is not such a label file."""
     with path.open(newline="") as f:
-        return {row["prompt"]: (row["strong_ok"] == "1", float(row["strong_joules"] or 0.0))
-                for row in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        missing = {"prompt", "strong_ok", "strong_joules"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(sorted(missing))} column: not a label "
+                             "file of `joulegate router collect`")
+        return {row["prompt"]: (row["strong_ok"] == "1", float(row["strong_joules"]))
+                for row in reader if row["strong_joules"]}
 
 
-def collect_live(args: argparse.Namespace, tiers: list[str], out: Path) -> int:
-    kept = kept_strong(Path(args.keep_strong) if args.keep_strong else None)
+def collect_live(args: argparse.Namespace, tiers: list[str], out: Path,
+                 kept: dict[str, tuple[bool, float]]) -> int:
     items = list(ITEMS[args.dataset](args.max_tokens))[args.offset:]
     if args.limit:
         items = items[: args.limit]
@@ -376,11 +382,19 @@ def cmd_router_collect(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out) if args.out else DATA / args.dataset / f"labels-{'-'.join(tiers)}.csv"
     if args.from_results:
-        if not args.out:
-            print("joulegate: --from-results needs --out FILE", file=sys.stderr)
+        if not args.out or args.keep_strong:
+            print("joulegate: --from-results needs --out FILE, and copies every tier's outcome "
+                  "(no --keep-strong)", file=sys.stderr)
             return 2
         return collect_from_results(args, tiers, out)
-    return collect_live(args, tiers, out)
+    kept: dict[str, tuple[bool, float]] = {}
+    if args.keep_strong:
+        try:
+            kept = kept_strong(Path(args.keep_strong))
+        except (OSError, ValueError) as exc:
+            print(f"joulegate: --keep-strong: {exc}", file=sys.stderr)
+            return 2
+    return collect_live(args, tiers, out, kept)
 
 
 def register(router_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -406,7 +420,8 @@ def register(router_sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="also append every answer and its grade to FILE (JSON lines)")
     p.add_argument("--keep-strong", metavar="FILE",
                    help="copy the strong tier's outcome and joules from this earlier label "
-                        "file where it has the prompt, instead of asking again")
+                        "file (same dataset, wording and strong tier) where it has the "
+                        "prompt, instead of asking again")
     p.add_argument("--from-results", metavar="DIR",
                    help="humaneval: rows from benchmarks/humaneval.py's cached outcomes in DIR")
     p.add_argument("--mode", choices=("completion", "chat"), default="chat",
