@@ -125,8 +125,7 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
     words = functools.cache(lambda: RequestText.of(call.req))
 
     async def probe_attempt(call: Call, backend: Backend) -> Probe:
-        call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
-                                             call.dropped_params)
+        steps.note_tier_drops(snap, call)
         if spec.signal == "prompt":
             return await probe_prompt(call, backend, words().last, spec.prompt_tokens,
                                       spec.statistic)

@@ -36,9 +36,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from backends import Backend, BackendError, Generation
+from backends import BackendError
 
-from . import cascade, fields
+from . import cascade
 from . import openai_types as wire
 from .auth import authenticate
 from .call import Call
@@ -50,6 +50,7 @@ from .steps import (
     answer_headers,
     complete_on,
     finish,
+    on_its_tier,
     plan,
     read,
     request_id,
@@ -118,12 +119,8 @@ async def handle_generation(runtime: Runtime, request: Request, chat: bool) -> R
 
 async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
     """The whole answer at once."""
-    async def attempt(call: Call, backend: Backend) -> Generation:
-        call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
-                                             call.dropped_params)
-        return await complete_on(call, backend)
-
-    result = await cascade.on_plan(runtime, snap, call, attempt, cascade.whole)
+    result = await cascade.on_plan(runtime, snap, call, on_its_tier(snap, complete_on),
+                                   cascade.whole)
     call.prompt_tokens = result.usage.prompt_tokens
     call.completion_tokens = result.usage.completion_tokens
     headers = answer_headers(call)

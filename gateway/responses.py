@@ -14,7 +14,8 @@ metrics and the access log are the chat path's.
    alternatives, 0..20; ``top_logprobs`` alone returns none, as OpenAI's does);
 3. the shared steps: plan (:func:`~gateway.steps.plan`: among the tiers that can serve
    tools, structured output and log-probabilities, when the request uses them), admit
-   (reserve joules), the plan's tier with its energy share open, then
+   (reserve joules), the plan's tier with its energy share open (through the cascade, as
+   for chat, when the tenant's estimator is ``cascade``: :mod:`gateway.cascade`), then
    :func:`~gateway.steps.finish`;
 4. the answer: a ``response`` object — ``output`` holds a ``message`` item (``output_text``)
    and/or ``function_call`` items; ``status`` is ``incomplete`` (``incomplete_details.reason:
@@ -72,6 +73,7 @@ from backends.features import (
     ToolSpec,
 )
 
+from . import cascade
 from .call import Call
 from .errors import APIError, InvalidRequest
 from .openai_types import MAX_TOP_LOGPROBS
@@ -80,7 +82,7 @@ from .runtime import Runtime, Snapshot
 from .steps import (
     answer_headers,
     complete_on,
-    on_plan,
+    on_its_tier,
     plan,
     read_body,
     request_id,
@@ -734,7 +736,8 @@ def _status(finish_reason: str) -> str:
 
 
 async def _complete(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Response:
-    result = await on_plan(runtime, snap, call, complete_on)
+    result = await cascade.on_plan(runtime, snap, call, on_its_tier(snap, complete_on),
+                                   cascade.whole)
     call.prompt_tokens = result.usage.prompt_tokens
     call.completion_tokens = result.usage.completion_tokens
     status = _status(result.finish_reason)
@@ -863,7 +866,8 @@ class _Events:
 
 async def _open_stream(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Response:
     """The stream of Responses events, once the backend's first chunk came."""
-    chunks, first = await on_plan(runtime, snap, call, first_chunk)
+    chunks, first = await cascade.on_plan(runtime, snap, call, on_its_tier(snap, first_chunk),
+                                          cascade.streamed)
     call.first_token_s = time.perf_counter() - call.started
     events = _Events(call)
     return stream_response(runtime, snap, call, chunks, _stream_events(call, events, chunks, first),

@@ -231,6 +231,22 @@ def answer_headers(call: Call) -> dict[str, str]:
     return headers
 
 
+def note_tier_drops(snap: Snapshot, call: Call) -> None:
+    """The plan's tier is about to serve the request: the parameters it does not use join the
+    dropped ones (or refuse it, per the tenant's ``unsupported_params``: :func:`fields.on_tier`)."""
+    call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
+                                         call.dropped_params)
+
+
+def on_its_tier(snap: Snapshot, attempt: Callable[[Call, Backend], Awaitable[T]]
+                ) -> Callable[[Call, Backend], Awaitable[T]]:
+    """``attempt`` (the answer on one tier of the plan), after :func:`note_tier_drops`."""
+    async def attempt_there(call: Call, backend: Backend) -> T:
+        note_tier_drops(snap, call)
+        return await attempt(call, backend)
+    return attempt_there
+
+
 async def complete_on(call: Call, backend: Backend) -> Generation:
     """The backend's whole answer; the tokens it processed are taken however it ends."""
     try:

@@ -16,12 +16,19 @@ from starlette.responses import Response
 
 from backends import Backend, BackendError, Chunk
 
-from . import cascade, fields
+from . import cascade
 from . import openai_types as wire
 from .call import Call
 from .errors import APIError
 from .runtime import Runtime, Snapshot
-from .steps import fill_prompt, finish, response_headers, response_id, take_tokens
+from .steps import (
+    fill_prompt,
+    finish,
+    on_its_tier,
+    response_headers,
+    response_id,
+    take_tokens,
+)
 
 log = logging.getLogger("joulegate")
 
@@ -134,12 +141,8 @@ class SSEResponse(Response):
 
 async def open_stream(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
     """A chat or completions stream, once its first chunk came."""
-    async def attempt(call: Call, backend: Backend) -> tuple[AsyncGenerator[Chunk, None], Chunk]:
-        call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
-                                             call.dropped_params)
-        return await first_chunk(call, backend)
-
-    chunks, first = await cascade.on_plan(runtime, snap, call, attempt, cascade.streamed)
+    chunks, first = await cascade.on_plan(runtime, snap, call, on_its_tier(snap, first_chunk),
+                                          cascade.streamed)
     call.first_token_s = time.perf_counter() - call.started
     return stream_response(runtime, snap, call, chunks, sse_events(call, chunks, first))
 

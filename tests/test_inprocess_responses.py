@@ -250,7 +250,7 @@ async def test_dropped_fields_are_named(tmp_path):
                                       "reasoning": {"effort": "low"}, "include": ["x.y"],
                                       "truncation": "disabled"})
         assert r.status_code == 200, r.text
-        assert r.headers["x-joulegate-dropped-params"] == "reasoning,include,store"
+        assert r.headers["x-joulegate-dropped-params"] == "include,reasoning,store"
         assert r.json()["store"] is False
 
 
@@ -484,3 +484,35 @@ def test_every_logprob_carries_its_utf8_bytes():
     assert entry == {"token": "é", "logprob": -0.1, "bytes": [0xC3, 0xA9],
                      "top_logprobs": [{"token": "e", "logprob": -2.5, "bytes": [0x65]}]}
     assert response_logprobs(None) == []
+
+
+async def test_the_cascade_escalates_a_response_as_it_does_a_chat_completion(tmp_path):
+    from .test_cascade import SURE, UNSURE, cascade_policy
+    from .test_cascade import scripts as cascade_scripts
+
+    async with InProcessGateway(tmp_path, cascade_policy(budget=10_000),
+                                cascade_scripts(UNSURE)) as gw:
+        r = await gw.post(RESPONSES, {"model": "auto", "input": "What is 2 + 2?",
+                                      "max_output_tokens": 16})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-cascade"] == "small->big"
+        body = r.json()
+        assert body["output"][0]["content"][0]["text"] == "Four."
+        # the probe's joules and the answer's, once each
+        want = joules(10, 2, "small") + joules(10, 2, "big")
+        assert body["usage"]["energy_joules"] == pytest.approx(want)
+        assert (await gw.budget())["1d"]["spent_joules"] == pytest.approx(want)
+        r = await gw.post(RESPONSES, {"model": "auto", "input": "What is 2 + 2?",
+                                      "max_output_tokens": 16, "stream": True})
+        assert r.headers["x-joulegate-cascade"] == "small->big"
+        done = dict(sse(r.text))["response.completed"]["response"]
+        assert done["output"][0]["content"][0]["text"] == "Four."
+    (tmp_path / "sure").mkdir()
+    async with InProcessGateway(tmp_path / "sure", cascade_policy(), cascade_scripts(SURE)) as gw:
+        r = await gw.post(RESPONSES, {"model": "auto", "input": "What is 2 + 2?",
+                                      "max_output_tokens": 16, "stream": True})
+        assert r.headers["x-joulegate-cascade"] == "small"
+        deltas = [e["delta"] for k, e in sse(r.text) if k == "response.output_text.delta"]
+        assert "".join(deltas) == "The answer is 4."
+        assert all(e["logprobs"] == [] for k, e in sse(r.text)
+                   if k == "response.output_text.delta")  # the probe's, not the client's
