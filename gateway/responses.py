@@ -24,8 +24,9 @@ metrics and the access log are the chat path's.
    ``energy_source``; each ``output_text`` part's ``logprobs`` (``token``, ``logprob``,
    ``bytes``, ``top_logprobs``) when the request included them. With ``stream: true``:
    server-sent events ``event: <type>`` / ``data: {json}`` with increasing
-   ``sequence_number`` s — ``response.created``, ``response.in_progress``; per message ``response.output_item.added``,
-   ``response.content_part.added``, ``response.output_text.delta`` ...,
+   ``sequence_number`` s — ``response.created``, ``response.in_progress``; per message
+   ``response.output_item.added``, ``response.content_part.added``,
+   ``response.output_text.delta`` ...,
    ``response.output_text.done``, ``response.content_part.done``,
    ``response.output_item.done``; per function call ``response.output_item.added``,
    ``response.function_call_arguments.delta`` ..., ``response.function_call_arguments.done``,
