@@ -5,28 +5,30 @@ rank the prompts that need the strong tier first where every shipped estimator i
 
 ``answers``: the cheap tier's *whole* answer, each token scored by the model that wrote it
 (teacher forcing, llama.cpp in-process: about the log-probabilities the answer was generated
-with at temperature 0; the answer's text is tokenised again, which need not give back the
-very tokens generated, and split multi-byte characters decode to U+FFFD). The answers are the labelled runs' own: HumanEval in the chat
-wording (``benchmarks/results/humaneval/small-chat.jsonl``, the Q4_K_M 0.5B, the answers
-``data/routing/humaneval/chat.csv`` labels) and MBPP (``data/routing/mbpp/replies-small.jsonl``,
-written by ``joulegate router collect mbpp --replies``, the IQ4_NL 0.5B). Per answer, the mean
-log-probability and the mean entropy over four selections of its tokens: all of them; those
+with at temperature 0; the answer's text is tokenised again, which need not give back the very
+tokens generated, and split multi-byte characters decode to U+FFFD). The answers are the
+labelled runs' own: HumanEval in the chat wording
+(``benchmarks/results/humaneval/small-chat.jsonl``, the Q4_K_M 0.5B, the answers
+``data/routing/humaneval/chat.csv`` labels) and MBPP (``data/routing/mbpp/iq4/``: the IQ4_NL
+0.5B's run, its answers written by ``joulegate router collect mbpp --replies``). Per answer, the
+mean log-probability and the mean entropy over four selections of its tokens: all of them; those
 inside its code blocks; those that do not repeat the request's text (a copied signature or
 docstring is sure whatever the task); code tokens that do not repeat it. Each is ranked the
-least sure first against the labels (APGR; random 0.5), with what a cascade that reads the
-whole answer before deciding costs for 95% of the strong tier's quality: every cheap answer,
-plus the strong answers of the prompts it escalates (labelled joules; read off the sweep,
-so an optimistic figure).
+least sure first against the labels (APGR; random 0.5), with what a cascade that reads the whole
+answer before deciding costs for 95% of the strong tier's quality: every cheap answer, plus the
+strong answers of the prompts it escalates (labelled joules; read off the sweep, so an
+optimistic figure).
 
 ``hidden``: a linear probe over the cheap tier's own hidden state of each labelled prompt
-(Qwen2.5-Coder-0.5B Q4_K_M, last layer; the mean over the prompt's tokens, the last token's,
-or both), asked in its labelled wording, as the gateway would send it. Ridge regression,
-sources weighted equally (weights averaging 1 per training prompt), on the gain (strong right less cheap right) or on the cheap
-tier failing, refitted with each source held out (leave one dataset out); MMLU is a seeded
-sample of 8 prompts per subject (``prompt_scores.chosen``). Every (features, target,
-penalty) of the grid is reported: its best row is chosen *with* the held-out sources, so it
-flatters the probe; it is the best of this grid, not of every such probe. The hidden states
-are the Q4_K_M's on every source, where MBPP's labels are the IQ4_NL's.
+(Qwen2.5-Coder-0.5B Q4_K_M, last layer; the mean over the prompt's tokens, the last token's, or
+both), asked in its labelled wording, as the gateway would send it. Ridge regression, sources
+weighted equally (weights averaging 1 per training prompt), on the gain (strong right less cheap
+right) or on the cheap tier failing, refitted with each source held out (leave one dataset out);
+MMLU is a seeded sample of 8 prompts per subject (``prompt_scores.chosen``). Every (features,
+target, penalty) of the grid is reported: its best row is chosen *with* the held-out sources, so
+it flatters the probe; it is the best of this grid, not of every such probe. The hidden states
+are the Q4_K_M's on every source, and so are the labels (MBPP's since it was labelled again on
+the Q4_K_M; the report of 2026-12-05 11:57 had the IQ4_NL's).
 
     .venv/bin/python benchmarks/signal_probes.py answers   # ~25 min on 2 cores
     .venv/bin/python benchmarks/signal_probes.py hidden    # ~17 min on 2 cores
@@ -93,9 +95,11 @@ def answer_sets() -> Iterator[tuple[str, str, list[tuple[str, str, str, bool, bo
                      float(label["cheap_joules"]), float(label["strong_joules"])))
     yield "humaneval/chat", SMALL, rows
 
-    mbpp = {e.prompt: e for e in read_label_file(DATA / "mbpp" / "labels-small-full.csv", "mbpp")}
+    # The IQ4_NL run's: its labels and its answers, scored by the model that wrote them.
+    iq4 = DATA / "mbpp" / "iq4"
+    mbpp = {e.prompt: e for e in read_label_file(iq4 / "labels-small-full.csv", "mbpp")}
     rows = []
-    for line in (DATA / "mbpp" / "replies-small.jsonl").open():
+    for line in (iq4 / "replies-small.jsonl").open():
         reply = json.loads(line)
         e = mbpp[reply["prompt"]]
         rows.append((e.prompt, e.prompt, reply["reply"], e.weak, e.strong,
