@@ -110,6 +110,12 @@ class Call:
         return "chat" if self.chat else "completions"
 
     @property
+    def chat_fields(self) -> bool:
+        """The body names its fields as chat and completions do (``messages[i].name``,
+        ``user``...), so a tier's unused ones are named so (:func:`fields.on_tier`)."""
+        return True
+
+    @property
     def tier(self) -> str | None:
         """The tier that served (or was last tried)."""
         return self.plan.tier.name if self.plan is not None else None

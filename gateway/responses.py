@@ -615,6 +615,12 @@ class ResponsesCall(Call):
         return "responses"
 
     @property
+    def chat_fields(self) -> bool:
+        """Its body's names are not chat's: its dropped fields are named when it is read
+        (:meth:`ResponsesRequest.dropped_params`), as they were sent."""
+        return False
+
+    @property
     def request(self) -> ResponsesRequest:
         assert self.body is not None
         return self.body

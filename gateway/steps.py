@@ -233,9 +233,11 @@ def answer_headers(call: Call) -> dict[str, str]:
 
 def note_tier_drops(snap: Snapshot, call: Call) -> None:
     """The plan's tier is about to serve the request: the parameters it does not use join the
-    dropped ones (or refuse it, per the tenant's ``unsupported_params``: :func:`fields.on_tier`)."""
-    call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier, call.req,
-                                         call.dropped_params)
+    dropped ones (or refuse it, per the tenant's ``unsupported_params``: :func:`fields.on_tier`),
+    for an endpoint whose body has chat's field names (:attr:`Call.chat_fields`)."""
+    if call.chat_fields:
+        call.dropped_params = fields.on_tier(snap.policy, call.who, call.planned.tier,
+                                             call.req, call.dropped_params)
 
 
 def on_its_tier(snap: Snapshot, attempt: Callable[[Call, Backend], Awaitable[T]]

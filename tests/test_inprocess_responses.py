@@ -250,7 +250,7 @@ async def test_dropped_fields_are_named(tmp_path):
                                       "reasoning": {"effort": "low"}, "include": ["x.y"],
                                       "truncation": "disabled"})
         assert r.status_code == 200, r.text
-        assert r.headers["x-joulegate-dropped-params"] == "include,reasoning,store"
+        assert r.headers["x-joulegate-dropped-params"] == "reasoning,include,store"
         assert r.json()["store"] is False
 
 
@@ -516,3 +516,19 @@ async def test_the_cascade_escalates_a_response_as_it_does_a_chat_completion(tmp
         assert "".join(deltas) == "The answer is 4."
         assert all(e["logprobs"] == [] for k, e in sse(r.text)
                    if k == "response.output_text.delta")  # the probe's, not the client's
+
+
+async def test_a_responses_body_is_judged_by_its_own_field_names(tmp_path):
+    # On an in-process tier chat's `user` is an unused pass-through field (named, or refused
+    # for a `reject` tenant); a Responses body's fields are judged when it is read, by the
+    # names it was sent with, never by chat's.
+    p = in_process_small(policy({"unsupported_params": "reject"}))
+    async with InProcessGateway(tmp_path, p) as gw:
+        assert (await gw.chat(model="small", user="u1")).status_code == 400
+        r = await gw.post(RESPONSES, {"model": "small", "user": "u1", "input": [
+            {"role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather",
+             "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]})
+        assert r.status_code == 200, r.text
+        assert "x-joulegate-dropped-params" not in r.headers
