@@ -66,6 +66,10 @@ def compare(a: list[Example], b: list[Example], names: tuple[str, str]) -> str:
         row("strong tier right", lambda e: e.strong),
         row("needs the strong tier (strong right, cheap wrong)", need),
         "",
+        *(["The strong tier's outcomes and joules are the same in both files: one run's, "
+           "copied (`router collect --keep-strong`), so its row agrees by construction.", ""]
+          if all(o.strong == m.strong and o.strong_joules == m.strong_joules
+                 for o, m in pairs) else []),
         f"Routing {names[1]}'s outcomes hardest first by {names[0]}'s (a tie at its expected "
         "order):",
         "",

@@ -28,9 +28,9 @@ its first token; an accepted answer costs nothing more.
 With ``routing.cascade.prior`` (a difficulty estimator's name) the probe's confidence is
 lowered by that estimator's score d of the request before it meets the threshold:
 ``confidence * exp(-prior_weight * d)`` (:func:`gateway.routing.estimators.with_prior`). The
-probe says how sure the cheap tier is, the prior what kind of task it was given; held out
-in turn, HumanEval and MMLU rank better with the two together than with either, MBPP
-slightly worse (`joulegate router eval`, rows ``cascade+heuristic`` and
+probe says how sure the cheap tier is, the prior what kind of task it was given. Held out
+in turn, HumanEval and MMLU rank better with the two together than with either, while
+``mmlu_local`` and MBPP rank worse (`joulegate router eval`, rows ``cascade+heuristic`` and
 ``cascade-prompt+heuristic``), so ``prior_weight`` is 0 unless set.
 
 A capacity on the tier it would escalate to (``routing.capacity``) holds as it does for

@@ -379,8 +379,8 @@ class CascadeSpec(_Strict):
     prior: str | None = Field(None, pattern=NAME_PATTERN)
     #: Nats of log-probability one unit of the prior's difficulty is worth. The default is
     #: what leave-one-dataset-out chooses on every labelled source, worst source first
-    #: (`joulegate router eval`): 0, as the heuristic lowers MBPP's ranking, the worst; it
-    #: lifts HumanEval's and MMLU's, so traffic like theirs may set 2 to 3.
+    #: (`joulegate router eval`): 0, as the heuristic lowers MBPP's ranking, the worst (and
+    #: mmlu_local's); it lifts HumanEval's and MMLU's, so traffic like theirs may set 2 to 3.
     prior_weight: float = Field(0.0, ge=0, le=50)
 
     @field_validator("prior")

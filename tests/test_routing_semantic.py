@@ -330,8 +330,10 @@ def test_the_prior_weight_is_the_one_that_ranks_the_training_sources_best():
     # Both right, the prior only weakly: any weight keeps the order; the least is taken.
     assert prior_weight(examples, sure_when_easy, [0.5 + (s - 0.5) / 100 for s in separates]) \
         == 0.0
-    # A source too small to judge by is ignored; with none left, the policy's default.
-    assert prior_weight(examples[:10], flat[:10], separates[:10]) == CascadeSpec().prior_weight
+    # A source too small to judge by is ignored; with none left, the policy's default (not
+    # the least of the weights offered).
+    assert prior_weight(examples[:10], flat[:10], separates[:10], weights=(1.0, 2.0)) \
+        == CascadeSpec().prior_weight
     # So is one whose APGR no weight moves by PRIOR_MIN_SPREAD, though it is the worst: from
     # 0.5 on, one hard prompt trades places with the easy one beside it (one step of APGR),
     # which a worst-source-first rule over every source would follow to 0.5.
