@@ -95,6 +95,29 @@ def test_sdk_logprobs_of_the_real_model(gw):
     assert streamed == pytest.approx([e.logprob for e in part.logprobs], abs=1e-4)
 
 
+def test_sdk_logprobs_with_a_required_function_call(gw):
+    # llama.cpp reports the call's own tokens' log-probabilities too: they are not output
+    # text, so no (empty) message item appears for them, whole or streamed.
+    client = gw.client()
+    ask = {"model": "small", "input": "What's the weather in Paris?", "tools": [WEATHER],
+           "tool_choice": "required", "max_output_tokens": 60, "temperature": 0,
+           "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    whole = client.responses.create(**ask)
+    with client.responses.stream(**ask) as stream:
+        events = list(stream)
+    final = events[-1].response
+    for reply in (whole, final):
+        kinds = [o.type for o in reply.output]
+        assert "function_call" in kinds
+        for item in reply.output:
+            if item.type == "message":  # text before the call, if any: spelled by its bytes
+                [part] = item.content
+                assert part.text and bytes(b for e in part.logprobs for b in e.bytes).decode() \
+                    == part.text
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == [o.type for o in final.output]
+
+
 def test_langchain_chat_openai_responses_api(gw):
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(model="small", base_url=f"{gw.url}/v1",
