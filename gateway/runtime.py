@@ -403,6 +403,13 @@ class Runtime:
                     issues.append(PolicyIssue(f"{where}.{key}", str(exc)))
         if issues:
             raise PolicyError(str(self.policy_path), issues)
+        inert = [t for t, spec in routing.items() if spec.cascade is not None
+                 and spec.cascade.prior is not None and spec.cascade.prior_weight == 0]
+        if inert:
+            log.warning("routing.cascade.prior has no effect at prior_weight 0 (the default) "
+                        "for tenant%s %s: set prior_weight (2 to 3 suits HumanEval- and "
+                        "MMLU-like traffic) or drop prior", "s" if len(inert) > 1 else "",
+                        ", ".join(f"'{t}'" for t in inert))
         return routing, estimators
 
     def _collect(self) -> None:

@@ -467,3 +467,21 @@ async def test_a_capacity_on_the_target_tier_lets_only_the_least_sure_escalate(
         for i, c in enumerate(sure):
             r = await gw.chat(model="auto", content=f"question {i}: c={c}", max_tokens=16)
             assert r.headers["x-joulegate-tier"] == "big"
+
+
+async def test_a_prior_without_a_weight_is_warned_of(tmp_path, caplog):
+    # prior_weight's default is 0 (what leave-one-out picks): a prior named without a weight
+    # would do nothing, silently, so the gateway says so when it loads the policy.
+    with caplog.at_level(logging.WARNING, "joulegate"):
+        async with InProcessGateway(tmp_path, cascade_policy(prior="heuristic"), scripts(SURE)):
+            pass
+    [warned] = [r.getMessage() for r in caplog.records if "prior_weight" in r.getMessage()]
+    assert "prior has no effect" in warned and "tenants 'acme', 'globex'" in warned
+    caplog.clear()
+    (tmp_path / "weighted").mkdir()
+    with caplog.at_level(logging.WARNING, "joulegate"):
+        async with InProcessGateway(tmp_path / "weighted",
+                                    cascade_policy(prior="heuristic", prior_weight=3.0),
+                                    scripts(SURE)):
+            pass
+    assert not [r for r in caplog.records if "prior_weight" in r.getMessage()]
