@@ -255,8 +255,8 @@ def scoring_model(model: str, n_threads: int, **kw: Any
 
 def answer_log_softmax(llm: Any, prompt: list[int], answer: list[int]) -> Any:
     """Teacher forcing: ``prompt + answer`` read by ``llm`` (a :func:`scoring_model` with
-    ``logits_all``); row j
-    is the log-softmax of the logits before answer token j, the distribution it came from."""
+    ``logits_all``); row j is the log-softmax of the logits before answer token j, the
+    distribution it came from."""
     import numpy as np
 
     llm.reset()

@@ -52,9 +52,6 @@ def compare(a: list[Example], b: list[Example], names: tuple[str, str]) -> str:
     def need(e: Example) -> bool:
         return e.strong and not e.weak
 
-    def gain(e: Example) -> float:
-        return float(e.strong) - float(e.weak)
-
     lines = [
         f"# Label agreement: {names[0]} against {names[1]}",
         "",
@@ -76,10 +73,10 @@ def compare(a: list[Example], b: list[Example], names: tuple[str, str]) -> str:
         "| ranked by | APGR |",
         "|---|---|",
         f"| {names[0]}: strong right minus cheap right (1, 0, -1) | "
-        f"{apgr_of([gain(e) for e in olds], news):.3f} |",
+        f"{apgr_of([e.gain for e in olds], news):.3f} |",
         f"| {names[0]}: cheap tier wrong | "
         f"{apgr_of([float(not e.weak) for e in olds], news):.3f} |",
-        f"| {names[1]} itself (oracle) | {apgr_of([gain(e) for e in news], news):.3f} |",
+        f"| {names[1]} itself (oracle) | {apgr_of([e.gain for e in news], news):.3f} |",
     ]
     ja = [e.weak_joules for e in olds if e.weak_joules]
     jb = [e.weak_joules for e in news if e.weak_joules]

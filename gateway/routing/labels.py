@@ -87,6 +87,12 @@ class Example:
     worded_logprobs: tuple[tuple[str, float], ...] = ()
 
     @property
+    def gain(self) -> float:
+        """What sending the prompt to the strong tier gains: 1, 0 or -1 (strong right less
+        cheap right); an oracle routes by it."""
+        return float(self.strong) - float(self.weak)
+
+    @property
     def key(self) -> str:
         """Names the prompt as labelled, across files: its source, format and text."""
         digest = hashlib.sha256(self.prompt.encode()).hexdigest()[:16]

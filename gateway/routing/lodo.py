@@ -454,7 +454,7 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
             if name == CASCADE_PROMPT:
                 cells.extend(worded_prompt_cells(held_out, test, heuristic, weight, wordings))
         for name, baseline in (("random", [0.0] * len(test)),
-                               ("oracle", [float(e.strong) - float(e.weak) for e in test])):
+                               ("oracle", [e.gain for e in test])):
             cells.append(cell(held_out, "native", name, baseline, test))
             cells.extend(_per_file(held_out, name, baseline, test))
     for source, rows in sources.items():
@@ -537,8 +537,7 @@ def seen_source(source: str, examples: list[Example], inputs: semantic_train.Inp
     label = f"{source}+cv"
     out: list[Cell] = []
     for name, by_row in [*scores.items(), ("random", dict.fromkeys(rows, 0.0)),
-                         ("oracle", {r: float(examples[r].strong) - float(examples[r].weak)
-                                     for r in rows})]:
+                         ("oracle", {r: examples[r].gain for r in rows})]:
         ordered = [by_row[r] for r in rows]
         out.append(cell(label, "native", name, ordered, test))
         out.extend(_per_file(label, name, ordered, test))

@@ -78,7 +78,7 @@ def prepare(examples: Sequence[Example], embedder: Embedder,
         rows.append(extract(text))
     names = sorted(rows[0])
     features = np.array([[r[n] for n in names] for r in rows], dtype=float)
-    gain = np.array([float(e.strong) - float(e.weak) for e in examples])
+    gain = np.array([e.gain for e in examples])
     return Inputs(embedder.embed_many(texts), features, names, gain, texts)
 
 

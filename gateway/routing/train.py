@@ -150,7 +150,7 @@ def _predict(model: Ridge, x: Floats) -> Floats:
 def _gain(examples: list[Example]) -> Floats:
     import numpy as np
 
-    return np.array([float(e.strong) - float(e.weak) for e in examples])
+    return np.array([e.gain for e in examples])
 
 
 def select(designs: dict[int, Floats], examples: list[Example], indices: Sequence[int],
