@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from backends.base import GenerationRequest
+from backends.base import Chunk, GenerationRequest
 from backends.features import TokenLogprob, ToolCall
 
 from . import fields
@@ -595,6 +595,42 @@ def usage_dict(prompt_tokens: int, completion_tokens: int,
     if extra:
         usage.update(extra)
     return usage
+
+
+def spelled(entries: list[TokenLogprob] | None, text: str) -> list[TokenLogprob]:
+    """The leading ``entries`` whose bytes make up ``text``. OpenAI gives log-probabilities
+    of the answer's text only: not of a tool call's tokens, nor of a stop sequence's, which
+    some backends (llama.cpp) report too."""
+    out: list[TokenLogprob] = []
+    room = len(text.encode())
+    for e in entries or ():
+        if room == 0:  # the text is spelled out: what follows is not its
+            break
+        room -= len(e.token.encode() if e.bytes is None else e.bytes)
+        if room < 0:
+            break
+        out.append(e)
+    return out
+
+
+class TextLogprobs:
+    """The streamed counterpart of :func:`spelled`: which of a chunk's log-probabilities go
+    out with its text. Entries ride with text; those of a chunk with no text wait for the
+    text that follows (a backend holding a stop sequence or a call's opening back sends the
+    entries first); a tool call's chunk drops the waiting ones and its own, past its text."""
+
+    def __init__(self) -> None:
+        self.pending: list[TokenLogprob] = []
+
+    def take(self, chunk: Chunk) -> list[TokenLogprob]:
+        entries = self.pending + list(chunk.logprobs or ())
+        self.pending = []
+        if chunk.tool_calls:
+            return spelled(entries, chunk.text)
+        if not chunk.text:
+            self.pending = entries
+            return []
+        return entries
 
 
 def chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:

@@ -128,7 +128,8 @@ async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
     if call.chat:
         payload = wire.chat_completion(rid, call.created, model, result.text,
                                        result.finish_reason, call.usage(), result.tool_calls,
-                                       result.logprobs)
+                                       None if result.logprobs is None
+                                       else wire.spelled(result.logprobs, result.text))
     else:
         payload = wire.text_completion(rid, call.created, model, result.text,
                                        result.finish_reason, call.usage(), result.logprobs)

@@ -77,7 +77,7 @@ from backends.features import (
 from . import cascade
 from .call import Call
 from .errors import APIError, InvalidRequest
-from .openai_types import MAX_TOP_LOGPROBS
+from .openai_types import MAX_TOP_LOGPROBS, TextLogprobs, spelled
 from .pipeline import run_request
 from .runtime import Runtime, Snapshot
 from .steps import (
@@ -703,19 +703,6 @@ def _text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[st
             "logprobs": response_logprobs(logprobs)}
 
 
-def spelled(entries: list[TokenLogprob] | None, text: str) -> list[TokenLogprob]:
-    """The leading ``entries`` whose bytes make up ``text``: not those of a tool call's or a
-    stop sequence's tokens, which are not part of the output text."""
-    out: list[TokenLogprob] = []
-    room = len(text.encode())
-    for e in entries or ():
-        room -= len(e.token.encode() if e.bytes is None else e.bytes)
-        if room < 0:
-            break
-        out.append(e)
-    return out
-
-
 def response_logprobs(entries: list[TokenLogprob] | None) -> list[dict[str, Any]]:
     """An ``output_text`` part's (or text event's) ``logprobs``: the chat entries, with each
     token's UTF-8 ``bytes`` always given (the Responses schema requires them)."""
@@ -786,8 +773,8 @@ class _Events:
         #: A streamed call's ``index`` → its output index.
         self.calls: dict[int, int] = {}
         self.open: list[int] = []
-        #: Log-probabilities of tokens whose text has not come yet (held back by the backend).
-        self.pending: list[TokenLogprob] = []
+        #: Which streamed log-probabilities are the output text's.
+        self.logprobs = TextLogprobs()
 
     def event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -822,8 +809,7 @@ class _Events:
         item = self.output[index]
         part = item["content"][0]
         part["text"] += delta
-        entries = response_logprobs(self.pending + (logprobs or []))
-        self.pending = []
+        entries = response_logprobs(logprobs)
         part["logprobs"].extend(entries)
         out.append(self.event("response.output_text.delta", item_id=item["id"],
                               output_index=index, content_index=0, delta=delta,
@@ -833,7 +819,6 @@ class _Events:
     def tool_call(self, index: int, call_id: str | None, name: str | None,
                   arguments: str) -> list[bytes]:
         out: list[bytes] = []
-        self.pending = []  # a call's own tokens: not output text
         if index not in self.calls:
             out.extend(self.close_all())
             position, added = self._add(call_item(_new_id("fc_"), call_id or _new_id("call_"),
@@ -892,10 +877,9 @@ async def _stream_events(call: ResponsesCall, events: _Events, chunks: AsyncIter
         while True:
             if chunk is None:  # the backend ended without a finish reason
                 chunk = Chunk(finish_reason="stop")
+            entries = events.logprobs.take(chunk)
             if chunk.text:
-                parts.extend(events.text(chunk.text, chunk.logprobs))
-            elif chunk.logprobs and not chunk.tool_calls:
-                events.pending.extend(chunk.logprobs)  # their text may follow
+                parts.extend(events.text(chunk.text, entries))
             for delta in chunk.tool_calls or ():
                 parts.extend(events.tool_call(delta.index, delta.id, delta.name,
                                               delta.arguments))
@@ -908,7 +892,6 @@ async def _stream_events(call: ResponsesCall, events: _Events, chunks: AsyncIter
                 call.completion_tokens = chunk.usage.completion_tokens
             if chunk.finish_reason is not None:
                 status = _status(chunk.finish_reason)
-                events.pending = []  # tokens whose text never came
                 if not events.output:  # nothing generated: still one (empty) message
                     parts.extend(events.text(""))
                 parts.extend(events.close_all("incomplete" if status == "incomplete"

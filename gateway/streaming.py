@@ -203,18 +203,19 @@ async def sse_events(call: Call, chunks: AsyncIterator[Chunk],
                                             {"role": "assistant", "content": ""}, None)))
     chunk: Chunk | None = first
     offset = 0  # a completion's text so far, for its logprobs' text_offset
+    text_logprobs = wire.TextLogprobs()  # a chat answer's: of its text only
     try:
         while True:
             if chunk is None:  # the backend ended without a finish reason
                 chunk = Chunk(finish_reason="stop")
-            if chat and (chunk.text or chunk.tool_calls or chunk.logprobs):
+            entries = text_logprobs.take(chunk) if chat and call.req.logprobs else None
+            if chat and (chunk.text or chunk.tool_calls):
                 delta: dict[str, Any] = {}
                 if chunk.text or not chunk.tool_calls:
                     delta["content"] = chunk.text
                 if chunk.tool_calls:
                     delta["tool_calls"] = [d.to_openai() for d in chunk.tool_calls]
-                parts.append(_event(wire.chat_chunk(rid, created, model, delta, None,
-                                                    chunk.logprobs)))
+                parts.append(_event(wire.chat_chunk(rid, created, model, delta, None, entries)))
             elif not chat and (chunk.text or chunk.logprobs):
                 parts.append(_event(wire.text_chunk(rid, created, model, chunk.text, None,
                                                     chunk.logprobs, offset)))

@@ -70,9 +70,11 @@ def front(tmp_path_factory, gw) -> Iterator[Gateway]:
 def test_required_tool_call_and_its_round_trip(gw):
     client = gw.client()
     reply = client.chat.completions.create(model="small", messages=ASK, tools=[WEATHER],
-                                           tool_choice="required", temperature=0, max_tokens=60)
+                                           tool_choice="required", temperature=0, max_tokens=60,
+                                           logprobs=True)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
+    assert choice.logprobs.content == []  # the call's tokens are no content (llama.cpp has them)
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     args = json.loads(call.function.arguments)
@@ -90,12 +92,13 @@ def test_required_tool_call_and_its_round_trip(gw):
 def test_streamed_tool_calls(gw):
     stream = gw.client().chat.completions.create(
         model="small", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0,
-        max_tokens=60, stream=True)
+        max_tokens=60, stream=True, logprobs=True)
     ids, names, args, finish = [], [], "", None
     for chunk in stream:
         if not chunk.choices:
             continue
         choice = chunk.choices[0]
+        assert not (choice.logprobs and choice.logprobs.content)  # no text: none
         for piece in choice.delta.tool_calls or ():
             assert piece.index == 0
             ids += [piece.id] if piece.id else []

@@ -399,6 +399,35 @@ async def test_logprobs_whole_and_streamed(tmp_path):
         assert r.json()["choices"][0]["logprobs"] is None
 
 
+async def test_logprobs_cover_the_text_not_a_tool_calls_tokens(tmp_path):
+    # The backend reports the call's tokens' log-probabilities too (llama.cpp does); OpenAI's
+    # `logprobs.content` is the message text's only, whole and streamed.
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    text = ["Let", " me", " check", "."]
+    scripts = {"up-big": [Script(tokens=text, tool_calls=[call, call]),
+                          Script(tokens=text, tool_calls=[call, call]),
+                          Script(tokens=[], tool_calls=[call])]}
+    ask = {"model": "big", "messages": [{"role": "user", "content": "Weather?"}],
+           "tools": [WEATHER], "logprobs": True}
+    async with InProcessGateway(tmp_path, scripts=scripts) as gw:
+        whole = (await gw.post("/v1/chat/completions", ask)).json()["choices"][0]
+        streamed = sse_events((await gw.post("/v1/chat/completions",
+                                             {**ask, "stream": True})).text)
+        alone = (await gw.post("/v1/chat/completions", ask)).json()["choices"][0]
+        assert gw.backends["up-big"].requests[0].logprobs  # they were there to drop
+    assert whole["message"]["content"] == "Let me check."
+    assert len(whole["message"]["tool_calls"]) == 2
+    assert [e["token"] for e in whole["logprobs"]["content"]] == text
+    choices = [e["choices"][0] for e in streamed if e != "[DONE]" and e.get("choices")]
+    tokens = [t["token"] for c in choices for t in (c["logprobs"] or {}).get("content") or ()]
+    assert tokens == text
+    for c in choices:  # no call delta carries any, and no event is only log-probabilities
+        assert not (c["delta"].get("tool_calls") and c["logprobs"] and c["logprobs"]["content"])
+        assert c["delta"] != {"content": ""} or c["finish_reason"] is not None or (
+            c["delta"].get("role"))
+    assert alone["message"]["content"] is None and alone["logprobs"]["content"] == []
+
+
 async def test_structured_output_with_the_sdk_parse(tmp_path):
     class Address(BaseModel):
         city: str
