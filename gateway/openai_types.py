@@ -581,6 +581,14 @@ def parse_request(model_cls: type[_Sampling], body: bytes,
     return req
 
 
+def refuse_drops(dropped: list[str], unsupported: str) -> None:
+    """For a tenant whose ``unsupported_params`` is ``reject``: one 400 naming every field
+    the request gives that the gateway would drop (the Responses API's; chat's are in
+    :func:`parse_request`)."""
+    if dropped and unsupported == "reject":
+        raise _refusal([_unsupported(name) for name in dropped])
+
+
 def _unsupported(name: str) -> tuple[str, str, str]:
     return name, (f"unsupported parameter: '{name}' is not used by this gateway, and your "
                   "policy's unsupported_params is 'reject'"), "unsupported_parameter"

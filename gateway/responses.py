@@ -77,7 +77,7 @@ from backends.features import (
 from . import cascade
 from .call import Call
 from .errors import APIError, InvalidRequest
-from .openai_types import MAX_TOP_LOGPROBS, TextLogprobs, spelled
+from .openai_types import MAX_TOP_LOGPROBS, TextLogprobs, refuse_drops, spelled
 from .pipeline import run_request
 from .runtime import Runtime, Snapshot
 from .steps import (
@@ -667,6 +667,7 @@ async def _read(snap: Snapshot, call: ResponsesCall, request: Request) -> None:
                                                      server.limits.body_read_timeout_s))
     call.stream, call.model = bool(body.stream), body.model
     call.dropped_params = body.dropped_params()
+    refuse_drops(call.dropped_params, snap.policy.tenants[call.who].unsupported_params)
     call.generation = generation = body.to_generation(call.request_id)
     call.prompt_estimate = prompt_estimate(generation)
 

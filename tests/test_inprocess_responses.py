@@ -532,3 +532,12 @@ async def test_a_responses_body_is_judged_by_its_own_field_names(tmp_path):
             {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]})
         assert r.status_code == 200, r.text
         assert "x-joulegate-dropped-params" not in r.headers
+        # the Responses API's own dropped fields are refused too, all named in one 400
+        asked = len(gw.backends["up-small"].requests)
+        r = await gw.post(RESPONSES, {"model": "small", "input": "Hi", "store": True,
+                                      "reasoning": {"effort": "low"}})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_parameter" and err["param"] == "reasoning"
+        assert "'store'" in err["message"] and "'reasoning'" in err["message"]
+        assert len(gw.backends["up-small"].requests) == asked  # nothing was asked
