@@ -606,26 +606,41 @@ def usage_dict(prompt_tokens: int, completion_tokens: int,
 
 
 def spelled(entries: list[TokenLogprob] | None, text: str) -> list[TokenLogprob]:
-    """The leading ``entries`` whose bytes make up ``text``. OpenAI gives log-probabilities
-    of the answer's text only: not of a tool call's tokens, nor of a stop sequence's, which
-    some backends (llama.cpp) report too."""
+    """Of a text that a tool call followed, the entries of the tokens that wrote ``text``:
+    OpenAI gives log-probabilities of the answer's text only, and some backends (llama.cpp)
+    score the call's tokens too. A token is the text's when its first byte falls within
+    it; whitespace-only tokens before a text they were stripped from are not."""
     out: list[TokenLogprob] = []
-    room = len(text.encode())
+    size, at = len(text.encode()), 0
+    stripped = not text[:1].isspace()
     for e in entries or ():
-        if room == 0:  # the text is spelled out: what follows is not its
-            break
-        room -= len(e.token.encode() if e.bytes is None else e.bytes)
-        if room < 0:
+        raw = e.token.encode() if e.bytes is None else bytes(e.bytes)
+        if stripped and not out and raw.isspace():
+            continue
+        if at >= size:
             break
         out.append(e)
+        at += len(raw)
     return out
 
 
+def answer_logprobs(entries: list[TokenLogprob] | None, text: str,
+                    calls: list[ToolCall] | None) -> list[TokenLogprob] | None:
+    """A whole answer's log-probabilities as the client gets them: of its text alone when
+    it made tool calls (:func:`spelled`), else as the backend gave them (the bytes of an
+    HTTP upstream's tokens may not add up to the text: vLLM reports a token that holds part
+    of a character as U+FFFD)."""
+    if entries is None or not calls:
+        return entries
+    return spelled(entries, text)
+
+
 class TextLogprobs:
-    """The streamed counterpart of :func:`spelled`: which of a chunk's log-probabilities go
-    out with its text. Entries ride with text; those of a chunk with no text wait for the
-    text that follows (a backend holding a stop sequence or a call's opening back sends the
-    entries first); a tool call's chunk drops the waiting ones and its own, past its text."""
+    """Which of a streamed chunk's log-probabilities go out with its text. Entries ride
+    with text; those of a chunk with no text wait for the text that follows (a backend
+    holding a possible stop sequence or call opening back sends the entries first); a tool
+    call's chunk keeps only those that wrote its own text (:func:`spelled`) and drops the
+    rest: the call's tokens."""
 
     def __init__(self) -> None:
         self.pending: list[TokenLogprob] = []

@@ -128,8 +128,8 @@ async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
     if call.chat:
         payload = wire.chat_completion(rid, call.created, model, result.text,
                                        result.finish_reason, call.usage(), result.tool_calls,
-                                       None if result.logprobs is None
-                                       else wire.spelled(result.logprobs, result.text))
+                                       wire.answer_logprobs(result.logprobs, result.text,
+                                                            result.tool_calls))
     else:
         payload = wire.text_completion(rid, call.created, model, result.text,
                                        result.finish_reason, call.usage(), result.logprobs)

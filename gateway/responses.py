@@ -77,7 +77,7 @@ from backends.features import (
 from . import cascade
 from .call import Call
 from .errors import APIError, InvalidRequest
-from .openai_types import MAX_TOP_LOGPROBS, TextLogprobs, refuse_drops, spelled
+from .openai_types import MAX_TOP_LOGPROBS, TextLogprobs, answer_logprobs, refuse_drops
 from .pipeline import run_request
 from .runtime import Runtime, Snapshot
 from .steps import (
@@ -739,7 +739,8 @@ async def _complete(runtime: Runtime, snap: Snapshot, call: ResponsesCall) -> Re
     output: list[dict[str, Any]] = []
     if result.text or not result.tool_calls:
         output.append(message_item(_new_id("msg_"), result.text, status,
-                                   spelled(result.logprobs, result.text)))
+                                   answer_logprobs(result.logprobs, result.text,
+                                                   result.tool_calls)))
     for tc in result.tool_calls or ():
         output.append(call_item(_new_id("fc_"), tc.id, tc.name, tc.arguments, "completed"))
     return Response(orjson.dumps(call.response(status, output)), media_type="application/json",

@@ -5,8 +5,17 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from backends.base import Chunk
+from backends.features import TokenLogprob, ToolCall, ToolCallDelta
 from gateway.errors import APIError
-from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse_request
+from gateway.openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextLogprobs,
+    answer_logprobs,
+    parse_request,
+    spelled,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -100,3 +109,38 @@ def test_completion_request():
     assert gen.prompt == "def f():" and gen.max_tokens == 16 and not gen.is_chat
     assert error_of({"model": "a", "prompt": ["x", "y"]}, CompletionRequest)["param"] == "prompt"
     assert error_of({"model": "a", "prompt": "x", "echo": True}, CompletionRequest)["param"] == "echo"
+
+
+def _entries(*tokens: str | bytes) -> list[TokenLogprob]:
+    return [TokenLogprob(t if isinstance(t, str) else t.decode("utf-8", "replace"), -1.0,
+                         list(t.encode() if isinstance(t, str) else t)) for t in tokens]
+
+
+def _tokens(entries) -> list[str]:
+    return [e.token for e in entries]
+
+
+def test_the_logprobs_of_text_before_a_tool_call_are_its_own_tokens():
+    call = [ToolCall("c1", "f", "{}")]
+    # llama.cpp's tokens: a stripped leading newline, the text, a last token part text and
+    # part what was stripped, then the call's own
+    raw = _entries("\n", "Let", " me", " check", ".\n", "<tool_call>", '{"name"')
+    assert _tokens(answer_logprobs(raw, "Let me check.", call)) == [
+        "Let", " me", " check", ".\n"]
+    assert answer_logprobs(raw, "", call) == []  # a call alone has no text
+    assert _tokens(spelled(_entries(" ", "Hi"), " Hi")) == [" ", "Hi"]  # its own whitespace
+    # no call: as the backend gave them, even where their bytes do not add up to the text
+    # (vLLM reports a token holding half of a character as U+FFFD)
+    split = _entries(b"\xf0\x9f", b"\x98\x80", "!")
+    assert answer_logprobs(split, "\U0001F600!", None) is split
+    assert answer_logprobs(None, "x", call) is None
+
+    stream = TextLogprobs()
+    assert stream.take(Chunk(logprobs=_entries("\n"))) == []  # no text yet: it waits
+    assert _tokens(stream.take(Chunk(text="Let", logprobs=_entries("Let")))) == ["\n", "Let"]
+    assert _tokens(stream.take(Chunk(text=" me", logprobs=_entries(" me", "<tool_call>")))) == [
+        " me", "<tool_call>"]  # a text chunk's entries are all its own
+    assert stream.take(Chunk(logprobs=_entries('{"name"'))) == []
+    assert stream.take(Chunk(tool_calls=[ToolCallDelta(0, "c1", "f")],
+                             logprobs=_entries("}"))) == []  # the call's: dropped
+    assert stream.pending == []
