@@ -47,6 +47,8 @@ class Call:
     model: str | None = None
     stream: bool = False
     include_usage: bool = False
+    #: A chat request that used the legacy ``functions``: its call is given back so.
+    functions: bool = False
     generation: GenerationRequest | None = None
     #: The prompt's estimated tokens: routing's predictions and the reservation price it.
     prompt_estimate: int = 0

@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from backends.base import Chunk, GenerationRequest
-from backends.features import TokenLogprob, ToolCall
+from backends.features import TokenLogprob, ToolCall, ToolCallDelta
 
 from . import fields
 from .errors import InvalidRequest
@@ -39,7 +39,7 @@ MAX_STOP_CHARS = 512
 MAX_TOOLS = 128
 MAX_TOP_LOGPROBS = 20
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-          "tool": "tool"}
+          "tool": "tool", "function": "function"}
 _FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 #: The OpenAPI schema of a field refused unless null.
 _NULL_ONLY: dict[str, Any] = {"type": "null"}
@@ -76,6 +76,13 @@ class FunctionCallParam(BaseModel):
     arguments: str
 
 
+class NamedFunctionParam(BaseModel):
+    """The legacy ``function_call: {"name": ...}``: call this function."""
+
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=256)
+
+
 class ToolCallParam(BaseModel):
     """An assistant message's earlier call."""
 
@@ -104,7 +111,9 @@ class ChatMessage(BaseModel):
     reasoning_content: Any = None
     thinking_blocks: Any = None
     audio: Any = Field(None, json_schema_extra=_NULL_ONLY)
-    function_call: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    #: The legacy ``functions`` API's: an assistant message's one call (its result comes
+    #: back in a ``function`` message naming it); read as a tool call and its answer.
+    function_call: FunctionCallParam | None = None
 
     @field_validator("role")
     @classmethod
@@ -112,7 +121,7 @@ class ChatMessage(BaseModel):
         if role not in _ROLES:
             raise PydanticCustomError(
                 "unsupported_role", "role '{role}' is not supported; use system, developer, user, "
-                "assistant or tool", {"role": role})
+                "assistant, tool or function", {"role": role})
         return _ROLES[role]
 
     @field_validator("audio")
@@ -120,12 +129,6 @@ class ChatMessage(BaseModel):
     def _audio(cls, value: Any) -> None:
         if value is not None:
             raise _refused("audio is not supported")
-
-    @field_validator("function_call")
-    @classmethod
-    def _function_call(cls, value: Any) -> None:
-        if value is not None:
-            raise _refused("function_call is deprecated and not supported; use tool_calls")
 
     @model_validator(mode="after")
     def _by_role(self) -> ChatMessage:
@@ -139,11 +142,18 @@ class ChatMessage(BaseModel):
         if role == "tool" and self.tool_call_id is None:
             raise PydanticCustomError("missing_field", "missing required parameter",
                                       {"field": "tool_call_id"})
+        if self.function_call is not None and (role != "assistant" or self.tool_calls):
+            raise PydanticCustomError("invalid_value", "only assistant messages without "
+                                      "tool_calls have a function_call", {"field": "function_call"})
+        if role == "function" and self.name is None:
+            raise PydanticCustomError("missing_field", "missing required parameter",
+                                      {"field": "name"})
         if self.refusal is not None and role != "assistant":
             raise PydanticCustomError("invalid_value", "only assistant messages have a refusal",
                                       {"field": "refusal"})
         if self.content is None:
-            if role != "assistant" or not (self.tool_calls or self.refusal is not None):
+            if role != "assistant" or not (self.tool_calls or self.function_call
+                                           or self.refusal is not None):
                 raise PydanticCustomError("missing_field", "missing required parameter",
                                           {"field": "content"})
         else:
@@ -155,13 +165,20 @@ class ChatMessage(BaseModel):
                                           {**(exc.context or {}), "field": "content"}) from None
         return self
 
-    def wire(self) -> dict[str, Any]:
-        """The message as backends get it: OpenAI's shape, text content as one string."""
+    def wire(self, call_id: str = "") -> dict[str, Any]:
+        """The message as backends get it: OpenAI's shape, text content as one string; a
+        legacy ``function_call`` is the tool call ``call_id`` and a ``function`` message the
+        tool message answering it."""
+        if self.role == "function":
+            return {"role": "tool", "content": self.content, "tool_call_id": call_id}
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.function_call is not None:
+            out["tool_calls"] = [{"id": call_id, "type": "function",
+                                  "function": self.function_call.model_dump()}]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.refusal is not None:
@@ -327,8 +344,10 @@ class ChatCompletionRequest(_Sampling):
     audio: Any = Field(None, json_schema_extra=_NULL_ONLY)
     prediction: Any = Field(None, json_schema_extra=_NULL_ONLY)
     web_search_options: Any = Field(None, json_schema_extra=_NULL_ONLY)
-    functions: Any = Field(None, json_schema_extra=_NULL_ONLY)
-    function_call: Any = Field(None, json_schema_extra=_NULL_ONLY)
+    #: The legacy function-calling API (deprecated by OpenAI for ``tools``, still served):
+    #: read as function tools, the answer's call given back as ``message.function_call``.
+    functions: list[FunctionDef] | None = Field(None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | NamedFunctionParam | None = None
     moderation: Any = Field(None, json_schema_extra=_NULL_ONLY)
 
     @field_validator("metadata")
@@ -347,16 +366,13 @@ class ChatCompletionRequest(_Sampling):
             raise _refused("audio output is not supported; only 'text'")
         return value
 
-    @field_validator("audio", "prediction", "web_search_options", "functions", "function_call",
-                     "moderation")
+    @field_validator("audio", "prediction", "web_search_options", "moderation")
     @classmethod
     def _refuse(cls, value: Any, info: Any) -> None:
         if value is not None:
             why = {"audio": "audio output is not supported",
                    "prediction": "predicted outputs are not supported",
                    "web_search_options": "web search is not supported",
-                   "functions": "functions is deprecated and not supported; use tools",
-                   "function_call": "function_call is deprecated and not supported; use tool_choice",
                    "moderation": "moderation is not supported"}[info.field_name]
             raise _refused(why)
 
@@ -395,16 +411,46 @@ class ChatCompletionRequest(_Sampling):
                                       "different values"))
         if self.top_logprobs is not None and not self.logprobs:
             out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
-        try:
-            self._tools()
-        except InvalidRequest as exc:
-            out.append((exc.param or "tools", exc.message.split(": ", 1)[-1]))
+        if self.functions is not None and (self.tools or self.tool_choice is not None):
+            out.append(("functions", "give tools (and tool_choice) or the legacy functions "
+                                     "(and function_call), not both"))
+        elif self.function_call is not None and self.functions is None:
+            out.append(("function_call", "function_call needs functions"))
+        else:
+            try:
+                self._tools()
+            except InvalidRequest as exc:
+                out.append((exc.param or "tools", exc.message.split(": ", 1)[-1]))
         return out
 
+    @property
+    def legacy_functions(self) -> bool:
+        """The request calls functions the legacy way: its answer's call is given back so."""
+        return self.functions is not None
+
     def _tools(self) -> tuple[Any, Any]:
+        if self.functions is not None:
+            choice = self.function_call
+            return fields.tool_choice_and_tools(
+                {"type": "function", "function": choice.model_dump()}
+                if isinstance(choice, NamedFunctionParam) else choice,
+                fields.tools_from_openai([{"type": "function",
+                                           "function": f.model_dump(exclude_none=True)}
+                                          for f in self.functions], "functions"),
+                "function_call")
         tools = fields.tools_from_openai([t.model_dump(exclude_none=True, exclude={"custom"})
                                           for t in self.tools] if self.tools else None)
         return fields.tool_choice_and_tools(self.tool_choice, tools)
+
+    def _messages(self) -> list[dict[str, Any]]:
+        """The messages as backends get them; a legacy function call and the ``function``
+        message after it share an id (``call_fn<i>``, ``i`` the call's message)."""
+        out, last = [], ""
+        for i, m in enumerate(self.messages):
+            if m.function_call is not None:
+                last = f"call_fn{i}"
+            out.append(m.wire(last))
+        return out
 
     def dropped_params(self) -> list[str]:
         out = super().dropped_params()
@@ -414,19 +460,20 @@ class ChatCompletionRequest(_Sampling):
             if self.tool_choice in ("none", "auto"):
                 out.append("tool_choice")
             if self.parallel_tool_calls is not None:
-                out.append("parallel_tool_calls")
+                out.append("parallel_tool_calls")  # legacy functions: one call per answer
         return sorted(out)
 
     def to_generation(self, model: str, request_id: str) -> GenerationRequest:
         choice, tools = self._tools()
         return GenerationRequest(
             model=model,
-            messages=[m.wire() for m in self.messages],
+            messages=self._messages(),
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=self.temperature, top_p=self.top_p, stop=self.stop,  # type: ignore[arg-type]
             seed=self.seed, user=self.user, request_id=request_id,
             tools=tools, tool_choice=choice if tools else None,
-            parallel_tool_calls=self.parallel_tool_calls if tools else None,
+            parallel_tool_calls=(False if self.legacy_functions else self.parallel_tool_calls)
+            if tools else None,
             response_format=fields.response_format_from_openai(self.response_format),
             logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs if self.logprobs else None,
             extra=self._extra(),
@@ -679,17 +726,39 @@ def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict[s
 
 def chat_completion(rid: str, created: int, model: str, text: str, finish: str,
                     usage: dict[str, Any], tool_calls: list[ToolCall] | None = None,
-                    logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+                    logprobs: list[TokenLogprob] | None = None,
+                    functions: bool = False) -> dict[str, Any]:
+    """A whole chat answer; with ``functions`` (the legacy API) its one call is
+    ``message.function_call`` and the finish reason ``function_call``."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
         message["content"] = text or None
-        message["tool_calls"] = [c.to_openai() for c in tool_calls]
+        if functions:
+            message["function_call"] = {"name": tool_calls[0].name,
+                                        "arguments": tool_calls[0].arguments}
+        else:
+            message["tool_calls"] = [c.to_openai() for c in tool_calls]
+    if functions:
+        finish = legacy_finish(finish)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": message,
                      "logprobs": chat_logprobs(logprobs), "finish_reason": finish}],
         "usage": usage,
     }
+
+
+def legacy_finish(finish: str) -> str:
+    """The legacy ``functions`` API's finish reason for a call."""
+    return "function_call" if finish == "tool_calls" else finish
+
+
+def function_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """A streamed call's piece as the legacy ``delta.function_call``."""
+    out: dict[str, Any] = {"arguments": delta.arguments}
+    if delta.name:
+        out["name"] = delta.name
+    return out
 
 
 def text_completion(rid: str, created: int, model: str, text: str, finish: str,

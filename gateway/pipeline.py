@@ -129,7 +129,8 @@ async def complete(runtime: Runtime, snap: Snapshot, call: Call) -> Response:
         payload = wire.chat_completion(rid, call.created, model, result.text,
                                        result.finish_reason, call.usage(), result.tool_calls,
                                        wire.answer_logprobs(result.logprobs, result.text,
-                                                            result.tool_calls))
+                                                            result.tool_calls),
+                                       call.functions)
     else:
         payload = wire.text_completion(rid, call.created, model, result.text,
                                        result.finish_reason, call.usage(), result.logprobs)

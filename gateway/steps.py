@@ -62,6 +62,7 @@ async def read(snap: Snapshot, call: Call, request: Request) -> None:
                                                       server.limits.body_read_timeout_s),
                               snap.policy.tenants[call.who].unsupported_params)
     call.stream, call.model, call.include_usage = body.stream, body.model, body.include_usage
+    call.functions = isinstance(body, wire.ChatCompletionRequest) and body.legacy_functions
     call.dropped_params = body.dropped_params()
     call.generation = generation = body.to_generation(body.model, call.request_id)
     call.prompt_estimate = estimate_prompt_tokens(generation)

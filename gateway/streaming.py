@@ -213,7 +213,9 @@ async def sse_events(call: Call, chunks: AsyncIterator[Chunk],
                 delta: dict[str, Any] = {}
                 if chunk.text or not chunk.tool_calls:
                     delta["content"] = chunk.text
-                if chunk.tool_calls:
+                if chunk.tool_calls and call.functions:  # one call, the legacy way
+                    delta["function_call"] = wire.function_call_delta(chunk.tool_calls[0])
+                elif chunk.tool_calls:
                     delta["tool_calls"] = [d.to_openai() for d in chunk.tool_calls]
                 parts.append(_event(wire.chat_chunk(rid, created, model, delta, None, entries)))
             elif not chat and (chunk.text or chunk.logprobs):
@@ -229,6 +231,8 @@ async def sse_events(call: Call, chunks: AsyncIterator[Chunk],
                 call.completion_tokens = chunk.usage.completion_tokens
             if chunk.finish_reason is not None:
                 finish = chunk.finish_reason
+                if call.functions:
+                    finish = wire.legacy_finish(finish)
                 parts.append(_event(wire.chat_chunk(rid, created, model, {}, finish) if chat
                                     else wire.text_chunk(rid, created, model, "", finish)))
                 call.settle_energy()

@@ -89,6 +89,17 @@ def test_required_tool_call_and_its_round_trip(gw):
     assert final.choices[0].message.content and not final.choices[0].message.tool_calls
 
 
+def test_a_legacy_function_call(gw):
+    reply = gw.client().chat.completions.create(
+        model="small", messages=ASK, functions=[WEATHER["function"]],
+        function_call={"name": "get_weather"}, temperature=0, max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "function_call" and not choice.message.tool_calls
+    assert choice.message.function_call.name == "get_weather"
+    jsonschema.validate(json.loads(choice.message.function_call.arguments),
+                        WEATHER["function"]["parameters"])
+
+
 def test_streamed_tool_calls(gw):
     stream = gw.client().chat.completions.create(
         model="small", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0,

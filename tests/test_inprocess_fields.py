@@ -130,8 +130,11 @@ CASES = {
     ("chat", "audio"): ({"voice": "alloy", "format": "wav"}, None),
     ("chat", "prediction"): ({"type": "content", "content": "x"}, None),
     ("chat", "web_search_options"): ({"search_context_size": "low"}, None),
-    ("chat", "functions"): ([{"name": "f"}], None),
-    ("chat", "function_call"): ("auto", None),
+    ("chat", "functions"): ([WEATHER["function"]],
+                            lambda s: (s.tools, s.tool_choice, s.parallel_tool_calls)),
+    ("chat", "function_call"): (lambda b: b.update(functions=[WEATHER["function"]],
+                                                   function_call={"name": "get_weather"}),
+                                lambda s: s.tool_choice),
     ("chat", "moderation"): ({"model": "omni-moderation-latest"}, None),
     ("completions", "best_of"): (3, None),
     ("completions", "echo"): (True, None),
@@ -162,6 +165,10 @@ EXPECTED = {
     "response_format": ResponseFormat("json_schema", "P", CASES[("chat", "response_format")][0]
                                       ["json_schema"]["schema"], True),
     ("chat", "logprobs"): (True, None), "top_logprobs": (True, 3),
+    ("chat", "functions"): (
+        [ToolSpec("get_weather", "Weather in a city", WEATHER["function"]["parameters"])],
+        None, False),  # one call per answer, as the legacy API
+    ("chat", "function_call"): NamedToolChoice("get_weather"),
     ("completions", "logprobs"): (True, 2),
 }
 
@@ -465,3 +472,60 @@ async def test_a_model_output_that_cannot_be_made_valid(tmp_path):
         events = sse_events(r.text)
         assert events[-1] == "[DONE]"
         assert events[-2]["error"]["code"] == "model_output_invalid"
+
+
+async def test_the_legacy_functions_api(tmp_path):
+    # `functions`/`function_call` (deprecated by OpenAI, still sent by older clients) are
+    # function tools; the call comes back as `message.function_call`, whole and streamed,
+    # and the `function` message answering it goes back as the tool's answer.
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    scripts = {"up-big": [Script(tool_calls=[call]), Script(tool_calls=[call]),
+                          Script(tokens=["Sunny", "."])]}
+    fn = WEATHER["function"]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    async with InProcessGateway(tmp_path, scripts=scripts) as gw:
+        client = gw.openai()
+        reply = await client.chat.completions.create(
+            model="big", messages=ask, functions=[fn], function_call={"name": "get_weather"})
+        choice = reply.choices[0]
+        assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+        assert choice.message.function_call.name == "get_weather"
+        assert json.loads(choice.message.function_call.arguments) == {"city": "Paris"}
+        seen = gw.backends["up-big"].requests[0]
+        assert [t.name for t in seen.tools] == ["get_weather"]
+        assert seen.tool_choice == NamedToolChoice("get_weather")
+        assert seen.parallel_tool_calls is False
+
+        names, args, finish = [], "", None
+        async for chunk in await client.chat.completions.create(
+                model="big", messages=ask, functions=[fn], stream=True):
+            delta = chunk.choices[0].delta
+            assert not delta.tool_calls
+            if delta.function_call:
+                names += [delta.function_call.name] if delta.function_call.name else []
+                args += delta.function_call.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert names == ["get_weather"] and json.loads(args) == {"city": "Paris"}
+        assert finish == "function_call"
+
+        follow = [*ask, choice.message.model_dump(exclude_none=True),
+                  {"role": "function", "name": "get_weather", "content": '{"sky": "sunny"}'}]
+        final = await client.chat.completions.create(model="big", messages=follow,
+                                                     functions=[fn])
+        assert final.choices[0].message.content == "Sunny."
+        assert final.choices[0].finish_reason == "stop"
+        sent = gw.backends["up-big"].requests[2].messages
+        assert sent[1]["tool_calls"] == [{"id": "call_fn1", "type": "function",
+                                          "function": {"name": "get_weather",
+                                                       "arguments": '{"city": "Paris"}'}}]
+        assert sent[2] == {"role": "tool", "content": '{"sky": "sunny"}',
+                           "tool_call_id": "call_fn1"}
+
+        # not with tools, and function_call only with functions
+        r = await gw.chat(model="big", functions=[fn], tools=[WEATHER])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "functions"
+        r = await gw.chat(model="big", function_call="auto")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "function_call"
+        r = await gw.chat(model="big", functions=[fn], function_call={"name": "nope"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "function_call"
+        assert len(gw.backends["up-big"].requests) == 3

@@ -35,7 +35,7 @@ def error_of(body, cls=ChatCompletionRequest) -> dict:
 
 @pytest.mark.parametrize("field,value,code", [
     ("frobnicate", 1, "unsupported_parameter"),
-    ("functions", [{"name": "f"}], "unsupported_value"),
+    ("web_search_options", {}, "unsupported_value"),
     ("prediction", {"type": "content", "content": "x"}, "unsupported_value"),
     ("audio", {"voice": "alloy", "format": "wav"}, "unsupported_value"),
 ])
@@ -66,8 +66,10 @@ def test_types_and_ranges():
     assert error_of({"model": "auto", "messages": MSGS, "stream": "yes"})["code"] == "invalid_type"
     assert error_of({"model": "auto", "messages": MSGS, "stop": ["a"] * 5})["param"] == "stop"
     assert error_of({"model": "auto", "messages": []})["param"] == "messages"
-    assert error_of({"model": "auto", "messages": [{"role": "function", "content": "x"}]})["param"] == \
+    assert error_of({"model": "auto", "messages": [{"role": "wizard", "content": "x"}]})["param"] == \
         "messages[0].role"
+    assert error_of({"model": "auto", "messages": [{"role": "function", "content": "x"}]})["param"] == \
+        "messages[0].name"
     assert error_of({"model": "auto", "messages": [{"role": "tool", "content": "x"}]})["param"] == \
         "messages[0].tool_call_id"
 
