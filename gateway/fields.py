@@ -74,7 +74,9 @@ FIELDS: tuple[FieldRule, ...] = (
     FieldRule("model", BOTH, "gateway", note="a tier, a model name or `auto`; the upstream gets the tier's model"),
     FieldRule("messages", CHAT, "translate",
               note="roles system, developer (sent as system), user, assistant (with `tool_calls`, "
-                   "content null), tool (`tool_call_id`); text parts joined into one string"),
+                   "content null), tool (`tool_call_id`); the legacy assistant `function_call` "
+                   "and `function` message as a tool call and its answer; text parts joined "
+                   "into one string"),
     _p("messages[].name", "dropped", "kept on the message", CHAT),
     _p("messages[].refusal", "dropped", "an assistant's earlier refusal, kept on the message", CHAT),
     FieldRule("messages[].provider_specific_fields", CHAT, "drop",

@@ -151,6 +151,8 @@ class ChatMessage(BaseModel):
         if self.refusal is not None and role != "assistant":
             raise PydanticCustomError("invalid_value", "only assistant messages have a refusal",
                                       {"field": "refusal"})
+        if self.content is None and role == "function":
+            self.content = ""  # OpenAI's function message may have null content
         if self.content is None:
             if role != "assistant" or not (self.tool_calls or self.function_call
                                            or self.refusal is not None):
@@ -421,6 +423,7 @@ class ChatCompletionRequest(_Sampling):
                 self._tools()
             except InvalidRequest as exc:
                 out.append((exc.param or "tools", exc.message.split(": ", 1)[-1]))
+        out += self._function_messages()
         return out
 
     @property
@@ -444,12 +447,30 @@ class ChatCompletionRequest(_Sampling):
 
     def _messages(self) -> list[dict[str, Any]]:
         """The messages as backends get them; a legacy function call and the ``function``
-        message after it share an id (``call_fn<i>``, ``i`` the call's message)."""
+        message answering it share an id: ``fn`` and the call's message index in 7 digits
+        (9 letters and digits, which every upstream's tool-call ids allow)."""
         out, last = [], ""
         for i, m in enumerate(self.messages):
             if m.function_call is not None:
-                last = f"call_fn{i}"
+                last = f"fn{i:07d}"
             out.append(m.wire(last))
+        return out
+
+    def _function_messages(self) -> list[tuple[str, str]]:
+        """A ``function`` message answers the assistant ``function_call`` right before it,
+        of the function it names."""
+        out = []
+        for i, m in enumerate(self.messages):
+            if m.role != "function":
+                continue
+            before = self.messages[i - 1] if i else None
+            called = before.function_call if before is not None else None
+            if called is None:
+                out.append((f"messages[{i}]", "a function message answers the assistant "
+                                              "message with a function_call right before it"))
+            elif called.name != m.name:
+                out.append((f"messages[{i}].name", f"the function called before it is "
+                                                   f"'{called.name}'"))
         return out
 
     def dropped_params(self) -> list[str]:
@@ -459,7 +480,8 @@ class ChatCompletionRequest(_Sampling):
         if not self.tools:  # nothing to choose from
             if self.tool_choice in ("none", "auto"):
                 out.append("tool_choice")
-            if self.parallel_tool_calls is not None:
+            if self.parallel_tool_calls is not None and not (
+                    self.functions is not None and self.parallel_tool_calls is False):
                 out.append("parallel_tool_calls")  # legacy functions: one call per answer
         return sorted(out)
 

@@ -209,14 +209,17 @@ async def sse_events(call: Call, chunks: AsyncIterator[Chunk],
             if chunk is None:  # the backend ended without a finish reason
                 chunk = Chunk(finish_reason="stop")
             entries = text_logprobs.take(chunk) if chat and call.req.logprobs else None
-            if chat and (chunk.text or chunk.tool_calls):
+            calls = chunk.tool_calls
+            if calls and call.functions:  # the legacy API's one call: the first, as whole
+                calls = [d for d in calls if d.index == 0]
+            if chat and (chunk.text or calls):
                 delta: dict[str, Any] = {}
-                if chunk.text or not chunk.tool_calls:
+                if chunk.text or not calls:
                     delta["content"] = chunk.text
-                if chunk.tool_calls and call.functions:  # one call, the legacy way
-                    delta["function_call"] = wire.function_call_delta(chunk.tool_calls[0])
-                elif chunk.tool_calls:
-                    delta["tool_calls"] = [d.to_openai() for d in chunk.tool_calls]
+                if calls and call.functions:
+                    delta["function_call"] = wire.function_call_delta(calls[0])
+                elif calls:
+                    delta["tool_calls"] = [d.to_openai() for d in calls]
                 parts.append(_event(wire.chat_chunk(rid, created, model, delta, None, entries)))
             elif not chat and (chunk.text or chunk.logprobs):
                 parts.append(_event(wire.text_chunk(rid, created, model, chunk.text, None,

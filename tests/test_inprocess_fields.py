@@ -479,7 +479,10 @@ async def test_the_legacy_functions_api(tmp_path):
     # function tools; the call comes back as `message.function_call`, whole and streamed,
     # and the `function` message answering it goes back as the tool's answer.
     call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
-    scripts = {"up-big": [Script(tool_calls=[call]), Script(tool_calls=[call]),
+    rome = ToolCall("call_2", "get_weather", '{"city": "Rome"}')
+    # the second script's upstream makes two calls all the same (some ignore
+    # parallel_tool_calls: false): the legacy answer is the first, streamed as whole
+    scripts = {"up-big": [Script(tool_calls=[call]), Script(tool_calls=[call, rome]),
                           Script(tokens=["Sunny", "."])]}
     fn = WEATHER["function"]
     ask = [{"role": "user", "content": "Weather in Paris?"}]
@@ -515,12 +518,19 @@ async def test_the_legacy_functions_api(tmp_path):
         assert final.choices[0].message.content == "Sunny."
         assert final.choices[0].finish_reason == "stop"
         sent = gw.backends["up-big"].requests[2].messages
-        assert sent[1]["tool_calls"] == [{"id": "call_fn1", "type": "function",
+        assert sent[1]["tool_calls"] == [{"id": "fn0000001", "type": "function",
                                           "function": {"name": "get_weather",
                                                        "arguments": '{"city": "Paris"}'}}]
         assert sent[2] == {"role": "tool", "content": '{"sky": "sunny"}',
-                           "tool_call_id": "call_fn1"}
+                           "tool_call_id": "fn0000001"}
 
+        # a function message answers the function_call right before it, of that function
+        lone = [*ask, {"role": "function", "name": "get_weather", "content": None}]
+        r = await gw.chat(model="big", messages=lone, functions=[fn])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1]"
+        other = [*follow[:2], {"role": "function", "name": "get_time", "content": None}]
+        r = await gw.chat(model="big", messages=other, functions=[fn])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[2].name"
         # not with tools, and function_call only with functions
         r = await gw.chat(model="big", functions=[fn], tools=[WEATHER])
         assert r.status_code == 400 and r.json()["error"]["param"] == "functions"
