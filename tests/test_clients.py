@@ -1,7 +1,7 @@
 """The client matrix (issue 16): real client libraries, unchanged, against a real gateway on
 the real Qwen2.5-Coder 0.5B GGUF — the official ``openai`` SDK, ``langchain-openai``,
-``openai-agents`` and the ``litellm`` SDK; tools, structured output and the Responses API,
-whole and streamed.
+``openai-agents`` and the ``litellm`` SDK; tools (and the legacy ``functions``), structured
+output and the Responses API, whole and streamed.
 
 One gateway process serves two tiers, and every test runs on both (``model=`` pins it):
 
@@ -333,6 +333,19 @@ def test_langchain_bind_tools(gw, tier):
     answer = llm.bind_tools([weather]).invoke(
         [*ask, message, ToolMessage(RESULT, tool_call_id=call["id"])])
     assert not answer.tool_calls and "23" in answer.content
+
+
+@tiers
+def test_langchain_legacy_functions(gw, tier):
+    """``bind(functions=..., function_call=...)`` into ``JsonOutputFunctionsParser``: the
+    legacy function-calling API that older chains still send."""
+    from langchain_core.output_parsers.openai_functions import JsonOutputFunctionsParser
+    from langchain_core.utils.function_calling import convert_to_openai_function
+
+    fn = convert_to_openai_function(get_weather)
+    chain = chat_model(gw, tier, max_tokens=60).bind(
+        functions=[fn], function_call={"name": fn["name"]}) | JsonOutputFunctionsParser()
+    check_weather_args(chain.invoke(ASK[0]["content"]))
 
 
 @tiers
