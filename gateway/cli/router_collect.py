@@ -85,7 +85,7 @@ def _letter(answer: str, reply: str) -> bool:
 
 def gsm8k_items(max_tokens: int | None) -> Iterator[Item]:
     for row in _jsonl(DATA / "gsm8k" / "problems.jsonl"):
-        yield Item(f"{row['question']}\n\n{MATH_INSTRUCTION}", None, max_tokens or 256,
+        yield Item(f"{row['question']}\n\n{MATH_INSTRUCTION}", None, max_tokens or 512,
                    partial(_numeric, str(row["answer"])))
 
 
@@ -412,7 +412,7 @@ def register(router_sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--limit", type=int, default=0, help="at most N prompts")
     p.add_argument("--offset", type=int, default=0, help="skip the first N prompts")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="per answer (default: 256 maths, 8 multiple choice, 512 code)")
+                   help="per answer (default: 512 maths and code, 8 multiple choice)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     p.add_argument("--out", metavar="FILE",
                    help="CSV to append to (default: data/routing/DATASET/labels-TIERS.csv)")
