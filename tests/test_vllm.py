@@ -35,13 +35,20 @@ from .conftest import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+# vLLM writes the tiny model's tokens at ~700/s here: a stream of 2000 was over before a loaded
+# machine carried its first chunk through the gateway to the client (CI saw it once; a fresh
+# server's first request does it every time), so the kill test asks for ~30000 (~45 s).
+KILL_CONTEXT = 32768
+
 HARD = "Prove step by step that the loop terminates, then derive its complexity. " * 3
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_moe, tmp_path_factory):
-    # One sequence at a time, so concurrent requests queue (vllm:num_requests_waiting).
-    server = VLLMServer(tiny_moe, tmp_path_factory.mktemp("vllm"), ["--max-num-seqs", "1"])
+    # One sequence at a time, so concurrent requests queue (vllm:num_requests_waiting). The
+    # long context is the kill test's (last in the module).
+    server = VLLMServer(tiny_moe, tmp_path_factory.mktemp("vllm"), ["--max-num-seqs", "1"],
+                        max_model_len=KILL_CONTEXT)
     server.start()
     yield server
     server.stop()
@@ -326,13 +333,12 @@ def test_vllm_killed_mid_stream_then_fallback(gateway, vllm_server):
     before = metric(gateway, "joulegate_energy_joules_total", tier="moe")
     fallbacks = metric(gateway, "joulegate_fallbacks_total", **{"from": "moe", "to": "small"})
     # The end-of-sequence token is banned (logit_bias passes through to vLLM): greedy decoding
-    # of random weights can still reach it, depending on what else vLLM batches with it, and
-    # a stream that finished before the kill would not fail. The kill comes with the first
-    # chunk and the stream is as long as the context allows: once, killed after the fifth,
-    # the stream ended normally (most likely already written out whole before the kill).
+    # of random weights can still reach it, and a stream that finished before the kill would
+    # not fail. The kill comes with the first chunk, and the stream is as long as the context
+    # allows (KILL_CONTEXT).
     eos = json.loads((vllm_server.model / "generation_config.json").read_text())["eos_token_id"]
     stream = gateway.client().completions.create(
-        model="moe", prompt="energy", max_tokens=2000, temperature=0, stream=True,
+        model="moe", prompt="energy", max_tokens=KILL_CONTEXT - 8, temperature=0, stream=True,
         logit_bias={str(eos): -100}, stream_options={"include_usage": True})
     received = 0
     with pytest.raises(openai.APIError) as err:

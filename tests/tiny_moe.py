@@ -55,7 +55,7 @@ def build(out: Path, seed: int = 0) -> None:
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         head_dim=64,  # vLLM's CPU attention has no kernel for head_dim 16
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-        max_position_embeddings=4096, tie_word_embeddings=True,
+        max_position_embeddings=32768, tie_word_embeddings=True,
         eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
         torch_dtype="bfloat16",
