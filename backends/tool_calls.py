@@ -200,7 +200,9 @@ def parse_hermes(text: str, tools: list[ToolSpec], *, parallel: bool = True,
             text = _drop_tag_start(text)
         bare = _bare_call(text.strip(), by_name)
         return ParsedOutput("", [bare]) if bare else ParsedOutput(text)
-    content = text[:start].strip()
+    # Only the whitespace right before the call goes: a stream cannot know a call will come
+    # when it lets the text's beginning out (:class:`HermesStreamParser`), so both keep it.
+    content = text[:start].rstrip()
     calls: list[ToolCall] = []
     rest = text[start:]
     while rest.startswith(TOOL_CALL_START):

@@ -138,6 +138,20 @@ def test_stream_parser_matches_the_whole_text_parser(size):
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole.calls]
 
 
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+@pytest.mark.parametrize("text", ["\nChecking.\n", "  Checking. ", "\n\n", ""])
+def test_streamed_and_whole_content_before_a_call_are_the_same(text, size):
+    """The text's beginning goes out before a call could be seen: the whole answer keeps it
+    too (it stripped it, so a streamed answer's content began with a newline the whole one
+    had not); whitespace right before the call goes in both."""
+    answer = text + block("get_time", '{"tz": "CET"}')
+    pieces = [answer[i:i + size] for i in range(0, len(answer), size)]
+    streamed, calls = feed_all(HermesStreamParser(TOOLS), pieces)
+    whole = parse_hermes(answer, TOOLS)
+    assert streamed == whole.content == text.rstrip()
+    assert [c.name for c in calls] == [c.name for c in whole.calls] == ["get_time"]
+
+
 def test_stream_parser_lets_plain_text_out_early():
     parser = HermesStreamParser(TOOLS)
     assert parser.feed("a < b").text == "a < b"
