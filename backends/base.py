@@ -35,6 +35,10 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None
     #: Prompt of a plain completion; ``None`` for chat.
     prompt: str | None = None
+    #: Fill in the middle (a plain completion's OpenAI ``suffix``): the answer is the text
+    #: that goes between ``prompt`` and this, as code editors ask for it. Kinds whose
+    #: capabilities say ``insertion``.
+    suffix: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -49,6 +49,10 @@ class Capabilities:
     #: The prompt's own tokens scored (``GenerationRequest.prompt_logprobs``), as the
     #: cascade's ``signal: prompt`` reads them.
     prompt_logprobs: bool = False
+    #: Fill in the middle (``GenerationRequest.suffix``): llama.cpp with a model that has
+    #: fill-in-the-middle tokens (it refuses the request otherwise); pass-through for HTTP
+    #: kinds (vLLM serves it for models whose renderer writes FIM prompts).
+    insertion: bool = False
     #: The model runs in this process, on this host, so a host meter (RAPL, CPU time)
     #: measures it; otherwise it is a remote upstream, metered by an exporter or priced
     #: per token.

@@ -55,6 +55,10 @@ text, a whole answer's :class:`Generation` too. The cascade's ``signal: prompt``
 The scores stay with the slot's cached tokens, so a prefix scored before (a system prompt, the
 conversation so far) is not read again (:mod:`backends.llamacpp_batch`).
 
+A plain completion with a ``suffix`` is filled in the middle: the prompt, the suffix and the
+model's own fill-in-the-middle tokens (:func:`~backends.llamacpp_features.insertion_prompt`),
+and the answer is what goes between. A model without such tokens refuses it (400, ``suffix``).
+
 Each generation's token loop updates the request's ``progress`` exactly (prompt tokens,
 and every generated token except the end-of-generation one, which is what
 llama-cpp-python's own non-streaming ``usage`` reports), also for streams; a request
@@ -95,9 +99,11 @@ from .features import TokenLogprob
 from .kind import BackendKind, Capabilities, Requirement, Settings
 from .llamacpp_batch import BatchEngine
 from .llamacpp_features import (
+    FimTokens,
     LogprobRecorder,
     RequestPlan,
     StreamShaper,
+    insertion_prompt,
     plan_request,
     shape_answer,
 )
@@ -344,6 +350,7 @@ class LlamaCppBackend(Backend):
         #: otherwise tools, calls and results are written into the messages as Hermes text.
         self._template_tools = False
         self._grammar_class: Any = None  # llama_cpp.LlamaGrammar, once loaded
+        self._fim: FimTokens = (-1, -1, -1)  # the model's fill-in-the-middle tokens
         self._processors: Any = None  # llama_cpp.LogitsProcessorList
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -396,6 +403,9 @@ class LlamaCppBackend(Backend):
         self._handle_class = _sequence_llama(llama_cpp)
         template = self._base.metadata.get("tokenizer.chat_template") or ""
         self._template_tools = self.chat_format is None and "tools" in template
+        self._fim = (int(llama_cpp.llama_vocab_fim_pre(vocab)),
+                     int(llama_cpp.llama_vocab_fim_suf(vocab)),
+                     int(llama_cpp.llama_vocab_fim_mid(vocab)))
         self._grammar_class = importlib.import_module("llama_cpp.llama_grammar").LlamaGrammar
         self._processors = llama_cpp.LogitsProcessorList
         self._slot_sem = asyncio.Semaphore(self.slots)
@@ -456,7 +466,7 @@ class LlamaCppBackend(Backend):
     # -- generation ---------------------------------------------------------------------
 
     def _plan(self, req: GenerationRequest) -> RequestPlan:
-        return plan_request(req, template_renders_tools=self._template_tools)
+        return plan_request(req, template_renders_tools=self._template_tools, fim=self._fim)
 
     def _call(self, req: GenerationRequest, plan: RequestPlan, tap: _TokenTap,
               stream: bool) -> Any:
@@ -481,6 +491,15 @@ class LlamaCppBackend(Backend):
             if plan.messages is not None:
                 return llm.create_chat_completion(messages=plan.messages,
                                                   tools=plan.template_tools, **kwargs)
+            if req.suffix is not None:
+                # llama-cpp-python's own `suffix` writes token 0 for the FIM tokens (its
+                # 0.3.x has them commented out), so the prompt goes as tokens. The client's
+                # text is read with special=False: it cannot write a control token.
+                def tokens(text: str) -> list[int]:
+                    return list(llm.tokenize(text.encode(), add_bos=False, special=False))
+                bos = llm.token_bos() if llm._model.add_bos_token() else None
+                return llm.create_completion(prompt=insertion_prompt(
+                    self._fim, tokens(req.prompt or ""), tokens(req.suffix), bos), **kwargs)
             return llm.create_completion(prompt=req.prompt or "", **kwargs)
         except ValueError as exc:  # llama-cpp-python: prompt longer than the context window
             raise self._rejected(exc, req) from None
@@ -590,6 +609,7 @@ class LlamaCppBackend(Backend):
 
 KIND = BackendKind(LlamaCppBackend.kind, LlamaCppSettings,
                    Capabilities(streaming=True, tools=True, structured_output=True,
-                                logprobs=True, prompt_logprobs=True, local=True),
+                                logprobs=True, prompt_logprobs=True, insertion=True,
+                                local=True),
                    LlamaCppBackend,
                    requirement=_LLAMA_CPP)

@@ -61,9 +61,29 @@ class RequestPlan:
     top_logprobs: int | None = None
 
 
-def plan_request(req: GenerationRequest, *, template_renders_tools: bool) -> RequestPlan:
+#: A model's fill-in-the-middle tokens: (prefix, suffix, middle) ids, -1 where it has none
+#: (llama.cpp's ``llama_vocab_fim_pre/suf/mid``).
+FimTokens = tuple[int, int, int]
+
+
+def insertion_prompt(fim: FimTokens, prefix: list[int], suffix: list[int],
+                     bos: int | None = None) -> list[int]:
+    """The prompt of a fill-in-the-middle request: the prefix and the suffix marked by the
+    model's own tokens, in the order code models are trained on (prefix, suffix, middle:
+    Qwen2.5-Coder's ``<|fim_prefix|>...<|fim_suffix|>...<|fim_middle|>``); what the model
+    writes next is the middle. ``bos`` first for a model that wants one."""
+    pre, suf, mid = fim
+    return [*([bos] if bos is not None else []), pre, *prefix, suf, *suffix, mid]
+
+
+def plan_request(req: GenerationRequest, *, template_renders_tools: bool,
+                 fim: FimTokens = (-1, -1, -1)) -> RequestPlan:
     """Check the request's tool and format fields and work out the plan; an impossible
-    request raises :class:`BackendRejected` naming the parameter."""
+    request raises :class:`BackendRejected` naming the parameter. ``fim``: the model's
+    fill-in-the-middle tokens, which a ``suffix`` needs."""
+    if req.suffix is not None and min(fim) < 0:
+        raise BackendRejected("this tier's model has no fill-in-the-middle tokens, so it "
+                              "cannot answer a request with a 'suffix'", param="suffix")
     plan = RequestPlan(parallel=req.parallel_tool_calls is not False,
                        top_logprobs=(min(max(req.top_logprobs or 0, 0), MAX_TOP_LOGPROBS)
                                      if req.logprobs else None))

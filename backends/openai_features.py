@@ -30,9 +30,11 @@ class WireFormatError(ValueError):
 
 
 def request_fields(req: GenerationRequest) -> dict[str, Any]:
-    """The request's tool, format and log-probability fields, and its pass-through
+    """The request's suffix, tool, format and log-probability fields, and its pass-through
     :attr:`~GenerationRequest.extra` fields, as OpenAI body fields."""
     body: dict[str, Any] = dict(req.extra)
+    if req.suffix is not None:
+        body["suffix"] = req.suffix
     if req.tools:
         body["tools"] = [t.to_openai() for t in req.tools]
     if req.tool_choice is not None:

@@ -564,4 +564,5 @@ class OpenAIBackend(Backend):
 
 KIND = BackendKind(OpenAIBackend.kind, OpenAISettings,
                    Capabilities(streaming=True, embeddings=True, tools=True,
-                                structured_output=True, logprobs=True), OpenAIBackend)
+                                structured_output=True, logprobs=True, insertion=True),
+                   OpenAIBackend)

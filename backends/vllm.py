@@ -527,9 +527,10 @@ def _runs_vllm_here(settings: Mapping[str, Any]) -> bool:
 
 KIND = BackendKind(
     VLLMBackend.kind, VLLMSettings,
-    # tools, structured output, logprobs: passed through to vLLM (its server flags decide).
+    # tools, structured output, logprobs: passed through to vLLM (its server flags decide);
+    # insertion too (vLLM serves `suffix` for models whose renderer writes FIM prompts).
     Capabilities(streaming=True, tools=True, structured_output=True, logprobs=True,
-                 prompt_logprobs=True), VLLMBackend,
+                 prompt_logprobs=True, insertion=True), VLLMBackend,
     requirement=Requirement("vllm", "vllm", "vllm", mode="managed",
                             hint="or set managed.python to a Python that has vLLM"),
     needs_requirement=_runs_vllm_here)

@@ -1,8 +1,8 @@
 """What each tier can do, read from its backend kind's :class:`~backends.kind.Capabilities`,
 and the tiers a request that needs one capability may run on.
 
-A chat or text completion needs ``generation``, and also ``tools``, ``structured_output`` or
-``logprobs`` when it uses them (:func:`gateway.fields.needed_capabilities`); an embeddings
+A chat or text completion needs ``generation``, and also ``tools``, ``structured_output``,
+``logprobs`` or ``insertion`` (a ``suffix``) when it uses them (:func:`gateway.fields.needed_capabilities`); an embeddings
 request needs ``embeddings``.
 Routing (difficulty, budget degrade, fallback) then chooses only among those tiers. A
 request pinned to a tier that cannot do it, or a tenant with no such tier, is a 400
@@ -25,7 +25,8 @@ from .routing.tiers import resolve_model, tenant_models
 #: How a capability is named to a client.
 _SAYS = {"generation": "chat and text completions", "embeddings": "embeddings",
          "tools": "tool calls (tools)", "structured_output": "structured output (response_format)",
-         "logprobs": "log-probabilities (logprobs)"}
+         "logprobs": "log-probabilities (logprobs)",
+         "insertion": "fill in the middle (suffix)"}
 
 
 class CapabilityMissing(InvalidRequest):
@@ -48,7 +49,7 @@ def model_capabilities(caps: list[Capabilities]) -> dict[str, bool]:
     generation = some("generation")
     return {"chat": generation, "completions": generation, "embeddings": some("embeddings"),
             "streaming": generation and some("streaming"), "tools": some("tools"),
-            "structured_output": some("structured_output")}
+            "structured_output": some("structured_output"), "insertion": some("insertion")}
 
 
 def capable_tiers(policy: Policy, tenant: str, capability: str | Sequence[str],

@@ -138,7 +138,9 @@ FIELDS: tuple[FieldRule, ...] = (
     FieldRule("moderation", CHAT, "refuse", note="no moderation"),
     FieldRule("best_of", COMPLETIONS, "refuse", note="above 1 (1 is accepted)"),
     FieldRule("echo", COMPLETIONS, "refuse", note="when true"),
-    FieldRule("suffix", COMPLETIONS, "refuse", note="no insertion"),
+    FieldRule("suffix", COMPLETIONS, "translate", capability="insertion",
+              note="fill in the middle: the answer goes between `prompt` and it (llama.cpp: "
+                   "the model's FIM tokens, as Qwen2.5-Coder's; a model without them refuses)"),
     FieldRule("messages[].content image_url / input_audio / file parts", CHAT, "refuse",
               note="text only"),
 )
@@ -255,6 +257,8 @@ def needed_capabilities(req: GenerationRequest) -> tuple[str, ...]:
         needs.append("structured_output")
     if req.logprobs:
         needs.append("logprobs")
+    if req.suffix is not None:
+        needs.append("insertion")
     return tuple(needs)
 
 

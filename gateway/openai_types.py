@@ -512,6 +512,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
     echo: bool | None = None
+    #: Fill in the middle: the answer goes between ``prompt`` and this.
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -546,15 +547,9 @@ class CompletionRequest(_Sampling):
             raise _refused("echo is not supported")
         return value
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, value: str | None) -> None:
-        if value is not None:
-            raise _refused("suffix is not supported")
-
     def to_generation(self, model: str, request_id: str) -> GenerationRequest:
         return GenerationRequest(
-            model=model, prompt=self.prompt, max_tokens=self.max_tokens,
+            model=model, prompt=self.prompt, suffix=self.suffix, max_tokens=self.max_tokens,
             temperature=self.temperature, top_p=self.top_p, stop=self.stop,  # type: ignore[arg-type]
             seed=self.seed, user=self.user, request_id=request_id,
             logprobs=self.logprobs is not None, top_logprobs=self.logprobs,

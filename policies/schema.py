@@ -285,7 +285,7 @@ class TierSpec(_Strict):
     #: upstream whose model is a chat model serves no embeddings, or a small model whose
     #: tool calls are poor. Routing then sends such requests to other tiers.
     disable: list[Literal["tools", "structured_output", "logprobs", "prompt_logprobs",
-                          "embeddings"]] = Field(default_factory=list)
+                          "insertion", "embeddings"]] = Field(default_factory=list)
 
 
 class BudgetSpec(_Strict):

@@ -70,7 +70,7 @@ def test_each_kind_is_declared_by_its_own_module():
     assert KINDS["openai"] is openai_http.KIND
     assert KINDS["vllm"] is vllm.KIND
     assert KINDS["wordllama"] is wordllama_embed.KIND
-    features = {"tools": True, "structured_output": True, "logprobs": True}
+    features = {"tools": True, "structured_output": True, "logprobs": True, "insertion": True}
     assert llamacpp.KIND.capabilities == Capabilities(streaming=True, local=True,
                                                       prompt_logprobs=True, **features)
     assert openai_http.KIND.capabilities == Capabilities(streaming=True, embeddings=True,
@@ -80,7 +80,7 @@ def test_each_kind_is_declared_by_its_own_module():
     assert wordllama_embed.KIND.capabilities == Capabilities(generation=False, embeddings=True,
                                                              local=True)
     caps = wordllama_embed.KIND.capabilities  # an embeddings-only kind generates nothing
-    assert not (caps.tools or caps.structured_output or caps.logprobs)
+    assert not (caps.tools or caps.structured_output or caps.logprobs or caps.insertion)
 
 
 def test_the_registry_cannot_be_changed_in_place():

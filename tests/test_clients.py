@@ -471,6 +471,29 @@ def test_too_long_a_prompt_is_litellms_context_window_error(gw, tier):
 
 
 @tiers
+def test_fill_in_the_middle_from_the_sdk_and_litellm(gw, tier):
+    """A code editor's request: ``suffix`` with the prompt (the legacy completions API). The
+    in-process tier fills the gap with the model's FIM tokens; the HTTP tier forwards the
+    suffix and its upstream does. openai's ``completions.create`` and LiteLLM's
+    ``text_completion`` both send it."""
+    import litellm
+    import openai
+
+    ask = {"prompt": "def add(a, b):\n    return ", "suffix": "\n\n\nprint(add(1, 2))\n",
+           "max_tokens": 8, "temperature": 0}
+    client = openai.OpenAI(base_url=base_url(gw), api_key=KEYS["acme"], max_retries=0)
+    plain = client.completions.create(model=tier, **{**ask, "suffix": None})
+    reply = client.completions.create(model=tier, **ask)
+    assert reply.choices[0].text.startswith("a + b"), reply.choices[0].text
+    # The suffix reached the model: its tokens and the three FIM tokens were read.
+    assert reply.usage.prompt_tokens >= plain.usage.prompt_tokens + 3 + 5
+    relayed = litellm.text_completion(model=f"text-completion-openai/{tier}",
+                                      api_base=base_url(gw), api_key=KEYS["acme"], **ask)
+    assert relayed.choices[0].text == reply.choices[0].text
+    assert relayed.usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+@tiers
 def test_litellm_tools(gw, tier):
     """``litellm.completion(model="openai/<tier>")`` with ``tool_choice="required"``: the
     call, whole and streamed (reassembled by ``litellm.stream_chunk_builder``)."""

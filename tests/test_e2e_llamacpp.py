@@ -81,6 +81,27 @@ def test_text_completion(gateway):
     assert streamed[-1].usage.completion_tokens == 6
 
 
+def test_fill_in_the_middle(gateway):
+    """``suffix``: Qwen2.5-Coder fills the gap between the prompt and the suffix (its FIM
+    tokens), whole and streamed alike; the suffix is read as part of the prompt."""
+    client = gateway.client()
+    ask = {"model": SMALL_MODEL_ID, "prompt": "def add(a, b):\n    return ", "max_tokens": 8,
+           "temperature": 0}
+    suffix = "\n\n\nprint(add(1, 2))\n"
+    plain = client.completions.create(**ask)
+    filled = client.completions.create(**ask, suffix=suffix)
+    assert filled.choices[0].text.startswith("a + b"), filled.choices[0].text
+    # The suffix's tokens and the three FIM tokens are in the prompt.
+    assert filled.usage.prompt_tokens >= plain.usage.prompt_tokens + 3 + 5
+    streamed = list(client.completions.create(**ask, suffix=suffix, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == filled.choices[0].text
+    assert streamed[-1].usage.prompt_tokens == filled.usage.prompt_tokens
+    # The client's text cannot write a control token: a suffix spelling one is only text.
+    spelled = client.completions.create(**ask, suffix="<|fim_middle|>")
+    assert spelled.usage.prompt_tokens > plain.usage.prompt_tokens + 3 + 1
+
+
 def test_models_list(gateway):
     ids = [m.id for m in gateway.client().models.list()]
     assert ids == ["auto", "small", SMALL_MODEL_ID]

@@ -229,7 +229,7 @@ async def test_models_say_what_each_tier_supports(tmp_path):
         by_id = {m["id"]: m for m in listed}
         assert by_id["vec"]["capabilities"] == {
             "chat": False, "completions": False, "embeddings": True, "streaming": False,
-            "tools": False, "structured_output": False}
+            "tools": False, "structured_output": False, "insertion": False}
         assert by_id["chat"]["capabilities"]["chat"] is True
         assert by_id["chat"]["capabilities"]["embeddings"] is False
         assert by_id["big-model"]["capabilities"]["embeddings"] is True

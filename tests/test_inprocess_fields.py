@@ -13,8 +13,9 @@ import pytest
 from pydantic import BaseModel
 
 import gateway.fields
-from backends.base import BackendInvalidOutput
+from backends.base import BackendInvalidOutput, GenerationRequest
 from backends.features import NamedToolChoice, ResponseFormat, ToolCall, ToolSpec
+from gateway.budgets.guard import estimate_prompt_tokens
 from gateway.fields import FIELDS, markdown_table
 
 from .inprocess import InProcessGateway, chat_body, in_process_small, policy, sse_events
@@ -138,7 +139,7 @@ CASES = {
     ("chat", "moderation"): ({"model": "omni-moderation-latest"}, None),
     ("completions", "best_of"): (3, None),
     ("completions", "echo"): (True, None),
-    ("completions", "suffix"): ("\n", None),
+    ("completions", "suffix"): ("\n    return a", lambda s: s.suffix),
     ("chat", "messages[].content image_url / input_audio / file parts"): (
         with_messages(content=[{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]),
         None),
@@ -170,6 +171,7 @@ EXPECTED = {
         None, False),  # one call per answer, as the legacy API
     ("chat", "function_call"): NamedToolChoice("get_weather"),
     ("completions", "logprobs"): (True, 2),
+    ("completions", "suffix"): "\n    return a",
 }
 
 
@@ -308,6 +310,32 @@ async def test_routed_only_among_tiers_with_the_capability(tmp_path):
         assert "'tools'" in err["message"] and "'structured_output'" in err["message"]
         assert "big" in err["message"]
         assert len(gw.backends["up-small"].requests) == served
+
+
+async def test_a_suffix_goes_only_to_tiers_that_fill_in_the_middle(tmp_path):
+    """``suffix`` needs the ``insertion`` capability: a tier whose model cannot fill in the
+    middle is left out (``disable: [insertion]``), a request pinned to it is refused before
+    anything is generated, and the prompt the budget reserves for counts the suffix."""
+    p = in_process_small(policy({"default_tier": "small"}), ["insertion"])
+    async with InProcessGateway(tmp_path, p) as gw:
+        body = {"model": "auto", "prompt": "def add(a, b):\n    return ", "max_tokens": 8}
+        assert (await gw.post("/v1/completions", body)).headers["x-joulegate-tier"] == "small"
+        r = await gw.post("/v1/completions", {**body, "suffix": "\n\nprint(add(1, 2))\n"})
+        assert r.status_code == 200 and r.headers["x-joulegate-tier"] == "big", r.text
+        assert gw.backends["up-big"].requests[-1].suffix == "\n\nprint(add(1, 2))\n"
+        served = len(gw.backends["up-small"].requests)
+        r = await gw.post("/v1/completions", {**body, "model": "small", "suffix": "x"})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "capability_missing" and err["param"] == "model"
+        assert "'insertion'" in err["message"] and "suffix" in err["message"]
+        assert len(gw.backends["up-small"].requests) == served
+
+
+def test_a_suffix_counts_in_the_prompt_estimate():
+    plain = GenerationRequest(model="m", prompt="def add(a, b):\n    return ")
+    filled = GenerationRequest(model="m", prompt=plain.prompt, suffix="x" * 400)
+    assert estimate_prompt_tokens(filled) == estimate_prompt_tokens(plain) + 100
 
 
 async def test_no_tier_with_the_capability_is_a_400(tmp_path):

@@ -17,7 +17,12 @@ from backends.features import (
     logprobs_from_openai,
     tool_choice_from_openai,
 )
-from backends.llamacpp_features import StreamShaper, plan_request, shape_answer
+from backends.llamacpp_features import (
+    StreamShaper,
+    insertion_prompt,
+    plan_request,
+    shape_answer,
+)
 from backends.openai_features import (
     WireFormatError,
     completion_extras,
@@ -287,6 +292,22 @@ def test_plans_reject_impossible_tool_choices():
     with pytest.raises(BackendRejected, match="not a valid JSON schema") as info:
         _plan(response_format=bad)
     assert info.value.param == "response_format"
+
+
+def test_fill_in_the_middle_needs_the_models_fim_tokens():
+    """A ``suffix`` is served only by a model that has fill-in-the-middle tokens (Qwen2.5-
+    Coder's ids below); its prompt is prefix, suffix, then the middle token."""
+    qwen = (151659, 151661, 151660)
+    filled = GenerationRequest(model="m", prompt="def f():", suffix="\nf()")
+    assert plan_request(filled, template_renders_tools=True, fim=qwen).messages is None
+    for none in [(-1, -1, -1), (151659, -1, 151660)]:
+        with pytest.raises(BackendRejected, match="fill-in-the-middle") as info:
+            plan_request(filled, template_renders_tools=True, fim=none)
+        assert info.value.param == "suffix"
+    plain = GenerationRequest(model="m", prompt="def f():")
+    assert plan_request(plain, template_renders_tools=True).messages is None
+    assert insertion_prompt(qwen, [1, 2], [3]) == [151659, 1, 2, 151661, 3, 151660]
+    assert insertion_prompt(qwen, [], [], bos=7) == [7, 151659, 151661, 151660]
 
 
 def test_plans_for_each_tool_choice():

@@ -73,9 +73,9 @@ def _until_fits(reservation: Reservation, now: float) -> tuple[float, WindowStat
 def estimate_prompt_tokens(generation: GenerationRequest) -> int:
     """About 4 characters per token, plus a few tokens of chat framing per message; an
     assistant's calls, the tools and the response schema count as their JSON (the backend
-    puts them in the prompt)."""
+    puts them in the prompt), a fill-in-the-middle suffix as its text."""
     if generation.messages is None:
-        return len(generation.prompt or "") // 4 + 1
+        return (len(generation.prompt or "") + len(generation.suffix or "")) // 4 + 1
     tokens = sum(len(m.get("content") or "") // 4 + 4 for m in generation.messages)
     chars = sum(len(orjson.dumps(m["tool_calls"])) for m in generation.messages
                 if m.get("tool_calls"))

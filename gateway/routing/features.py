@@ -71,8 +71,9 @@ class RequestText:
 
     @classmethod
     def of(cls, request: GenerationRequest) -> RequestText:
-        if request.messages is None:
-            return cls(request.prompt or "", 0, 1, False, request.max_tokens)
+        if request.messages is None:  # a fill-in-the-middle suffix is context
+            return cls(request.prompt or "", len(request.suffix or ""), 1, False,
+                       request.max_tokens)
         last, context, turns, system = "", 0, 0, False
         for m in request.messages:
             role, content = m["role"], m["content"] or ""
