@@ -418,7 +418,10 @@ class OpenAIBackend(Backend):
         if status == 504:
             return BackendTimeout(f"upstream '{self.name}' timed out (HTTP 504)")
         if status in (400, 413, 422) and detail:
-            return BackendRejected(f"upstream '{self.name}' rejected the request: {detail[:500]}")
+            # The upstream's param is a field of the OpenAI body, as the client spelled it.
+            param = err.get("param") if isinstance(err, dict) else None
+            return BackendRejected(f"upstream '{self.name}' rejected the request: {detail[:500]}",
+                                   param=param if isinstance(param, str) and param else None)
         # 401/403/404 mean the gateway's own upstream settings are wrong, not the client's.
         return BackendFailure(f"upstream '{self.name}' answered HTTP {status}")
 

@@ -167,6 +167,18 @@ def test_the_cascade_prompt_signal_on_a_vllm_tier(vllm_server, upstream, tmp_pat
         gw.stop()
 
 
+def test_a_suffix_goes_to_vllm_which_refuses_it_for_a_model_without_fim(gateway):
+    """``suffix`` is forwarded (the insertion capability is pass-through): vLLM fills in the
+    middle only for models whose renderer writes FIM prompts, and refuses it for the tiny
+    Qwen3-MoE with a 400 that names the field; the client gets that 400 and its param."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().completions.create(model="moe", prompt="def f():", suffix="\nf()",
+                                            max_tokens=4)
+    assert refused.value.param == "suffix" and "FIM" in refused.value.message
+
+
 def test_a_saturated_vllm_queue_is_skipped(gateway, vllm_server):
     stop = threading.Event()
 
