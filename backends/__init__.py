@@ -19,6 +19,7 @@ from .base import (
     BackendUnavailable,
     Chunk,
     ContextWindowExceeded,
+    FeatureUnsupported,
     Generation,
     GenerationRequest,
     Health,
@@ -33,7 +34,7 @@ from .wordllama_embed import load_wordllama
 __all__ = [
     "KINDS", "Backend", "BackendError", "BackendFailure", "BackendInvalidResponse",
     "BackendKind", "BackendRejected", "BackendTimeout", "BackendUnavailable", "Capabilities",
-    "Chunk", "ContextWindowExceeded", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "TokenLogprob",
+    "Chunk", "ContextWindowExceeded", "FeatureUnsupported", "Generation", "GenerationRequest", "Health", "Load", "Requirement", "Settings", "TokenLogprob",
     "Usage",
     "load_wordllama",
 ]

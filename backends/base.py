@@ -201,6 +201,13 @@ class ContextWindowExceeded(BackendRejected):
     OpenAI does, 400 ``context_length_exceeded``."""
 
 
+class FeatureUnsupported(BackendRejected):
+    """The tier's model cannot do something its backend kind offers (fill in the middle, for
+    a model without fill-in-the-middle tokens): the request is fine, the model is not the one
+    for it. The gateway tries the next tier of the plan, which has the capability too, and
+    answers this 400 naming ``param`` only when none is left."""
+
+
 def context_window_message(window: int, used: int, chat: bool) -> str:
     """OpenAI's words for it, which clients match on (LiteLLM looks for "maximum context
     length")."""

@@ -18,7 +18,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import BackendInvalidOutput, BackendRejected, Chunk, GenerationRequest
+from .base import (
+    BackendInvalidOutput,
+    BackendRejected,
+    Chunk,
+    FeatureUnsupported,
+    GenerationRequest,
+)
 from .features import (
     NamedToolChoice,
     ResponseFormat,
@@ -80,10 +86,11 @@ def plan_request(req: GenerationRequest, *, template_renders_tools: bool,
                  fim: FimTokens = (-1, -1, -1)) -> RequestPlan:
     """Check the request's tool and format fields and work out the plan; an impossible
     request raises :class:`BackendRejected` naming the parameter. ``fim``: the model's
-    fill-in-the-middle tokens, which a ``suffix`` needs."""
+    fill-in-the-middle tokens, which a ``suffix`` needs (without them:
+    :class:`FeatureUnsupported`, which another tier may serve)."""
     if req.suffix is not None and min(fim) < 0:
-        raise BackendRejected("this tier's model has no fill-in-the-middle tokens, so it "
-                              "cannot answer a request with a 'suffix'", param="suffix")
+        raise FeatureUnsupported("this tier's model has no fill-in-the-middle tokens, so it "
+                                 "cannot answer a request with a 'suffix'", param="suffix")
     plan = RequestPlan(parallel=req.parallel_tool_calls is not False,
                        top_logprobs=(min(max(req.top_logprobs or 0, 0), MAX_TOP_LOGPROBS)
                                      if req.logprobs else None))

@@ -43,6 +43,7 @@ from .base import (
     ContextWindowExceeded,
     EmbeddingRequest,
     Embeddings,
+    FeatureUnsupported,
     Generation,
     GenerationRequest,
     Health,
@@ -63,6 +64,10 @@ from .openai_features import (
 )
 
 log = logging.getLogger("joulegate.openai")
+
+#: Fields whose refusal (a 400 naming the field) says the upstream's model lacks a feature
+#: the kind offers, not that the request is wrong: :class:`FeatureUnsupported`.
+FEATURE_PARAMS = frozenset({"suffix"})
 
 #: An HTTP(S) base URL, e.g. ``http://10.0.0.5:8000/v1``.
 URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
@@ -418,10 +423,15 @@ class OpenAIBackend(Backend):
         if status == 504:
             return BackendTimeout(f"upstream '{self.name}' timed out (HTTP 504)")
         if status in (400, 413, 422) and detail:
-            # The upstream's param is a field of the OpenAI body, as the client spelled it.
+            # The upstream's param is a field of the OpenAI body the gateway sent: the
+            # client's own, or the name the gateway translated it to (max_tokens, tools).
             param = err.get("param") if isinstance(err, dict) else None
-            return BackendRejected(f"upstream '{self.name}' rejected the request: {detail[:500]}",
-                                   param=param if isinstance(param, str) and param else None)
+            param = param if isinstance(param, str) and param else None
+            # A refused suffix: the upstream's model has no fill-in-the-middle (vLLM serves
+            # it only where the model's renderer writes FIM prompts); another tier may.
+            refused = FeatureUnsupported if param in FEATURE_PARAMS else BackendRejected
+            return refused(f"upstream '{self.name}' rejected the request: {detail[:500]}",
+                           param=param)
         # 401/403/404 mean the gateway's own upstream settings are wrong, not the client's.
         return BackendFailure(f"upstream '{self.name}' answered HTTP {status}")
 

@@ -47,7 +47,9 @@ full`` when a capacity kept the cheap answer; escalations count in
 ``joulegate_cascade_capacity_holds_total{tenant,from,to}``, and the access log's record
 carries ``cascade_from``, ``cascade_held`` and ``cascade_confidence``. The cascade applies only to
 ``auto`` requests that routing sent to their default tier (``gate``), without tools or a
-JSON response format, on a tier that reports the log-probabilities the signal needs;
+JSON response format (nor, for the prompt signal, a ``suffix``: a filled-in-the-middle prompt
+does not end with the request's last words), on a tier that reports the log-probabilities
+the signal needs;
 everything else (pinned models, budget-degraded or capped plans) runs as planned.
 """
 
@@ -100,6 +102,10 @@ def cascade_for(snap: Snapshot, call: Call) -> tuple[CascadeSpec, TierSpec] | No
     if req.tools or (req.response_format is not None and req.response_format.type != "text"):
         return None
     spec = routing.cascade or CascadeSpec()
+    if spec.signal == "prompt" and req.suffix is not None:
+        # The tier reads a filled-in-the-middle prompt as prefix, suffix, then its middle
+        # token: the text the signal judges (the request's last words) is not at its end.
+        return None
     caps = tier_capabilities(snap.policy, plan.tier)
     if not (caps.prompt_logprobs if spec.signal == "prompt" else caps.logprobs):
         return None

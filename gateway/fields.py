@@ -16,7 +16,8 @@ Each field is one of:
   change the answer the client gets).
 
 A tenant's ``unsupported_params: reject`` turns every drop into a 400. A field that needs
-a capability (``tools``, ``structured_output``, ``logprobs``) routes the request only among
+a capability (``tools``, ``structured_output``, ``logprobs``, ``insertion`` for a
+``suffix``) routes the request only among
 tiers whose backend kind has it (:mod:`gateway.capabilities`).
 
 The translation functions take OpenAI's wire values (plain JSON) so that every endpoint

@@ -13,7 +13,14 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from backends import Backend, BackendTimeout, BackendUnavailable, Generation, Usage
+from backends import (
+    Backend,
+    BackendTimeout,
+    BackendUnavailable,
+    FeatureUnsupported,
+    Generation,
+    Usage,
+)
 from policies import TierSpec
 
 from . import fields
@@ -136,7 +143,7 @@ async def on_plan(runtime: Runtime, snap: Snapshot, call: Call,
             runtime.tier_slots.enter(tier.name, snap.policy.server.limits.max_pending_per_tier)
             call.slot = tier.name
             return await attempt(call, snap.backend_for(tier))
-        except (BackendUnavailable, BackendTimeout) as exc:
+        except (BackendUnavailable, BackendTimeout, FeatureUnsupported) as exc:
             leave_slot(runtime, call)
             if plan.fall_back(str(exc)) is None:
                 raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 import typing
 from pathlib import Path
@@ -19,8 +20,10 @@ from backends import (
     KINDS,
     Backend,
     BackendKind,
+    BackendRejected,
     BackendUnavailable,
     Capabilities,
+    FeatureUnsupported,
     Health,
     Settings,
     llamacpp,
@@ -231,3 +234,23 @@ def test_backends_never_import_gateway_or_policies():
         text = source.read_text()
         for banned in ("gateway", "policies"):
             assert f"from {banned}" not in text and f"import {banned}" not in text, source
+
+
+def test_an_upstreams_refused_suffix_says_its_model_cannot_not_that_the_request_is_wrong():
+    """A 400 naming ``suffix`` (vLLM's for a model without a FIM renderer) is
+    :class:`FeatureUnsupported`, which the gateway hands on to the next tier; any other
+    refusal stays a plain :class:`BackendRejected` with the field it names."""
+    policy = parse_policy(_policy({"up": {"kind": "openai", "base_url": "http://u:1/v1"}}))
+    up = build_from_kind("up", policy.backends["up"])
+    assert isinstance(up, openai_http.OpenAIBackend)
+
+    def refusal(param: object) -> Exception:
+        body = {"error": {"message": "no FIM here", "type": "BadRequestError", "param": param}}
+        return up._status_error(400, json.dumps(body).encode(), "prompt")
+
+    fim = refusal("suffix")
+    assert isinstance(fim, FeatureUnsupported) and fim.param == "suffix"
+    for param in ("temperature", None, ""):
+        other = refusal(param)
+        assert isinstance(other, BackendRejected) and not isinstance(other, FeatureUnsupported)
+        assert other.param == (param or None)

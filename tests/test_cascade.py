@@ -315,6 +315,20 @@ async def test_a_tier_that_does_not_score_prompts_is_not_probed(tmp_path):
         assert gw.backends["up-small"].requests[0].prompt_logprobs == 0
 
 
+async def test_a_fill_in_the_middle_request_is_not_judged_by_its_prompt(tmp_path):
+    """A filled-in-the-middle prompt ends with the suffix and the model's middle token, not
+    with the request's last words, which the prompt signal looks for: such a request is
+    answered as routed, unprobed; the same prompt without a suffix is probed."""
+    code = {"model": "auto", "prompt": "def area(r):\n    return ", "max_tokens": 16}
+    async with InProcessGateway(tmp_path, prompt_policy(), prompt_scripts(UNFAMILIAR)) as gw:
+        r = await gw.post("/v1/completions", {**code, "suffix": "\n\nprint(area(2))\n"})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-tier"] == "small" and "x-joulegate-cascade" not in r.headers
+        assert gw.backends["up-small"].requests[0].prompt_logprobs == 0
+        r = await gw.post("/v1/completions", code)
+        assert r.headers["x-joulegate-cascade"] == "small->big"
+
+
 def test_prompt_confidence_finds_the_text_among_the_scored_tokens():
     def tokens(*pairs):
         return [TokenLogprob(t, lp, list(t.encode())) for t, lp in pairs]

@@ -7,6 +7,8 @@ import asyncio
 
 import pytest
 
+from backends import FeatureUnsupported
+
 from .inprocess import ADMIN, InProcessGateway, joules, policy, sse_events
 from .scripted import Script
 
@@ -112,6 +114,36 @@ async def test_a_tier_that_fails_before_its_first_token_falls_back(tmp_path, fai
         assert events[-2]["usage"]["completion_tokens"] == 1
         assert await gw.metric("joulegate_fallbacks_total", tenant="acme",
                                **{"from": "big", "to": "small"}) == 2
+
+
+async def test_a_model_that_cannot_fill_in_the_middle_hands_the_suffix_on(tmp_path):
+    """The tier's kind fills in the middle but its model refuses the suffix (vLLM serving a
+    model without a FIM renderer, a llama.cpp model without FIM tokens): the request goes on
+    down the plan to a tier that can, as when a tier cannot answer; with nowhere to go (a
+    pinned tier) the client gets the 400 naming ``suffix``, and the refusal costs nothing."""
+    refuse = Script(fail=FeatureUnsupported("scripted: no fill-in-the-middle", param="suffix"))
+    scripts = {"up-big": refuse, "up-small": Script(tokens=["fine"], prompt_tokens=5)}
+    body = {"model": "auto", "prompt": HARD, "suffix": "\nprint(f([3, 1, 2]))\n", "max_tokens": 8}
+    async with InProcessGateway(tmp_path, routed_policy(), scripts) as gw:
+        r = await gw.post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-joulegate-fallback"] == "big->small"
+        assert r.json()["choices"][0]["text"] == "fine"
+        (served,) = gw.backends["up-small"].requests
+        assert served.suffix == body["suffix"] and served.prompt == HARD
+        assert r.json()["usage"]["energy_joules"] == joules(5, 1, "small")
+        stream = await gw.post("/v1/completions", {**body, "stream": True})
+        assert stream.status_code == 200 and stream.headers["x-joulegate-fallback"] == "big->small"
+        assert sse_events(stream.text)[-1] == "[DONE]"
+
+        r = await gw.post("/v1/completions", {**body, "model": "big"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == ("suffix", "rejected_by_backend")
+        assert "fill-in-the-middle" in err["message"]
+        assert len(gw.backends["up-small"].requests) == 2  # the pinned one went nowhere else
+        assert await gw.metric("joulegate_energy_joules_total", tenant="acme") == \
+            2 * joules(5, 1, "small")
 
 
 async def test_a_pinned_tier_does_not_fall_back_unless_the_policy_says_all(tmp_path):

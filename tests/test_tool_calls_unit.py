@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from backends.base import BackendInvalidOutput, BackendRejected, Chunk, GenerationRequest
+from backends.base import (
+    BackendInvalidOutput,
+    BackendRejected,
+    Chunk,
+    FeatureUnsupported,
+    GenerationRequest,
+)
 from backends.features import (
     NamedToolChoice,
     ResponseFormat,
@@ -301,7 +307,7 @@ def test_fill_in_the_middle_needs_the_models_fim_tokens():
     filled = GenerationRequest(model="m", prompt="def f():", suffix="\nf()")
     assert plan_request(filled, template_renders_tools=True, fim=qwen).messages is None
     for none in [(-1, -1, -1), (151659, -1, 151660)]:
-        with pytest.raises(BackendRejected, match="fill-in-the-middle") as info:
+        with pytest.raises(FeatureUnsupported, match="fill-in-the-middle") as info:
             plan_request(filled, template_renders_tools=True, fim=none)
         assert info.value.param == "suffix"
     plain = GenerationRequest(model="m", prompt="def f():")

@@ -170,9 +170,15 @@ def test_the_cascade_prompt_signal_on_a_vllm_tier(vllm_server, upstream, tmp_pat
 def test_a_suffix_goes_to_vllm_which_refuses_it_for_a_model_without_fim(gateway):
     """``suffix`` is forwarded (the insertion capability is pass-through): vLLM fills in the
     middle only for models whose renderer writes FIM prompts, and refuses it for the tiny
-    Qwen3-MoE with a 400 that names the field; the client gets that 400 and its param."""
+    Qwen3-MoE with a 400 that names the field. Routed there, the request goes on to the next
+    tier (the model, not the request, was the problem); pinned there, the client gets that
+    400 and its param."""
     import openai
 
+    raw = gateway.client().completions.with_raw_response.create(
+        model="auto", prompt="def f():", suffix="\nf()", max_tokens=4)
+    assert raw.headers["x-joulegate-fallback"] == "moe->small"
+    assert raw.headers["x-joulegate-tier"] == "small" and raw.parse().choices[0].text
     with pytest.raises(openai.BadRequestError) as refused:
         gateway.client().completions.create(model="moe", prompt="def f():", suffix="\nf()",
                                             max_tokens=4)
