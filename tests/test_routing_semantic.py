@@ -94,6 +94,8 @@ def test_router_eval_labels_scores_every_shipped_estimator_in_file_order(tmp_pat
     assert main(["router", "eval", "--labels", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompts"] == len(rows) and "nothing is fitted" in out["note"]
+    low, high = out["random_apgr_middle_95pct"]
+    assert low < 0.5 < high
     assert {"heuristic", "learned", "semantic"} <= set(out["estimators"])
     for name in ("heuristic", "learned", "semantic"):
         result = out["estimators"][name]
@@ -101,9 +103,11 @@ def test_router_eval_labels_scores_every_shipped_estimator_in_file_order(tmp_pat
         expected = [est.score(chat(prompt)).score for prompt, _, _ in rows]
         assert result["scores"] == pytest.approx(expected, abs=1e-6)  # file order
         assert -1.0 < result["apgr"] < 3.0
+        assert 0.0 < result["p_vs_chance"] <= 1.0
     assert main(["router", "eval", "--labels", str(path)]) == 0
     text = capsys.readouterr().out
     assert "| semantic |" in text and "nothing is fitted" in text
+    assert "| p vs chance |" in text and "random routing's APGR here" in text
 
 
 #: Four prompts with the cheap answer's log-probabilities: the unsure ones are the ones it
@@ -130,6 +134,8 @@ def test_router_eval_labels_ranks_by_the_cascade_where_the_file_has_log_probabil
     assert cascade["scores"] == pytest.approx(
         [1 - math.exp(sum(map(float, lp.split())) / 2) for *_, lp in rows], abs=1e-5)
     assert cascade["apgr"] == pytest.approx(0.75)  # the oracle order: the two wrong rank first
+    # A random order ranks those two first one time in six (2 of 4 positions: 1 / C(4, 2)).
+    assert cascade["p_vs_chance"] == pytest.approx(1 / 6, abs=0.03)
     # Without the column the cascade has nothing to rank by and is not listed.
     _write(path, [r[:3] for r in rows])
     assert main(["router", "eval", "--labels", str(path), "--json"]) == 0

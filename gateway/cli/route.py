@@ -156,7 +156,7 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
 
 def _eval_labels(args: argparse.Namespace) -> int:
     """The shipped estimators, as trained in the package, on a user's labelled CSV."""
-    from ..routing import lodo
+    from ..routing import chance, lodo
 
     try:
         examples, results = lodo.score_label_file(Path(args.labels))
@@ -164,14 +164,20 @@ def _eval_labels(args: argparse.Namespace) -> int:
         print(f"joulegate: {exc}", file=sys.stderr)
         return 2
     note = ("shipped estimators as trained in the package; nothing is fitted or tuned on this "
-            "file (APGR is threshold-free: a sweep over each estimator's score order); the "
+            "file (APGR is threshold-free: a sweep over each estimator's score order); p: how "
+            "often a random order of the file's prompts scores at least that APGR; the "
             "threshold is this file's, for routing traffic like it (the cascade's: for its "
             "default probe), checked on alternate halves")
+    null = chance.chance([e.gain for e in examples])
+    band = None if null is None else [round(v, 4) for v in null.band]
     if args.json:
         print(json.dumps({"file": str(args.labels), "prompts": len(examples), "note": note,
+                          "random_apgr_middle_95pct": band,
                           "estimators": {
                               name: ({"error": r["error"]} if "error" in r else
                                      {"apgr": round(r["apgr"], 4),
+                                      "p_vs_chance": None if r["p"] is None
+                                      else round(r["p"], 4),
                                       "strong_share_for_95pct": round(r["fraction95"], 4),
                                       "threshold_for_95pct": _setting(name, r["calibration"]),
                                       "alternate_halves": _halves(r["calibration"]),
@@ -180,13 +186,16 @@ def _eval_labels(args: argparse.Namespace) -> int:
         return 0
     weak = sum(e.weak for e in examples) / len(examples)
     strong = sum(e.strong for e in examples) / len(examples)
+    spread = "" if band is None else (f"; random routing's APGR here: {band[0]:.3f} to "
+                                      f"{band[1]:.3f} (middle 95% of {chance.DRAWS} orders)")
     print(f"{args.labels}: {len(examples)} prompts, cheap tier right {weak:.1%}, strong "
-          f"{strong:.1%}; {note}")
-    print("| estimator | APGR | strong share for 95% of strong quality | threshold for 95% "
-          "here | that rule chosen on alternate halves, on the other half |\n|---|---|---|---|---|")
+          f"{strong:.1%}{spread}; {note}")
+    print("| estimator | APGR | p vs chance | strong share for 95% of strong quality "
+          "| threshold for 95% here | that rule chosen on alternate halves, on the other half "
+          "|\n|---|---|---|---|---|---|")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name} | - | not available here: {r['error']} | - | - |")
+            print(f"| {name} | - | - | not available here: {r['error']} | - | - |")
             continue
         cal = r["calibration"]
         setting = _setting(name, cal)
@@ -197,7 +206,9 @@ def _eval_labels(args: argparse.Namespace) -> int:
         halves = "-" if cal["halves_quality"] is None else (
             f"{cal['halves_quality']:.1%} of strong quality at {cal['halves_cost']:.1%} "
             f"{'of always-strong joules' if cal['cost_of'] == 'joules' else 'sent strong'}")
-        print(f"| {name} | {r['apgr']:.3f} | {r['fraction95']:.1%} | {setting} | {halves} |")
+        p = "-" if r["p"] is None else f"{r['p']:.3f}"
+        print(f"| {name} | {r['apgr']:.3f} | {p} | {r['fraction95']:.1%} | {setting} "
+              f"| {halves} |")
     return 0
 
 

@@ -31,6 +31,7 @@ from backends import GenerationRequest
 from policies import CascadeSpec
 
 from . import semantic_train
+from .chance import LEVEL, Chance, chance, mean_p
 from .estimators import (
     ESTIMATORS,
     DifficultyEstimator,
@@ -111,6 +112,10 @@ class Cell:
     #: always-strong; strong share without joules; the cascade's rows: always the strong
     #: share, as their joules include the probe's). None where not computed.
     fixed: tuple[float, float, float] | None = None
+    #: How often a random order of the same prompts scores at least this APGR
+    #: (:func:`gateway.routing.chance.chance`; None: the tiers never differ on them).
+    p: float | None = None
+    null: Chance | None = field(default=None, repr=False)
 
 
 def fixed_threshold(est: DifficultyEstimator, examples: Sequence[Example],
@@ -131,7 +136,7 @@ def fixed_threshold(est: DifficultyEstimator, examples: Sequence[Example],
             source_rows = [source_rows[int(i * step)] for i in range(per_source)]
         subset = [examples[r] for r in source_rows]
         scores = [est.score_text(t).score for t in _requests(subset, "native")]
-        share = cell("", "native", est.name, scores, subset).fraction95
+        share = cell("", "native", est.name, scores, subset, tested=False).fraction95
         thresholds.append(float(np.quantile(scores, 1.0 - share)) if share > 0 else 1.01)
     return sum(thresholds) / len(thresholds)
 
@@ -142,7 +147,7 @@ def fixed_share(examples: Sequence[Example], scores: Sequence[float]) -> float:
     sweep of ``scores`` first reaches 95% of its strong quality, averaged over the sources
     with at least MIN_PROMPTS (1.0: none)."""
     shares = [cell("", "native", "", [scores[i] for i in rows], [examples[i] for i in rows],
-                   priced=False).fraction95
+                   priced=False, tested=False).fraction95
               for rows in by_source(examples).values() if len(rows) >= MIN_PROMPTS]
     return sum(shares) / len(shares) if shares else 1.0
 
@@ -332,16 +337,20 @@ def apgr_of(scores: Sequence[float], examples: Sequence[Example], name: str = ""
 
 
 def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
-         examples: Sequence[Example], priced: bool = True) -> Cell:
+         examples: Sequence[Example], priced: bool = True, tested: bool = True) -> Cell:
     """``priced``: the one-shot joules of :func:`cost_curve` are this router's (not for a
-    cascade, which also pays its probe): else no joules, margin or curve are given."""
+    cascade, which also pays its probe): else no joules, margin or curve are given.
+    ``tested``: the APGR's p-value against random orders of the same prompts
+    (:func:`gateway.routing.chance.chance`, with this estimator's ties) is given."""
     strong = [e.strong for e in examples]
     apgr = apgr_of(scores, examples, estimator)
+    null = chance([e.gain for e in examples], scores) if tested else None
+    p = None if null is None else null.p(apgr)
     fractions, quality, joules = cost_curve(scores, examples)
     target = QUALITY_SHARE * sum(strong) / len(strong)
     if not priced:
         return Cell(source, wording, estimator, apgr, _first_reaching(fractions, quality, target),
-                    None, None)
+                    None, None, p=p, null=null)
     labelled = has_joules(examples)
     margin = None
     if labelled:  # the curve's inner points against random routing at equal joules
@@ -349,7 +358,7 @@ def cell(source: str, wording: str, estimator: str, scores: Sequence[float],
                                 (joules[0], quality[0]), (joules[-1], quality[-1]))[0]
     return Cell(source, wording, estimator, apgr, _first_reaching(fractions, quality, target),
                 _first_reaching(joules, quality, target) if labelled else None, margin,
-                (joules, quality))
+                (joules, quality), p=p, null=null)
 
 
 def _requests(examples: Sequence[Example], wording: str) -> list[RequestText]:
@@ -462,7 +471,9 @@ def evaluate(data_dir: Path, wordings: Sequence[str] = FORMATS,
             cells.extend(seen_source(source, examples, inputs, embedder, progress))
     info = {name: {"prompts": len(rows), "weak": sum(e.weak for e in rows) / len(rows),
                    "strong": sum(e.strong for e in rows) / len(rows),
-                   "joules": all(e.strong_joules is not None for e in rows)}
+                   "joules": all(e.strong_joules is not None for e in rows),
+                   "chance": None if (null := chance([e.gain for e in rows])) is None
+                   else null.band}
             for name, rows in sources.items()}
     return {"cells": cells, "sources": info, "chosen": chosen, "skipped": skipped,
             "prior_weights": weights}
@@ -586,22 +597,30 @@ def split(examples: Sequence[Example], held_out: str) -> tuple[list[int], list[i
 def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
     """Per estimator: mean and worst held-out APGR in the labelled wording (``native``), the
     worst over every wording, the widest spread (max - min APGR over wordings) of any
-    source, and over how many held-out sources (``cascade``: those with the cheap tier's
-    log-probabilities)."""
+    source, over how many held-out sources (``cascade``: those with the cheap tier's
+    log-probabilities), on how many of them the APGR is better than chance (a random
+    order of the source's prompts scores as high less than :data:`.chance.LEVEL` of the
+    time), and how often random routing on every one of them scores the mean as high
+    (``mean_p``; NaN when a source has no null)."""
     out: dict[str, dict[str, float]] = {}
     for name in (*ESTIMATOR_NAMES, *CASCADES, *VARIANTS):
         mine = [c for c in cells if c.estimator == name]
         if not mine:
             continue
         mine = [c for c in mine if "+cv" not in c.source]
-        native = [c.apgr for c in mine if c.wording == "native" and "/" not in c.source]
+        held = [c for c in mine if c.wording == "native" and "/" not in c.source]
+        native = [c.apgr for c in held]
         spreads = []
         for source in sorted({c.source for c in mine if compares_wordings(c.source)}):
             values = [c.apgr for c in mine if c.source == source]
             spreads.append(max(values) - min(values))
         out[name] = {"mean": sum(native) / len(native), "worst": min(native),
                      "worst_any_wording": min(c.apgr for c in mine if compares_wordings(c.source)),
-                     "widest_spread": max(spreads), "sources": len(native)}
+                     "widest_spread": max(spreads), "sources": len(native),
+                     "above_chance": sum(c.p is not None and c.p < LEVEL for c in held),
+                     "mean_p": mean_p([c.apgr for c in held], nulls)
+                     if len(nulls := [c.null for c in held if c.null is not None]) == len(held)
+                     else math.nan}
     return out
 
 
@@ -629,8 +648,9 @@ def score_label_file(path: Path, names: Sequence[str] | None = None
                 continue
             scores = cascade_scores(examples)
             c = cell(path.stem, "file", name, scores, examples, priced=False)
-            out[name] = {"apgr": c.apgr, "fraction95": c.fraction95, "joules95": None,
-                         "scores": scores, "calibration": calibrate(scores, examples, False)}
+            out[name] = {"apgr": c.apgr, "p": c.p, "fraction95": c.fraction95,
+                         "joules95": None, "scores": scores,
+                         "calibration": calibrate(scores, examples, False)}
             continue
         try:
             est = ESTIMATORS[name]()
@@ -639,6 +659,7 @@ def score_label_file(path: Path, names: Sequence[str] | None = None
             continue
         scores = [est.score(r).score for r in requests]
         c = cell(path.stem, "file", name, scores, examples)
-        out[name] = {"apgr": c.apgr, "fraction95": c.fraction95, "joules95": c.joules95,
-                     "scores": scores, "calibration": calibrate(scores, examples)}
+        out[name] = {"apgr": c.apgr, "p": c.p, "fraction95": c.fraction95,
+                     "joules95": c.joules95, "scores": scores,
+                     "calibration": calibrate(scores, examples)}
     return examples, out

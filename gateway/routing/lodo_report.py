@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from .chance import DRAWS, LEVEL
 from .labels import MIN_PROMPTS
 from .lodo import CASCADES, ESTIMATOR_NAMES, PRIOR, VARIANTS, Cell, compares_wordings, summary
 
@@ -22,10 +24,10 @@ def main_table(cells: list[Cell]) -> str:
     labelled in: APGR, strong fraction and joules needed for 95% of strong quality, the least
     margin over random at equal joules, and the APGR spread over the other wordings."""
     names = (*ESTIMATOR_NAMES, *CASCADES, *VARIANTS, *BASELINES)
-    lines = ["| held out | estimator | APGR | APGR over wordings (min to max) | strong share for 95% "
-             "| joules for 95% (of always-strong) | least margin vs random "
-             "| at threshold fixed on training sources: quality, cost |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| held out | estimator | APGR | p vs chance | APGR over wordings (min to max) "
+             "| strong share for 95% | joules for 95% (of always-strong) "
+             "| least margin vs random | at threshold fixed on training sources: quality, cost |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for source in sorted({c.source for c in cells}):
         for name in names:
             native = [c for c in cells if c.source == source and c.estimator == name
@@ -40,7 +42,9 @@ def main_table(cells: list[Cell]) -> str:
             fixed = ("-" if c.fixed is None else
                      f"{c.fixed[1]:.1%} of strong quality at {c.fixed[2]:.1%} "
                      f"{'joules' if c.joules95 is not None else 'strong share'}")
-            lines.append(f"| {source} | {name} | {c.apgr:.3f} | {spread} | {_pct(c.fraction95)} "
+            p = "-" if c.p is None or name in BASELINES else f"{c.p:.3f}"
+            lines.append(f"| {source} | {name} | {c.apgr:.3f} | {p} | {spread} "
+                         f"| {_pct(c.fraction95)} "
                          f"| {_pct(c.joules95)} | {margin} | {fixed} |")
     return "\n".join(lines)
 
@@ -65,15 +69,19 @@ def wording_table(cells: list[Cell]) -> str:
 
 def summary_table(cells: list[Cell]) -> str:
     lines = ["| estimator | held-out sources | mean APGR (held out) | worst APGR "
-             f"| worst over wordings | widest wording spread | target ≥ {TARGET_APGR} mean and "
-             "worst |", "|---|---|---|---|---|---|---|"]
+             f"| mean's p vs chance | better than chance (p < {LEVEL:g}) "
+             f"| worst over wordings | widest wording spread "
+             f"| target ≥ {TARGET_APGR} mean and worst |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = summary(cells)
     every = max(s["sources"] for s in rows.values())
     for name, s in rows.items():
         met = "met" if s["mean"] >= TARGET_APGR and s["worst"] >= TARGET_APGR else "not met"
         if s["sources"] < every:
             met += f" (on {s['sources']:.0f} of {every:.0f})"
+        mean_p = "-" if math.isnan(s["mean_p"]) else f"{s['mean_p']:.3f}"
         lines.append(f"| {name} | {s['sources']:.0f} | {s['mean']:.3f} | {s['worst']:.3f} | "
+                     f"{mean_p} | {s['above_chance']:.0f} of {s['sources']:.0f} | "
                      f"{s['worst_any_wording']:.3f} | {s['widest_spread']:.3f} | {met} |")
     return "\n".join(lines)
 
@@ -98,15 +106,24 @@ def humaneval_lines(cells: list[Cell]) -> list[str]:
     return out
 
 
+def _source_line(name: str, info: dict[str, Any], report: dict[str, Any]) -> str:
+    """A held-out source: its size, the tiers' quality, random routing's spread on it and
+    what was chosen without it."""
+    band = info.get("chance")
+    return (f"- {name}: {info['prompts']} prompts, cheap-tier quality {info['weak']:.3f}, "
+            f"strong {info['strong']:.3f}, joules "
+            f"{'labelled' if info['joules'] else 'not labelled'}; "
+            + ("" if band is None else f"random routing's APGR {band[0]:.3f} to {band[1]:.3f} "
+               f"(middle 95% of {DRAWS} random orders); ")
+            + f"semantic chosen without it: {report['chosen'][name]}"
+            + "".join(f"; prior weight for {row}+{PRIOR} chosen without it: {weight:g}"
+                      for row, weight in report.get("prior_weights", {}).get(name, {}).items()))
+
+
 def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
     cells: list[Cell] = report["cells"]
-    sources = "\n".join(
-        f"- {name}: {info['prompts']} prompts, cheap-tier quality {info['weak']:.3f}, strong "
-        f"{info['strong']:.3f}, joules {'labelled' if info['joules'] else 'not labelled'}; "
-        f"semantic chosen without it: {report['chosen'][name]}"
-        + "".join(f"; prior weight for {row}+{PRIOR} chosen without it: {weight:g}"
-                  for row, weight in report.get("prior_weights", {}).get(name, {}).items())
-        for name, info in report["sources"].items())
+    sources = "\n".join(_source_line(name, info, report)
+                         for name, info in report["sources"].items())
     sources += "".join(f"\n- {name}: skipped, {count} labelled prompts so far (fewer than "
                        f"{MIN_PROMPTS}; picked up once it has more)"
                        for name, count in report.get("skipped", {}).items())
@@ -144,7 +161,13 @@ def markdown(report: dict[str, Any], png_name: str, note: str = "") -> str:
         "`threshold: 1` does), its cost the strong share, as the probe's joules are not "
         "this sweep's. "
         "Random and oracle are the "
-        "baselines (random APGR is 0.5 in expectation). Rows `<source>+cv` are sources of "
+        "baselines (random APGR is 0.5 in expectation). `p vs chance` is how often a random "
+        "order of the same prompts scores at least the row's APGR (a permutation test over "
+        f"{DRAWS} seeded orders of the prompts the row is scored on, ranked into the row's "
+        "own ties; each source's middle 95% for a router without ties is given above): a few "
+        "hundred prompts leave random routing's own APGR anywhere in about 0.38 to 0.62, so "
+        f"an APGR is called better than chance only at p < {LEVEL:g}, one row at a time (with "
+        "a dozen rows per source, one in twenty at that level is chance's). Rows `<source>+cv` are sources of "
         "our own tiers' labels evaluated with their *problems* held out instead (4 folds; "
         "models fitted on every other source and the other folds): the shipped models do "
         "train on those sources, so this is what to expect on new problems of a kind they "
