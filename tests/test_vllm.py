@@ -56,6 +56,10 @@ def vllm_server(tiny_moe, tmp_path_factory):
 
 def moe_policy(small_url: str, vllm_backend: dict) -> dict:
     policy = priced_policy(small_url, {"default_tier": "small"})
+    # vLLM's CPU workers take both cores of a 2-core box while the saturation test floods
+    # them: the fake upstream once took over the default 5 s to complete a connection
+    # there (a 503 from `small`, the tier the test expects), so `small` waits longer.
+    policy["backends"]["up-small"]["timeouts"] = {"connect_s": 30}
     policy["backends"] = {"up-small": policy["backends"]["up-small"], "vmoe": vllm_backend}
     policy["tiers"] = [policy["tiers"][1],
                        {"name": "moe", "backend": "vmoe", "model": TINY_MOE_NAME, "cost": 2.0,
