@@ -614,13 +614,12 @@ def summary(cells: list[Cell]) -> dict[str, dict[str, float]]:
         for source in sorted({c.source for c in mine if compares_wordings(c.source)}):
             values = [c.apgr for c in mine if c.source == source]
             spreads.append(max(values) - min(values))
+        nulls = [c.null for c in held if c.null is not None]
         out[name] = {"mean": sum(native) / len(native), "worst": min(native),
                      "worst_any_wording": min(c.apgr for c in mine if compares_wordings(c.source)),
                      "widest_spread": max(spreads), "sources": len(native),
                      "above_chance": sum(c.p is not None and c.p < LEVEL for c in held),
-                     "mean_p": mean_p([c.apgr for c in held], nulls)
-                     if len(nulls := [c.null for c in held if c.null is not None]) == len(held)
-                     else math.nan}
+                     "mean_p": mean_p(native, nulls) if len(nulls) == len(held) else math.nan}
     return out
 
 
